@@ -1,0 +1,1 @@
+"""Data contract: manifest, readers, importers, phantom, datasets and transforms."""

@@ -1,0 +1,362 @@
+"""The manifest: one table of cases that every importer writes and every task reads.
+
+A manifest is a CSV, JSONL or Parquet table (one row per case) plus an optional sidecar
+``<stem>.meta.json`` that records what a bare table cannot: the folder that relative paths
+resolve against, the class list of each label column, whether the manifest is text-only, and
+how masks are encoded. Cells are kept as strings in memory ("" = missing) so that nothing is
+silently coerced (a label "NA" stays a label, an id "007" keeps its zeros); typed values are
+parsed where they are used, with errors that name the row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
+IMAGE_PREFIX = "image"
+MASK_PREFIX = "mask"
+LABEL_PREFIX = "label"
+ATTR_PREFIX = "attr:"
+PLAIN_COLUMNS: tuple[str, ...] = ("case_id", "patient_id", "split", "text", "time", "event")
+
+
+class ManifestError(ValueError):
+    """A manifest (or its sidecar) cannot be read or written; the message names the file."""
+
+
+@dataclass
+class ManifestMeta:
+    """What a bare table cannot say about itself; stored as ``<stem>.meta.json``.
+
+    ``root`` is where relative paths point, stored relative to the manifest's folder when
+    possible so that a manifest and its data can move together. Importers set it to the
+    dataset folder so that the dataset is referenced in place, never copied.
+    """
+
+    root: str = "."
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    text_only: bool = False
+    source: str = ""
+    mask_threshold: float | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ManifestMeta:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        meta = cls(**{k: v for k, v in data.items() if k in known})
+        meta.extra.update({k: data[k] for k in unknown})
+        return meta
+
+
+def _is_prefixed(column: str, prefix: str) -> bool:
+    return column == prefix or column.startswith(prefix + ":")
+
+
+@dataclass
+class Manifest:
+    """A table of cases plus the folder its relative paths resolve against."""
+
+    table: pd.DataFrame
+    base_dir: Path = field(default_factory=Path.cwd)
+    meta: ManifestMeta = field(default_factory=ManifestMeta)
+
+    def __post_init__(self) -> None:
+        self.table = normalise_table(self.table)
+        self.base_dir = Path(self.base_dir)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def root(self) -> Path:
+        """Folder that relative image/mask paths are resolved against."""
+        root = Path(self.meta.root)
+        return Path(os.path.normpath(root if root.is_absolute() else self.base_dir / root))
+
+    @property
+    def image_columns(self) -> list[str]:
+        return [c for c in self.table.columns if _is_prefixed(c, IMAGE_PREFIX)]
+
+    @property
+    def mask_columns(self) -> list[str]:
+        return [c for c in self.table.columns if _is_prefixed(c, MASK_PREFIX)]
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [c for c in self.table.columns if _is_prefixed(c, LABEL_PREFIX)]
+
+    @property
+    def attr_columns(self) -> list[str]:
+        return [c for c in self.table.columns if c.startswith(ATTR_PREFIX)]
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modality names: ``image:flair`` -> ``flair``; a bare ``image`` column is ``image``."""
+        return [c.split(":", 1)[1] if ":" in c else c for c in self.image_columns]
+
+    def resolve(self, ref: str) -> str:
+        """Absolute form of a path cell, keeping any ``#selector`` suffix untouched."""
+        if not ref:
+            raise ValueError("empty path cell")
+        path = Path(ref)
+        return str(path if path.is_absolute() else self.root / ref)
+
+    def subset(self, rows: pd.Series | np.ndarray | list[bool]) -> Manifest:
+        return Manifest(self.table[np.asarray(rows, dtype=bool)].reset_index(drop=True), self.base_dir, self.meta)
+
+    def split(self, name: str) -> Manifest:
+        if "split" not in self.table.columns:
+            raise ManifestError(f"manifest has no 'split' column; cannot select split {name!r}")
+        return self.subset(self.table["split"] == name)
+
+    def classes(self, column: str = "label") -> list[str]:
+        """Declared classes of a label column, or the sorted observed values when none are declared."""
+        if column in self.meta.classes:
+            return list(self.meta.classes[column])
+        values = self.table[column] if column in self.table.columns else pd.Series([], dtype=str)
+        return sorted(v for v in values.unique() if v != "")
+
+
+def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
+    """All cells as stripped strings, missing as ""; integers written by JSON stay integral."""
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return ""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return str(int(value)) if not isinstance(value, bool) else str(value)
+        if isinstance(value, (list, tuple)):
+            return ";".join(str(v) for v in value)
+        return str(value).strip()
+
+    out = table.copy()
+    out.columns = [str(c).strip() for c in out.columns]
+    for column in out.columns:
+        out[column] = [cell(v) for v in out[column].tolist()]
+    return out.astype(object).reset_index(drop=True)
+
+
+def meta_path_for(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(manifest_stem(path) + ".meta.json")
+
+
+def manifest_stem(path: Path) -> str:
+    name = path.name
+    for suffix in MANIFEST_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _check_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ManifestError(
+            f"'{path}': unsupported manifest format {suffix or '(none)'!r}; use one of {', '.join(MANIFEST_SUFFIXES)}"
+        )
+    return suffix
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read a manifest table and its sidecar (if any)."""
+    path = Path(path)
+    suffix = _check_suffix(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest '{path}' does not exist")
+    try:
+        if suffix == ".csv":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        elif suffix == ".jsonl":
+            table = _read_jsonl(path)
+        else:
+            table = pd.read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"manifest '{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
+    except (ValueError, pd.errors.ParserError, OSError) as err:
+        raise ManifestError(f"cannot parse manifest '{path}': {err}") from err
+    meta = ManifestMeta()
+    sidecar = meta_path_for(path)
+    if sidecar.is_file():
+        try:
+            meta = ManifestMeta.from_dict(json.loads(sidecar.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+            raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
+    return Manifest(table, base_dir=path.parent.resolve(), meta=meta)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON lines without pandas' type guessing (which turns '*_time' columns into dates)."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"manifest '{path}' line {number}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ManifestError(f"manifest '{path}' line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return pd.DataFrame(records)
+
+
+def write_manifest(
+    manifest: Manifest | pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    meta: ManifestMeta | None = None,
+    root: str | os.PathLike | None = None,
+) -> Path:
+    """Write table + sidecar atomically. ``root`` (absolute or cwd-relative) is stored relative to ``path``."""
+    path = Path(path)
+    suffix = _check_suffix(path)
+    if isinstance(manifest, Manifest):
+        table, meta = manifest.table, meta or manifest.meta
+        if root is None and manifest.meta.root:
+            root = manifest.root
+    else:
+        table, meta = normalise_table(manifest), meta or ManifestMeta()
+    meta = ManifestMeta.from_dict(asdict(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if root is not None:
+        meta.root = _relative_or_absolute(Path(root), path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    if suffix == ".csv":
+        table.to_csv(tmp, index=False, encoding="utf-8")
+    elif suffix == ".jsonl":
+        table.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    else:
+        table.astype(str).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    sidecar = meta_path_for(path)
+    sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
+    sidecar_tmp.write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(sidecar_tmp, sidecar)
+    return path
+
+
+def _relative_or_absolute(target: Path, start: Path) -> str:
+    target, start = target.resolve(), start.resolve()
+    try:
+        return os.path.relpath(target, start)
+    except ValueError:  # different drives on Windows
+        return str(target)
+
+
+def relative_ref(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """Path cell for ``path`` relative to ``root`` with forward slashes (portable across OSes)."""
+    return Path(os.path.relpath(Path(path), Path(root))).as_posix()
+
+
+def assign_splits(
+    table: pd.DataFrame,
+    fractions: Mapping[str, float] | None = None,
+    *,
+    seed: int = 0,
+    patient_column: str = "patient_id",
+    stratify: str | None = None,
+) -> pd.Series:
+    """Patient-level split: every case of a patient lands in the same split.
+
+    Deterministic for a given seed and set of patients (row order does not matter: patients are
+    sorted before the seeded shuffle). Counts per split are exact (largest remainder), so small
+    datasets get the fractions as closely as whole patients allow. With ``stratify`` the
+    patients are grouped by their most frequent value of that column and each group is split
+    on its own, which keeps rare classes in every split.
+    """
+    fractions = dict(fractions or {"train": 0.7, "val": 0.1, "test": 0.2})
+    if any(f < 0 for f in fractions.values()) or not np.isclose(sum(fractions.values()), 1.0):
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    patients = table[patient_column] if patient_column in table.columns else table["case_id"]
+    patients = patients.where(patients != "", table["case_id"])
+    if stratify:
+        strata = table.groupby(patients)[stratify].agg(lambda s: s.value_counts().index[0])
+    else:
+        strata = pd.Series("", index=sorted(patients.unique()))
+    assignment: dict[str, str] = {}
+    for stratum_index, stratum in enumerate(sorted(strata.unique())):
+        members = sorted(strata.index[strata == stratum])
+        rng = np.random.default_rng([seed, stratum_index])
+        order = [members[i] for i in rng.permutation(len(members))]
+        for name, chunk in zip(fractions, _exact_counts(len(order), list(fractions.values())), strict=True):
+            for patient in order[:chunk]:
+                assignment[patient] = name
+            order = order[chunk:]
+    return patients.map(assignment).rename("split")
+
+
+def _exact_counts(n: int, fractions: list[float]) -> list[int]:
+    raw = np.asarray(fractions) * n
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def new_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> pd.DataFrame:
+    """Build a manifest table from row dicts, with the contract's columns first."""
+    table = pd.DataFrame(list(rows))
+    if columns is not None:
+        table = table.reindex(columns=columns)
+    ordered = [c for c in ("case_id", "patient_id", "split") if c in table.columns]
+    ordered += [c for c in table.columns if _is_prefixed(c, IMAGE_PREFIX)]
+    ordered += [c for c in table.columns if _is_prefixed(c, MASK_PREFIX)]
+    ordered += [c for c in table.columns if c not in ordered]
+    return normalise_table(table[ordered])
+
+
+def summarize(manifest: Manifest) -> dict[str, Any]:
+    """Counts a person checks first: cases, patients, splits, modalities, labels, attributes, survival."""
+    table = manifest.table
+    summary: dict[str, Any] = {"cases": len(table), "source": manifest.meta.source or "", "modalities": manifest.modalities}
+    if "patient_id" in table.columns:
+        patients = table["patient_id"].where(table["patient_id"] != "", table["case_id"])
+        summary["patients"] = int(patients.nunique())
+    if "split" in table.columns:
+        summary["splits"] = {s: int((table["split"] == s).sum()) for s in SPLITS}
+    summary["masks"] = {c: int((table[c] != "").sum()) for c in manifest.mask_columns}
+    if "text" in table.columns:
+        texts = table["text"][table["text"] != ""]
+        summary["texts"] = {
+            "non_empty": len(texts),
+            "mean_words": round(float(texts.str.split().str.len().mean()), 1) if len(texts) else 0.0,
+        }
+    summary["labels"] = {
+        c: {k: int(v) for k, v in table[c][table[c] != ""].value_counts().sort_index().items()}
+        for c in manifest.label_columns
+    }
+    summary["attributes"] = {c: int(table[c].nunique()) for c in manifest.attr_columns}
+    if "time" in table.columns and "event" in table.columns:
+        times = pd.to_numeric(table["time"], errors="coerce")
+        events = pd.to_numeric(table["event"], errors="coerce")
+        summary["survival"] = {"median_time": float(times.median()), "event_rate": round(float(events.mean()), 3)}
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """Human-readable form of :func:`summarize` for the terminal."""
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+            lines.append(f"{key}:")
+            lines += [f"  {k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in value.items()]
+        elif isinstance(value, Mapping):
+            lines.append(f"{key}: " + (", ".join(f"{a}={b}" for a, b in value.items()) or "-"))
+        elif isinstance(value, list):
+            lines.append(f"{key}: " + (", ".join(map(str, value)) or "-"))
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Manifest validation: every problem of every row, reported at once.
+
+Users fix a dataset in one pass only if they see all of its problems together, so nothing
+here stops at the first error. Image checks decode every referenced file (a truncated
+JPEG has a valid header) in a thread pool, once per unique path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medalign.data.manifest import PLAIN_COLUMNS, SPLITS, Manifest, write_manifest
+from medalign.data.readers import ImageReadError, read_image
+
+BINARY_MASK_VALUES = frozenset({0, 1, 255})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one cell (or row, when ``column`` is empty)."""
+
+    row: int  # 0-based position in the table; shown 1-based as in a spreadsheet body
+    case_id: str
+    column: str
+    reason: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"row {self.row + 1}"
+        if self.case_id:
+            where += f" (case_id={self.case_id})"
+        if self.column:
+            where += f", column '{self.column}'"
+        return f"{self.severity}: {where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class _ImageInfo:
+    spatial_shape: tuple[int, ...] | None
+    mask_values: tuple[int, ...] | None
+    error: str | None
+
+
+def validate_manifest(
+    manifest: Manifest,
+    *,
+    check_images: bool = True,
+    text_only: bool | None = None,
+    workers: int | None = None,
+) -> list[Problem]:
+    """All problems of a manifest, sorted by row. Errors make it unusable; warnings do not."""
+    table = manifest.table
+    text_only = manifest.meta.text_only if text_only is None else text_only
+    problems: list[Problem] = []
+    problems += _check_schema(manifest, text_only)
+    if "case_id" not in table.columns:
+        return problems
+    problems += _check_ids(table)
+    problems += _check_splits(table)
+    problems += _check_labels(manifest)
+    problems += _check_survival(table)
+    problems += _check_required_cells(manifest, text_only)
+    if check_images and not text_only:
+        problems += _check_files(manifest, workers)
+    return sorted(problems, key=lambda p: (p.row, p.column, p.reason))
+
+
+def _check_schema(manifest: Manifest, text_only: bool) -> list[Problem]:
+    table = manifest.table
+    problems = []
+    if "case_id" not in table.columns:
+        problems.append(Problem(-1, "", "case_id", "required column 'case_id' is missing"))
+    if not manifest.image_columns and not text_only:
+        problems.append(
+            Problem(-1, "", "", "no image column ('image' or 'image:<modality>'); declare the manifest text-only if intended")
+        )
+    if text_only and "text" not in table.columns:
+        problems.append(Problem(-1, "", "text", "a text-only manifest needs a 'text' column"))
+    known = set(PLAIN_COLUMNS) | set(manifest.image_columns) | set(manifest.mask_columns)
+    known |= set(manifest.label_columns) | set(manifest.attr_columns)
+    for column in table.columns:
+        if column not in known and not column.startswith("meta:"):
+            problems.append(
+                Problem(-1, "", column, "unknown column (not in the data contract; prefix it 'meta:' to keep it)", "warning")
+            )
+    for column in manifest.meta.classes:
+        if column not in table.columns:
+            problems.append(Problem(-1, "", column, "classes are declared for a column the table does not have", "warning"))
+    return problems
+
+
+def _case(table: pd.DataFrame, row: int) -> str:
+    return str(table.at[row, "case_id"])
+
+
+def _check_ids(table: pd.DataFrame) -> list[Problem]:
+    problems = []
+    first_row: dict[str, int] = {}
+    for row, case_id in enumerate(table["case_id"]):
+        if case_id == "":
+            problems.append(Problem(row, "", "case_id", "empty case_id"))
+        elif case_id in first_row:
+            problems.append(Problem(row, case_id, "case_id", f"duplicate case_id (first seen in row {first_row[case_id] + 1})"))
+        else:
+            first_row[case_id] = row
+    return problems
+
+
+def _check_splits(table: pd.DataFrame) -> list[Problem]:
+    if "split" not in table.columns:
+        return []
+    return [
+        Problem(row, _case(table, row), "split", f"split {value!r} is not one of {', '.join(SPLITS)}")
+        for row, value in enumerate(table["split"])
+        if value not in SPLITS
+    ]
+
+
+def _check_labels(manifest: Manifest) -> list[Problem]:
+    problems = []
+    table = manifest.table
+    for column, classes in manifest.meta.classes.items():
+        if column not in table.columns:
+            continue
+        allowed = set(classes)
+        for row, value in enumerate(table[column]):
+            if value != "" and value not in allowed:
+                problems.append(
+                    Problem(row, _case(table, row), column, f"label {value!r} is not in the class list {list(classes)}")
+                )
+    return problems
+
+
+def _check_survival(table: pd.DataFrame) -> list[Problem]:
+    has_time, has_event = "time" in table.columns, "event" in table.columns
+    if has_time != has_event:
+        present, missing = ("time", "event") if has_time else ("event", "time")
+        return [Problem(-1, "", missing, f"survival needs both 'time' and 'event'; only '{present}' is present")]
+    if not has_time:
+        return []
+    problems = []
+    for row, (time, event) in enumerate(zip(table["time"], table["event"], strict=True)):
+        if time == "" and event == "":
+            continue
+        try:
+            value = float(time)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError
+        except ValueError:
+            problems.append(Problem(row, _case(table, row), "time", f"time {time!r} is not a finite number >= 0"))
+        if event not in ("0", "1"):
+            problems.append(Problem(row, _case(table, row), "event", f"event {event!r} must be 0 or 1"))
+    return problems
+
+
+def _check_required_cells(manifest: Manifest, text_only: bool) -> list[Problem]:
+    table, problems = manifest.table, []
+    if text_only:
+        problems += [
+            Problem(row, _case(table, row), "text", "empty text in a text-only manifest")
+            for row, value in enumerate(table["text"])
+            if value == ""
+        ] if "text" in table.columns else []
+        return problems
+    images = manifest.image_columns
+    for row in range(len(table)):
+        if images and all(table.at[row, c] == "" for c in images):
+            problems.append(Problem(row, _case(table, row), ",".join(images), "no image in any modality column"))
+    return problems
+
+
+def _check_files(manifest: Manifest, workers: int | None) -> list[Problem]:
+    table = manifest.table
+    images, masks = manifest.image_columns, manifest.mask_columns
+    refs = {manifest.resolve(v) for c in images + masks for v in table[c] if v != ""}
+    mask_refs = {manifest.resolve(v) for c in masks for v in table[c] if v != ""}
+    infos = _inspect_all(sorted(refs), mask_refs, workers)
+    check_values = manifest.meta.mask_threshold is None
+    problems: list[Problem] = []
+    for row in range(len(table)):
+        case_id = _case(table, row)
+        image_shapes: dict[str, tuple[int, ...]] = {}
+        for column in images + masks:
+            cell = table.at[row, column]
+            if cell == "":
+                continue
+            info = infos[manifest.resolve(cell)]
+            if info.error:
+                problems.append(Problem(row, case_id, column, info.error))
+                continue
+            assert info.spatial_shape is not None
+            if column in images:
+                image_shapes[column] = info.spatial_shape
+                continue
+            problems += _mask_problems(row, case_id, column, cell, info, image_shapes, check_values)
+        if len(set(image_shapes.values())) > 1:
+            sizes = ", ".join(f"{c}={'x'.join(map(str, s))}" for c, s in image_shapes.items())
+            problems.append(Problem(row, case_id, "", f"modalities differ in size ({sizes})", "warning"))
+    return problems
+
+
+def _mask_problems(
+    row: int,
+    case_id: str,
+    column: str,
+    cell: str,
+    info: _ImageInfo,
+    image_shapes: dict[str, tuple[int, ...]],
+    check_values: bool,
+) -> list[Problem]:
+    problems = []
+    if image_shapes:
+        image_column, image_shape = next(iter(image_shapes.items()))
+        if info.spatial_shape != image_shape:
+            problems.append(
+                Problem(
+                    row,
+                    case_id,
+                    column,
+                    f"mask '{cell}' is {'x'.join(map(str, info.spatial_shape or ()))} but {image_column} is "
+                    f"{'x'.join(map(str, image_shape))}",
+                )
+            )
+    if check_values and info.mask_values is not None:
+        odd = sorted(set(info.mask_values) - BINARY_MASK_VALUES)
+        if odd:
+            shown = ", ".join(map(str, odd[:8])) + (" ..." if len(odd) > 8 else "")
+            problems.append(
+                Problem(
+                    row,
+                    case_id,
+                    column,
+                    f"mask '{cell}' has values other than 0/1/255 ({shown}); set mask_threshold in the manifest "
+                    "metadata if it is a thresholded (e.g. JPEG) mask",
+                )
+            )
+    return problems
+
+
+def _inspect_all(refs: list[str], mask_refs: set[str], workers: int | None) -> dict[str, _ImageInfo]:
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        infos = pool.map(lambda ref: _inspect(ref, ref in mask_refs), refs)
+        return dict(zip(refs, infos, strict=True))
+
+
+def _inspect(ref: str, is_mask: bool) -> _ImageInfo:
+    try:
+        image = read_image(ref)
+    except ImageReadError as err:
+        return _ImageInfo(None, None, str(err))
+    except Exception as err:  # an unexpected decoder failure is still a per-file problem, not a crash
+        return _ImageInfo(None, None, f"cannot read '{ref}': {type(err).__name__}: {err}")
+    values = None
+    if is_mask:
+        array = image.array
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
+            values = (-1,)
+        else:
+            values = tuple(int(v) for v in np.unique(array)[:64])
+    return _ImageInfo(tuple(image.spatial_shape), values, None)
+
+
+def errors(problems: Iterable[Problem]) -> list[Problem]:
+    return [p for p in problems if p.severity == "error"]
+
+
+def drop_invalid(
+    manifest: Manifest, problems: list[Problem], out: str | os.PathLike, log: str | os.PathLike | None = None
+) -> tuple[Path, Path, int]:
+    """Write a manifest without the rows that have errors, and a CSV log of what was dropped and why.
+
+    Table-level errors (row -1, e.g. a missing column) cannot be fixed by dropping rows, so they
+    raise instead of producing an empty or still-invalid manifest.
+    """
+    table_level = [p for p in errors(problems) if p.row < 0]
+    if table_level:
+        raise ValueError("cannot drop rows to fix table-level problems: " + "; ".join(map(str, table_level)))
+    bad_rows = sorted({p.row for p in errors(problems)})
+    out = Path(out)
+    log = Path(log) if log else out.with_name(out.name + ".dropped.csv")
+    kept = manifest.subset(~manifest.table.index.isin(bad_rows))
+    write_manifest(kept, out, root=manifest.root)
+    records = [
+        {"row": p.row + 1, "case_id": p.case_id, "column": p.column, "reason": p.reason}
+        for p in errors(problems)
+    ]
+    pd.DataFrame(records, columns=["row", "case_id", "column", "reason"]).to_csv(log, index=False)
+    return out, log, len(bad_rows)

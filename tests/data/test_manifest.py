@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medalign.data.manifest import (
+    Manifest,
+    ManifestError,
+    ManifestMeta,
+    assign_splits,
+    meta_path_for,
+    new_table,
+    read_manifest,
+    summarize,
+    write_manifest,
+)
+
+
+def _table() -> pd.DataFrame:
+    return new_table(
+        [
+            {"case_id": "007", "patient_id": "p1", "image:ct": "a.png", "label": "NA", "attr:count": 2, "time": 3.0},
+            {"case_id": "008", "patient_id": "p1", "image:ct": "b.png", "label": "tumour", "attr:count": None},
+        ]
+    )
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_round_trip_keeps_strings_exactly(tmp_path: Path, suffix: str) -> None:
+    path = write_manifest(_table(), tmp_path / f"m{suffix}", meta=ManifestMeta(classes={"label": ["NA", "tumour"]}))
+    loaded = read_manifest(path)
+    assert loaded.table["case_id"].tolist() == ["007", "008"]  # leading zeros survive
+    assert loaded.table["label"].tolist() == ["NA", "tumour"]  # "NA" is a label, not missing
+    assert loaded.table["attr:count"].tolist() == ["2", ""]
+    assert loaded.table["time"].tolist() == ["3", ""]
+    assert loaded.meta.classes == {"label": ["NA", "tumour"]}
+    assert loaded.image_columns == ["image:ct"] and loaded.modalities == ["ct"]
+
+
+def test_contract_columns_come_first(tmp_path: Path) -> None:
+    table = new_table([{"text": "x", "mask": "m.png", "image:b": "b.png", "case_id": "c", "image:a": "a.png"}])
+    assert list(table.columns)[:4] == ["case_id", "image:b", "image:a", "mask"]
+
+
+def test_root_is_stored_relative_and_resolves(tmp_path: Path) -> None:
+    data = tmp_path / "data" / "set"
+    data.mkdir(parents=True)
+    path = write_manifest(_table(), tmp_path / "manifests" / "m.csv", root=data)
+    sidecar = json.loads(meta_path_for(path).read_text())
+    assert sidecar["root"] == "../data/set"
+    loaded = read_manifest(path)
+    assert Path(loaded.resolve("a.png")) == data.resolve() / "a.png"
+    assert loaded.resolve("vol.nii.gz#slice=3").endswith("set/vol.nii.gz#slice=3")
+
+
+def test_unsupported_and_missing_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="unsupported manifest format '.txt'"):
+        read_manifest(tmp_path / "m.txt")
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "m.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"case_id,text\n1,\xff\xfe\n")
+    with pytest.raises(ManifestError, match="not valid UTF-8"):
+        read_manifest(bad)
+
+
+def test_assign_splits_is_patient_level_deterministic_and_order_free() -> None:
+    rows = [{"case_id": f"c{i}", "patient_id": f"p{i // 3}", "label": "ab"[i % 2]} for i in range(90)]
+    table = new_table(rows)
+    first = assign_splits(table, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=3)
+    again = assign_splits(table, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=3)
+    shuffled = table.sample(frac=1.0, random_state=1)
+    reordered = assign_splits(shuffled, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=3)
+    assert first.tolist() == again.tolist()
+    assert dict(zip(shuffled["case_id"], reordered, strict=True)) == dict(zip(table["case_id"], first, strict=True))
+    per_patient = pd.DataFrame({"p": table["patient_id"], "s": first}).groupby("p")["s"].nunique()
+    assert (per_patient == 1).all()
+    assert first.value_counts().to_dict() == {"train": 54, "val": 18, "test": 18}  # 18/6/6 patients
+    assert assign_splits(table, seed=4).tolist() != first.tolist()
+
+
+def test_assign_splits_stratified_keeps_rare_class_in_each_split() -> None:
+    rows = [{"case_id": f"c{i}", "label": "rare" if i < 10 else "common"} for i in range(100)]
+    table = new_table(rows)
+    splits = assign_splits(table, {"train": 0.6, "val": 0.2, "test": 0.2}, stratify="label")
+    rare = splits[table["label"] == "rare"].value_counts().to_dict()
+    assert rare == {"train": 6, "val": 2, "test": 2}
+
+
+def test_assign_splits_rejects_bad_fractions() -> None:
+    with pytest.raises(ValueError, match="sum to 1"):
+        assign_splits(_table(), {"train": 0.5, "test": 0.2})
+
+
+def test_split_and_summary() -> None:
+    table = _table()
+    table["split"] = ["train", "test"]
+    manifest = Manifest(table)
+    assert manifest.split("test").table["case_id"].tolist() == ["008"]
+    summary = summarize(manifest)
+    assert summary["cases"] == 2 and summary["patients"] == 1
+    assert summary["splits"] == {"train": 1, "val": 0, "test": 1}
+    assert summary["labels"] == {"label": {"NA": 1, "tumour": 1}}
