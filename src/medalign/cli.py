@@ -70,7 +70,10 @@ def data_validate(
     typer.echo(f"{manifest}: {len(loaded)} rows, {n_errors} errors, {len(problems) - n_errors} warnings")
     if drop_invalid:
         target = out or manifest.with_name(manifest.name.replace(manifest.suffix, f".clean{manifest.suffix}"))
-        written, log_path, dropped = drop_rows(loaded, problems, target, log)
+        try:
+            written, log_path, dropped = drop_rows(loaded, problems, target, log)
+        except ValueError as err:
+            raise _fail(str(err)) from err
         typer.echo(f"wrote {written} ({len(loaded) - dropped} rows); dropped {dropped} rows, logged in {log_path}")
         return
     if n_errors:

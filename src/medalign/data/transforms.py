@@ -119,10 +119,8 @@ def build_preprocess(
     image_keys: Sequence[str], mask_keys: Sequence[str], config: PreprocessConfig = PreprocessConfig()
 ) -> Callable[[Sample], Sample]:
     """Deterministic part: channel-first arrays in, normalised and resized float arrays out."""
-    steps: list[Callable] = [
-        BinariseMaskd(mask_keys, config.mask_threshold),
-        NormaliseIntensityd(image_keys, config.normalisation, config.percentiles),
-    ]
+    steps: list[Callable] = [BinariseMaskd(mask_keys, config.mask_threshold)] if mask_keys else []
+    steps.append(NormaliseIntensityd(image_keys, config.normalisation, config.percentiles))
     keys = [*image_keys, *mask_keys]
     if config.size is not None:
         modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(mask_keys)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from medalign.cli import app
+from medalign.data.manifest import Manifest, ManifestMeta, new_table, read_manifest, write_manifest
+from medalign.data.validation import errors, validate_manifest
+
+
+def _png(path: Path, shape: tuple[int, int], value: int = 128) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(shape, value, dtype=np.uint8)).save(path)
+    return path.name
+
+
+def _five_problem_manifest(tmp_path: Path) -> Path:
+    """Rows 2-6 each carry exactly one of the five problems the acceptance names."""
+    for i in range(6):
+        _png(tmp_path / f"img{i}.png", (32, 32))
+        _png(tmp_path / f"mask{i}.png", (32, 32), 255)
+    _png(tmp_path / "small_mask.png", (16, 16), 255)
+    (tmp_path / "corrupt.png").write_bytes((tmp_path / "img0.png").read_bytes()[:40])
+    rows = [
+        {"case_id": "ok", "image": "img0.png", "mask": "mask0.png", "label": "benign"},
+        {"case_id": "missing", "image": "nowhere.png", "mask": "mask1.png", "label": "benign"},
+        {"case_id": "corrupt", "image": "corrupt.png", "mask": "mask2.png", "label": "benign"},
+        {"case_id": "badmask", "image": "img3.png", "mask": "small_mask.png", "label": "benign"},
+        {"case_id": "ok", "image": "img4.png", "mask": "mask4.png", "label": "malignant"},
+        {"case_id": "unknown", "image": "img5.png", "mask": "mask5.png", "label": "cancer?"},
+    ]
+    meta = ManifestMeta(classes={"label": ["benign", "malignant"]})
+    return write_manifest(new_table(rows), tmp_path / "manifest.csv", meta=meta)
+
+
+def test_all_five_problems_reported_at_once(tmp_path: Path) -> None:
+    problems = errors(validate_manifest(read_manifest(_five_problem_manifest(tmp_path))))
+    by_row = {p.row + 1: p for p in problems}
+    assert sorted(by_row) == [2, 3, 4, 5, 6], [str(p) for p in problems]
+    assert by_row[2].column == "image" and "does not exist" in by_row[2].reason
+    assert by_row[3].column == "image" and "corrupt.png" in by_row[3].reason
+    assert by_row[4].column == "mask" and "16x16" in by_row[4].reason and "32x32" in by_row[4].reason
+    assert by_row[5].column == "case_id" and "duplicate" in by_row[5].reason and "row 1" in by_row[5].reason
+    assert by_row[6].column == "label" and "'cancer?'" in by_row[6].reason
+
+
+def test_cli_validate_prints_every_problem_and_exits_1(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["data", "validate", str(_five_problem_manifest(tmp_path))])
+    assert result.exit_code == 1
+    for row in (2, 3, 4, 5, 6):
+        assert f"row {row} " in result.output
+    assert "5 errors" in result.output
+
+
+def test_cli_drop_invalid_writes_clean_manifest_and_log(tmp_path: Path) -> None:
+    manifest = _five_problem_manifest(tmp_path)
+    out = tmp_path / "clean.csv"
+    result = CliRunner().invoke(app, ["data", "validate", str(manifest), "--drop-invalid", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    clean = read_manifest(out)
+    assert clean.table["case_id"].tolist() == ["ok"]
+    assert not errors(validate_manifest(clean))
+    log = pd.read_csv(tmp_path / "clean.csv.dropped.csv")
+    assert sorted(log["row"].tolist()) == [2, 3, 4, 5, 6]
+    assert set(log["case_id"]) == {"missing", "corrupt", "badmask", "ok", "unknown"}
+
+
+def test_mask_values_and_threshold(tmp_path: Path) -> None:
+    _png(tmp_path / "img.png", (8, 8))
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(tmp_path / "soft.png")
+    table = new_table([{"case_id": "a", "image": "img.png", "mask": "soft.png"}])
+    problems = errors(validate_manifest(Manifest(table, tmp_path)))
+    assert len(problems) == 1 and "values other than 0/1/255" in problems[0].reason
+    assert not errors(validate_manifest(Manifest(table, tmp_path, ManifestMeta(mask_threshold=127))))
+
+
+def test_split_survival_and_schema_problems(tmp_path: Path) -> None:
+    _png(tmp_path / "img.png", (8, 8))
+    table = new_table(
+        [
+            {"case_id": "a", "split": "dev", "image": "img.png", "time": "-1", "event": "1", "oops": "x"},
+            {"case_id": "", "split": "train", "image": "", "time": "4", "event": "yes"},
+        ]
+    )
+    problems = validate_manifest(Manifest(table, tmp_path))
+    reasons = [str(p) for p in problems]
+    assert any("split 'dev'" in r for r in reasons)
+    assert any("time '-1'" in r for r in reasons)
+    assert any("event 'yes'" in r for r in reasons)
+    assert any("empty case_id" in r for r in reasons)
+    assert any("no image in any modality" in r for r in reasons)
+    assert any(p.severity == "warning" and p.column == "oops" for p in problems)
+
+
+def test_text_only_skips_files_but_requires_text(tmp_path: Path) -> None:
+    table = new_table([{"case_id": "a", "image": "gone.png", "text": ""}, {"case_id": "b", "image": "x.png", "text": "ok"}])
+    manifest = Manifest(table, tmp_path)
+    assert any("does not exist" in p.reason for p in errors(validate_manifest(manifest)))
+    text_only = errors(validate_manifest(manifest, text_only=True))
+    assert [(p.row, p.column) for p in text_only] == [(0, "text")]
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_table_level_error_cannot_be_dropped(tmp_path: Path, drop: bool) -> None:
+    path = write_manifest(new_table([{"image": "a.png"}]), tmp_path / "m.csv")
+    args = ["data", "validate", str(path)] + (["--drop-invalid"] if drop else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
