@@ -42,12 +42,19 @@ def data_validate(
     text_only: Annotated[
         bool, typer.Option("--text-only", help="Treat as text-only: image files are not required.")
     ] = False,
-    no_images: Annotated[bool, typer.Option("--no-images", help="Skip decoding image and mask files.")] = False,
-    drop_invalid: Annotated[
-        bool, typer.Option("--drop-invalid", help="Write a cleaned manifest without the rows that have errors.")
+    no_images: Annotated[
+        bool, typer.Option("--no-images", help="Skip decoding image and mask files.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Cleaned manifest path (default: <stem>.clean<suffix>).")] = None,
-    log: Annotated[Path | None, typer.Option(help="CSV log of dropped rows (default: <out>.dropped.csv).")] = None,
+    drop_invalid: Annotated[
+        bool,
+        typer.Option("--drop-invalid", help="Write a cleaned manifest without the rows that have errors."),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Cleaned manifest path (default: <stem>.clean<suffix>).")
+    ] = None,
+    log: Annotated[
+        Path | None, typer.Option(help="CSV log of dropped rows (default: <out>.dropped.csv).")
+    ] = None,
 ) -> None:
     """Check every row of a manifest and print all problems at once (row, column, reason).
 
@@ -74,7 +81,9 @@ def data_validate(
             written, log_path, dropped = drop_rows(loaded, problems, target, log)
         except ValueError as err:
             raise _fail(str(err)) from err
-        typer.echo(f"wrote {written} ({len(loaded) - dropped} rows); dropped {dropped} rows, logged in {log_path}")
+        typer.echo(
+            f"wrote {written} ({len(loaded) - dropped} rows); dropped {dropped} rows, logged in {log_path}"
+        )
         return
     if n_errors:
         raise typer.Exit(code=1)

@@ -46,7 +46,9 @@ def step_validate(ctx: QuickstartContext) -> bool:
         problems = validate_manifest(read_manifest(path))
         for problem in errors(problems):
             ctx.echo(f"  {problem}")
-        ctx.echo(f"validated {path.name}: {len(errors(problems))} errors, {len(problems) - len(errors(problems))} warnings")
+        ctx.echo(
+            f"validated {path.name}: {len(errors(problems))} errors, {len(problems) - len(errors(problems))} warnings"
+        )
         ok &= not errors(problems)
     return ok
 
@@ -57,7 +59,9 @@ def step_summary(ctx: QuickstartContext) -> bool:
     manifest = read_manifest(ctx.artifacts["manifest"])
     prompts = read_manifest(ctx.artifacts["prompts"])
     ctx.echo(format_summary(summarize(manifest)))
-    first = manifest.table.iloc[next(i for i, c in enumerate(manifest.table["attr:count"]) if c not in ("0", ""))]
+    first = manifest.table.iloc[
+        next(i for i, c in enumerate(manifest.table["attr:count"]) if c not in ("0", ""))
+    ]
     ctx.echo(f"example report ({first['case_id']}, {first['label']}): {first['text']}")
     example = prompts.table[prompts.table["patient_id"] == first["case_id"]].iloc[0]
     ctx.echo(f"example segmentation prompt ({example['case_id']}): {example['text']}")

@@ -36,14 +36,22 @@ def manifest(tmp_path: Path) -> Manifest:
 def test_augmentation_moves_every_modality_and_mask_together(manifest: Manifest) -> None:
     config = DatasetConfig(
         preprocess=PreprocessConfig(size=(64, 64)),
-        augment=AugmentConfig(flip_axes=(0, 1), rotate_degrees=30, scale=0.2, translate=0.1, affine_prob=1.0,
-                              intensity_shift=0.0),
+        augment=AugmentConfig(
+            flip_axes=(0, 1),
+            rotate_degrees=30,
+            scale=0.2,
+            translate=0.1,
+            affine_prob=1.0,
+            intensity_shift=0.0,
+        ),
     )
     dataset = ManifestDataset(manifest, config)
     dataset.set_random_state(1)
     moved = 0
     for index in (0, 2, 3, 4):
-        reference = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=(64, 64))))[index]
+        reference = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=(64, 64))))[
+            index
+        ]
         for _ in range(3):
             sample = dataset[index]
             a, b, mask = sample["image:a"][0], sample["image:b"][0], sample["mask"][0]
@@ -53,7 +61,9 @@ def test_augmentation_moves_every_modality_and_mask_together(manifest: Manifest)
             iou = (bright & (mask > 0)).sum() / max((bright | (mask > 0)).sum(), 1)
             assert iou > 0.9, iou
             assert inside.float().mean() > 0.5
-            assert torch.allclose((a + b)[inside], torch.ones(1), atol=0.05)  # b is still 1 - a (misalignment gives ~0.7)
+            assert torch.allclose(
+                (a + b)[inside], torch.ones(1), atol=0.05
+            )  # b is still 1 - a (misalignment gives ~0.7)
             assert set(mask.unique().tolist()) <= {0.0, 1.0}
             moved += int(not torch.equal(mask, reference["mask"][0]))
     assert moved >= 10  # the transform really changed geometry
@@ -70,7 +80,9 @@ def test_sample_fields_missing_modality_and_labels(manifest: Manifest) -> None:
 
 
 def test_per_modality_normalisation_is_independent(manifest: Manifest) -> None:
-    dataset = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=None, normalisation="zscore")))
+    dataset = ManifestDataset(
+        manifest, DatasetConfig(preprocess=PreprocessConfig(size=None, normalisation="zscore"))
+    )
     sample = dataset[0]
     for key in ("image:a", "image:b"):
         assert abs(float(sample[key].mean())) < 1e-4 and abs(float(sample[key].std()) - 1) < 0.02
@@ -85,8 +97,13 @@ def test_loader_collates_tokenises_and_is_seeded(manifest: Manifest) -> None:
     config = DatasetConfig(preprocess=PreprocessConfig(size=(32, 32)), augment=AugmentConfig())
     batches = []
     for _ in range(2):
-        loader = make_loader(ManifestDataset(manifest, config), batch_size=3, shuffle=True, seed=5,
-                             collate=Collator(Tokenizer()))
+        loader = make_loader(
+            ManifestDataset(manifest, config),
+            batch_size=3,
+            shuffle=True,
+            seed=5,
+            collate=Collator(Tokenizer()),
+        )
         batches.append(next(iter(loader)))
     first, second = batches
     assert first["image:a"].shape == (3, 1, 32, 32) and first["label"].dtype == torch.int64
@@ -98,7 +115,12 @@ def test_loader_collates_tokenises_and_is_seeded(manifest: Manifest) -> None:
 def test_worker_loader_matches_itself(manifest: Manifest) -> None:
     config = DatasetConfig(preprocess=PreprocessConfig(size=(32, 32)), augment=AugmentConfig())
     runs = [
-        torch.cat([b["mask"] for b in make_loader(ManifestDataset(manifest, config), batch_size=2, num_workers=2, seed=7)])
+        torch.cat(
+            [
+                b["mask"]
+                for b in make_loader(ManifestDataset(manifest, config), batch_size=2, num_workers=2, seed=7)
+            ]
+        )
         for _ in range(2)
     ]
     assert torch.equal(runs[0], runs[1])
@@ -108,7 +130,9 @@ def test_worker_loader_matches_itself(manifest: Manifest) -> None:
 def test_cache_returns_identical_preprocessed_arrays(manifest: Manifest, tmp_path: Path, cache: str) -> None:
     target = str(tmp_path / "cache") if cache == "disk" else "memory"
     plain = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=(32, 32))))
-    cached = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=(32, 32)), cache=target))
+    cached = ManifestDataset(
+        manifest, DatasetConfig(preprocess=PreprocessConfig(size=(32, 32)), cache=target)
+    )
     for _ in range(2):
         for index in range(len(plain)):
             assert torch.equal(plain[index]["image:a"], cached[index]["image:a"])
@@ -126,7 +150,9 @@ def test_unreadable_image_names_case_and_column(manifest: Manifest, tmp_path: Pa
 def test_channels_option_and_batch_shape_error(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "gray.png")
-    manifest = Manifest(new_table([{"case_id": "r", "image": "rgb.png"}, {"case_id": "g", "image": "gray.png"}]), tmp_path)
+    manifest = Manifest(
+        new_table([{"case_id": "r", "image": "rgb.png"}, {"case_id": "g", "image": "gray.png"}]), tmp_path
+    )
     mixed = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=(8, 8))))
     with pytest.raises(SampleError, match="cannot batch 'image'"):
         Collator()([mixed[0], mixed[1]])

@@ -22,15 +22,30 @@ from medalign.data.manifest import (
 def _table() -> pd.DataFrame:
     return new_table(
         [
-            {"case_id": "007", "patient_id": "p1", "image:ct": "a.png", "label": "NA", "attr:count": 2, "time": 3.0},
-            {"case_id": "008", "patient_id": "p1", "image:ct": "b.png", "label": "tumour", "attr:count": None},
+            {
+                "case_id": "007",
+                "patient_id": "p1",
+                "image:ct": "a.png",
+                "label": "NA",
+                "attr:count": 2,
+                "time": 3.0,
+            },
+            {
+                "case_id": "008",
+                "patient_id": "p1",
+                "image:ct": "b.png",
+                "label": "tumour",
+                "attr:count": None,
+            },
         ]
     )
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_round_trip_keeps_strings_exactly(tmp_path: Path, suffix: str) -> None:
-    path = write_manifest(_table(), tmp_path / f"m{suffix}", meta=ManifestMeta(classes={"label": ["NA", "tumour"]}))
+    path = write_manifest(
+        _table(), tmp_path / f"m{suffix}", meta=ManifestMeta(classes={"label": ["NA", "tumour"]})
+    )
     loaded = read_manifest(path)
     assert loaded.table["case_id"].tolist() == ["007", "008"]  # leading zeros survive
     assert loaded.table["label"].tolist() == ["NA", "tumour"]  # "NA" is a label, not missing
@@ -41,7 +56,9 @@ def test_round_trip_keeps_strings_exactly(tmp_path: Path, suffix: str) -> None:
 
 
 def test_contract_columns_come_first(tmp_path: Path) -> None:
-    table = new_table([{"text": "x", "mask": "m.png", "image:b": "b.png", "case_id": "c", "image:a": "a.png"}])
+    table = new_table(
+        [{"text": "x", "mask": "m.png", "image:b": "b.png", "case_id": "c", "image:a": "a.png"}]
+    )
     assert list(table.columns)[:4] == ["case_id", "image:b", "image:a", "mask"]
 
 
@@ -57,7 +74,7 @@ def test_root_is_stored_relative_and_resolves(tmp_path: Path) -> None:
 
 
 def test_unsupported_and_missing_manifest_errors(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="unsupported manifest format '.txt'"):
+    with pytest.raises(ManifestError, match=r"unsupported manifest format '\.txt'"):
         read_manifest(tmp_path / "m.txt")
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(tmp_path / "m.csv")
@@ -75,7 +92,9 @@ def test_assign_splits_is_patient_level_deterministic_and_order_free() -> None:
     shuffled = table.sample(frac=1.0, random_state=1)
     reordered = assign_splits(shuffled, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=3)
     assert first.tolist() == again.tolist()
-    assert dict(zip(shuffled["case_id"], reordered, strict=True)) == dict(zip(table["case_id"], first, strict=True))
+    assert dict(zip(shuffled["case_id"], reordered, strict=True)) == dict(
+        zip(table["case_id"], first, strict=True)
+    )
     per_patient = pd.DataFrame({"p": table["patient_id"], "s": first}).groupby("p")["s"].nunique()
     assert (per_patient == 1).all()
     assert first.value_counts().to_dict() == {"train": 54, "val": 18, "test": 18}  # 18/6/6 patients

@@ -98,7 +98,9 @@ def test_split_survival_and_schema_problems(tmp_path: Path) -> None:
 
 
 def test_text_only_skips_files_but_requires_text(tmp_path: Path) -> None:
-    table = new_table([{"case_id": "a", "image": "gone.png", "text": ""}, {"case_id": "b", "image": "x.png", "text": "ok"}])
+    table = new_table(
+        [{"case_id": "a", "image": "gone.png", "text": ""}, {"case_id": "b", "image": "x.png", "text": "ok"}]
+    )
     manifest = Manifest(table, tmp_path)
     assert any("does not exist" in p.reason for p in errors(validate_manifest(manifest)))
     text_only = errors(validate_manifest(manifest, text_only=True))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class DatasetConfig:
     mask: str | None = "mask"
     label: str | None = "label"
     channels: int | None = None  # force 1 (mean of RGB) or 3 (repeat gray) channels per modality
-    preprocess: PreprocessConfig = PreprocessConfig()
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig | None = None  # None = no augmentation (val/test)
     cache: str | None = None  # None, "memory" or a folder for a persistent on-disk cache
 
@@ -53,7 +53,9 @@ class DatasetConfig:
 class ManifestDataset(Dataset):
     """Cases of one manifest (optionally one split), loaded and transformed on access."""
 
-    def __init__(self, manifest: Manifest, config: DatasetConfig = DatasetConfig(), split: str | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, config: DatasetConfig = DatasetConfig(), split: str | None = None
+    ) -> None:
         self.manifest = manifest.split(split) if split else manifest
         self.config = config
         table = self.manifest.table
@@ -67,7 +69,9 @@ class ManifestDataset(Dataset):
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         preprocess = config.preprocess
         if self.mask_keys and self.manifest.meta.mask_threshold is not None:
-            preprocess = PreprocessConfig(**{**preprocess.__dict__, "mask_threshold": self.manifest.meta.mask_threshold / 255})
+            preprocess = PreprocessConfig(
+                **{**preprocess.__dict__, "mask_threshold": self.manifest.meta.mask_threshold / 255}
+            )
         self.preprocess = build_preprocess(self.image_keys, self.mask_keys, preprocess)
         self.augment = (
             build_augment(self.image_keys, self.mask_keys, config.augment, preprocess.size)
@@ -130,7 +134,9 @@ class ManifestDataset(Dataset):
 
     def _cache_file(self, index: int) -> Path:
         row = self.manifest.table.iloc[index]
-        key = repr(([row[k] for k in self.image_keys + self.mask_keys], self.config.preprocess, self.config.channels))
+        key = repr(
+            ([row[k] for k in self.image_keys + self.mask_keys], self.config.preprocess, self.config.channels)
+        )
         assert self._disk is not None
         return self._disk / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
 
@@ -144,7 +150,9 @@ class ManifestDataset(Dataset):
             try:
                 array = to_channel_first(read_image(self.manifest.resolve(cell)).array)
             except ImageReadError as err:
-                raise SampleError(f"case {row['case_id']!r} (row {index + 1}), column '{key}': {err}") from err
+                raise SampleError(
+                    f"case {row['case_id']!r} (row {index + 1}), column '{key}': {err}"
+                ) from err
             if key in self.image_keys and self.config.channels:
                 array = _match_channels(array, self.config.channels)
             arrays[key] = array
@@ -157,7 +165,11 @@ def _match_channels(array: np.ndarray, channels: int) -> np.ndarray:
     if array.shape[0] == channels:
         return array
     if channels == 1:
-        return array[:3].mean(axis=0, keepdims=True).astype(np.float32 if array.dtype.kind == "f" else array.dtype)
+        return (
+            array[:3]
+            .mean(axis=0, keepdims=True)
+            .astype(np.float32 if array.dtype.kind == "f" else array.dtype)
+        )
     if array.shape[0] == 1:
         return np.repeat(array, channels, axis=0)
     if array.shape[0] == 4 and channels == 3:  # RGBA -> RGB
@@ -195,7 +207,11 @@ class Collator:
                 batch[key] = values
         if self.tokenizer is not None and "text" in batch:
             tokens = self.tokenizer(
-                list(batch["text"]), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                list(batch["text"]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens["attention_mask"]

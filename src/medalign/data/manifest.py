@@ -113,7 +113,9 @@ class Manifest:
         return str(path if path.is_absolute() else self.root / ref)
 
     def subset(self, rows: pd.Series | np.ndarray | list[bool]) -> Manifest:
-        return Manifest(self.table[np.asarray(rows, dtype=bool)].reset_index(drop=True), self.base_dir, self.meta)
+        return Manifest(
+            self.table[np.asarray(rows, dtype=bool)].reset_index(drop=True), self.base_dir, self.meta
+        )
 
     def split(self, name: str) -> Manifest:
         if "split" not in self.table.columns:
@@ -208,7 +210,9 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             except json.JSONDecodeError as err:
                 raise ManifestError(f"manifest '{path}' line {number}: invalid JSON ({err.msg})") from err
             if not isinstance(record, dict):
-                raise ManifestError(f"manifest '{path}' line {number}: expected a JSON object, got {type(record).__name__}")
+                raise ManifestError(
+                    f"manifest '{path}' line {number}: expected a JSON object, got {type(record).__name__}"
+                )
             records.append(record)
     return pd.DataFrame(records)
 
@@ -321,7 +325,11 @@ def new_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = Non
 def summarize(manifest: Manifest) -> dict[str, Any]:
     """Counts a person checks first: cases, patients, splits, modalities, labels, attributes, survival."""
     table = manifest.table
-    summary: dict[str, Any] = {"cases": len(table), "source": manifest.meta.source or "", "modalities": manifest.modalities}
+    summary: dict[str, Any] = {
+        "cases": len(table),
+        "source": manifest.meta.source or "",
+        "modalities": manifest.modalities,
+    }
     if "patient_id" in table.columns:
         patients = table["patient_id"].where(table["patient_id"] != "", table["case_id"])
         summary["patients"] = int(patients.nunique())
@@ -342,7 +350,10 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
     if "time" in table.columns and "event" in table.columns:
         times = pd.to_numeric(table["time"], errors="coerce")
         events = pd.to_numeric(table["event"], errors="coerce")
-        summary["survival"] = {"median_time": float(times.median()), "event_rate": round(float(events.mean()), 3)}
+        summary["survival"] = {
+            "median_time": float(times.median()),
+            "event_rate": round(float(events.mean()), 3),
+        }
     return summary
 
 

@@ -27,7 +27,9 @@ Sample = dict[str, Any]
 class AugmentConfig:
     """Random augmentation. Flips default off: they swap left/right, which reports name."""
 
-    flip_axes: tuple[int, ...] = ()  # spatial axes to flip with probability flip_prob (0=vertical, 1=horizontal)
+    flip_axes: tuple[
+        int, ...
+    ] = ()  # spatial axes to flip with probability flip_prob (0=vertical, 1=horizontal)
     flip_prob: float = 0.5
     rotate_degrees: float = 10.0
     scale: float = 0.1  # zoom in [1-scale, 1+scale]
@@ -81,7 +83,9 @@ class NormaliseIntensityd(mt.MapTransform):
         return out
 
 
-def normalise(array: np.ndarray, mode: Normalisation, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+def normalise(
+    array: np.ndarray, mode: Normalisation, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> np.ndarray:
     x = np.asarray(array)
     if mode == "dtype":
         return (x.astype(np.float32) / dtype_scale(x)).astype(np.float32)
@@ -110,7 +114,9 @@ class BinariseMaskd(mt.MapTransform):
         out = dict(data)
         for key in self.key_iterator(out):
             x = np.asarray(out[key])
-            scale = 255.0 if x.dtype == np.uint8 or (x.max() > 1 and x.max() <= 255) else max(float(x.max()), 1.0)
+            scale = (
+                255.0 if x.dtype == np.uint8 or (x.max() > 1 and x.max() <= 255) else max(float(x.max()), 1.0)
+            )
             out[key] = (x.astype(np.float32) / scale > self.threshold).astype(np.float32)
         return out
 
@@ -129,7 +135,9 @@ def build_preprocess(
                 keys, spatial_size=config.size, mode=modes, anti_aliasing=False, allow_missing_keys=True
             )
         )
-    steps.append(mt.EnsureTyped(keys, data_type="numpy", dtype=np.float32, track_meta=False, allow_missing_keys=True))
+    steps.append(
+        mt.EnsureTyped(keys, data_type="numpy", dtype=np.float32, track_meta=False, allow_missing_keys=True)
+    )
     return mt.Compose(steps)
 
 
@@ -164,17 +172,30 @@ def build_augment(
         )
     for key in image_keys:  # independent intensity jitter per modality
         if config.intensity_shift and config.intensity_prob:
-            steps.append(mt.RandShiftIntensityd([key], offsets=config.intensity_shift, prob=config.intensity_prob,
-                                                allow_missing_keys=True))
+            steps.append(
+                mt.RandShiftIntensityd(
+                    [key], offsets=config.intensity_shift, prob=config.intensity_prob, allow_missing_keys=True
+                )
+            )
         if config.noise_std:
-            steps.append(mt.RandGaussianNoised([key], prob=0.5, std=config.noise_std, allow_missing_keys=True))
-    steps.append(mt.EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False,
-                                allow_missing_keys=True))
+            steps.append(
+                mt.RandGaussianNoised([key], prob=0.5, std=config.noise_std, allow_missing_keys=True)
+            )
+    steps.append(
+        mt.EnsureTyped(
+            keys, data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True
+        )
+    )
     return mt.Compose(steps)
 
 
 def eval_augment(image_keys: Sequence[str], mask_keys: Sequence[str]) -> mt.Compose:
     """No randomness: only conversion to tensors (used for val/test)."""
     keys = [*image_keys, *mask_keys]
-    return mt.Compose([mt.EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False,
-                                      allow_missing_keys=True)])
+    return mt.Compose(
+        [
+            mt.EnsureTyped(
+                keys, data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True
+            )
+        ]
+    )

@@ -80,7 +80,12 @@ def _check_schema(manifest: Manifest, text_only: bool) -> list[Problem]:
         problems.append(Problem(-1, "", "case_id", "required column 'case_id' is missing"))
     if not manifest.image_columns and not text_only:
         problems.append(
-            Problem(-1, "", "", "no image column ('image' or 'image:<modality>'); declare the manifest text-only if intended")
+            Problem(
+                -1,
+                "",
+                "",
+                "no image column ('image' or 'image:<modality>'); declare the manifest text-only if intended",
+            )
         )
     if text_only and "text" not in table.columns:
         problems.append(Problem(-1, "", "text", "a text-only manifest needs a 'text' column"))
@@ -89,11 +94,21 @@ def _check_schema(manifest: Manifest, text_only: bool) -> list[Problem]:
     for column in table.columns:
         if column not in known and not column.startswith("meta:"):
             problems.append(
-                Problem(-1, "", column, "unknown column (not in the data contract; prefix it 'meta:' to keep it)", "warning")
+                Problem(
+                    -1,
+                    "",
+                    column,
+                    "unknown column (not in the data contract; prefix it 'meta:' to keep it)",
+                    "warning",
+                )
             )
     for column in manifest.meta.classes:
         if column not in table.columns:
-            problems.append(Problem(-1, "", column, "classes are declared for a column the table does not have", "warning"))
+            problems.append(
+                Problem(
+                    -1, "", column, "classes are declared for a column the table does not have", "warning"
+                )
+            )
     return problems
 
 
@@ -108,7 +123,11 @@ def _check_ids(table: pd.DataFrame) -> list[Problem]:
         if case_id == "":
             problems.append(Problem(row, "", "case_id", "empty case_id"))
         elif case_id in first_row:
-            problems.append(Problem(row, case_id, "case_id", f"duplicate case_id (first seen in row {first_row[case_id] + 1})"))
+            problems.append(
+                Problem(
+                    row, case_id, "case_id", f"duplicate case_id (first seen in row {first_row[case_id] + 1})"
+                )
+            )
         else:
             first_row[case_id] = row
     return problems
@@ -134,7 +153,12 @@ def _check_labels(manifest: Manifest) -> list[Problem]:
         for row, value in enumerate(table[column]):
             if value != "" and value not in allowed:
                 problems.append(
-                    Problem(row, _case(table, row), column, f"label {value!r} is not in the class list {list(classes)}")
+                    Problem(
+                        row,
+                        _case(table, row),
+                        column,
+                        f"label {value!r} is not in the class list {list(classes)}",
+                    )
                 )
     return problems
 
@@ -143,7 +167,9 @@ def _check_survival(table: pd.DataFrame) -> list[Problem]:
     has_time, has_event = "time" in table.columns, "event" in table.columns
     if has_time != has_event:
         present, missing = ("time", "event") if has_time else ("event", "time")
-        return [Problem(-1, "", missing, f"survival needs both 'time' and 'event'; only '{present}' is present")]
+        return [
+            Problem(-1, "", missing, f"survival needs both 'time' and 'event'; only '{present}' is present")
+        ]
     if not has_time:
         return []
     problems = []
@@ -155,7 +181,9 @@ def _check_survival(table: pd.DataFrame) -> list[Problem]:
             if not math.isfinite(value) or value < 0:
                 raise ValueError
         except ValueError:
-            problems.append(Problem(row, _case(table, row), "time", f"time {time!r} is not a finite number >= 0"))
+            problems.append(
+                Problem(row, _case(table, row), "time", f"time {time!r} is not a finite number >= 0")
+            )
         if event not in ("0", "1"):
             problems.append(Problem(row, _case(table, row), "event", f"event {event!r} must be 0 or 1"))
     return problems
@@ -164,16 +192,22 @@ def _check_survival(table: pd.DataFrame) -> list[Problem]:
 def _check_required_cells(manifest: Manifest, text_only: bool) -> list[Problem]:
     table, problems = manifest.table, []
     if text_only:
-        problems += [
-            Problem(row, _case(table, row), "text", "empty text in a text-only manifest")
-            for row, value in enumerate(table["text"])
-            if value == ""
-        ] if "text" in table.columns else []
+        problems += (
+            [
+                Problem(row, _case(table, row), "text", "empty text in a text-only manifest")
+                for row, value in enumerate(table["text"])
+                if value == ""
+            ]
+            if "text" in table.columns
+            else []
+        )
         return problems
     images = manifest.image_columns
     for row in range(len(table)):
         if images and all(table.at[row, c] == "" for c in images):
-            problems.append(Problem(row, _case(table, row), ",".join(images), "no image in any modality column"))
+            problems.append(
+                Problem(row, _case(table, row), ",".join(images), "no image in any modality column")
+            )
     return problems
 
 

@@ -23,7 +23,6 @@ class DatasetImportError(ValueError):
     """The source folder does not match the layout; the message names the file or row."""
 
 
-
 ImporterFn = Callable[..., tuple[pd.DataFrame, ManifestMeta]]
 
 
@@ -54,7 +53,9 @@ def list_importers() -> list[str]:
 def load_dataset(name: str, src: str | os.PathLike, **options: Any) -> Manifest:
     """Run an importer and return the manifest in memory (paths relative to ``src``)."""
     if name not in IMPORTERS:
-        raise DatasetImportError(f"unknown import format {name!r}; choose one of {', '.join(list_importers())}")
+        raise DatasetImportError(
+            f"unknown import format {name!r}; choose one of {', '.join(list_importers())}"
+        )
     src = Path(src)
     if not src.exists():
         raise DatasetImportError(f"source '{src}' does not exist")

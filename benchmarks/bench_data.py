@@ -1,0 +1,198 @@
+"""Training-pipeline throughput on Kvasir-SEG: medalign vs plain PIL+NumPy vs a MONAI Dataset.
+
+All three do the same work per sample — decode the JPEG image and mask, resize to 256x256,
+binarise the mask, scale intensities to [0, 1], and apply one random affine (rotation
+±10°, zoom ±10%, translation ±5%) and random flips identically to image and mask — and all
+three run through the same ``torch.utils.data.DataLoader`` (batch 16, 2 workers), so the
+ratio measures the per-sample pipeline, not the loader. Rounds alternate between the
+pipelines so that load on a shared machine hits all of them alike; the median of the rounds
+is reported.
+
+    python benchmarks/bench_data.py [--data ../shared/data/kvasir-seg] [--rounds 3] [--write]
+
+``--write`` replaces the data-pipeline section of BENCHMARKS.md with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from PIL import Image
+
+from medalign.data.dataset import DatasetConfig, ManifestDataset, make_loader
+from medalign.data.importers import load_dataset
+from medalign.data.transforms import AugmentConfig, PreprocessConfig
+
+SIZE = (256, 256)
+BATCH, WORKERS = 16, 2
+AUGMENT = AugmentConfig(
+    flip_axes=(0, 1), rotate_degrees=10, scale=0.1, translate=0.05, affine_prob=1.0, intensity_shift=0.0
+)
+REPO = Path(__file__).resolve().parents[1]
+SECTION_BEGIN, SECTION_END = "<!-- bench_data:begin -->", "<!-- bench_data:end -->"
+
+
+class PilNumpyDataset(torch.utils.data.Dataset):
+    """What research code usually writes: PIL decode + resize, NumPy flips, PIL affine."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = Image.open(self.pairs[index][0]).convert("RGB").resize(SIZE, Image.BILINEAR)
+        mask = Image.open(self.pairs[index][1]).convert("L").resize(SIZE, Image.NEAREST)
+        angle = self.rng.uniform(-10, 10)
+        zoom = self.rng.uniform(0.9, 1.1)
+        shift = tuple(self.rng.uniform(-0.05, 0.05, 2) * SIZE[0])
+        image = image.rotate(angle, Image.BILINEAR, translate=shift).resize(SIZE)
+        mask = mask.rotate(angle, Image.NEAREST, translate=shift)
+        if zoom != 1.0:
+            box = _zoom_box(zoom)
+            image = image.resize(SIZE, Image.BILINEAR, box=box)
+            mask = mask.resize(SIZE, Image.NEAREST, box=box)
+        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        m = (np.asarray(mask, dtype=np.float32)[None] > 127).astype(np.float32)
+        for axis in (1, 2):
+            if self.rng.random() < 0.5:
+                x, m = np.flip(x, axis), np.flip(m, axis)
+        return {"image": torch.from_numpy(x.copy()), "mask": torch.from_numpy(m.copy())}
+
+
+def _zoom_box(zoom: float) -> tuple[float, float, float, float]:
+    w, h = SIZE[0] / zoom, SIZE[1] / zoom
+    x0, y0 = (SIZE[0] - w) / 2, (SIZE[1] - h) / 2
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def _seed_pil_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.rng = np.random.default_rng(info.seed % 2**32)
+
+
+def monai_dataset(pairs: list[tuple[str, str]]) -> torch.utils.data.Dataset:
+    """The pipeline a MONAI user writes: LoadImaged + dict transforms in a monai.data.Dataset."""
+    from monai.data import Dataset
+
+    keys = ["image", "mask"]
+    transform = mt.Compose(
+        [
+            mt.LoadImaged(keys, image_only=True, reader="PILReader", reverse_indexing=False),
+            mt.EnsureChannelFirstd(keys),
+            mt.Lambdad("image", lambda x: x[:3]),
+            mt.ScaleIntensityRanged("image", 0, 255, 0, 1),
+            mt.Lambdad("mask", lambda m: (m[:1] > 127).float()),
+            mt.Resized(keys, SIZE, mode=["bilinear", "nearest"]),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+            mt.RandAffined(
+                keys,
+                prob=1.0,
+                rotate_range=(np.deg2rad(10),),
+                scale_range=(0.1, 0.1),
+                translate_range=(0.05 * SIZE[0], 0.05 * SIZE[1]),
+                mode=["bilinear", "nearest"],
+            ),
+            mt.EnsureTyped(keys, data_type="tensor", track_meta=False),
+        ]
+    )
+    return Dataset([{"image": i, "mask": m} for i, m in pairs], transform)
+
+
+def _loader(
+    dataset: torch.utils.data.Dataset, worker_init: Callable | None = None
+) -> torch.utils.data.DataLoader:
+    from monai.data.utils import worker_init_fn
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=WORKERS,
+        drop_last=False,
+        worker_init_fn=worker_init or worker_init_fn,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def samples_per_second(loader: torch.utils.data.DataLoader) -> float:
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        seen += len(batch["mask"])
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "kvasir-seg")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N cases (0 = all)")
+    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
+    args = parser.parse_args()
+
+    manifest = load_dataset("kvasir", args.data)
+    if args.limit:
+        manifest = manifest.subset(np.arange(len(manifest)) < args.limit)
+    pairs = [
+        (manifest.resolve(i), manifest.resolve(m))
+        for i, m in zip(manifest.table["image"], manifest.table["mask"], strict=True)
+    ]
+    ours = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=SIZE), augment=AUGMENT))
+    pipelines: dict[str, Callable[[], torch.utils.data.DataLoader]] = {
+        "medalign ManifestDataset": lambda: make_loader(
+            ours, batch_size=BATCH, shuffle=True, num_workers=WORKERS
+        ),
+        "plain PIL + NumPy": lambda: _loader(PilNumpyDataset(pairs), _seed_pil_worker),
+        "MONAI Dataset (LoadImaged + dict transforms)": lambda: _loader(monai_dataset(pairs)),
+    }
+    torch.set_num_threads(1)
+    results: dict[str, list[float]] = {name: [] for name in pipelines}
+    for round_index in range(args.rounds):
+        for name, build in pipelines.items():
+            rate = samples_per_second(build())
+            results[name].append(rate)
+            print(f"round {round_index + 1}: {name}: {rate:.1f} samples/s", flush=True)
+    medians = {name: statistics.median(rates) for name, rates in results.items()}
+    ours_rate = medians["medalign ManifestDataset"]
+    rows = [
+        f"| {name} | {medians[name]:.1f} | {min(r):.1f}–{max(r):.1f} | {ours_rate / medians[name]:.2f} |"
+        for name, r in results.items()
+    ]
+    table = "\n".join(
+        [
+            f"Kvasir-SEG, {len(pairs)} image+mask pairs, 256x256, batch {BATCH}, {WORKERS} workers, "
+            f"{args.rounds} rounds (median). Machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {dt.date.today().isoformat()}.",
+            "",
+            "| pipeline | samples/s | range | medalign ÷ this |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print(table)
+    if args.write:
+        _write_section(REPO / "BENCHMARKS.md", table)
+
+
+def _write_section(path: Path, body: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    head, _, rest = text.partition(SECTION_BEGIN)
+    _, _, tail = rest.partition(SECTION_END)
+    path.write_text(f"{head}{SECTION_BEGIN}\n{body}\n{SECTION_END}{tail}", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
