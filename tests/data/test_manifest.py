@@ -123,3 +123,8 @@ def test_split_and_summary() -> None:
     assert summary["cases"] == 2 and summary["patients"] == 1
     assert summary["splits"] == {"train": 1, "val": 0, "test": 1}
     assert summary["labels"] == {"label": {"NA": 1, "tumour": 1}}
+
+
+def test_assign_splits_accepts_a_list_of_fractions() -> None:
+    table = new_table([{"case_id": f"c{i}"} for i in range(10)])
+    assert assign_splits(table, [0.8, 0.1, 0.1]).value_counts().to_dict() == {"train": 8, "val": 1, "test": 1}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,7 @@ def relative_ref(path: str | os.PathLike, root: str | os.PathLike) -> str:
 
 def assign_splits(
     table: pd.DataFrame,
-    fractions: Mapping[str, float] | None = None,
+    fractions: Mapping[str, float] | Sequence[float] | None = None,
     *,
     seed: int = 0,
     patient_column: str = "patient_id",
@@ -281,6 +281,8 @@ def assign_splits(
     patients are grouped by their most frequent value of that column and each group is split
     on its own, which keeps rare classes in every split.
     """
+    if fractions is not None and not isinstance(fractions, Mapping):
+        fractions = dict(zip(SPLITS, fractions, strict=True))  # [0.7, 0.1, 0.2] from the CLI
     fractions = dict(fractions or {"train": 0.7, "val": 0.1, "test": 0.2})
     if any(f < 0 for f in fractions.values()) or not np.isclose(sum(fractions.values()), 1.0):
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")

@@ -14,7 +14,8 @@ Anatomy
     per-case scale in [0.96, 1.04], centred within +-3 px of the image centre (random shift).
     Inside, the organ has a base intensity (0.55 in ``a``, 0.40 in ``b``), a smooth
     low-frequency texture (five Gaussian blobs, sigma 10-22% of the image side, the same blobs
-    in both modalities with independent weights; amplitude 0.045 in ``a``, 0.035 in ``b``) and
+    in both modalities with independent N(0, 1) weights scaled by 0.045 in ``a`` and 0.035 in
+    ``b``) and
     independent Gaussian pixel noise per modality (sigma 0.03 in ``a``, 0.035 in ``b``).
     Intensities are clipped to [0, 1] and written as 8-bit PNGs.
 
@@ -22,10 +23,10 @@ Cells
     The organ is divided into 2 sides x 3 zones = 6 cells. "left"/"right" are *image* left
     and right (the viewer's left, columns below/above the organ's vertical midline; it is not
     the patient's anatomical side). Zones "upper"/"middle"/"lower" are the top/middle/bottom
-    thirds of the organ's vertical extent. Lesions keep a margin of >= 2 px from the midline
-    and the zone boundaries and >= 4 px from the organ edge, so each lesion lies wholly
-    inside one cell (and, since the organ shift is small, on the same side of the image
-    midline too).
+    thirds of the organ's vertical extent. Lesions keep a margin of >= 2 px from the zone
+    boundaries, >= 4 px from the organ edge and >= 5 px (the largest organ shift + 2 px) from
+    the organ midline, so each lesion lies wholly inside one cell and wholly on its side of
+    the image midline as well: organ midline and image midline give the same side.
 
 Lesions
     The count k is drawn with P(0) = 0.15, P(1) = 0.30 and the remaining 0.55 spread evenly
@@ -33,7 +34,8 @@ Lesions
     The k lesions occupy k distinct cells drawn without replacement, so a (side, zone) pair
     names at most one lesion of a case. Type is uniform over ``TYPES``; size is "small"
     (radius 4-6 px) or "large" (radius 8-11 px) with equal probability (disjoint ranges). The
-    shape is an ellipse with semi-axes r(1+e) and r/(1+e), e in [0, 0.12], random angle; its
+    shape is an ellipse with semi-axes r(1+e) and r/(1+e), e in [0, 0.12], random angle (in
+    the rare case that a lesion does not fit its cell, r shrinks within its size range); its
     appearance has a soft edge (logistic, width 0.6 px); the mask is the hard ellipse (bool).
     Lesion ``center`` is (x, y) = (column, row) in pixels; ``radius`` is r in pixels.
     Lesions are numbered 1..k in cell order (left upper, left middle, left lower, right
@@ -79,7 +81,8 @@ Referring prompts
 Files written by :func:`generate_phantom` under ``out``
     ``images/<case>_a.png``, ``images/<case>_b.png`` (8-bit grey), ``masks/<case>.png`` (union
     of the case's lesions, 0/255), ``masks/<case>_lesion<k>.png`` (one lesion, 0/255),
-    ``lesions.jsonl`` (one record per lesion: all fields + prompt + mask path),
+    ``lesions.jsonl`` (one record per lesion: case_id, lesion_id (= its prompts.csv case_id),
+    all :class:`Lesion` fields, prompt, mask path, split),
     ``manifest.csv`` (one row per case: ``case_id`` "ph0000", ``patient_id`` = case_id,
     ``split`` (patient-level, stratified by label), ``image:a``, ``image:b``, ``mask``,
     ``text`` = report, ``attr:count``, ``attr:side`` (none/left/right/bilateral),
@@ -122,7 +125,8 @@ ORGAN_AXES = (0.40, 0.44)  # semi-axes (x, y) as a fraction of the image side
 ORGAN_SCALE = (0.96, 1.04)
 ORGAN_SHIFT = 3.0
 ORGAN_MARGIN = 4.0  # lesion to organ edge
-CELL_MARGIN = 2.0  # lesion to midline / zone boundary
+CELL_MARGIN = 2.0  # lesion to zone boundary
+MIDLINE_MARGIN = ORGAN_SHIFT + 2.0  # lesion to organ midline: also clear of the image midline
 BACKGROUND = {"a": 0.05, "b": 0.08}
 ORGAN_LEVEL = {"a": 0.55, "b": 0.40}
 TEXTURE = {"a": 0.045, "b": 0.035}
@@ -230,13 +234,17 @@ def _sample_organ(rng: np.random.Generator, size: int) -> _Organ:
     )
 
 
-def _place(rng: np.random.Generator, organ: _Organ, cell: tuple[str, str], extent: float, px: float):
+def _place(
+    rng: np.random.Generator, organ: _Organ, cell: tuple[str, str], extent: float, px: float
+) -> tuple[float, float] | None:
     """A centre for a disc of radius ``extent`` wholly inside ``cell`` with margins, or None."""
     side, zone = cell
     top, bottom = organ.zone_range(zone)
-    gap = extent + CELL_MARGIN * px
+    gap, mid = extent + CELL_MARGIN * px, extent + MIDLINE_MARGIN * px
     y0, y1 = top + gap, bottom - gap
-    x0, x1 = (organ.cx - organ.ax, organ.cx - gap) if side == "left" else (organ.cx + gap, organ.cx + organ.ax)
+    x0, x1 = (
+        (organ.cx - organ.ax, organ.cx - mid) if side == "left" else (organ.cx + mid, organ.cx + organ.ax)
+    )
     for _ in range(200):
         x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
         if organ.contains_disc(x, y, extent + ORGAN_MARGIN * px):
@@ -245,7 +253,12 @@ def _place(rng: np.random.Generator, organ: _Organ, cell: tuple[str, str], exten
 
 
 def _fit(
-    rng: np.random.Generator, organ: _Organ, cell: tuple[str, str], shape: tuple[float, float], floor: float, px: float
+    rng: np.random.Generator,
+    organ: _Organ,
+    cell: tuple[str, str],
+    shape: tuple[float, float],
+    floor: float,
+    px: float,
 ) -> tuple[tuple[float, float], float, float]:
     """Centre, radius and elongation of a lesion placed in its cell, shrunk (never below floor) to fit."""
     radius, elongation = shape
@@ -267,7 +280,9 @@ def _sample_lesions(rng: np.random.Generator, organ: _Organ, config: PhantomConf
         size = SIZES[int(rng.integers(len(SIZES)))]
         radius = rng.uniform(*RADIUS[size]) * px
         elongation, angle = rng.uniform(0, MAX_ELONGATION), rng.uniform(0, np.pi)
-        centre, radius, elongation = _fit(rng, organ, CELLS[cell], (radius, elongation), RADIUS[size][0] * px, px)
+        centre, radius, elongation = _fit(
+            rng, organ, CELLS[cell], (radius, elongation), RADIUS[size][0] * px, px
+        )
         lesions.append(
             Lesion(
                 index=index,
@@ -315,7 +330,9 @@ def _texture(rng: np.random.Generator, organ: _Organ, yy: np.ndarray, xx: np.nda
     cy = rng.uniform(organ.cy - organ.ay, organ.cy + organ.ay, n_blobs)
     sigma = rng.uniform(0.10, 0.22, n_blobs) * size
     weights = {m: rng.normal(0, 1, n_blobs) for m in MODALITIES}
-    blobs = [np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2)) for x, y, s in zip(cx, cy, sigma, strict=True)]
+    blobs = [
+        np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2)) for x, y, s in zip(cx, cy, sigma, strict=True)
+    ]
     return {m: TEXTURE[m] * sum(w * b for w, b in zip(weights[m], blobs, strict=True)) for m in MODALITIES}
 
 
@@ -364,7 +381,12 @@ def _survival(rng: np.random.Generator, lesions: Sequence[Lesion]) -> tuple[floa
 _TYPE_PHRASES: dict[str, tuple[str, ...]] = {
     "cyst": ("cystic lesion", "fluid-filled cyst", "simple cyst", "cyst"),
     "solid": ("solid mass", "solid nodule", "solid lesion", "soft-tissue mass"),
-    "inflammatory": ("inflammatory focus", "inflammatory lesion", "area of inflammation", "inflammatory change"),
+    "inflammatory": (
+        "inflammatory focus",
+        "inflammatory lesion",
+        "area of inflammation",
+        "inflammatory change",
+    ),
 }
 _SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "tiny", "diminutive"),
@@ -400,7 +422,11 @@ _PREAMBLES = ("", "Paired dual-contrast images were reviewed. ", "Comparison: no
 _IMPRESSION_LEADS = ("Impression: {}.", "Conclusion: {}.", "Overall, {}.")
 _DIAGNOSIS_PHRASES: dict[str, tuple[str, ...]] = {
     "normal": ("normal study", "no abnormality detected", "unremarkable examination"),
-    "benign": ("benign appearance", "findings most consistent with a benign process", "likely benign disease"),
+    "benign": (
+        "benign appearance",
+        "findings most consistent with a benign process",
+        "likely benign disease",
+    ),
     "malignant": (
         "suspicious for malignancy",
         "appearance concerning for a malignant process",
@@ -590,11 +616,14 @@ def _write_case(case: PhantomCase, out: Path) -> tuple[dict, list[dict], list[di
             | {"mask": lesion_ref, "text": prompt, "attr:side": lesion.side, "attr:zone": lesion.zone}
             | {"attr:type": lesion.type, "attr:size": lesion.size}
         )
-        records.append({"case_id": name, **asdict(lesion), "mask": lesion_ref, "prompt": prompt})
+        records.append(
+            {"case_id": name, "lesion_id": f"{name}_l{lesion.index}", **asdict(lesion)}
+            | {"mask": lesion_ref, "prompt": prompt}
+        )
     return row, prompt_rows, records
 
 
-def generate_phantom(out: Path, config: PhantomConfig = PhantomConfig()) -> Path:  # noqa: B008
+def generate_phantom(out: Path, config: PhantomConfig = PhantomConfig()) -> Path:
     """Write the phantom dataset under ``out``; returns the path of ``manifest.csv``."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -614,8 +643,10 @@ def generate_phantom(out: Path, config: PhantomConfig = PhantomConfig()) -> Path
     with (out / "lesions.jsonl").open("w", encoding="utf-8", newline="\n") as handle:
         for record in records:
             handle.write(json.dumps({**record, "split": split_of[record["case_id"]]}, sort_keys=True) + "\n")
-    meta = ManifestMeta(classes={"label": list(DIAGNOSES)}, source="phantom", description=_describe(config))
-    write_manifest(prompts_table, out / "prompts.csv", meta=meta)
+    description = _describe(config)
+    prompts_meta = ManifestMeta(source="phantom", description=description + " One row per lesion prompt.")
+    write_manifest(prompts_table, out / "prompts.csv", meta=prompts_meta)
+    meta = ManifestMeta(classes={"label": list(DIAGNOSES)}, source="phantom", description=description)
     return write_manifest(table, out / "manifest.csv", meta=meta)
 
 

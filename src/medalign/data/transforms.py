@@ -165,6 +165,8 @@ def build_augment(
                 rotate_range=(np.deg2rad(config.rotate_degrees),),
                 scale_range=(config.scale, config.scale),
                 translate_range=[config.translate * s for s in image_size] if image_size else None,
+                spatial_size=image_size,
+                cache_grid=image_size is not None,
                 mode=modes,
                 padding_mode="zeros",
                 allow_missing_keys=True,

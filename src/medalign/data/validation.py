@@ -34,7 +34,7 @@ class Problem:
     severity: str = "error"
 
     def __str__(self) -> str:
-        where = f"row {self.row + 1}"
+        where = f"row {self.row + 1}" if self.row >= 0 else "table"
         if self.case_id:
             where += f" (case_id={self.case_id})"
         if self.column:

@@ -68,6 +68,12 @@ def is_image(path: Path) -> bool:
     return split_suffix(path.name)[1] in IMAGE_SUFFIXES
 
 
+def strip_image_suffix(name: str) -> str:
+    """``x.png`` -> ``x`` but ``1.2.840`` stays: split lists mix stems and file names, and stems may hold dots."""
+    stem, suffix = split_suffix(name)
+    return stem if suffix in IMAGE_SUFFIXES else name
+
+
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
     """Sort ``x (2)`` before ``x (10)``, as release listings and humans do."""
     return tuple((0, int(part)) if part.isdigit() else (1, part.lower()) for part in _DIGITS.split(text))
@@ -199,7 +205,9 @@ def import_folders(
     check_unique_ids(rows)
     table = new_table(rows)
     if not presplit:
-        table["split"] = assign_splits(table, fractions or DEFAULT_FRACTIONS, seed=seed, stratify="label").values
+        table["split"] = assign_splits(
+            table, fractions or DEFAULT_FRACTIONS, seed=seed, stratify="label"
+        ).values
     classes = sorted({label for _, label, _, _ in found}, key=natural_key)
     all_masks = [m for *_, masks in found for m in masks.values()]
     meta = ManifestMeta(

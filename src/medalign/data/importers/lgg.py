@@ -36,7 +36,9 @@ PATIENT_COLUMN = "Patient"
 IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db"})
 
 
-@register_importer("lgg", "LGG brain MRI (Buda et al.): pre/FLAIR/post channels as modalities, FLAIR masks, data.csv labels")
+@register_importer(
+    "lgg", "LGG brain MRI (Buda et al.): pre/FLAIR/post channels as modalities, FLAIR masks, data.csv labels"
+)
 def import_lgg(
     src: Path,
     *,
@@ -69,14 +71,16 @@ def import_lgg(
                 row[f"image:{name}"] = f"{relative_ref(image, src)}#channel={channel}"
             row["mask"] = relative_ref(mask, src)
             row["attr:slice"] = number
-            row.update(_patient_cells(clinical_rows.get(patient)))
+            if clinical:
+                row.update(_patient_cells(clinical_rows.get(patient)))
             rows.append(row)
         orphan_masks += [relative_ref(m, src) for _, m in sorted(masks.items())]
         unrecognised += [relative_ref(p, src) for p in sorted(other)]
 
     if not rows:
         raise DatasetImportError(
-            f"'{src}' has no patient folders with slices named '<folder>_<slice>.tif|.jpg' (LGG release layout)"
+            f"'{src}' has no patient folders with slices named '<folder>_<slice>.tif|.jpg' (LGG release "
+            "layout); for the Kaggle archive pass its inner folder (kaggle_3m/)"
         )
     rows.sort(key=lambda r: (r["patient_id"], r["case_id"].rsplit("_", 1)[0], r["attr:slice"]))
     table = new_table(rows)
@@ -158,7 +162,9 @@ def _patient_cells(record: dict[str, str] | None) -> dict[str, str]:
     if record is None:
         return {column: "" for column in LABEL_SOURCES}
     cells = {column: record.get(source, "") for column, source in LABEL_SOURCES.items()}
-    cells.update({f"attr:{key.lower()}": value for key, value in record.items() if key not in LABEL_SOURCES.values()})
+    cells.update(
+        {f"attr:{key.lower()}": value for key, value in record.items() if key not in LABEL_SOURCES.values()}
+    )
     return cells
 
 

@@ -27,11 +27,19 @@ from medalign.data.importers.registry import DatasetImportError, register_import
 from medalign.data.manifest import SPLITS, ManifestMeta, new_table, relative_ref
 
 VIEWS: tuple[str, ...] = ("frontal", "lateral")
-SPLIT_ALIASES: dict[str, str] = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
 PATIENT_PATTERN = re.compile(r"(CXR\d+)")
 
 
-@register_importer("r2gen", "R2Gen annotation.json (IU X-ray / MIMIC-CXR reports): frontal + lateral views, report text")
+@register_importer(
+    "r2gen", "R2Gen annotation.json (IU X-ray / MIMIC-CXR reports): frontal + lateral views, report text"
+)
 def import_r2gen(
     src: Path,
     *,
@@ -59,7 +67,9 @@ def import_r2gen(
         split = SPLIT_ALIASES[key]
         entries = data[key]
         if not isinstance(entries, list):
-            raise DatasetImportError(f"'{path}': [{key!r}] should be a list of studies, got {type(entries).__name__}")
+            raise DatasetImportError(
+                f"'{path}': [{key!r}] should be a list of studies, got {type(entries).__name__}"
+            )
         for position, entry in enumerate(entries):
             where = f"'{path}' [{key!r}][{position}]"
             if not isinstance(entry, dict) or "id" not in entry:
@@ -81,8 +91,12 @@ def import_r2gen(
             if not isinstance(report, str):
                 raise DatasetImportError(f"{where}: 'report' must be a string, got {type(report).__name__}")
             refs = [relative_ref(image_root / image, src) for image in images]
-            row: dict[str, Any] = {"case_id": case_id, "patient_id": _patient(entry, case_id, images), "split": split}
-            row.update({f"image:{view}": ref for view, ref in zip(VIEWS, refs)})
+            row: dict[str, Any] = {
+                "case_id": case_id,
+                "patient_id": _patient(entry, case_id, images),
+                "split": split,
+            }
+            row.update({f"image:{view}": ref for view, ref in zip(VIEWS, refs, strict=False)})
             row["text"] = report
             row["attr:extra_images"] = ";".join(refs[len(VIEWS) :])
             row["attr:n_images"] = len(refs)
@@ -117,13 +131,15 @@ def import_r2gen(
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DatasetImportError(f"annotation file '{path}' does not exist (R2Gen layout: <src>/annotation.json)")
+        raise DatasetImportError(
+            f"annotation file '{path}' does not exist (R2Gen layout: <src>/annotation.json)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetImportError(f"cannot parse '{path}': {err}") from err
     if not isinstance(data, dict):
-        raise DatasetImportError(f"'{path}': expected {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
+        raise DatasetImportError(f'\'{path}\': expected {{"train": [...], "val": [...], "test": [...]}}')
     return data
 
 

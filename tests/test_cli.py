@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from medalign.cli import app
+from medalign.data.manifest import read_manifest
+
+runner = CliRunner()
+
+
+def _class_folders(root: Path) -> Path:
+    for label in ("benign", "malignant"):
+        (root / label).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(root / label / f"{label}{i}.png")
+    return root
+
+
+def test_every_command_has_help_with_examples() -> None:
+    for command in (
+        ["data", "validate"],
+        ["data", "import"],
+        ["data", "phantom"],
+        ["data", "split"],
+        ["quickstart"],
+    ):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0 and "Example" in result.output, command
+
+
+def test_formats_lists_every_importer() -> None:
+    result = runner.invoke(app, ["data", "formats"])
+    names = {line.split()[0] for line in result.output.splitlines() if line.strip()}
+    assert {
+        "lvit",
+        "mmendocl",
+        "busi",
+        "kvasir",
+        "medpix",
+        "lgg",
+        "nextgen-uia",
+        "medmnist",
+        "r2gen",
+        "llava",
+        "folders",
+    } <= names
+
+
+def test_import_split_summary_validate_chain(tmp_path: Path) -> None:
+    src = _class_folders(tmp_path / "src")
+    manifest = tmp_path / "out" / "cases.jsonl"
+    result = runner.invoke(app, ["data", "import", "folders", str(src), "--out", str(manifest)])
+    assert result.exit_code == 0, result.output
+    assert "cases: 10" in result.output
+    split = tmp_path / "out" / "split.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "split",
+            str(manifest),
+            "--out",
+            str(split),
+            "--fractions",
+            "0.6,0.2,0.2",
+            "--stratify",
+            "label",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "train=6, val=2, test=2" in result.output
+    result = runner.invoke(app, ["data", "summary", str(split), "--json"])
+    summary = json.loads(result.output)
+    assert summary["labels"]["label"] == {"benign": 5, "malignant": 5}
+    assert runner.invoke(app, ["data", "validate", str(split)]).exit_code == 0
+    assert read_manifest(split).root == src.resolve()
+
+
+def test_import_reports_bad_format_and_option(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "import", "nope", str(tmp_path), "--out", str(tmp_path / "m.csv")])
+    assert result.exit_code == 1 and "unknown import format 'nope'" in result.output
+    result = runner.invoke(
+        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "-o", "x"]
+    )
+    assert result.exit_code != 0
+
+
+def test_quickstart_small(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path), "--n", "40"])
+    assert result.exit_code == 0, result.output
+    assert "validated manifest.csv: 0 errors" in result.output
+    assert "validated prompts.csv: 0 errors" in result.output
+    assert "example report" in result.output and "example segmentation prompt" in result.output
