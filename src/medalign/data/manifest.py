@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medalign.data.jsonio import read_jsonl
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 IMAGE_PREFIX = "image"
@@ -200,21 +202,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     """JSON lines without pandas' type guessing (which turns '*_time' columns into dates)."""
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"manifest '{path}' line {number}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ManifestError(
-                    f"manifest '{path}' line {number}: expected a JSON object, got {type(record).__name__}"
-                )
-            records.append(record)
-    return pd.DataFrame(records)
+    return pd.DataFrame(read_jsonl(path, error=ManifestError))
 
 
 def write_manifest(

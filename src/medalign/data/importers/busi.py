@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medalign.data.importers.folders import (
+from medalign.data.importers.common import (
     DEFAULT_FRACTIONS,
     check_unique_ids,
     list_files,

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.jsonio import read_json, read_jsonl
 from medalign.data.manifest import SPLITS, ManifestMeta, assign_splits, new_table, relative_ref
 
 HUMAN_ROLES = frozenset({"human", "user"})
@@ -142,23 +143,9 @@ def _annotation_path(src: Path, annotation: str) -> Path:
 
 
 def _read_records(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DatasetImportError(f"'{path}' is not valid UTF-8: {err}") from err
     if path.suffix.lower() == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DatasetImportError(f"'{path}' line {number}: not valid JSON ({err})") from err
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatasetImportError(f"cannot parse '{path}': {err}") from err
+        return read_jsonl(path, error=DatasetImportError)
+    data = read_json(path, error=DatasetImportError)
     if not isinstance(data, list):
         raise DatasetImportError(f"'{path}': expected a JSON list of records, got {type(data).__name__}")
     return data

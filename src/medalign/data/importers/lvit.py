@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medalign.data.importers.folders import (
+from medalign.data.importers.common import (
     check_unique_ids,
     list_files,
     mask_threshold_for,

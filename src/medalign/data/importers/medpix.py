@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.jsonio import read_json, read_jsonl
 from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # release format first: it names missing files
@@ -161,32 +162,10 @@ def import_medpix(
 
 
 def _read_json_list(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise DatasetImportError(f"'{path}' does not exist (MedPix 2.0 release file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetImportError(f"cannot parse '{path}': {err}") from err
+    data = read_json(path, error=DatasetImportError, hint=" (MedPix 2.0 release file)")
     if not isinstance(data, list):
         raise DatasetImportError(f"'{path}': expected a JSON list of entries, got {type(data).__name__}")
     return data
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetImportError(f"'{path}' line {number}: not valid JSON ({err})") from err
-        if not isinstance(record, dict):
-            raise DatasetImportError(
-                f"'{path}' line {number}: expected an object, got {type(record).__name__}"
-            )
-        records.append(record)
-    return records
 
 
 def _index_cases(cases: list[Any], path: Path) -> dict[str, dict[str, Any]]:
@@ -236,17 +215,17 @@ def _read_splits(folder: Path) -> tuple[dict[str, str], dict[str, str], dict[str
     for name, split in SPLIT_NAMES.items():
         described = folder / f"descriptions_{name}.jsonl"
         if described.is_file():
-            for record in _read_jsonl(described):
+            for record in read_jsonl(described, error=DatasetImportError):
                 put(image_split, "image", _stem(_text(record.get("image"))), split, described)
         per_case = folder / f"data_{name}.jsonl"
         if per_case.is_file():
-            for record in _read_jsonl(per_case):
+            for record in read_jsonl(per_case, error=DatasetImportError):
                 put(case_split, "case", _text(record.get("U_id")), split, per_case)
     subsplit: dict[str, str] = {}
     for name in SUBSPLITS:
         path = folder / f"descriptions_{name}.jsonl"
         if path.is_file():
-            for record in _read_jsonl(path):
+            for record in read_jsonl(path, error=DatasetImportError):
                 subsplit[_stem(_text(record.get("image")))] = name
     image_split.pop("", None)
     case_split.pop("", None)

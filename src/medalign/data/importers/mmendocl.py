@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from medalign.data.importers.folders import (
+from medalign.data.importers.common import (
     DEFAULT_FRACTIONS,
     SPLIT_ALIASES,
     check_unique_ids,

@@ -47,7 +47,7 @@ from pathlib import Path
 import pandas as pd
 
 from medalign.data.importers.busi import read_split_list
-from medalign.data.importers.folders import (
+from medalign.data.importers.common import (
     check_unique_ids,
     is_image,
     list_files,

@@ -16,7 +16,6 @@ or MIMIC-CXR's ``subject_id``, so that patient-level re-splits stay leak-free.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.jsonio import read_json
 from medalign.data.manifest import SPLITS, ManifestMeta, new_table, relative_ref
 
 VIEWS: tuple[str, ...] = ("frontal", "lateral")
@@ -130,14 +130,7 @@ def import_r2gen(
 
 
 def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DatasetImportError(
-            f"annotation file '{path}' does not exist (R2Gen layout: <src>/annotation.json)"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetImportError(f"cannot parse '{path}': {err}") from err
+    data = read_json(path, error=DatasetImportError, hint=" (R2Gen layout: <src>/annotation.json)")
     if not isinstance(data, dict):
         raise DatasetImportError(f'\'{path}\': expected {{"train": [...], "val": [...], "test": [...]}}')
     return data
