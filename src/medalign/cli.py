@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Import, validate, split and inspect datasets (manifests).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluate a trained bundle on a manifest split.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -184,6 +186,119 @@ def data_summary(
 
     summary = summarize(read_manifest(manifest))
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML recipe (see configs/).")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from <out>/checkpoints/last.ckpt.")
+    ] = False,
+) -> None:
+    """Train from a recipe; any recipe key can be overridden after the options.
+
+    The run folder (`out:` in the recipe) receives config.yaml, checkpoints/, logs/, tb/,
+    bundle/ and metrics.json. Examples:
+
+        medalign train --config configs/align/phantom.yaml
+        medalign train --config configs/align/medpix.yaml --train.max_steps 200 --out runs/mp
+        medalign train --config configs/align/medpix.yaml --resume
+        torchrun --nproc_per_node 2 -m medalign.cli train --config configs/align/medpix.yaml --train.strategy ddp
+    """
+    from medalign.config import ConfigError, load_config, parse_cli_overrides
+    from medalign.run import run_training
+
+    try:
+        run_config = load_config(config, parse_cli_overrides(list(ctx.args)))
+        run_training(run_config, resume=resume, echo=typer.echo)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+
+
+def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> tuple[Any, Any, Any]:
+    from medalign import evaluate as ev
+    from medalign.bundle import load_bundle
+    from medalign.data.manifest import read_manifest
+
+    loaded_model = load_bundle(model)
+    loaded = read_manifest(manifest)
+    if label and label not in loaded.table.columns:
+        raise _fail(f"manifest '{manifest}' has no column '{label}'")
+    dataset = ev.dataset_for_model(loaded, loaded_model, split, label)
+    return loaded_model, loaded, ev.embed_split(loaded_model, dataset)
+
+
+def _write_metrics(metrics: dict[str, Any], out: Path | None) -> None:
+    text = json.dumps(metrics, indent=2, default=float)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    typer.echo(text)
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    model: Annotated[Path, typer.Option(help="Bundle folder.")],
+    manifest: Annotated[Path, typer.Option(help="Manifest with images and labels.")],
+    templates: Annotated[str, typer.Option(help="Template YAML or a shipped name (e.g. busi).")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    label: Annotated[str, typer.Option(help="Label column.")] = "label",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Zero-shot classification with a prompt-template ensemble: ACC, balanced ACC, macro-F1, AUC.
+
+    Example:
+
+        medalign eval zeroshot --model runs/busi/bundle --manifest busi.csv --templates busi
+    """
+    from medalign import evaluate as ev
+
+    loaded_model, _, embeddings = _eval_common(model, manifest, split, label)
+    _write_metrics(ev.zero_shot(loaded_model, embeddings, templates), out)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    model: Annotated[Path, typer.Option(help="Bundle folder.")],
+    manifest: Annotated[Path, typer.Option(help="Manifest with images and text.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Image->text and text->image retrieval: R@1/5/10, median and mean rank.
+
+    Example:
+
+        medalign eval retrieval --model runs/medpix/bundle --manifest medpix.csv
+    """
+    from medalign import evaluate as ev
+
+    _, _, embeddings = _eval_common(model, manifest, split, None)
+    _write_metrics(ev.retrieval(embeddings), out)
+
+
+@eval_app.command("probe")
+def eval_probe(
+    model: Annotated[Path, typer.Option(help="Bundle folder.")],
+    manifest: Annotated[Path, typer.Option(help="Manifest with train/val/test splits and labels.")],
+    label: Annotated[str, typer.Option(help="Label column.")] = "label",
+    split: Annotated[str, typer.Option(help="Split to report.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Linear probe: logistic regression on frozen image embeddings, C chosen on the val split.
+
+    Example:
+
+        medalign eval probe --model runs/busi/bundle --manifest busi.csv --label label
+    """
+    from medalign import evaluate as ev
+
+    loaded_model, loaded, test = _eval_common(model, manifest, split, label)
+    train_val = [
+        ev.embed_split(loaded_model, ev.dataset_for_model(loaded, loaded_model, s, label))
+        for s in ("train", "val")
+    ]
+    _write_metrics(ev.probe(*train_val, test), out)
 
 
 @app.command("quickstart")

@@ -92,7 +92,15 @@ class ManifestDataset(Dataset):
         """Seed the augmentation stream (called per DataLoader worker by :func:`worker_init_fn`)."""
         self.augment.set_random_state(seed=seed % (2**32))
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        """``dataset[i]``, or ``dataset[i, seed]`` to draw this sample's augmentation from ``seed``.
+
+        The seeded form lets the training engine make each augmentation a function of the
+        sample's position in the run, so a resumed run sees exactly what the original saw.
+        """
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.set_random_state(seed)
         with _plain_tensors():
             arrays = self._preprocessed(index)
             sample = self.augment(dict(arrays))

@@ -1,0 +1,127 @@
+"""Model bundles: a folder that holds everything needed to use a trained model offline.
+
+``config.json`` (architecture, preprocessing, provenance), ``model.safetensors`` (weights,
+no pickle), ``tokenizer/`` (the text tokenizer's own files) and, when known, ``metrics.json``.
+A tower that came from a pretrained source is stored by its full architecture config, so
+loading never needs that source (or the network) again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+BUNDLE_FORMAT = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class BundleError(ValueError):
+    """A folder is not a usable bundle; the message names the folder and what is wrong."""
+
+
+def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a :class:`medalign.models.DualEncoder`) as a self-contained bundle."""
+    from medalign import __version__
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    for name, tower in (("vision", model.vision), ("text", model.text)):
+        config[name]["source"] = None
+        config[name]["config"] = tower.hf_config_dict()
+    config["text"]["tokenizer"] = None
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "kind": type(model).__name__,
+        "medalign_version": __version__,
+        "model": config,
+        **(extra or {}),
+    }
+    (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise BundleError(f"'{directory}' is not a medalign bundle: {CONFIG_NAME} is missing")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"cannot parse '{path}': {err}") from err
+    if payload.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"'{path}': unsupported bundle format {payload.get('format')!r} (expected {BUNDLE_FORMAT})"
+        )
+    return payload
+
+
+def _refuse_pickles(directory: Path) -> None:
+    pickles = sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES
+    )
+    if pickles:
+        raise BundleError(
+            f"refusing to load '{directory}': it contains pickle-based files {pickles}; "
+            "bundles hold only JSON, safetensors and tokenizer files"
+        )
+
+
+def resolve_bundle(name_or_path: str | os.PathLike) -> Path:
+    """A local folder, or a Hugging Face Hub repo id downloaded once into the local cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        raise BundleError(f"bundle '{text}' does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id=text, allow_patterns=["*.json", "*.safetensors", "tokenizer/*", "*.md"])
+        )
+    except Exception as err:  # offline, unknown repo, ...
+        raise BundleError(
+            f"'{text}' is neither a local bundle folder nor a reachable hub repo: {err}"
+        ) from err
+
+
+def load_bundle(name_or_path: str | os.PathLike) -> Any:
+    """Load a bundle with no network access (unless given a hub id that is not cached yet)."""
+    from medalign.models import DualEncoder, DualEncoderConfig
+
+    directory = resolve_bundle(name_or_path)
+    _refuse_pickles(directory)
+    payload = read_bundle_config(directory)
+    model_config = payload["model"]
+    model_config["text"]["tokenizer"] = str(directory / TOKENIZER_DIR)
+    model = DualEncoder(DualEncoderConfig.from_dict(model_config))
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise BundleError(f"'{directory}' has no {WEIGHTS_NAME}")
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    if missing or unexpected:
+        raise BundleError(
+            f"'{weights}' does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.eval()
+    model.bundle_info = {k: v for k, v in payload.items() if k != "model"}
+    return model

@@ -1,0 +1,262 @@
+"""Run configuration: typed dataclasses grouped by concern, loaded from YAML, overridable from the CLI.
+
+A recipe is a YAML file whose keys mirror :class:`RunConfig`. Every value is checked against
+the field's type before anything runs (an unknown key or a string where a number belongs is
+an error naming the key path), and the resolved configuration is written beside every run so
+the run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key path and the problem."""
+
+
+@dataclass
+class PhantomSource:
+    """Generate the built-in phantom as the run's data (no manifest needed)."""
+
+    n: int = 240
+    seed: int = 0
+    size: int = 128
+    manifest: Literal["cases", "prompts"] = "cases"
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # path to a manifest; relative paths resolve against the working directory
+    phantom: PhantomSource | None = None  # used when manifest is empty
+    modalities: list[str] | None = None  # image columns; default: all
+    mask: str | None = None
+    label: str | None = "label"
+    image_size: int | None = None  # default: the model's image size
+    channels: int | None = None  # force 1 or 3 channels; default: the model's in_channels
+    normalisation: Literal["dtype", "minmax", "zscore", "percentile", "none"] = "dtype"
+    augment: bool = True
+    flip_axes: list[int] = field(default_factory=list)
+    rotate_degrees: float = 10.0
+    scale: float = 0.1
+    translate: float = 0.05
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    cache: str | None = None
+    text_max_length: int = 77
+    text_from_labels: str | None = None  # templates (file or shipped name) that write text from labels
+    drop_last: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "align_tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a bundle folder whose weights initialise this model
+    adapters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["clip", "siglip", "dcl"] = "clip"
+    local_weight: float = 0.0
+    soft_targets: Literal["none", "labels", "text"] = "none"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None
+    accumulate: int = 1  # micro-batches per optimiser step
+    grad_cache: bool = True  # keep the contrastive batch whole across micro-batches
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "bf16-mixed"
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    deterministic: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    zeroshot: str | None = None  # a template file or the name of a shipped one (medalign/prompts)
+    zeroshot_label: str = "label"
+    retrieval: bool = True
+    probe: bool = False
+    probe_label: str = "label"
+
+
+@dataclass
+class RunConfig:
+    task: Literal["align"] = "align"
+    out: str = "runs/align"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML recipe <- ``key.path=value`` overrides, validated field by field."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config '{path}': {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config '{path}' must be a mapping at the top level")
+        raw = loaded or {}
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not key.path=value")
+        _set_path(raw, key.strip().lstrip("-").split("."), yaml.safe_load(value))
+    return build(RunConfig, raw, "")
+
+
+def parse_cli_overrides(args: list[str]) -> list[str]:
+    """``--train.lr 3e-4``, ``--train.lr=3e-4`` and ``train.lr=3e-4`` all become ``train.lr=3e-4``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if "=" in arg:
+            out.append(arg.lstrip("-"))
+        elif arg.startswith("--") and i + 1 < len(args):
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 1
+        else:
+            raise ConfigError(f"cannot parse override {arg!r}; use --section.key VALUE or section.key=VALUE")
+        i += 1
+    return out
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = {}
+            tree[key] = node
+        tree = node
+    tree[keys[-1]] = value
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking every key and value type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    values = {name: _coerce(hints[name], data[name], f"{path}.{name}".lstrip(".")) for name in data}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def validate_ranges(config: RunConfig) -> None:
+    """Range checks that types cannot express, before any data is touched."""
+    checks = [
+        (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.train.accumulate >= 1, "train.accumulate must be >= 1"),
+        (
+            config.data.batch_size % config.train.accumulate == 0,
+            "data.batch_size must be divisible by train.accumulate (micro-batches split the batch)",
+        ),
+        (config.train.epochs >= 1, "train.epochs must be >= 1"),
+        (config.train.max_steps is None or config.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (config.loss.local_weight >= 0, "loss.local_weight must be >= 0"),
+        (
+            bool(config.data.manifest) or config.data.phantom is not None,
+            "data.manifest or data.phantom is required",
+        ),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))

@@ -1,0 +1,168 @@
+"""Model-facing evaluation: embed a manifest split once, then zero-shot, retrieval and probe.
+
+The metric math lives in :mod:`medalign.metrics`, :mod:`medalign.zeroshot` and
+:mod:`medalign.probe`; this module only turns a model and a manifest into embeddings.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset
+from medalign.data.manifest import Manifest
+from medalign.data.transforms import PreprocessConfig
+from medalign.metrics import bidirectional_retrieval
+from medalign.probe import linear_probe
+from medalign.zeroshot import build_class_prompts, load_templates, zero_shot_weights
+
+
+@dataclass
+class SplitEmbeddings:
+    image: np.ndarray  # [N, D], L2-normalised
+    text: np.ndarray | None  # [N, D]; None when the split has no text
+    labels: np.ndarray  # [N], -1 where missing
+    texts: list[str]
+    case_ids: list[str]
+    classes: list[str]
+
+
+def autocast_for(model: nn.Module, precision: str = "bf16") -> Any:
+    device = next(model.parameters()).device
+    if precision != "bf16":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def dataset_for_model(
+    manifest: Manifest,
+    model: Any,
+    split: str | None,
+    label: str | None = "label",
+    image_key: str | None = None,
+    normalisation: str = "dtype",
+) -> ManifestDataset:
+    """A non-augmenting dataset whose preprocessing matches the model's input (size, channels)."""
+    config = model.config
+    modalities = (image_key,) if image_key else tuple(manifest.image_columns[:1])
+    return ManifestDataset(
+        manifest,
+        DatasetConfig(
+            modalities=modalities,
+            mask=None,
+            label=label,
+            channels=config.in_channels,
+            preprocess=PreprocessConfig(
+                size=(config.image_size, config.image_size), normalisation=normalisation
+            ),
+        ),
+        split=split,
+    )
+
+
+@torch.no_grad()
+def embed_split(
+    model: Any,
+    dataset: ManifestDataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "bf16",
+) -> SplitEmbeddings:
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer = model.tokenizer
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=Collator(tokenizer, max_length=model.config.max_text_length),
+    )
+    key = dataset.image_keys[0]
+    images, texts_emb, labels, texts, case_ids = [], [], [], [], []
+    has_text = any(t for t in dataset.manifest.table.get("text", []))
+    with autocast_for(model, precision):
+        for batch in loader:
+            images.append(model.encode_image(batch[key].to(device)).float().cpu())
+            if has_text:
+                texts_emb.append(
+                    model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                    .float()
+                    .cpu()
+                )
+            labels.append(batch["label"] if "label" in batch else torch.full((len(batch[key]),), -1))
+            texts += batch["text"]
+            case_ids += batch["case_id"]
+    return SplitEmbeddings(
+        image=torch.cat(images).numpy(),
+        text=torch.cat(texts_emb).numpy() if texts_emb else None,
+        labels=torch.cat(labels).numpy(),
+        texts=texts,
+        case_ids=case_ids,
+        classes=dataset.classes,
+    )
+
+
+@torch.no_grad()
+def encode_texts(
+    model: Any, texts: list[str], batch_size: int = 128, precision: str = "bf16"
+) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with autocast_for(model, precision):
+        for start in range(0, len(texts), batch_size):
+            tokens = model.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=model.config.max_text_length,
+                return_tensors="pt",
+            )
+            out.append(
+                model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+                .float()
+                .cpu()
+            )
+    return torch.cat(out)
+
+
+def zero_shot(model: Any, embeddings: SplitEmbeddings, templates: str) -> dict[str, Any]:
+    """Prompt-ensemble zero-shot classification; classes follow the manifest's class list."""
+    from medalign.metrics import classification_metrics
+
+    spec = load_templates(templates)
+    class_names = embeddings.classes
+    prompts = build_class_prompts(
+        spec["templates"], {c: spec.get("classes", {}).get(c, [c]) for c in class_names}
+    )
+    weights = zero_shot_weights(lambda texts: encode_texts(model, texts), prompts)
+    known = embeddings.labels >= 0
+    logits = torch.from_numpy(embeddings.image[known]) @ weights.T * 100.0
+    probs = torch.softmax(logits, dim=-1).numpy()
+    return classification_metrics(embeddings.labels[known], probs, class_names)
+
+
+def retrieval(embeddings: SplitEmbeddings) -> dict[str, Any]:
+    if embeddings.text is None:
+        raise ValueError("retrieval needs text: the split has no 'text' column")
+    texts = embeddings.texts
+    positives = np.array(
+        [[a == b for b in texts] for a in texts]
+    )  # identical reports are all correct answers
+    return bidirectional_retrieval(embeddings.image, embeddings.text, positives=positives)
+
+
+def probe(
+    train: SplitEmbeddings, val: SplitEmbeddings, test: SplitEmbeddings, seed: int = 0
+) -> dict[str, Any]:
+    def known(e: SplitEmbeddings) -> tuple[np.ndarray, np.ndarray]:
+        keep = e.labels >= 0
+        return e.image[keep], e.labels[keep]
+
+    return linear_probe(*known(train), *known(val), *known(test), seed=seed)

@@ -1,0 +1,195 @@
+"""From a recipe to a trained, evaluated bundle: the body of ``medalign train``.
+
+A run folder holds ``config.yaml`` (the resolved recipe), ``checkpoints/last.ckpt``,
+``logs/metrics.csv``, ``tb/`` (TensorBoard), ``bundle/`` (the trained model) and
+``metrics.json`` (evaluation on ``eval.split``, never used for any training decision).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from medalign.config import RunConfig, save_config, validate_ranges
+from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset
+from medalign.data.manifest import Manifest, read_manifest
+from medalign.data.transforms import AugmentConfig, PreprocessConfig
+
+
+def load_run_manifest(config: RunConfig, out: Path) -> Manifest:
+    """The run's manifest, generating the phantom into the run folder when the recipe asks for it."""
+    if config.data.manifest:
+        return read_manifest(config.data.manifest)
+    from medalign.data.phantom import PhantomConfig, generate_phantom
+
+    source = config.data.phantom
+    assert source is not None
+    path = generate_phantom(
+        out / "data" / "phantom", PhantomConfig(n=source.n, seed=source.seed, size=source.size)
+    )
+    return read_manifest(path if source.manifest == "cases" else path.with_name("prompts.csv"))
+
+
+def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifest:
+    """Fill empty text cells from the label with a prompt template (for datasets without reports).
+
+    The template of each case is fixed by its case_id, so runs are reproducible.
+    """
+    import zlib
+
+    from medalign.zeroshot import build_class_prompts, load_templates
+
+    spec = load_templates(templates)
+    classes = manifest.classes(label)
+    prompts = build_class_prompts(
+        spec["templates"], {c: spec.get("classes", {}).get(c, [c]) for c in classes}
+    )
+    by_class = dict(zip(classes, prompts, strict=True))
+    table = manifest.table.copy()
+    if "text" not in table.columns:
+        table["text"] = ""
+    for row, (case_id, value) in enumerate(zip(table["case_id"], table[label], strict=True)):
+        if table.at[row, "text"] == "" and value in by_class:
+            options = by_class[value]
+            table.at[row, "text"] = options[zlib.crc32(case_id.encode()) % len(options)]
+    return Manifest(table, manifest.base_dir, manifest.meta)
+
+
+def build_model(config: RunConfig) -> Any:
+    from medalign.bundle import load_bundle
+    from medalign.models import create_model
+    from medalign.models.adapters import apply_adapters
+
+    model = create_model(config.model.name, **config.model.overrides)
+    if config.model.init_from:
+        weights = load_bundle(config.model.init_from).state_dict()
+        result = model.load_state_dict(weights, strict=False)
+        if len(result.unexpected_keys) == len(weights):
+            raise ValueError(
+                f"init_from '{config.model.init_from}': none of its weights fit model {config.model.name!r}"
+            )
+    if config.model.adapters:
+        model = apply_adapters(model, config.model.adapters)
+    return model
+
+
+def image_column(config: RunConfig, manifest: Manifest) -> str:
+    if config.data.modalities:
+        return config.data.modalities[0]
+    if not manifest.image_columns:
+        raise ValueError("the manifest has no image column")
+    return manifest.image_columns[0]
+
+
+def train_dataset(config: RunConfig, manifest: Manifest, model: Any, image_key: str) -> ManifestDataset:
+    data = config.data
+    size = data.image_size or model.config.image_size
+    augment = (
+        AugmentConfig(
+            flip_axes=tuple(data.flip_axes),
+            rotate_degrees=data.rotate_degrees,
+            scale=data.scale,
+            translate=data.translate,
+            intensity_shift=0.05,
+        )
+        if data.augment
+        else None
+    )
+    return ManifestDataset(
+        manifest,
+        DatasetConfig(
+            modalities=(image_key,),
+            mask=None,
+            label=data.label,
+            channels=data.channels or model.config.in_channels,
+            preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
+            augment=augment,
+            cache=data.cache,
+        ),
+        split="train",
+    )
+
+
+def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
+    from medalign.bundle import save_bundle
+    from medalign.engine import Engine
+    from medalign.tasks.align import AlignTask
+
+    validate_ranges(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    manifest = load_run_manifest(config, out)
+    if config.data.text_from_labels:
+        manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
+    model = build_model(config)
+    image_key = image_column(config, manifest)
+    dataset = train_dataset(config, manifest, model, image_key)
+    task = AlignTask(model, config.loss, image_key=image_key)
+    engine = Engine(config.train, config.optim, out)
+    start = time.perf_counter()
+    state = engine.fit(
+        task,
+        dataset,
+        Collator(model.tokenizer, max_length=config.data.text_max_length),
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        drop_last=config.data.drop_last,
+        resume=resume,
+    )
+    train_seconds = time.perf_counter() - start
+    if engine.fabric.global_rank != 0:
+        return out
+    model.cpu().float()
+    metrics = evaluate_alignment(model, manifest, config, image_key)
+    metrics["train"] = {"steps": state.step, "seconds": round(train_seconds, 1), "final": state.history[-1:]}
+    save_bundle(model, out / "bundle", extra={"metrics": metrics, "recipe": str(config.out)})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    echo(f"trained {state.step} steps in {train_seconds:.0f}s; bundle: {out / 'bundle'}")
+    return out
+
+
+def evaluate_alignment(model: Any, manifest: Manifest, config: RunConfig, image_key: str) -> dict[str, Any]:
+    """Zero-shot / retrieval / probe on ``eval.split`` as the recipe asks."""
+    from medalign import evaluate as ev
+
+    ev_cfg = config.eval
+    results: dict[str, Any] = {"split": ev_cfg.split}
+    label = (
+        ev_cfg.zeroshot_label
+        if ev_cfg.zeroshot
+        else (ev_cfg.probe_label if ev_cfg.probe else config.data.label)
+    )
+    if label and label not in manifest.table.columns:
+        label = None
+    test = ev.embed_split(
+        model,
+        ev.dataset_for_model(manifest, model, ev_cfg.split, label, image_key, config.data.normalisation),
+    )
+    if ev_cfg.zeroshot:
+        results["zeroshot"] = ev.zero_shot(model, test, ev_cfg.zeroshot)
+    if ev_cfg.retrieval and test.text is not None:
+        results["retrieval"] = ev.retrieval(test)
+    if ev_cfg.probe:
+        probe_label = ev_cfg.probe_label
+        splits = [
+            ev.embed_split(
+                model,
+                ev.dataset_for_model(manifest, model, s, probe_label, image_key, config.data.normalisation),
+            )
+            for s in ("train", "val")
+        ]
+        results["probe"] = ev.probe(
+            *splits,
+            test
+            if label == probe_label
+            else ev.embed_split(
+                model,
+                ev.dataset_for_model(
+                    manifest, model, ev_cfg.split, probe_label, image_key, config.data.normalisation
+                ),
+            ),
+        )
+    return results
