@@ -91,8 +91,10 @@ def test_import_reports_bad_format_and_option(tmp_path: Path) -> None:
 
 
 def test_quickstart_small(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path), "--n", "40"])
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path), "--n", "60", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "validated manifest.csv: 0 errors" in result.output
     assert "validated prompts.csv: 0 errors" in result.output
     assert "example report" in result.output and "example segmentation prompt" in result.output
+    assert "zero-shot diagnosis on test: accuracy" in result.output and "R@10" in result.output
+    assert (tmp_path / "align" / "bundle" / "model.safetensors").is_file()

@@ -35,11 +35,8 @@ def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, An
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = model.config.to_dict()
-    for name, tower in (("vision", model.vision), ("text", model.text)):
-        config[name]["source"] = None
-        config[name]["config"] = tower.hf_config_dict()
-    config["text"]["tokenizer"] = None
+    config = model.portable_config().to_dict()
+    config["text"]["tokenizer"] = None  # set to the bundle's own tokenizer folder at load time
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
@@ -117,11 +114,10 @@ def load_bundle(name_or_path: str | os.PathLike) -> Any:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise BundleError(f"'{directory}' has no {WEIGHTS_NAME}")
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-    if missing or unexpected:
-        raise BundleError(
-            f"'{weights}' does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as err:
+        raise BundleError(f"'{weights}' does not match the architecture in {CONFIG_NAME}: {err}") from err
     model.eval()
     model.bundle_info = {k: v for k, v in payload.items() if k != "model"}
     return model

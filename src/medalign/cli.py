@@ -306,10 +306,13 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Working folder for the phantom and outputs.")] = Path(
         "quickstart_out"
     ),
-    n: Annotated[int, typer.Option(help="Number of phantom cases.")] = 240,
+    n: Annotated[int, typer.Option(help="Number of phantom cases.")] = 480,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    steps: Annotated[
+        int | None, typer.Option(help="Cap each training stage at this many steps (smoke test).")
+    ] = None,
 ) -> None:
-    """Generate the built-in phantom, validate it and print what it holds.
+    """Run the whole path on the built-in phantom: generate, validate, align images and reports, evaluate.
 
     Example:
 
@@ -317,7 +320,7 @@ def quickstart(
     """
     from medalign.quickstart import run_quickstart
 
-    code = run_quickstart(out, n=n, seed=seed, echo=typer.echo)
+    code = run_quickstart(out, n=n, seed=seed, echo=typer.echo, max_steps=steps)
     if code:
         raise typer.Exit(code=code)
 

@@ -6,6 +6,7 @@ The metric math lives in :mod:`medalign.metrics`, :mod:`medalign.zeroshot` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset
+from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset, stack_modalities
 from medalign.data.manifest import Manifest
 from medalign.data.transforms import PreprocessConfig
 from medalign.metrics import bidirectional_retrieval
@@ -44,19 +45,19 @@ def dataset_for_model(
     model: Any,
     split: str | None,
     label: str | None = "label",
-    image_key: str | None = None,
+    image_keys: Sequence[str] | None = None,
     normalisation: str = "dtype",
 ) -> ManifestDataset:
     """A non-augmenting dataset whose preprocessing matches the model's input (size, channels)."""
     config = model.config
-    modalities = (image_key,) if image_key else tuple(manifest.image_columns[:1])
+    modalities = tuple(image_keys or manifest.image_columns[:1])
     return ManifestDataset(
         manifest,
         DatasetConfig(
             modalities=modalities,
             mask=None,
             label=label,
-            channels=config.in_channels,
+            channels=config.in_channels // len(modalities),
             preprocess=PreprocessConfig(
                 size=(config.image_size, config.image_size), normalisation=normalisation
             ),
@@ -83,19 +84,19 @@ def embed_split(
         num_workers=num_workers,
         collate_fn=Collator(tokenizer, max_length=model.config.max_text_length),
     )
-    key = dataset.image_keys[0]
+    keys = dataset.image_keys
     images, texts_emb, labels, texts, case_ids = [], [], [], [], []
     has_text = any(t for t in dataset.manifest.table.get("text", []))
     with autocast_for(model, precision):
         for batch in loader:
-            images.append(model.encode_image(batch[key].to(device)).float().cpu())
+            images.append(model.encode_image(stack_modalities(batch, keys).to(device)).float().cpu())
             if has_text:
                 texts_emb.append(
                     model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
                     .float()
                     .cpu()
                 )
-            labels.append(batch["label"] if "label" in batch else torch.full((len(batch[key]),), -1))
+            labels.append(batch["label"] if "label" in batch else torch.full((len(batch["case_id"]),), -1))
             texts += batch["text"]
             case_ids += batch["case_id"]
     return SplitEmbeddings(

@@ -75,15 +75,23 @@ def build_model(config: RunConfig) -> Any:
     return model
 
 
-def image_column(config: RunConfig, manifest: Manifest) -> str:
+def image_columns(config: RunConfig, manifest: Manifest) -> list[str]:
+    """The recipe's modalities (stacked as channels when several), else the first image column."""
     if config.data.modalities:
-        return config.data.modalities[0]
+        missing = [m for m in config.data.modalities if m not in manifest.image_columns]
+        if missing:
+            raise ValueError(
+                f"data.modalities {missing} are not columns of the manifest ({manifest.image_columns})"
+            )
+        return list(config.data.modalities)
     if not manifest.image_columns:
         raise ValueError("the manifest has no image column")
-    return manifest.image_columns[0]
+    return manifest.image_columns[:1]
 
 
-def train_dataset(config: RunConfig, manifest: Manifest, model: Any, image_key: str) -> ManifestDataset:
+def train_dataset(
+    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str]
+) -> ManifestDataset:
     data = config.data
     size = data.image_size or model.config.image_size
     augment = (
@@ -100,10 +108,10 @@ def train_dataset(config: RunConfig, manifest: Manifest, model: Any, image_key: 
     return ManifestDataset(
         manifest,
         DatasetConfig(
-            modalities=(image_key,),
+            modalities=tuple(image_keys),
             mask=None,
             label=data.label,
-            channels=data.channels or model.config.in_channels,
+            channels=data.channels or model.config.in_channels // len(image_keys),
             preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
             augment=augment,
             cache=data.cache,
@@ -125,9 +133,13 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     if config.data.text_from_labels:
         manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
     model = build_model(config)
-    image_key = image_column(config, manifest)
-    dataset = train_dataset(config, manifest, model, image_key)
-    task = AlignTask(model, config.loss, image_key=image_key)
+    image_keys = image_columns(config, manifest)
+    if model.config.in_channels % len(image_keys):
+        raise ValueError(
+            f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
+        )
+    dataset = train_dataset(config, manifest, model, image_keys)
+    task = AlignTask(model, config.loss, image_keys=image_keys)
     engine = Engine(config.train, config.optim, out)
     start = time.perf_counter()
     state = engine.fit(
@@ -143,7 +155,7 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     if engine.fabric.global_rank != 0:
         return out
     model.cpu().float()
-    metrics = evaluate_alignment(model, manifest, config, image_key)
+    metrics = evaluate_alignment(model, manifest, config, image_keys)
     metrics["train"] = {"steps": state.step, "seconds": round(train_seconds, 1), "final": state.history[-1:]}
     save_bundle(model, out / "bundle", extra={"metrics": metrics, "recipe": str(config.out)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
@@ -151,45 +163,30 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     return out
 
 
-def evaluate_alignment(model: Any, manifest: Manifest, config: RunConfig, image_key: str) -> dict[str, Any]:
-    """Zero-shot / retrieval / probe on ``eval.split`` as the recipe asks."""
+def evaluate_alignment(
+    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str]
+) -> dict[str, Any]:
+    """Zero-shot / retrieval / probe on ``eval.split`` as the recipe asks; each split embedded once."""
+    from functools import cache
+
     from medalign import evaluate as ev
 
     ev_cfg = config.eval
+
+    @cache
+    def embed(split: str, label: str | None) -> ev.SplitEmbeddings:
+        label = label if label in manifest.table.columns else None
+        dataset = ev.dataset_for_model(manifest, model, split, label, image_keys, config.data.normalisation)
+        return ev.embed_split(model, dataset)
+
     results: dict[str, Any] = {"split": ev_cfg.split}
-    label = (
-        ev_cfg.zeroshot_label
-        if ev_cfg.zeroshot
-        else (ev_cfg.probe_label if ev_cfg.probe else config.data.label)
-    )
-    if label and label not in manifest.table.columns:
-        label = None
-    test = ev.embed_split(
-        model,
-        ev.dataset_for_model(manifest, model, ev_cfg.split, label, image_key, config.data.normalisation),
-    )
     if ev_cfg.zeroshot:
-        results["zeroshot"] = ev.zero_shot(model, test, ev_cfg.zeroshot)
-    if ev_cfg.retrieval and test.text is not None:
-        results["retrieval"] = ev.retrieval(test)
+        results["zeroshot"] = ev.zero_shot(model, embed(ev_cfg.split, ev_cfg.zeroshot_label), ev_cfg.zeroshot)
+    if ev_cfg.retrieval:
+        test = embed(ev_cfg.split, ev_cfg.zeroshot_label if ev_cfg.zeroshot else None)
+        if test.text is not None:
+            results["retrieval"] = ev.retrieval(test)
     if ev_cfg.probe:
-        probe_label = ev_cfg.probe_label
-        splits = [
-            ev.embed_split(
-                model,
-                ev.dataset_for_model(manifest, model, s, probe_label, image_key, config.data.normalisation),
-            )
-            for s in ("train", "val")
-        ]
-        results["probe"] = ev.probe(
-            *splits,
-            test
-            if label == probe_label
-            else ev.embed_split(
-                model,
-                ev.dataset_for_model(
-                    manifest, model, ev_cfg.split, probe_label, image_key, config.data.normalisation
-                ),
-            ),
-        )
+        label = ev_cfg.probe_label
+        results["probe"] = ev.probe(embed("train", label), embed("val", label), embed(ev_cfg.split, label))
     return results

@@ -240,6 +240,11 @@ class Collator:
         return batch
 
 
+def stack_modalities(batch: Sample, keys: Sequence[str]) -> torch.Tensor:
+    """Early fusion for single-input models: the modalities' channels side by side, (B, sum C, H, W)."""
+    return batch[keys[0]] if len(keys) == 1 else torch.cat([batch[k] for k in keys], dim=1)
+
+
 def worker_init_fn(worker_id: int) -> None:
     """Give each DataLoader worker its own augmentation stream, derived from the loader's seed."""
     info = torch.utils.data.get_worker_info()

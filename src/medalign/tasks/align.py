@@ -7,12 +7,14 @@ micro-batches (GradCache) and DDP sees every parameter used in ``forward``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from medalign.config import LossConfig
+from medalign.data.dataset import stack_modalities
 from medalign.losses import ContrastiveLoss
 
 EMBEDDING_KEYS = ("image_embeds", "text_embeds", "logit_scale", "logit_bias")
@@ -20,9 +22,9 @@ TOKEN_KEYS = ("image_tokens", "text_tokens")
 
 
 class AlignTask:
-    def __init__(self, model: nn.Module, loss: LossConfig, image_key: str = "image") -> None:
+    def __init__(self, model: nn.Module, loss: LossConfig, image_keys: Sequence[str] = ("image",)) -> None:
         self.model = model
-        self.image_key = image_key
+        self.image_keys = list(image_keys)
         self.use_tokens = loss.local_weight > 0
         self.use_labels = loss.soft_targets == "labels"
         self.criterion = ContrastiveLoss(
@@ -31,7 +33,7 @@ class AlignTask:
 
     def embed(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         outputs = self.model(
-            pixel_values=batch[self.image_key],
+            pixel_values=stack_modalities(batch, self.image_keys),
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             return_tokens=self.use_tokens,

