@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.seed import seed_everything
+
 from medalign.config import RunConfig, save_config, validate_ranges
 from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset
 from medalign.data.manifest import Manifest, read_manifest
@@ -129,6 +131,7 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
+    seed_everything(config.train.seed)  # model initialisation is part of the run's randomness
     manifest = load_run_manifest(config, out)
     if config.data.text_from_labels:
         manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")

@@ -112,3 +112,37 @@ def test_split_batch_chunks_tensors_and_lists() -> None:
     assert "".join("".join(c["t"]) for c in chunks) == "abcdefghij"
     assert all(c["flag"] is True for c in chunks)
     assert len(ToyData()) == 48 and collate([ToyData()[0], ToyData()[1]])["image"].shape == (2, 12)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
+    tmp_path: Path, accumulate: int
+) -> None:
+    """torchrun, 2 CPU processes (gloo): negatives are gathered across ranks, so 2 x 8 equals 1 x 16."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TOY.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ["--gathered", "--accumulate", str(accumulate)]
+    subprocess.run([sys.executable, str(TOY), str(single), *common], check=True, env=env, timeout=300)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(29500 + accumulate + os.getpid() % 1000),
+    ]
+    subprocess.run(
+        [*torchrun, str(TOY), str(ddp), *common, "--devices", "2"], check=True, env=env, timeout=300
+    )
+    expected = torch.load(single / "final.pt", weights_only=True)
+    distributed = torch.load(ddp / "final.pt", weights_only=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5)

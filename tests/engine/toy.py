@@ -8,6 +8,7 @@ weights to OUT/final.pt; the resume test kills it midway with MEDALIGN_KILL_AT_S
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from medalign.config import OptimConfig, TrainConfig
 from medalign.engine import Engine
+from medalign.losses import clip_loss
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -58,13 +60,18 @@ class ToyDualEncoder(nn.Module):
 
 
 class ToyTask:
-    def __init__(self, model: nn.Module) -> None:
+    """``gathered=True`` uses medalign's clip_loss, whose negatives span every rank."""
+
+    def __init__(self, model: nn.Module, gathered: bool = False) -> None:
         self.model = model
+        self.gathered = gathered
 
     def embed(self, batch):
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
 
     def loss_from_embeddings(self, e, batch):
+        if self.gathered:
+            return {"loss": clip_loss(e["image_embeds"], e["text_embeds"], e["logit_scale"])}
         logits = e["logit_scale"] * e["image_embeds"] @ e["text_embeds"].T
         target = torch.arange(len(logits))
         return {"loss": (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2}
@@ -84,10 +91,12 @@ def train(
     batch_size: int = 16,
     epochs: int = 3,
     precision: str = "32-true",
+    gathered: bool = False,
+    devices: int = 1,
 ):
     torch.manual_seed(0)
-    model = ToyDualEncoder()
-    task = ToyTask(model)
+    model = ToyDualEncoder(dropout=0.0 if gathered else 0.1)  # dropout streams differ per rank
+    task = ToyTask(model, gathered)
     engine = Engine(
         TrainConfig(
             epochs=epochs,
@@ -100,6 +109,8 @@ def train(
             accelerator="cpu",
             progress=False,
             seed=3,
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
         ),
         OptimConfig(lr=0.05, warmup_steps=2),
         out,
@@ -112,7 +123,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--gathered", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
-    model, _ = train(args.out, resume=args.resume)
-    torch.save(model.state_dict(), args.out / "final.pt")
+    model, _ = train(
+        args.out, resume=args.resume, gathered=args.gathered, accumulate=args.accumulate, devices=args.devices
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(model.state_dict(), args.out / "final.pt")
     sys.exit(0)
