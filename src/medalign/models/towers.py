@@ -21,6 +21,9 @@ Medical images are often grayscale or multi-channel (4 MRI sequences). ``in_chan
 ``num_channels`` in the HF config; when pretrained 3-channel weights meet another channel count,
 the patch embedding is adapted (see ``adapt_patch_embedding``) instead of being re-initialised,
 which would throw away the most transferable filters of the network.
+
+Attention runs through ``medalign_sdpa`` (see ``attention_forward``): PyTorch's SDPA, except in
+bf16/fp16 on the CPU, where the plain matmul-softmax-matmul is several times faster.
 """
 
 from __future__ import annotations
@@ -139,6 +142,92 @@ def _hf_config_dict(config: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION = "medalign_sdpa"  # the attention implementation every tower that can use SDPA runs with
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except for bf16/fp16 on the CPU: there, matmul-softmax-matmul.
+
+    PyTorch's fused CPU attention kernel is slow in reduced precision: at the sequence lengths of
+    image patches and reports (64-200 tokens) its bf16 forward + backward takes 2.5-7x longer than
+    the explicit computation (and longer than in fp32), 30% of a bf16 training step of a small
+    dual encoder (benchmarks/bench_align_step.py). The explicit path is what transformers' "eager" attention computes (softmax in
+    fp32); masks arrive in SDPA's format (boolean, True = attend, or additive floats) and
+    causality without a mask is made explicit. Everything else (GPU, fp32, caches, grouped
+    keys, position biases) goes to SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_length = query.shape[2]
+    if (
+        query.device.type != "cpu"
+        or query.dtype not in (torch.bfloat16, torch.float16)
+        or key.shape[2] != q_length
+        or key.shape[1] != query.shape[1]
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("cache") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and q_length > 1:
+        attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.to(scores.dtype)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout > 0:
+        weights = F.dropout(weights, p=dropout)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets
+
+
+def _use_medalign_attention(model: nn.Module, cfg: TowerConfig) -> None:
+    """Switch an HF model that runs SDPA to ``attention_forward``, unless the config chose one."""
+    if "attn_implementation" in cfg.config:
+        return
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation"):
+        _register_attention()
+        model.set_attn_implementation(ATTENTION)
+
+
+# ---------------------------------------------------------------------------------------------
 # Vision
 # ---------------------------------------------------------------------------------------------
 
@@ -247,6 +336,11 @@ class VisionTower(nn.Module):
         sequence = out.last_hidden_state  # ViTModel already applies its final LayerNorm
         return sequence[:, 0], sequence[:, 1:]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a pickled model (torch.save(model)) loaded in a fresh process still names ATTENTION
+        _register_attention()
+        super().__setstate__(state)
+
     def hf_config_dict(self) -> dict[str, Any]:
         return _hf_config_dict(self.model.config)
 
@@ -265,6 +359,7 @@ def build_vision_tower(cfg: TowerConfig, in_channels: int = 3, image_size: int |
     else:
         pretrained = _from_pretrained(model_cls, cfg.source, **cfg.config, **extra)
         model = _adapt_pretrained_vision(pretrained, cfg.kind, in_channels, image_size)
+    _use_medalign_attention(model, cfg)
     return VisionTower(model, cfg.kind)
 
 
@@ -375,6 +470,11 @@ class TextTower(nn.Module):
             pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
         return pooled, tokens
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a pickled model (torch.save(model)) loaded in a fresh process still names ATTENTION
+        _register_attention()
+        super().__setstate__(state)
+
     def hf_config_dict(self) -> dict[str, Any]:
         return _hf_config_dict(self.model.config)
 
@@ -382,4 +482,6 @@ class TextTower(nn.Module):
 def build_text_tower(cfg: TowerConfig) -> TextTower:
     if cfg.is_vision:
         raise ValueError(f"{cfg.kind!r} is not a text tower kind {TEXT_KINDS}")
-    return TextTower(_text_model(cfg), cfg.kind, cfg.pooling)
+    model = _text_model(cfg)
+    _use_medalign_attention(model, cfg)
+    return TextTower(model, cfg.kind, cfg.pooling)

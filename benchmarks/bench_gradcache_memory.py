@@ -1,0 +1,347 @@
+"""Peak memory of one contrastive step over 1024 pairs: embedding cache (GradCache) vs plain backprop.
+
+Both modes run the real training path: ``medalign.engine.Engine.fit`` with ``AlignTask`` (CLIP
+loss) on a small CLIP-tower ``DualEncoder`` and an in-memory dataset of 1024 random image-text
+pairs, one optimiser step (``max_steps=1``) over a batch of all 1024.
+
+* **cache**: ``TrainConfig(accumulate=16, grad_cache=True)``: 16 micro-batches of 64 are embedded
+  without a graph, the loss is computed on the whole 1024 x 1024 similarity matrix, then each
+  micro-batch is re-embedded with a graph and back-propagated with its cached embedding gradients.
+* **plain**: ``TrainConfig(accumulate=1)``: one forward and one backward of all 1024 pairs.
+
+Each measurement runs in a fresh process (the script re-invokes itself with ``--mode``), so one
+mode's allocations cannot hide in the other's peak:
+
+* **RSS**: ``resource.getrusage(...).ru_maxrss`` after the step, minus the resident set
+  measured after model creation, data preparation and engine construction (the increment is
+  what the step costs; the absolute peak is reported too).
+* **torch allocator**: the largest "Total Allocated" the PyTorch profiler (``profile_memory``)
+  reports during ``fit``, i.e. bytes of tensors alive at once that were allocated during the step.
+
+The point of GradCache is that the step is the same: both modes' gradients (captured by an
+optimiser pre-step hook in the profiled run) and updated weights (from the RSS run) are
+compared. Both towers are CLIP towers, which have no dropout, so the two modes see identical
+computations up to floating-point summation order. Both precisions run by default: fp32
+(``32-true``), where the two steps must agree to rounding, and ``bf16-mixed``, the engine's default.
+
+    python benchmarks/bench_gradcache_memory.py [--precision 32-true bf16-mixed] [--write]
+
+``--write`` replaces the section between the bench_gradcache_memory markers in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION_BEGIN, SECTION_END = "<!-- bench_gradcache_memory:begin -->", "<!-- bench_gradcache_memory:end -->"
+HEADING = "## Embedding cache memory (`benchmarks/bench_gradcache_memory.py`)"
+PROTOCOL = """\
+Peak memory of one optimisation step with a contrastive batch of 1024 image-text pairs, through
+`Engine.fit` and `AlignTask` (CLIP loss): with the embedding cache (GradCache, `accumulate=16`,
+micro-batches of 64, every negative of the 1024 still in the loss) and with plain backpropagation
+of all 1024 at once (`accumulate=1`). Each mode runs in a fresh process; the increment is the
+peak resident set during the step minus the resident set after model, data and engine were set
+up. The torch column is the largest amount of tensor memory the PyTorch profiler saw allocated at
+once during the step. Both modes must yield the same gradients and weights."""
+
+N_PAIRS, MICRO_BATCH = 1024, 64
+IMAGE_SIZE, TEXT_LENGTH, EMBED_DIM = 64, 32, 128
+VISION = {
+    "hidden_size": 192,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 3,
+    "intermediate_size": 768,
+    "patch_size": 16,
+}
+# MiniLM's tokenizer ids ([PAD] 0, [CLS] 101, [SEP] 102), medalign's default for random text towers
+PAD, BOS, EOS, VOCAB = 0, 101, 102, 30522
+TEXT = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 512,
+    "max_position_embeddings": TEXT_LENGTH,
+    "vocab_size": VOCAB,
+    "pad_token_id": PAD,
+    "bos_token_id": BOS,
+    "eos_token_id": EOS,
+}
+LR = 1e-4
+
+
+# --------------------------------------------------------------------------- one mode (child process)
+class PairData(torch.utils.data.Dataset):
+    """1024 random image-text pairs held in memory; the engine's sampler passes (index, seed)."""
+
+    def __init__(self, n: int = N_PAIRS) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        self.ids = torch.randint(1000, VOCAB, (n, TEXT_LENGTH), generator=g)
+        self.mask = torch.ones_like(self.ids)
+        for row, length in enumerate(torch.randint(8, TEXT_LENGTH + 1, (n,), generator=g).tolist()):
+            self.ids[row, 0], self.ids[row, length - 1] = BOS, EOS
+            self.ids[row, length:], self.mask[row, length:] = PAD, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
+        index = key[0] if isinstance(key, tuple) else key
+        return {"image": self.images[index], "input_ids": self.ids[index], "attention_mask": self.mask[index]}
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def torch_peak_from_trace(path: Path) -> int:
+    """Largest "Total Allocated" among the profiler's memory events (bytes allocated since it started)."""
+    events = json.loads(path.read_text(encoding="utf-8"))["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+def run_mode(mode: str, measure: str, precision: str, out: Path) -> dict[str, Any]:
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from medalign.config import LossConfig, OptimConfig, TrainConfig
+    from medalign.engine import Engine
+    from medalign.models import TowerConfig, create_model
+    from medalign.tasks.align import AlignTask
+
+    torch.manual_seed(0)
+    model = create_model(
+        "align_clip_b16",
+        vision=TowerConfig("clip_vision", config=VISION),
+        text=TowerConfig("clip_text", config=TEXT),
+        embed_dim=EMBED_DIM,
+        image_size=IMAGE_SIZE,
+        max_text_length=TEXT_LENGTH,
+    )
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if measure == "rss" else {}
+    task = AlignTask(model, LossConfig(kind="clip"))
+    data = PairData()
+    train = TrainConfig(
+        epochs=1,
+        max_steps=1,
+        accumulate=N_PAIRS // MICRO_BATCH if mode == "cache" else 1,
+        grad_cache=mode == "cache",
+        precision=precision,
+        accelerator="cpu",
+        progress=False,
+        checkpoint_every=10**6,
+        log_every=1,
+        seed=0,
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix=f"medalign-gradcache-{mode}-"))
+    engine = Engine(train, OptimConfig(lr=LR, schedule="constant"), run_dir)
+
+    grads: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    if measure == "torch":
+
+        def capture(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grads[names[id(p)]] = p.grad.detach().clone()
+
+        register_optimizer_step_pre_hook(capture)
+
+    gc.collect()
+    baseline, peak_before = current_rss(), peak_rss()
+    start = time.perf_counter()
+    if measure == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            state = engine.fit(task, data, collate, batch_size=N_PAIRS)
+        seconds = time.perf_counter() - start
+        trace = run_dir / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        result = {
+            "torch_peak": torch_peak_from_trace(trace),
+            "trained": sum(g.numel() for g in grads.values()),
+        }
+        torch.save(grads, out)
+    else:
+        state = engine.fit(task, data, collate, batch_size=N_PAIRS)
+        seconds = time.perf_counter() - start
+        result = {"baseline": baseline, "peak": peak_rss(), "peak_before": peak_before}
+        after = model.state_dict()
+        torch.save({k: after[k] - initial[k] for k in initial if after[k].is_floating_point()}, out)
+    result |= {"seconds": seconds, "loss": state.history[-1]["loss"], "steps": state.step}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+def child(mode: str, measure: str, precision: str, out: Path) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--mode", mode, "--measure", measure]
+    command += ["--precision", precision, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode}/{measure} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def negligible(grads: dict[str, torch.Tensor]) -> set[str]:
+    """Tensors whose gradient is zero in exact arithmetic and rounding noise in practice.
+
+    Attention key biases are the case here (softmax ignores a shift shared by all keys): their
+    gradients are ~1e-11, and any two summation orders differ by 100% of that. Threshold: a norm
+    below 1e-6 of the norm of all gradients.
+    """
+    norms = {k: float(v.double().norm()) for k, v in grads.items()}
+    total = sum(n**2 for n in norms.values()) ** 0.5
+    return {k for k, n in norms.items() if n < 1e-6 * total}
+
+
+def relative_difference(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: set[str]
+) -> tuple[float, float]:
+    """``||a - b|| / ||b||`` over all tensors, and the worst per-tensor ratio outside ``skip``."""
+    keys = sorted(b)
+    if sorted(a) != keys:
+        raise AssertionError(f"different tensors: {sorted(set(a) ^ set(b))[:5]}")
+    diffs = {k: float((a[k].double() - b[k].double()).norm()) for k in keys}
+    norms = {k: float(b[k].double().norm()) for k in keys}
+    overall = sum(d**2 for d in diffs.values()) ** 0.5 / sum(n**2 for n in norms.values()) ** 0.5
+    return overall, max(diffs[k] / norms[k] for k in keys if k not in skip and norms[k] > 0)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{dt.date.today().isoformat()}"
+    )
+
+
+def measure_precision(precision: str, tmp: Path) -> tuple[list[str], str, bool, int]:
+    """Four fresh processes (plain/cache x RSS/profiler): table rows, a summary, whether the steps
+    agree, and the number of parameters that received gradients."""
+    runs: dict[tuple[str, str], dict[str, Any]] = {}
+    for measure in ("rss", "torch"):
+        for mode in ("plain", "cache"):
+            runs[mode, measure] = r = child(
+                mode, measure, precision, tmp / f"{precision}-{mode}-{measure}.pt"
+            )
+            print(
+                f"{precision} {mode} ({measure}): " + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True
+            )
+
+    def load(mode: str, measure: str) -> dict[str, torch.Tensor]:
+        return torch.load(tmp / f"{precision}-{mode}-{measure}.pt", weights_only=True)
+
+    skip = negligible(load("plain", "torch"))
+    grad_rel, grad_worst = relative_difference(load("cache", "torch"), load("plain", "torch"), skip)
+    update_rel, update_worst = relative_difference(load("cache", "rss"), load("plain", "rss"), skip)
+    tolerance = 1e-3 if precision == "32-true" else 5e-2
+    same = grad_rel < tolerance and update_rel < tolerance
+
+    increment = {m: runs[m, "rss"]["peak"] - runs[m, "rss"]["baseline"] for m in ("plain", "cache")}
+    ratio = increment["cache"] / increment["plain"]
+    torch_ratio = runs["cache", "torch"]["torch_peak"] / runs["plain", "torch"]["torch_peak"]
+    labels = {
+        "plain": f"plain backprop, 1 x {N_PAIRS}",
+        "cache": f"embedding cache, {N_PAIRS // MICRO_BATCH} x {MICRO_BATCH}",
+    }
+    rows = [
+        f"| {precision} | {labels[m]} | {mib(runs[m, 'rss']['baseline'])} | {mib(runs[m, 'rss']['peak'])} "
+        f"| {mib(increment[m])} | {mib(runs[m, 'torch']['torch_peak'])} | {runs[m, 'rss']['seconds']:.1f} "
+        f"| {runs[m, 'rss']['loss']:.4f} |"
+        for m in ("plain", "cache")
+    ]
+    skipped = ", ".join(sorted({".".join(k.split(".")[-2:]) for k in skip}))
+    summary = (
+        f"- {precision}: cache ÷ plain = **{ratio:.3f}** of the peak-RSS increment ({1 / ratio:.1f}x less) "
+        f"and {torch_ratio:.3f} of the torch peak. Gradients differ by {grad_rel:.1e}, weight updates by "
+        f"{update_rel:.1e} (relative L2 over all parameters; worst single tensor {grad_worst:.1e} and "
+        f"{update_worst:.1e}, leaving out the {len(skip)} gradients that are zero up to rounding: {skipped})."
+    )
+    return rows, summary, same, runs["plain", "torch"]["trained"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--precision", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"]
+    )
+    parser.add_argument("--mode", choices=["cache", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["rss", "torch"], default="rss", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.measure, args.precision[0], args.out)), flush=True)
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="medalign-gradcache-"))
+    rows, summaries, agree, n_trained = [], [], [], 0
+    for precision in args.precision:
+        precision_rows, summary, same, n_trained = measure_precision(precision, tmp)
+        rows += precision_rows
+        summaries.append(summary)
+        agree.append(same)
+    shutil.rmtree(tmp, ignore_errors=True)
+    body = "\n".join(
+        [
+            f"{N_PAIRS} pairs, one optimiser step; CLIP towers (vision 192 wide x 4 layers at {IMAGE_SIZE} px, "
+            f"text 128 wide x 4 layers, {TEXT_LENGTH} tokens), {n_trained / 1e6:.1f}M trained parameters. "
+            f"Memory in MiB; step s is the wall time of `fit` (shared machine). Machine: {machine()}.",
+            "",
+            "| precision | mode | RSS after setup | peak RSS | step increment | torch peak | step s | loss |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            *summaries,
+        ]
+    )
+    print(body)
+    if not all(agree):
+        raise SystemExit("the cache and plain steps differ beyond tolerance")
+    if args.write:
+        write_section(REPO / "BENCHMARKS.md", body)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the text between the markers; append heading, protocol and markers if absent."""
+    text = path.read_text(encoding="utf-8")
+    if SECTION_BEGIN not in text:
+        text = f"{text.rstrip()}\n\n{HEADING}\n\n{PROTOCOL}\n\n{SECTION_BEGIN}\n{SECTION_END}\n"
+    head, _, rest = text.partition(SECTION_BEGIN)
+    _, _, tail = rest.partition(SECTION_END)
+    path.write_text(f"{head}{SECTION_BEGIN}\n{body}\n{SECTION_END}{tail}", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
