@@ -17,6 +17,14 @@ from toy import ToyData, collate, train
 TOY = Path(__file__).parent / "toy.py"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -137,7 +145,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(29500 + accumulate + os.getpid() % 1000),
+        str(_free_port()),
     ]
     subprocess.run(
         [*torchrun, str(TOY), str(ddp), *common, "--devices", "2"], check=True, env=env, timeout=300

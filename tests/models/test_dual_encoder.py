@@ -246,3 +246,15 @@ def test_checkpoint_of_the_wrong_kind_fails_loudly(tmp_path: Path) -> None:
     _save_clip_vision(tmp_path)
     with pytest.raises(ValueError, match="does not match the checkpoint"):
         build_vision_tower(TowerConfig("vit", source=str(tmp_path)), in_channels=3)
+
+
+def test_frozen_tower_stays_in_eval_mode_while_training() -> None:
+    from medalign.models import create_model
+
+    model = create_model("align_tiny", freeze_text=True)
+    model.train()
+    assert model.training and model.vision.training and not model.text.training
+    tokens = model.tokenizer(["a cyst in the left upper zone"], return_tensors="pt")
+    first = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    second = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    assert torch.equal(first, second)  # no dropout in the locked tower

@@ -239,6 +239,15 @@ class DualEncoder(nn.Module):
         embeds = self.text_proj(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Frozen towers stay in eval mode: a locked tower (LiT) should give the same embedding for
+        the same input, so its dropout is off even while the rest of the model trains."""
+        super().train(mode)
+        for frozen, tower in ((self.config.freeze_vision, self.vision), (self.config.freeze_text, self.text)):
+            if frozen and mode:
+                tower.eval()
+        return self
+
     def forward(
         self,
         pixel_values: torch.Tensor,
