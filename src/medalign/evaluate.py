@@ -18,9 +18,9 @@ from torch import nn
 from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset, stack_modalities
 from medalign.data.manifest import Manifest
 from medalign.data.transforms import PreprocessConfig
-from medalign.metrics import bidirectional_retrieval
+from medalign.metrics import bidirectional_retrieval, same_group_positives
 from medalign.probe import linear_probe
-from medalign.zeroshot import build_class_prompts, load_templates, zero_shot_weights
+from medalign.zeroshot import build_class_prompts, load_templates, resolve_classes, zero_shot_weights
 
 
 @dataclass
@@ -140,7 +140,7 @@ def zero_shot(model: Any, embeddings: SplitEmbeddings, templates: str) -> dict[s
     spec = load_templates(templates)
     class_names = embeddings.classes
     prompts = build_class_prompts(
-        spec["templates"], {c: spec.get("classes", {}).get(c, [c]) for c in class_names}
+        spec["templates"], resolve_classes(spec, class_names)
     )
     weights = zero_shot_weights(lambda texts: encode_texts(model, texts), prompts)
     known = embeddings.labels >= 0
@@ -152,10 +152,8 @@ def zero_shot(model: Any, embeddings: SplitEmbeddings, templates: str) -> dict[s
 def retrieval(embeddings: SplitEmbeddings) -> dict[str, Any]:
     if embeddings.text is None:
         raise ValueError("retrieval needs text: the split has no 'text' column")
-    texts = embeddings.texts
-    positives = np.array(
-        [[a == b for b in texts] for a in texts]
-    )  # identical reports are all correct answers
+    texts = np.asarray(embeddings.texts, dtype=object)
+    positives = same_group_positives(texts, texts)  # identical reports are all correct answers
     return bidirectional_retrieval(embeddings.image, embeddings.text, positives=positives)
 
 

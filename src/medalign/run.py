@@ -41,12 +41,12 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
     """
     import zlib
 
-    from medalign.zeroshot import build_class_prompts, load_templates
+    from medalign.zeroshot import build_class_prompts, load_templates, resolve_classes
 
     spec = load_templates(templates)
     classes = manifest.classes(label)
     prompts = build_class_prompts(
-        spec["templates"], {c: spec.get("classes", {}).get(c, [c]) for c in classes}
+        spec["templates"], resolve_classes(spec, classes)
     )
     by_class = dict(zip(classes, prompts, strict=True))
     table = manifest.table.copy()

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medalign.data.manifest import Manifest, ManifestMeta, new_table
+from medalign.run import texts_from_labels
+from medalign.zeroshot import build_class_prompts, load_templates, resolve_classes
+
+
+def test_texts_from_labels_fills_only_empty_cells_deterministically(tmp_path: Path) -> None:
+    rows = [
+        {"case_id": f"c{i}", "image": "x.png", "label": "benign" if i % 2 else "malignant"} for i in range(6)
+    ]
+    rows[0]["text"] = "kept as written"
+    manifest = Manifest(
+        new_table(rows), tmp_path, ManifestMeta(classes={"label": ["benign", "malignant", "normal"]})
+    )
+    first = texts_from_labels(manifest, "busi", "label").table
+    again = texts_from_labels(manifest, "busi", "label").table
+    assert first["text"].tolist() == again["text"].tolist()
+    assert first.at[0, "text"] == "kept as written"
+    spec = load_templates("busi")
+    prompts = dict(
+        zip(
+            ["benign", "malignant"],
+            build_class_prompts(spec["templates"], resolve_classes(spec, ["benign", "malignant"])),
+            strict=True,
+        )
+    )
+    for text, label in zip(first["text"][1:], first["label"][1:], strict=True):
+        assert text in prompts[label]
+    assert len(set(first["text"][1:])) > 1  # templates vary across cases
+    assert manifest.table["text"].tolist()[1] == ""  # the input manifest is not modified
+
+
+def test_texts_from_labels_with_a_template_file_without_classes(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text('templates: ["an ultrasound of a {} lesion."]\n')
+    manifest = Manifest(new_table([{"case_id": "a", "image": "x.png", "label": "cyst"}]), tmp_path)
+    assert texts_from_labels(manifest, str(tmp_path / "t.yaml"), "label").table.at[0, "text"] == (
+        "an ultrasound of a cyst lesion."
+    )
+    with pytest.raises(ValueError, match="not in the template file"):
+        texts_from_labels(manifest, "busi", "label")
