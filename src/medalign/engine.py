@@ -224,7 +224,12 @@ class Engine:
     ) -> TrainState:
         fabric, cfg = self.fabric, self.train
         fabric.seed_everything(cfg.seed)
-        local_batch = batch_size // fabric.world_size if batch_size % fabric.world_size == 0 else batch_size
+        if batch_size % (fabric.world_size * cfg.accumulate):
+            raise ValueError(
+                f"batch size {batch_size} must be divisible by {fabric.world_size} processes x "
+                f"{cfg.accumulate} micro-batches: it is the global contrastive batch"
+            )
+        local_batch = batch_size // fabric.world_size
         sampler = ResumableSampler(
             len(dataset), seed=cfg.seed, rank=fabric.global_rank, world_size=fabric.world_size
         )
