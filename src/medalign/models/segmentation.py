@@ -1,0 +1,751 @@
+"""Segmentation models: MONAI U-Nets, a CLIP-feature decoder and a text-guided U-Net.
+
+Reading order: the configs (plain data, one per family), ``SegmentationModel`` (what every
+segmenter shares), the three families (``MonaiSegmenter``, ``ClipDecoder``, ``TextUNet``) and
+the registered architectures at the bottom.
+
+Every segmenter has the same call, so one segmentation task, loss and Predictor serve them all:
+
+    forward(pixel_values [B, C, H, W] in [0, 1], input_ids=None, attention_mask=None, attributes=None)
+        -> {"logits": [B, K, H, W], "side_logits": [coarse logits, ...] (possibly empty)}
+
+Image-only models ignore the text arguments, so a task can always pass what the batch has.
+``needs_text`` tells the data pipeline whether to tokenize; ``tokenizer`` is built lazily and only
+text models have one. Side logits keep their own (coarser) resolution: the loss decides how to
+compare them with the mask (upsample the logits or pool the mask), not the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medalign.models.dual_encoder import CLIP_MEAN, CLIP_STD
+from medalign.models.registry import register_model
+from medalign.models.towers import (
+    MINILM,
+    TowerConfig,
+    VisionTower,
+    build_text_tower,
+    build_tokenizer,
+    build_vision_tower,
+    tokenizer_source,
+)
+
+MONAI_ARCHS = ("unet", "attention_unet", "swin_unetr")
+SEGMENTATION_MODELS = (*MONAI_ARCHS, "clip_decoder", "text_unet")  # the registered names
+
+C = TypeVar("C", bound="_SegConfig")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: everything that defines a model, as JSON-safe data (what a bundle stores)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SegConfig:
+    """Fields and (de)serialisation shared by every segmentation config.
+
+    ``arch`` is stored in the dict so ``segmentation_config_from_dict`` can pick the config
+    class of a saved model without being told which family it belongs to.
+    """
+
+    arch: str
+    in_channels: int = 1
+    num_classes: int = 1
+    image_size: int = 224  # the training resolution; convolutional models accept other multiples
+
+    _towers: ClassVar[tuple[str, ...]] = ()  # fields holding a TowerConfig (or None)
+
+    def __post_init__(self) -> None:
+        for name in self._towers:
+            value = getattr(self, name)
+            if isinstance(value, dict):  # YAML recipes and bundles give nested dicts
+                setattr(self, name, TowerConfig.from_dict(value))
+        if self.in_channels < 1 or self.num_classes < 1:
+            raise ValueError(
+                f"in_channels and num_classes must be >= 1, got {self.in_channels}, {self.num_classes}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**copy.deepcopy(data))
+
+    def replace(self: C, **overrides: Any) -> C:
+        """A copy with ``overrides``; tower dicts merge into the current tower (as in DualEncoderConfig).
+
+        ``text={"source": None, "config": {...}}`` swaps the pretrained MiniLM for a random tower
+        of the given sizes; ``text=None`` removes text conditioning; a ``TowerConfig`` replaces
+        a tower outright.
+        """
+        data = self.to_dict()
+        known = {f.name for f in fields(self)}
+        for key, value in overrides.items():
+            if key not in known:
+                raise TypeError(f"unknown override {key!r}; {type(self).__name__} fields: {sorted(known)}")
+            if key in self._towers and isinstance(value, dict) and data[key] is not None:
+                tower = data[key]
+                if value.get("source") not in (None, tower["source"]) and "config" not in value:
+                    tower["config"] = {}  # a new checkpoint brings its own architecture
+                if "source" in value and value["source"] is None and tower["source"] is not None:
+                    tower["config"] = {}  # pretrained-only overrides mean nothing to a random tower
+                for tkey, tvalue in value.items():
+                    if tkey == "config" and isinstance(tvalue, dict):
+                        tower["config"] = {**tower["config"], **tvalue}
+                    else:
+                        tower[tkey] = tvalue
+            elif isinstance(value, TowerConfig):
+                data[key] = value.to_dict()
+            else:
+                data[key] = value
+        return type(self).from_dict(data)
+
+
+@dataclass
+class MonaiSegConfig(_SegConfig):
+    """MONAI's 2D U-Net, Attention U-Net or SwinUNETR; ``arch`` picks which."""
+
+    arch: str = "unet"
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # (Attention) U-Net
+    num_res_units: int = 2  # U-Net only
+    dropout: float = 0.0
+    feature_size: int = 24  # SwinUNETR only; MONAI requires a multiple of 12
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # SwinUNETR only
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])  # SwinUNETR only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.arch not in MONAI_ARCHS:
+            raise ValueError(f"arch must be one of {MONAI_ARCHS}, got {self.arch!r}")
+        self.channels = [int(c) for c in self.channels]
+        self.depths = [int(d) for d in self.depths]
+        self.num_heads = [int(h) for h in self.num_heads]
+        if self.arch == "swin_unetr" and self.feature_size % 12:
+            raise ValueError(f"SwinUNETR needs feature_size divisible by 12, got {self.feature_size}")
+        if self.image_size % self.size_multiple:
+            raise ValueError(
+                f"{self.arch} needs image_size divisible by {self.size_multiple}, got {self.image_size}"
+            )
+
+    @property
+    def size_multiple(self) -> int:
+        """Inputs must divide by this: every stride-2 stage halves the map and skips must line up."""
+        return 32 if self.arch == "swin_unetr" else 2 ** (len(self.channels) - 1)
+
+
+@dataclass
+class ClipDecoderConfig(_SegConfig):
+    """CLIPSeg-style decoder on the hidden states of a ViT (CLIP vision) tower."""
+
+    arch: str = "clip_decoder"
+    vision: TowerConfig = field(default_factory=lambda: TowerConfig("clip_vision"))
+    text: TowerConfig | None = None  # set -> FiLM conditioning on the pooled text embedding
+    decoder_dim: int = 64  # width every tapped layer is projected to
+    extract_layers: list[int] | None = None  # 1-based transformer layers to tap; None = 3 evenly spaced
+    freeze_vision: bool = False
+    freeze_text: bool = True
+    max_text_length: int = 77
+    image_mean: list[float] | None = None  # None = CLIP statistics (averaged when in_channels != 3)
+    image_std: list[float] | None = None
+
+    _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.vision.is_vision:
+            raise ValueError(f"vision tower has text kind {self.vision.kind!r}")
+        if self.text is not None and self.text.is_vision:
+            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
+        if self.extract_layers is not None:
+            self.extract_layers = sorted({int(i) for i in self.extract_layers})
+
+    def image_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel ``(mean, std)``: the statistics the (possibly pretrained) tower expects."""
+        c = self.in_channels
+        mean = self.image_mean or (list(CLIP_MEAN) if c == 3 else [sum(CLIP_MEAN) / 3])
+        std = self.image_std or (list(CLIP_STD) if c == 3 else [sum(CLIP_STD) / 3])
+        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+
+
+@dataclass
+class TextUNetConfig(_SegConfig):
+    """LViT / C2FVL-style U-Net whose decoder attends to text tokens or structured attributes."""
+
+    arch: str = "text_unet"
+    text: TowerConfig | None = field(default_factory=lambda: TowerConfig("bert", source=MINILM))
+    # C2FVL's structured findings, e.g. {"side": ["none", "left", "right", "bilateral"], ...}:
+    # column i of ``attributes`` indexes the values of the i-th key (negative = unknown, ignored).
+    attributes_vocab: dict[str, list[str]] | None = None
+    base_width: int = 32  # widths base * (1, 2, 4, ..., 2**depth)
+    depth: int = 4  # number of 2x downsamplings (= decoder scales)
+    context_dim: int = 128  # width of the text/attribute tokens the decoder attends to
+    num_heads: int = 4
+    fuse_scales: list[int] = field(default_factory=lambda: [0, 1, 2])  # decoder stages, 0 = coarsest
+    side_outputs: bool = False
+    freeze_text: bool = True
+    max_text_length: int = 64
+
+    _towers: ClassVar[tuple[str, ...]] = ("text",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.text is None and not self.attributes_vocab:
+            raise ValueError("text_unet needs a text tower, attributes_vocab, or both")
+        if self.text is not None and self.text.is_vision:
+            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
+        if self.attributes_vocab is not None:
+            self.attributes_vocab = {str(k): [str(v) for v in vs] for k, vs in self.attributes_vocab.items()}
+            empty = [k for k, vs in self.attributes_vocab.items() if not vs]
+            if empty:
+                raise ValueError(f"attributes without values: {empty}")
+        self.fuse_scales = sorted({int(s) for s in self.fuse_scales})
+        if any(not 0 <= s < self.depth for s in self.fuse_scales):
+            raise ValueError(f"fuse_scales must lie in [0, {self.depth}), got {self.fuse_scales}")
+        if self.context_dim % self.num_heads:
+            raise ValueError(f"context_dim {self.context_dim} is not divisible by num_heads {self.num_heads}")
+        if self.image_size % 2**self.depth:
+            raise ValueError(f"image_size must be divisible by 2**depth = {2**self.depth}")
+
+
+CONFIG_CLASSES: dict[str, type[_SegConfig]] = {
+    **dict.fromkeys(MONAI_ARCHS, MonaiSegConfig),
+    "clip_decoder": ClipDecoderConfig,
+    "text_unet": TextUNetConfig,
+}
+
+
+def segmentation_config_from_dict(data: dict[str, Any]) -> _SegConfig:
+    """The config class named by ``data["arch"]``, so a saved dict alone rebuilds its model."""
+    arch = data.get("arch")
+    if arch not in CONFIG_CLASSES:
+        raise ValueError(f"unknown segmentation arch {arch!r}; choose from {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[arch].from_dict(data)
+
+
+def build_segmentation_model(config: _SegConfig | dict[str, Any]) -> SegmentationModel:
+    """Model of a config (or its dict): the inverse of ``model.config.to_dict()``."""
+    if isinstance(config, dict):
+        config = segmentation_config_from_dict(config)
+    if isinstance(config, MonaiSegConfig):
+        return MonaiSegmenter(config)
+    if isinstance(config, ClipDecoderConfig):
+        return ClipDecoder(config)
+    if isinstance(config, TextUNetConfig):
+        return TextUNet(config)
+    raise TypeError(f"not a segmentation config: {type(config).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What every segmenter shares
+# ---------------------------------------------------------------------------------------------
+
+
+class SegmentationModel(nn.Module):
+    """Base class: input checks, the lazy tokenizer and frozen-tower bookkeeping.
+
+    Subclasses set ``self.text`` (a TextTower or None) before calling ``_finish_init``.
+    """
+
+    config: Any
+    text: nn.Module | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tokenizer: Any = None
+        self._frozen: list[nn.Module] = []
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config.in_channels)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_classes)
+
+    @property
+    def needs_text(self) -> bool:
+        return getattr(self, "text", None) is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tower's HF tokenizer, built on first use; None for models that take no text."""
+        if not self.needs_text:
+            return None
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(self.config.text)
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask`` on the model's device, truncated to ``max_text_length``."""
+        if not self.needs_text:
+            raise ValueError(f"{self.config.arch} takes no text")
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_tensors="pt",
+        )
+        device = next(self.parameters()).device
+        return {
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device),
+        }
+
+    def _freeze(self, module: nn.Module) -> None:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self._frozen.append(module)
+        module.eval()
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        """Frozen towers stay in eval mode so their features do not change with dropout."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def _check_pixels(self, pixel_values: torch.Tensor, multiple: int) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected pixel_values [B, {self.in_channels}, H, W], got {tuple(pixel_values.shape)}; "
+                "set in_channels in the model config or DatasetConfig.channels in the data config"
+            )
+        h, w = pixel_values.shape[-2:]
+        if h % multiple or w % multiple:
+            raise ValueError(f"{self.config.arch} needs H and W divisible by {multiple}, got {h}x{w}")
+
+    def _encode_text(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pooled, tokens, mask)`` from the text tower; a missing mask means no padding."""
+        if input_ids is None or self.text is None:
+            raise ValueError(f"{self.config.arch} is text-conditioned: pass input_ids (see model.tokenize)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pooled, tokens = self.text(input_ids, attention_mask)
+        return pooled, tokens, attention_mask.bool()
+
+    def portable_config(self) -> Any:
+        """This config with every tower described by its full HF config (``source=None``).
+
+        Rebuilding from it needs none of the original pretrained files, only this model's
+        state dict (a bundle should also save the tokenizer and point ``text.tokenizer`` at it).
+        """
+        overrides: dict[str, Any] = {}
+        for name in self.config._towers:
+            tower, cfg = getattr(self, name, None), getattr(self.config, name)
+            if tower is None or cfg is None:
+                continue
+            extra = {"tokenizer": tokenizer_source(cfg), "pooling": tower.pooling} if name == "text" else {}
+            overrides[name] = TowerConfig(cfg.kind, None, tower.hf_config_dict(), **extra)
+        return self.config.replace(**overrides)
+
+
+def _film(cond_dim: int, channels: int) -> nn.Module:
+    """Pooled condition -> per-channel (scale, shift); LayerNorm keeps pretrained embeddings' scale tame."""
+    return nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, 2 * channels))
+
+
+def _apply_film(x: torch.Tensor, film: nn.Module, cond: torch.Tensor) -> torch.Tensor:
+    gamma, beta = film(cond)[:, :, None, None].chunk(2, dim=1)
+    return x * (1 + gamma) + beta
+
+
+# ---------------------------------------------------------------------------------------------
+# MONAI U-Net / Attention U-Net / SwinUNETR
+# ---------------------------------------------------------------------------------------------
+
+
+class MonaiSegmenter(SegmentationModel):
+    """A MONAI 2D network behind the shared call; image-only, so text arguments are ignored.
+
+    The networks normalise internally (instance/batch norm), so [0, 1] pixels go in unchanged.
+    """
+
+    def __init__(self, config: MonaiSegConfig) -> None:
+        super().__init__()
+        from monai.networks.nets import AttentionUnet, SwinUNETR, UNet
+
+        self.config = config
+        self.text = None
+        c = config
+        strides = [2] * (len(c.channels) - 1)
+        if c.arch == "unet":
+            self.net: nn.Module = UNet(
+                spatial_dims=2, in_channels=c.in_channels, out_channels=c.num_classes, channels=c.channels,
+                strides=strides, num_res_units=c.num_res_units, dropout=c.dropout,
+            )  # fmt: skip
+        elif c.arch == "attention_unet":
+            self.net = AttentionUnet(
+                spatial_dims=2, in_channels=c.in_channels, out_channels=c.num_classes, channels=c.channels,
+                strides=strides, dropout=c.dropout,
+            )  # fmt: skip
+        else:  # MONAI >= 1.5 dropped img_size; 2D is supported through spatial_dims=2
+            # MONAI imports einops lazily and would only fail inside the first forward pass.
+            from monai.utils import optional_import
+
+            if not optional_import("einops")[1]:
+                raise ImportError("swin_unetr needs the einops package (MONAI's optional dependency)")
+            self.net = SwinUNETR(
+                in_channels=c.in_channels, out_channels=c.num_classes, feature_size=c.feature_size,
+                depths=c.depths, num_heads=c.num_heads, drop_rate=c.dropout, spatial_dims=2,
+            )  # fmt: skip
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        self._check_pixels(pixel_values, self.config.size_multiple)
+        return {"logits": self.net(pixel_values), "side_logits": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP-feature decoder (CLIPSeg / NextGen-UIA)
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_layers(num_layers: int, n: int = 3) -> list[int]:
+    """``n`` evenly spaced 1-based layers ending at the last (12 layers -> 4, 8, 12)."""
+    return sorted({max(1, round(num_layers * (i + 1) / n)) for i in range(n)})
+
+
+class ClipDecoder(SegmentationModel):
+    """Patch tokens of several ViT layers -> progressive sum -> patch grid -> upsampling convs.
+
+    As in CLIPSeg, the deepest tapped layer enters first and each shallower layer is added to
+    the running activation after a residual mixing block, so the decoder sees semantics first
+    and finer, earlier features last. Text (when configured) scales and shifts the activation
+    once, right after the tokens are fused (FiLM), before the spatial decoder.
+    """
+
+    def __init__(self, config: ClipDecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision: VisionTower = build_vision_tower(config.vision, config.in_channels, config.image_size)
+        num_layers = self.vision.model.config.num_hidden_layers
+        self.layers = config.extract_layers or _default_layers(num_layers)
+        if not all(1 <= i <= num_layers for i in self.layers):
+            raise ValueError(f"extract_layers {self.layers} outside the tower's 1..{num_layers} layers")
+
+        hidden, dim = self.vision.hidden_size, config.decoder_dim
+        self.reduce = nn.ModuleList(  # deepest first, in the order they are added
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim)) for _ in self.layers
+        )
+        self.mix = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+            for _ in self.layers[1:]
+        )
+
+        self.text = build_text_tower(config.text) if config.text is not None else None
+        self.film = _film(self.text.hidden_size, dim) if self.text is not None else None
+
+        # Up from the patch grid: one x2 transposed conv per power of two in the patch size.
+        patch = self.vision.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        steps, widths = max(0, int(math.log2(patch))), [dim]
+        for _ in range(steps):
+            widths.append(max(16, widths[-1] // 2))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.GELU(),
+            *[
+                layer
+                for a, b in itertools.pairwise(widths)
+                for layer in (nn.ConvTranspose2d(a, b, 2, stride=2), nn.GELU())
+            ],
+            nn.Conv2d(widths[-1], config.num_classes, 1),
+        )
+        self.patch = patch
+
+        mean, std = config.image_stats()
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        if config.freeze_vision:
+            self._freeze(self.vision)
+        if self.text is not None and config.freeze_text:
+            self._freeze(self.text)
+
+    @classmethod
+    def from_dual_encoder(cls, encoder: nn.Module, **overrides: Any) -> ClipDecoder:
+        """A decoder on a trained dual encoder's vision tower (weights copied, preprocessing kept).
+
+        Adapters are not carried over: merge or drop them in the encoder first, otherwise the
+        strict state-dict load below fails rather than silently dropping adapted weights.
+        """
+        portable = encoder.portable_config()
+        mean, std = portable.image_stats()
+        config = ClipDecoderConfig(
+            vision=portable.vision,
+            in_channels=portable.in_channels,
+            image_size=portable.image_size,
+            image_mean=mean,
+            image_std=std,
+        ).replace(**overrides)
+        model = cls(config)
+        model.vision.load_state_dict(encoder.vision.state_dict(), strict=True)
+        return model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        self._check_pixels(pixel_values, self.patch)
+        x = (pixel_values - self.pixel_mean.to(pixel_values.dtype)) / self.pixel_std.to(pixel_values.dtype)
+        h, w = x.shape[-2:]
+        self.vision.grid = (h // self.patch, w // self.patch)  # adapters on the tower read the grid
+        hidden = self.vision.model(pixel_values=x, output_hidden_states=True).hidden_states  # [B, 1 + N, H]
+
+        taps = [hidden[i][:, 1:] for i in reversed(self.layers)]  # patch tokens, deepest first
+        a = self.reduce[0](taps[0])
+        for reduce, mix, tokens in zip(self.reduce[1:], self.mix, taps[1:], strict=True):
+            a = a + mix(a)
+            a = a + reduce(tokens)
+
+        a = a.transpose(1, 2).reshape(a.shape[0], -1, *self.vision.grid)  # [B, D, h/p, w/p]
+        if self.film is not None:
+            pooled, _, _ = self._encode_text(input_ids, attention_mask)
+            a = _apply_film(a, self.film, pooled)
+        logits = self.decoder(a)
+        if logits.shape[-2:] != (h, w):  # patch sizes that are not powers of two
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return {"logits": logits, "side_logits": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-guided U-Net (LViT / C2FVL)
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 conv - GroupNorm - GELU layers (GroupNorm: batch-size independent, unlike BatchNorm)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        groups = math.gcd(8, cout)
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(groups, cout),
+            nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(groups, cout),
+            nn.GELU(),
+        )
+
+
+class TextCrossAttention(nn.Module):
+    """Image positions attend to context tokens (words or attributes), then FiLM from their pool.
+
+    Padded tokens are excluded from the softmax (their score is -inf through SDPA's boolean mask)
+    and from the pooled context, so padding never changes the output. A sample with no valid
+    token (all attributes unknown) gets no update from attention instead of NaNs.
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(1, channels)
+        self.q = nn.Linear(channels, context_dim)
+        self.kv = nn.Linear(context_dim, 2 * context_dim)
+        self.out = nn.Linear(context_dim, channels)
+        self.film = _film(context_dim, channels)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.q(self.norm(x).flatten(2).transpose(1, 2))  # [B, HW, D]
+        k, v = self.kv(context).chunk(2, dim=-1)  # [B, L, D]
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+        any_valid = mask.any(dim=1)
+        attend = mask | ~any_valid[:, None]  # an all-padding row would softmax to NaN
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
+        y = self.out(y.transpose(1, 2).flatten(2)) * any_valid[:, None, None].to(x.dtype)
+        x = x + y.transpose(1, 2).reshape(b, c, h, w)
+        return _apply_film(x, self.film, pooled)
+
+
+class TextUNet(SegmentationModel):
+    """A conv U-Net whose decoder is steered by a report/prompt or by structured attributes.
+
+    Context tokens: the text tower's word features and/or one learnable embedding per attribute
+    value, projected to ``context_dim`` and concatenated with their padding mask. At each fused
+    decoder scale image positions cross-attend to them (LViT's text-guided decoding) and the
+    masked mean of the tokens gates channels (FiLM). With ``side_outputs`` every scale coarser
+    than the output also predicts logits (C2FVL's coarse-to-fine deep supervision).
+    """
+
+    def __init__(self, config: TextUNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        widths = [c.base_width * 2**i for i in range(c.depth + 1)]  # encoder; last = bottleneck
+
+        self.stem = ConvBlock(c.in_channels, widths[0])
+        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(c.depth))
+        # Decoder stage s (0 = coarsest) upsamples widths[depth - s] and merges the skip at that scale.
+        dec = [(widths[c.depth - s], widths[c.depth - s - 1]) for s in range(c.depth)]
+        self.up = nn.ModuleList(nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in dec)
+        self.merge = nn.ModuleList(ConvBlock(2 * cout, cout) for _, cout in dec)
+        self.fuse = nn.ModuleDict(
+            {str(s): TextCrossAttention(dec[s][1], c.context_dim, c.num_heads) for s in c.fuse_scales}
+        )
+        self.head = nn.Conv2d(widths[0], c.num_classes, 1)
+        # side outputs: bottleneck, then every decoder stage but the last (its logits are the output)
+        side_widths = [widths[c.depth]] + [cout for _, cout in dec[:-1]]
+        self.side_heads = (
+            nn.ModuleList(nn.Conv2d(w, c.num_classes, 1) for w in side_widths) if c.side_outputs else None
+        )
+
+        self.text = build_text_tower(c.text) if c.text is not None else None
+        self.text_proj = nn.Linear(self.text.hidden_size, c.context_dim) if self.text is not None else None
+        if c.text is not None and c.freeze_text:
+            self._freeze(self.text)
+        self.attr_names = list(c.attributes_vocab or {})
+        sizes = [len(v) for v in (c.attributes_vocab or {}).values()]
+        self.attr_embed = nn.Embedding(sum(sizes), c.context_dim) if sizes else None
+        # column i of ``attributes`` is offset into the shared table so each (attribute, value) is its own row
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.register_buffer("attr_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("attr_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
+        self.context_norm = nn.LayerNorm(c.context_dim)
+
+    def encode_attributes(self, rows: list[dict[str, str | None]]) -> torch.Tensor:
+        """``[{"side": "left", ...}, ...]`` -> ``attributes [B, n_attr]``; missing values become -1."""
+        vocab = self.config.attributes_vocab or {}
+        out = [
+            [vocab[name].index(row[name]) if row.get(name) is not None else -1 for name in vocab]
+            for row in rows
+        ]
+        return torch.tensor(out, dtype=torch.long, device=self.head.weight.device)
+
+    def context(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        attributes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tokens [B, L, D], valid mask [B, L], pooled [B, D])`` from whichever inputs were given."""
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if input_ids is not None:
+            _, tokens, mask = self._encode_text(input_ids, attention_mask)
+            assert self.text_proj is not None  # _encode_text raised if there is no text tower
+            parts.append((self.text_proj(tokens), mask))
+        if attributes is not None:
+            if self.attr_embed is None:
+                raise ValueError("this text_unet has no attributes_vocab; pass input_ids instead")
+            if attributes.shape[-1] != len(self.attr_names):
+                raise ValueError(f"attributes must have {len(self.attr_names)} columns {self.attr_names}")
+            if (attributes >= self.attr_sizes).any():
+                raise ValueError(
+                    f"attribute index out of range; sizes per attribute: {self.attr_sizes.tolist()}"
+                )
+            known = attributes >= 0
+            ids = (attributes.clamp(min=0) + self.attr_offsets).long()
+            parts.append((self.attr_embed(ids), known))
+        if not parts:
+            raise ValueError("text_unet needs input_ids (see model.tokenize) or attributes")
+        tokens = self.context_norm(torch.cat([t for t, _ in parts], dim=1))
+        mask = torch.cat([m for _, m in parts], dim=1)
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return tokens, mask, pooled
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        self._check_pixels(pixel_values, 2**self.config.depth)
+        tokens, mask, pooled = self.context(input_ids, attention_mask, attributes)
+
+        skips = [self.stem(pixel_values)]
+        for down in self.down:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        x = skips.pop()  # bottleneck
+        side = [x]
+        for s, (up, merge) in enumerate(zip(self.up, self.merge, strict=True)):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+            if str(s) in self.fuse:
+                x = self.fuse[str(s)](x, tokens, mask, pooled)
+            side.append(x)
+
+        side_logits = (
+            [head(f) for head, f in zip(self.side_heads, side[:-1], strict=True)] if self.side_heads else []
+        )
+        return {"logits": self.head(x), "side_logits": side_logits}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered architectures: configs are data; the entry function only applies overrides.
+# ---------------------------------------------------------------------------------------------
+
+# A small CLIP ViT that trains on a CPU; pass vision={"source": "openai/clip-vit-base-patch16"}
+# (or use ClipDecoder.from_dual_encoder) for pretrained features.
+_CLIP_SMALL = TowerConfig(
+    "clip_vision",
+    config={
+        "hidden_size": 192,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+        "patch_size": 16,
+    },
+)
+
+
+@register_model
+def unet(**overrides: Any) -> MonaiSegmenter:
+    """MONAI 2D residual U-Net, channels 32..512 (inputs divisible by 16)."""
+    return MonaiSegmenter(MonaiSegConfig(arch="unet").replace(**overrides))
+
+
+@register_model
+def attention_unet(**overrides: Any) -> MonaiSegmenter:
+    """MONAI 2D Attention U-Net (gated skips), channels 32..512."""
+    return MonaiSegmenter(MonaiSegConfig(arch="attention_unet").replace(**overrides))
+
+
+@register_model
+def swin_unetr(**overrides: Any) -> MonaiSegmenter:
+    """MONAI SwinUNETR in 2D (``spatial_dims=2``), feature size 24; inputs divisible by 32; needs einops."""
+    return MonaiSegmenter(MonaiSegConfig(arch="swin_unetr").replace(**overrides))
+
+
+@register_model
+def clip_decoder(**overrides: Any) -> ClipDecoder:
+    """CLIPSeg-style decoder on a small random CLIP ViT; ``text=TowerConfig(...)`` adds FiLM prompting."""
+    return ClipDecoder(ClipDecoderConfig(vision=_CLIP_SMALL).replace(**overrides))
+
+
+@register_model
+def text_unet(**overrides: Any) -> TextUNet:
+    """LViT-style U-Net guided by frozen pretrained MiniLM text (or C2FVL attributes)."""
+    return TextUNet(TextUNetConfig().replace(**overrides))
