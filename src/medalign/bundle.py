@@ -27,8 +27,17 @@ class BundleError(ValueError):
     """A folder is not a usable bundle; the message names the folder and what is wrong."""
 
 
+DUAL_ENCODER, SEGMENTATION = "DualEncoder", "segmentation"
+
+
+def _kind(model: Any) -> str:
+    from medalign.models import DualEncoder
+
+    return DUAL_ENCODER if isinstance(model, DualEncoder) else SEGMENTATION
+
+
 def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (a :class:`medalign.models.DualEncoder`) as a self-contained bundle."""
+    """Write a dual encoder or a segmentation model as a self-contained bundle."""
     from medalign import __version__
 
     directory = Path(directory)
@@ -36,13 +45,15 @@ def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, An
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = model.portable_config().to_dict()
-    config["text"]["tokenizer"] = None  # set to the bundle's own tokenizer folder at load time
+    if config.get("text"):
+        config["text"]["tokenizer"] = None  # set to the bundle's own tokenizer folder at load time
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-    model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     payload = {
         "format": BUNDLE_FORMAT,
-        "kind": type(model).__name__,
+        "kind": _kind(model),
         "medalign_version": __version__,
         "model": config,
         **(extra or {}),
@@ -104,13 +115,20 @@ def resolve_bundle(name_or_path: str | os.PathLike) -> Path:
 def load_bundle(name_or_path: str | os.PathLike) -> Any:
     """Load a bundle with no network access (unless given a hub id that is not cached yet)."""
     from medalign.models import DualEncoder, DualEncoderConfig
+    from medalign.models.segmentation import build_segmentation_model
 
     directory = resolve_bundle(name_or_path)
     _refuse_pickles(directory)
     payload = read_bundle_config(directory)
     model_config = payload["model"]
-    model_config["text"]["tokenizer"] = str(directory / TOKENIZER_DIR)
-    model = DualEncoder(DualEncoderConfig.from_dict(model_config))
+    if model_config.get("text"):
+        model_config["text"]["tokenizer"] = str(directory / TOKENIZER_DIR)
+    if payload.get("kind") == DUAL_ENCODER:
+        model = DualEncoder(DualEncoderConfig.from_dict(model_config))
+    elif payload.get("kind") == SEGMENTATION:
+        model = build_segmentation_model(model_config)
+    else:
+        raise BundleError(f"'{directory}': unknown model kind {payload.get('kind')!r}")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise BundleError(f"'{directory}' has no {WEIGHTS_NAME}")

@@ -73,6 +73,14 @@ class LossConfig:
 
 
 @dataclass
+class SegLossConfig:
+    kind: Literal["dice_bce", "dice_ce", "focal_dice"] = "dice_bce"
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    side_weight: float = 0.0  # coarse-to-fine consistency of side outputs (text_unet side_outputs)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -112,11 +120,12 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["align"] = "align"
+    task: Literal["align", "segment"] = "align"
     out: str = "runs/align"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # contrastive (task: align)
+    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)  # task: segment
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -260,6 +269,10 @@ def validate_ranges(config: RunConfig) -> None:
         (
             bool(config.data.manifest) or config.data.phantom is not None,
             "data.manifest or data.phantom is required",
+        ),
+        (
+            config.task != "segment" or bool(config.data.mask),
+            "task segment needs data.mask (the mask column)",
         ),
     ]
     problems = [message for ok, message in checks if not ok]

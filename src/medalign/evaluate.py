@@ -139,9 +139,7 @@ def zero_shot(model: Any, embeddings: SplitEmbeddings, templates: str) -> dict[s
 
     spec = load_templates(templates)
     class_names = embeddings.classes
-    prompts = build_class_prompts(
-        spec["templates"], resolve_classes(spec, class_names)
-    )
+    prompts = build_class_prompts(spec["templates"], resolve_classes(spec, class_names))
     weights = zero_shot_weights(lambda texts: encode_texts(model, texts), prompts)
     known = embeddings.labels >= 0
     logits = torch.from_numpy(embeddings.image[known]) @ weights.T * 100.0

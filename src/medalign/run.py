@@ -45,9 +45,7 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
 
     spec = load_templates(templates)
     classes = manifest.classes(label)
-    prompts = build_class_prompts(
-        spec["templates"], resolve_classes(spec, classes)
-    )
+    prompts = build_class_prompts(spec["templates"], resolve_classes(spec, classes))
     by_class = dict(zip(classes, prompts, strict=True))
     table = manifest.table.copy()
     if "text" not in table.columns:
@@ -123,6 +121,13 @@ def train_dataset(
 
 
 def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
+    """Dispatch on ``config.task``."""
+    if config.task == "segment":
+        return run_segmentation(config, resume=resume, echo=echo)
+    return run_alignment(config, resume=resume, echo=echo)
+
+
+def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     from medalign.bundle import save_bundle
     from medalign.engine import Engine
     from medalign.tasks.align import AlignTask
@@ -193,3 +198,101 @@ def evaluate_alignment(
         label = ev_cfg.probe_label
         results["probe"] = ev.probe(embed("train", label), embed("val", label), embed(ev_cfg.split, label))
     return results
+
+
+def segmentation_dataset(
+    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
+) -> ManifestDataset:
+    data = config.data
+    size = data.image_size or model.image_size
+    augmentation = (
+        AugmentConfig(
+            flip_axes=tuple(data.flip_axes),
+            rotate_degrees=data.rotate_degrees,
+            scale=data.scale,
+            translate=data.translate,
+            intensity_shift=0.05,
+        )
+        if augment and data.augment
+        else None
+    )
+    return ManifestDataset(
+        manifest,
+        DatasetConfig(
+            modalities=tuple(image_keys),
+            mask=data.mask,
+            label=None,
+            channels=data.channels or model.in_channels // len(image_keys),
+            preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
+            augment=augmentation,
+            cache=data.cache,
+        ),
+        split=split,
+    )
+
+
+def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
+    from medalign.bundle import save_bundle
+    from medalign.engine import Engine
+    from medalign.models import create_model
+    from medalign.tasks.segment import SegmentTask
+
+    validate_ranges(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    seed_everything(config.train.seed)
+    manifest = load_run_manifest(config, out)
+    model = create_model(config.model.name, **config.model.overrides)
+    image_keys = image_columns(config, manifest)
+    assert config.data.mask is not None
+    dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
+    collate = Collator(model.tokenizer, max_length=config.data.text_max_length)
+    engine = Engine(config.train, config.optim, out)
+    start = time.perf_counter()
+    state = engine.fit(
+        SegmentTask(model, config.seg_loss, image_keys, config.data.mask),
+        dataset,
+        collate,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        drop_last=config.data.drop_last,
+        resume=resume,
+    )
+    seconds = time.perf_counter() - start
+    if engine.fabric.global_rank != 0:
+        return out
+    model.cpu().float().eval()
+    metrics = evaluate_segmentation(model, manifest, config, image_keys, config.eval.split)
+    metrics["train"] = {"steps": state.step, "seconds": round(seconds, 1), "final": state.history[-1:]}
+    save_bundle(
+        model, out / "bundle", extra={"metrics": {k: v for k, v in metrics.items() if k != "per_case"}}
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    echo(f"trained {state.step} steps in {seconds:.0f}s; Dice on {config.eval.split}: {metrics['dice']:.4f}")
+    return out
+
+
+def evaluate_segmentation(
+    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
+) -> dict[str, Any]:
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split."""
+    import torch
+
+    from medalign.metrics import SegmentationMetrics
+    from medalign.tasks.segment import predict_probabilities
+
+    dataset = segmentation_dataset(config, manifest, model, image_keys, split, augment=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.data.eval_batch_size,
+        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
+    )
+    metrics = SegmentationMetrics()
+    for batch in loader:
+        metrics.update(
+            predict_probabilities(model, batch, image_keys),
+            batch[config.data.mask][:, 0].numpy(),
+            batch["case_id"],
+        )
+    return {"split": split, **metrics.aggregate()}

@@ -1,0 +1,72 @@
+"""Segmentation through the one engine: train, evaluate with the paper metrics, bundle, reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import medalign
+from medalign.config import ConfigError, load_config
+from medalign.data.manifest import read_manifest
+from medalign.data.phantom import PhantomConfig, generate_phantom
+from medalign.run import run_training, segmentation_dataset
+from medalign.tasks.segment import predict_probabilities
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cases = generate_phantom(tmp_path_factory.mktemp("phantom"), PhantomConfig(n=40, size=64))
+    return cases.with_name("prompts.csv")
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("unet", "{in_channels: 2, image_size: 64, channels: [8, 16, 32, 64]}"),
+        ("text_unet", "{in_channels: 2, image_size: 64, base_width: 8, side_outputs: true}"),
+    ],
+)
+def test_train_evaluate_bundle_reload(prompts: Path, tmp_path: Path, name: str, overrides: str) -> None:
+    config = load_config(
+        REPO / "configs" / "segment" / "phantom_text.yaml",
+        [
+            f"out={tmp_path / name}",
+            f"data.manifest={prompts}",
+            "data.phantom=null",
+            f"model.name={name}",
+            f"model.overrides={overrides}",
+            "train.epochs=2",
+            "train.progress=false",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "seg_loss.side_weight=0.3",
+        ],
+    )
+    run = run_training(config)
+    import json
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"dice", "iou", "pooled_dice", "hd95", "hd95_undefined", "nsd", "per_case"} <= set(metrics)
+    assert metrics["n_images"] == len(read_manifest(prompts).split("test"))
+    loaded = medalign.load(str(run / "bundle"))
+    assert loaded.needs_text == (name == "text_unet")
+    manifest = read_manifest(prompts)
+    dataset = segmentation_dataset(config, manifest, loaded, ["image:a", "image:b"], "test", augment=False)
+    from medalign.data.dataset import Collator
+
+    batch = Collator(loaded.tokenizer)([dataset[0], dataset[1]])
+    torch.manual_seed(0)
+    probabilities = predict_probabilities(loaded, batch, ["image:a", "image:b"])
+    assert probabilities.shape == (2, 64, 64) and ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+def test_segment_task_requires_a_mask_column() -> None:
+    from medalign.config import validate_ranges
+
+    config = load_config(REPO / "configs" / "segment" / "phantom_text.yaml", ["data.mask=null"])
+    with pytest.raises(ConfigError, match=r"task segment needs data\.mask"):
+        validate_ranges(config)
