@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,27 +128,31 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     return run_alignment(config, resume=resume, echo=echo)
 
 
-def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.bundle import save_bundle
-    from medalign.engine import Engine
-    from medalign.tasks.align import AlignTask
-
+def prepare_run(config: RunConfig) -> tuple[Path, Manifest]:
+    """Checks, the run folder with its resolved config, the seed, and the manifest."""
     validate_ranges(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     seed_everything(config.train.seed)  # model initialisation is part of the run's randomness
-    manifest = load_run_manifest(config, out)
-    if config.data.text_from_labels:
-        manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
-    model = build_model(config)
-    image_keys = image_columns(config, manifest)
-    if model.config.in_channels % len(image_keys):
-        raise ValueError(
-            f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
-        )
-    dataset = train_dataset(config, manifest, model, image_keys)
-    task = AlignTask(model, config.loss, image_keys=image_keys)
+    return out, load_run_manifest(config, out)
+
+
+def fit_and_save(
+    config: RunConfig,
+    out: Path,
+    model: Any,
+    task: Any,
+    dataset: ManifestDataset,
+    evaluate: Callable[[Any], dict[str, Any]],
+    *,
+    resume: bool,
+    echo: Any,
+) -> Path:
+    """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle."""
+    from medalign.bundle import save_bundle
+    from medalign.engine import Engine
+
     engine = Engine(config.train, config.optim, out)
     start = time.perf_counter()
     state = engine.fit(
@@ -159,16 +164,43 @@ def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print)
         drop_last=config.data.drop_last,
         resume=resume,
     )
-    train_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     if engine.fabric.global_rank != 0:
         return out
-    model.cpu().float()
-    metrics = evaluate_alignment(model, manifest, config, image_keys)
-    metrics["train"] = {"steps": state.step, "seconds": round(train_seconds, 1), "final": state.history[-1:]}
-    save_bundle(model, out / "bundle", extra={"metrics": metrics, "recipe": str(config.out)})
+    model.cpu().float().eval()
+    metrics = evaluate(model)
+    metrics["train"] = {"steps": state.step, "seconds": round(seconds, 1), "final": state.history[-1:]}
+    summary = {k: v for k, v in metrics.items() if k != "per_case"}
+    save_bundle(model, out / "bundle", extra={"metrics": summary, "recipe": str(config.out)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    echo(f"trained {state.step} steps in {train_seconds:.0f}s; bundle: {out / 'bundle'}")
+    echo(f"trained {state.step} steps in {seconds:.0f}s; bundle: {out / 'bundle'}")
     return out
+
+
+def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
+    from medalign.tasks.align import AlignTask
+
+    out, manifest = prepare_run(config)
+    if config.data.text_from_labels:
+        manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
+    model = build_model(config)
+    image_keys = image_columns(config, manifest)
+    if model.config.in_channels % len(image_keys):
+        raise ValueError(
+            f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
+        )
+    dataset = train_dataset(config, manifest, model, image_keys)
+    task = AlignTask(model, config.loss, image_keys=image_keys)
+    return fit_and_save(
+        config,
+        out,
+        model,
+        task,
+        dataset,
+        lambda m: evaluate_alignment(m, manifest, config, image_keys),
+        resume=resume,
+        echo=echo,
+    )
 
 
 def evaluate_alignment(
@@ -232,45 +264,25 @@ def segmentation_dataset(
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.bundle import save_bundle
-    from medalign.engine import Engine
     from medalign.models import create_model
     from medalign.tasks.segment import SegmentTask
 
-    validate_ranges(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    seed_everything(config.train.seed)
-    manifest = load_run_manifest(config, out)
+    out, manifest = prepare_run(config)
     model = create_model(config.model.name, **config.model.overrides)
     image_keys = image_columns(config, manifest)
-    assert config.data.mask is not None
+    assert config.data.mask is not None  # validate_ranges checked it
     dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
-    collate = Collator(model.tokenizer, max_length=config.data.text_max_length)
-    engine = Engine(config.train, config.optim, out)
-    start = time.perf_counter()
-    state = engine.fit(
-        SegmentTask(model, config.seg_loss, image_keys, config.data.mask),
+    task = SegmentTask(model, config.seg_loss, image_keys, config.data.mask)
+    return fit_and_save(
+        config,
+        out,
+        model,
+        task,
         dataset,
-        collate,
-        batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers,
-        drop_last=config.data.drop_last,
+        lambda m: evaluate_segmentation(m, manifest, config, image_keys, config.eval.split),
         resume=resume,
+        echo=echo,
     )
-    seconds = time.perf_counter() - start
-    if engine.fabric.global_rank != 0:
-        return out
-    model.cpu().float().eval()
-    metrics = evaluate_segmentation(model, manifest, config, image_keys, config.eval.split)
-    metrics["train"] = {"steps": state.step, "seconds": round(seconds, 1), "final": state.history[-1:]}
-    save_bundle(
-        model, out / "bundle", extra={"metrics": {k: v for k, v in metrics.items() if k != "per_case"}}
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    echo(f"trained {state.step} steps in {seconds:.0f}s; Dice on {config.eval.split}: {metrics['dice']:.4f}")
-    return out
 
 
 def evaluate_segmentation(
