@@ -90,12 +90,21 @@ def image_columns(config: RunConfig, manifest: Manifest) -> list[str]:
     return manifest.image_columns[:1]
 
 
-def train_dataset(
-    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str]
+def build_dataset(
+    config: RunConfig,
+    manifest: Manifest,
+    model: Any,
+    image_keys: list[str],
+    split: str,
+    *,
+    augment: bool,
+    mask: str | None = None,
+    label: str | None = None,
 ) -> ManifestDataset:
+    """A split of the manifest, preprocessed for ``model`` (size, channels per stacked modality)."""
     data = config.data
     size = data.image_size or model.config.image_size
-    augment = (
+    augmentation = (
         AugmentConfig(
             flip_axes=tuple(data.flip_axes),
             rotate_degrees=data.rotate_degrees,
@@ -103,21 +112,21 @@ def train_dataset(
             translate=data.translate,
             intensity_shift=0.05,
         )
-        if data.augment
+        if augment and data.augment
         else None
     )
     return ManifestDataset(
         manifest,
         DatasetConfig(
             modalities=tuple(image_keys),
-            mask=None,
-            label=data.label,
+            mask=mask,
+            label=label,
             channels=data.channels or model.config.in_channels // len(image_keys),
             preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
-            augment=augment,
+            augment=augmentation,
             cache=data.cache,
         ),
-        split="train",
+        split=split,
     )
 
 
@@ -189,7 +198,9 @@ def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print)
         raise ValueError(
             f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
         )
-    dataset = train_dataset(config, manifest, model, image_keys)
+    dataset = build_dataset(
+        config, manifest, model, image_keys, "train", augment=True, label=config.data.label
+    )
     task = AlignTask(model, config.loss, image_keys=image_keys)
     return fit_and_save(
         config,
@@ -235,32 +246,7 @@ def evaluate_alignment(
 def segmentation_dataset(
     config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
 ) -> ManifestDataset:
-    data = config.data
-    size = data.image_size or model.image_size
-    augmentation = (
-        AugmentConfig(
-            flip_axes=tuple(data.flip_axes),
-            rotate_degrees=data.rotate_degrees,
-            scale=data.scale,
-            translate=data.translate,
-            intensity_shift=0.05,
-        )
-        if augment and data.augment
-        else None
-    )
-    return ManifestDataset(
-        manifest,
-        DatasetConfig(
-            modalities=tuple(image_keys),
-            mask=data.mask,
-            label=None,
-            channels=data.channels or model.in_channels // len(image_keys),
-            preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
-            augment=augmentation,
-            cache=data.cache,
-        ),
-        split=split,
-    )
+    return build_dataset(config, manifest, model, image_keys, split, augment=augment, mask=config.data.mask)
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:

@@ -28,6 +28,7 @@ from medalign.models.towers import (
     build_text_tower,
     build_tokenizer,
     build_vision_tower,
+    merge_tower,
     tokenizer_source,
 )
 
@@ -117,16 +118,7 @@ class DualEncoderConfig:
             if key not in known:
                 raise TypeError(f"unknown override {key!r}; DualEncoderConfig fields: {sorted(known)}")
             if key in ("vision", "text") and isinstance(value, dict):
-                tower = data[key]
-                if value.get("source") not in (None, tower["source"]) and "config" not in value:
-                    # A new checkpoint defines its own architecture; the old random-init sizes
-                    # would otherwise be forced onto it as from_pretrained overrides.
-                    tower["config"] = {}
-                for tkey, tvalue in value.items():
-                    if tkey == "config" and isinstance(tvalue, dict):
-                        tower["config"] = {**tower["config"], **tvalue}
-                    else:
-                        tower[tkey] = tvalue
+                data[key] = merge_tower(data[key], value)
             elif isinstance(value, TowerConfig):
                 data[key] = value.to_dict()
             else:

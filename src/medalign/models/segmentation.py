@@ -37,6 +37,7 @@ from medalign.models.towers import (
     build_text_tower,
     build_tokenizer,
     build_vision_tower,
+    merge_tower,
     tokenizer_source,
 )
 
@@ -100,16 +101,7 @@ class _SegConfig:
             if key not in known:
                 raise TypeError(f"unknown override {key!r}; {type(self).__name__} fields: {sorted(known)}")
             if key in self._towers and isinstance(value, dict) and data[key] is not None:
-                tower = data[key]
-                if value.get("source") not in (None, tower["source"]) and "config" not in value:
-                    tower["config"] = {}  # a new checkpoint brings its own architecture
-                if "source" in value and value["source"] is None and tower["source"] is not None:
-                    tower["config"] = {}  # pretrained-only overrides mean nothing to a random tower
-                for tkey, tvalue in value.items():
-                    if tkey == "config" and isinstance(tvalue, dict):
-                        tower["config"] = {**tower["config"], **tvalue}
-                    else:
-                        tower[tkey] = tvalue
+                data[key] = merge_tower(data[key], value)
             elif isinstance(value, TowerConfig):
                 data[key] = value.to_dict()
             else:

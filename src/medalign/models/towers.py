@@ -345,6 +345,25 @@ class VisionTower(nn.Module):
         return _hf_config_dict(self.model.config)
 
 
+def merge_tower(tower: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A tower config dict with a recipe's partial override merged in.
+
+    Merging (rather than replacing) lets a recipe say ``{"source": path}`` or
+    ``{"config": {"num_hidden_layers": 2}}`` without restating the rest. A new ``source``
+    without a ``config`` clears the config (the checkpoint brings its own architecture), and so
+    does switching a pretrained tower to ``source: None`` (its overrides mean nothing to a
+    random tower).
+    """
+    tower = {**tower, "config": dict(tower.get("config") or {})}
+    new_source = override.get("source") not in (None, tower["source"]) and "config" not in override
+    to_random = "source" in override and override["source"] is None and tower["source"] is not None
+    if new_source or to_random:
+        tower["config"] = {}
+    for key, value in override.items():
+        tower[key] = {**tower["config"], **value} if key == "config" and isinstance(value, dict) else value
+    return tower
+
+
 def build_vision_tower(cfg: TowerConfig, in_channels: int = 3, image_size: int | None = None) -> VisionTower:
     """A vision tower with ``in_channels`` inputs at ``image_size`` (None: the config's/pretrained's)."""
     if not cfg.is_vision:
