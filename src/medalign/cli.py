@@ -20,6 +20,8 @@ data_app = typer.Typer(help="Import, validate, split and inspect datasets (manif
 app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Evaluate a trained bundle on a manifest split.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+predict_app = typer.Typer(help="Run a trained bundle on new images.", no_args_is_help=True)
+app.add_typer(predict_app, name="predict")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -299,6 +301,43 @@ def eval_probe(
         for s in ("train", "val")
     ]
     _write_metrics(ev.probe(*train_val, test), out)
+
+
+@predict_app.command("segment")
+def predict_segment(
+    model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],
+    image: Annotated[
+        list[Path], typer.Option(help="Image file; repeat once per modality, in training order.")
+    ],
+    out: Annotated[Path, typer.Option(help="Mask to write (.png, or .nii/.nii.gz).")],
+    text: Annotated[
+        str | None, typer.Option(help="Prompt naming what to segment (text-guided models).")
+    ] = None,
+    overlay_path: Annotated[Path | None, typer.Option("--overlay", help="Also write an overlay PNG.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
+    threshold: Annotated[float, typer.Option(help="Foreground probability threshold.")] = 0.5,
+) -> None:
+    """Segment one image of any size (sliding windows at the training size).
+
+    Example:
+
+        medalign predict segment --model runs/seg/bundle --image a.png --image b.png \\
+            --text "the lesion in the right lower zone" --out mask.png --overlay overlay.png
+    """
+    from medalign.bundle import load_bundle
+    from medalign.inference import load_input, overlay, predict_probabilities, save_mask
+
+    loaded = load_bundle(model)
+    try:
+        pixels = load_input(image, loaded.config.in_channels)
+        probabilities = predict_probabilities(loaded, pixels, text=text, flip_tta=tta)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    mask = probabilities > threshold
+    save_mask(mask, out)
+    if overlay_path:
+        overlay(pixels, mask).save(overlay_path)
+    typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size}")
 
 
 @app.command("quickstart")

@@ -1,0 +1,123 @@
+"""Segmentation inference on images of any size: sliding windows, optional flip TTA, outputs.
+
+Images larger than the model's training size are covered by overlapping windows of that size
+(MONAI's sliding-window inferer with Gaussian blending), so the model sees the scale it was
+trained at instead of a downscaled image. Flip test-time augmentation is refused for models
+conditioned on text or attributes: a flip turns "the left upper zone" into the right one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from PIL import Image
+
+from medalign.data.readers import read_image
+from medalign.data.transforms import normalise, to_channel_first
+
+
+def load_input(paths: Sequence[str | os.PathLike], in_channels: int) -> torch.Tensor:
+    """One image per modality -> ``[1, C, H, W]`` in [0, 1], channels matched to the model."""
+    arrays = [normalise(to_channel_first(read_image(p).array), "dtype") for p in paths]
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"modalities differ in size: {[a.shape[1:] for a in arrays]} for {list(map(str, paths))}"
+        )
+    stacked = np.concatenate(arrays, axis=0)
+    if stacked.shape[0] != in_channels:
+        if stacked.shape[0] == 3 and in_channels == 1:
+            stacked = stacked.mean(axis=0, keepdims=True)
+        elif stacked.shape[0] == 1:
+            stacked = np.repeat(stacked, in_channels, axis=0)
+        else:
+            raise ValueError(
+                f"the model takes {in_channels} channels; {list(map(str, paths))} give {stacked.shape[0]}"
+            )
+    return torch.from_numpy(stacked.astype(np.float32))[None]
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: Any,
+    pixel_values: torch.Tensor,
+    *,
+    text: str | None = None,
+    attributes: dict[str, str] | None = None,
+    overlap: float = 0.25,
+    flip_tta: bool = False,
+) -> np.ndarray:
+    """Foreground probability map ``[H, W]`` for one image ``[1, C, H, W]`` of any size."""
+    model.eval()
+    conditioning: dict[str, torch.Tensor] = {}
+    if getattr(model, "needs_text", False):
+        if not text:
+            raise ValueError("this model is text-guided: give the prompt that names what to segment")
+        conditioning = dict(model.tokenize([text]))
+    if attributes is not None:
+        conditioning["attributes"] = model.encode_attributes([attributes])
+    if flip_tta and conditioning:
+        raise ValueError(
+            "flip test-time augmentation would swap left/right in the prompt; use it without text"
+        )
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        inputs = {k: v.expand(len(windows), *v.shape[1:]) for k, v in conditioning.items()}
+        return torch.sigmoid(model(pixel_values=windows, **inputs)["logits"][:, :1].float())
+
+    size = model.config.image_size
+    height, width = pixel_values.shape[-2:]
+    padded = _pad_to(pixel_values, size)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(
+            x, (size, size), sw_batch_size=4, predictor=predictor, overlap=overlap, mode="gaussian"
+        )
+
+    probabilities = run(padded)
+    if flip_tta:
+        probabilities = (probabilities + run(padded.flip(-1)).flip(-1)) / 2
+    return probabilities[0, 0, :height, :width].numpy()
+
+
+def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad (bottom/right, zeros) so that each side is at least one window."""
+    pad_h, pad_w = max(0, size - x.shape[-2]), max(0, size - x.shape[-1])
+    return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def save_mask(mask: np.ndarray, path: str | os.PathLike, spacing: Sequence[float] = (1.0, 1.0)) -> Path:
+    """Binary mask as PNG (0/255) or NIfTI (uint8 0/1 with the pixel spacing), by suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    binary = mask.astype(bool)
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        affine = np.diag([float(spacing[1]), float(spacing[0]), 1.0, 1.0])
+        nib.save(nib.Nifti1Image(binary.T[:, :, None].astype(np.uint8), affine), str(path))  # (X, Y, 1)
+    else:
+        Image.fromarray((binary * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def overlay(
+    image: torch.Tensor, mask: np.ndarray, colour: tuple[int, int, int] = (255, 60, 60)
+) -> Image.Image:
+    """The first channel in grey with the mask tinted and its outline drawn, for reports."""
+    grey = (image[0, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1).astype(np.float32)
+    inside = mask.astype(bool)
+    rgb[inside] = 0.6 * rgb[inside] + 0.4 * np.asarray(colour, dtype=np.float32)
+    eroded = np.zeros_like(inside)
+    eroded[1:-1, 1:-1] = (
+        inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+    )
+    rgb[inside & ~eroded] = colour
+    return Image.fromarray(rgb.astype(np.uint8))
