@@ -70,3 +70,23 @@ def test_segment_task_requires_a_mask_column() -> None:
     config = load_config(REPO / "configs" / "segment" / "phantom_text.yaml", ["data.mask=null"])
     with pytest.raises(ConfigError, match=r"task segment needs data\.mask"):
         validate_ranges(config)
+
+
+def test_cli_eval_segment(prompts: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from medalign.bundle import save_bundle
+    from medalign.cli import app
+    from medalign.models import create_model
+
+    save_bundle(create_model("unet", in_channels=2, image_size=64, channels=[4, 8, 16]), tmp_path / "b")
+    args = ["eval", "segment", "--model", str(tmp_path / "b"), "--manifest", str(prompts),
+            "--modality", "image:a", "--modality", "image:b", "--out", str(tmp_path / "m.json")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_images"] == len(read_manifest(prompts).split("test")) and 0 <= metrics["dice"] <= 1
+    bad = CliRunner().invoke(app, [*args[:6], "--modality", "image:z"])
+    assert bad.exit_code == 1 and "image:z" in bad.output

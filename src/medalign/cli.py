@@ -303,6 +303,43 @@ def eval_probe(
     _write_metrics(ev.probe(*train_val, test), out)
 
 
+@eval_app.command("segment")
+def eval_segment(
+    model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],
+    manifest: Annotated[
+        Path, typer.Option(help="Manifest with images, masks (and text for text-guided models).")
+    ],
+    modality: Annotated[
+        list[str] | None, typer.Option(help="Image column(s), in training order (default: the first).")
+    ] = None,
+    mask: Annotated[str, typer.Option(help="Mask column.")] = "mask",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 (undefined cases listed) and NSD.
+
+    Example:
+
+        medalign eval segment --model runs/seg/bundle --manifest phantom/prompts.csv \\
+            --modality image:a --modality image:b --out metrics.json
+    """
+    from medalign.bundle import load_bundle
+    from medalign.config import RunConfig
+    from medalign.data.manifest import read_manifest
+    from medalign.run import evaluate_segmentation, image_columns
+
+    loaded_model = load_bundle(model)
+    loaded = read_manifest(manifest)
+    config = RunConfig(task="segment")
+    config.data.mask, config.data.modalities = mask, list(modality) if modality else None
+    try:
+        keys = image_columns(config, loaded)
+        metrics = evaluate_segmentation(loaded_model, loaded, config, keys, split)
+    except (ValueError, KeyError) as err:
+        raise _fail(str(err)) from err
+    _write_metrics(metrics, out)
+
+
 @predict_app.command("segment")
 def predict_segment(
     model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],
