@@ -35,6 +35,7 @@ import torch
 
 from medalign import evaluate as ev
 from medalign.config import load_config
+from medalign.data.dataset import dataset_for_model
 from medalign.data.importers import load_dataset
 from medalign.data.manifest import Manifest, assign_splits, write_manifest
 from medalign.run import build_model, image_columns, load_run_manifest, run_training, texts_from_labels
@@ -56,10 +57,10 @@ def evaluate_model(
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label, templates in zeroshot.items():
-        embeddings = ev.embed_split(model, ev.dataset_for_model(manifest, model, split, label, keys))
+        embeddings = ev.embed_split(model, dataset_for_model(manifest, model, split, label, keys))
         results[f"zeroshot:{label}"] = ev.zero_shot(model, embeddings, templates)
     if retrieval:
-        embeddings = ev.embed_split(model, ev.dataset_for_model(manifest, model, split, None, keys))
+        embeddings = ev.embed_split(model, dataset_for_model(manifest, model, split, None, keys))
         results["retrieval"] = ev.retrieval(embeddings)
     return results
 
@@ -243,7 +244,7 @@ def probe_for(bundle: Path, config: Any) -> dict[str, Any]:
     manifest = read_manifest(config.data.manifest)
     keys = image_columns(config, manifest)
     splits = [
-        ev.embed_split(model, ev.dataset_for_model(manifest, model, s, "label", keys))
+        ev.embed_split(model, dataset_for_model(manifest, model, s, "label", keys))
         for s in ("train", "val", "test")
     ]
     return ev.probe(*splits)["test"]

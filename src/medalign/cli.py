@@ -221,13 +221,14 @@ def train(
 def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> tuple[Any, Any, Any]:
     from medalign import evaluate as ev
     from medalign.bundle import load_bundle
+    from medalign.data.dataset import dataset_for_model
     from medalign.data.manifest import read_manifest
 
     loaded_model = load_bundle(model)
     loaded = read_manifest(manifest)
     if label and label not in loaded.table.columns:
         raise _fail(f"manifest '{manifest}' has no column '{label}'")
-    dataset = ev.dataset_for_model(loaded, loaded_model, split, label)
+    dataset = dataset_for_model(loaded, loaded_model, split, label)
     return loaded_model, loaded, ev.embed_split(loaded_model, dataset)
 
 
@@ -294,10 +295,11 @@ def eval_probe(
         medalign eval probe --model runs/busi/bundle --manifest busi.csv --label label
     """
     from medalign import evaluate as ev
+    from medalign.data.dataset import dataset_for_model
 
     loaded_model, loaded, test = _eval_common(model, manifest, split, label)
     train_val = [
-        ev.embed_split(loaded_model, ev.dataset_for_model(loaded, loaded_model, s, label))
+        ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label))
         for s in ("train", "val")
     ]
     _write_metrics(ev.probe(*train_val, test), out)

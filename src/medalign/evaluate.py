@@ -6,7 +6,6 @@ The metric math lives in :mod:`medalign.metrics`, :mod:`medalign.zeroshot` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset, stack_modalities
-from medalign.data.manifest import Manifest
-from medalign.data.transforms import PreprocessConfig
+from medalign.data.dataset import Collator, ManifestDataset, stack_modalities
 from medalign.metrics import bidirectional_retrieval, same_group_positives
 from medalign.probe import linear_probe
 from medalign.zeroshot import build_class_prompts, load_templates, resolve_classes, zero_shot_weights
@@ -38,32 +35,6 @@ def autocast_for(model: nn.Module, precision: str = "bf16") -> Any:
     if precision != "bf16":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def dataset_for_model(
-    manifest: Manifest,
-    model: Any,
-    split: str | None,
-    label: str | None = "label",
-    image_keys: Sequence[str] | None = None,
-    normalisation: str = "dtype",
-) -> ManifestDataset:
-    """A non-augmenting dataset whose preprocessing matches the model's input (size, channels)."""
-    config = model.config
-    modalities = tuple(image_keys or manifest.image_columns[:1])
-    return ManifestDataset(
-        manifest,
-        DatasetConfig(
-            modalities=modalities,
-            mask=None,
-            label=label,
-            channels=config.in_channels // len(modalities),
-            preprocess=PreprocessConfig(
-                size=(config.image_size, config.image_size), normalisation=normalisation
-            ),
-        ),
-        split=split,
-    )
 
 
 @torch.no_grad()

@@ -16,9 +16,8 @@ from typing import Any
 from lightning.fabric.utilities.seed import seed_everything
 
 from medalign.config import RunConfig, save_config, validate_ranges
-from medalign.data.dataset import Collator, DatasetConfig, ManifestDataset
+from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest, read_manifest
-from medalign.data.transforms import AugmentConfig, PreprocessConfig
 
 
 def load_run_manifest(config: RunConfig, out: Path) -> Manifest:
@@ -90,46 +89,6 @@ def image_columns(config: RunConfig, manifest: Manifest) -> list[str]:
     return manifest.image_columns[:1]
 
 
-def build_dataset(
-    config: RunConfig,
-    manifest: Manifest,
-    model: Any,
-    image_keys: list[str],
-    split: str,
-    *,
-    augment: bool,
-    mask: str | None = None,
-    label: str | None = None,
-) -> ManifestDataset:
-    """A split of the manifest, preprocessed for ``model`` (size, channels per stacked modality)."""
-    data = config.data
-    size = data.image_size or model.config.image_size
-    augmentation = (
-        AugmentConfig(
-            flip_axes=tuple(data.flip_axes),
-            rotate_degrees=data.rotate_degrees,
-            scale=data.scale,
-            translate=data.translate,
-            intensity_shift=0.05,
-        )
-        if augment and data.augment
-        else None
-    )
-    return ManifestDataset(
-        manifest,
-        DatasetConfig(
-            modalities=tuple(image_keys),
-            mask=mask,
-            label=label,
-            channels=data.channels or model.config.in_channels // len(image_keys),
-            preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
-            augment=augmentation,
-            cache=data.cache,
-        ),
-        split=split,
-    )
-
-
 def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """Dispatch on ``config.task``."""
     if config.task == "segment":
@@ -198,8 +157,8 @@ def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print)
         raise ValueError(
             f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
         )
-    dataset = build_dataset(
-        config, manifest, model, image_keys, "train", augment=True, label=config.data.label
+    dataset = dataset_for_model(
+        manifest, model, "train", config.data.label, image_keys, data=config.data, augment=True
     )
     task = AlignTask(model, config.loss, image_keys=image_keys)
     return fit_and_save(
@@ -227,7 +186,7 @@ def evaluate_alignment(
     @cache
     def embed(split: str, label: str | None) -> ev.SplitEmbeddings:
         label = label if label in manifest.table.columns else None
-        dataset = ev.dataset_for_model(manifest, model, split, label, image_keys, config.data.normalisation)
+        dataset = dataset_for_model(manifest, model, split, label, image_keys, data=config.data)
         return ev.embed_split(model, dataset)
 
     results: dict[str, Any] = {"split": ev_cfg.split}
@@ -246,7 +205,9 @@ def evaluate_alignment(
 def segmentation_dataset(
     config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
 ) -> ManifestDataset:
-    return build_dataset(config, manifest, model, image_keys, split, augment=augment, mask=config.data.mask)
+    return dataset_for_model(
+        manifest, model, split, None, image_keys, mask=config.data.mask, data=config.data, augment=augment
+    )
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:

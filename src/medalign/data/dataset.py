@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from medalign.data.transforms import (
     eval_augment,
     to_channel_first,
 )
+
+if TYPE_CHECKING:
+    from medalign.config import DataConfig
 
 Sample = dict[str, Any]
 
@@ -181,6 +184,54 @@ def _plain_tensors() -> Iterator[None]:
         yield
     finally:
         set_track_meta(previous)
+
+
+def dataset_for_model(
+    manifest: Manifest,
+    model: Any,
+    split: str | None,
+    label: str | None = None,
+    image_keys: Sequence[str] | None = None,
+    *,
+    mask: str | None = None,
+    data: DataConfig | None = None,
+    augment: bool = False,
+) -> ManifestDataset:
+    """A split preprocessed for ``model``: its image size and its channels per stacked modality.
+
+    ``data`` (a recipe's ``data:`` section) can override size and channels and supplies the
+    normalisation, cache and augmentation settings, so training and evaluation of a run
+    preprocess alike; without it the model's own input description is used.
+    """
+    from medalign.config import DataConfig
+
+    data = data or DataConfig()
+    modalities = tuple(image_keys or manifest.image_columns[:1])
+    size = data.image_size or model.config.image_size
+    augmentation = (
+        AugmentConfig(
+            flip_axes=tuple(data.flip_axes),
+            rotate_degrees=data.rotate_degrees,
+            scale=data.scale,
+            translate=data.translate,
+            intensity_shift=0.05,
+        )
+        if augment and data.augment
+        else None
+    )
+    return ManifestDataset(
+        manifest,
+        DatasetConfig(
+            modalities=modalities,
+            mask=mask,
+            label=label,
+            channels=data.channels or model.config.in_channels // len(modalities),
+            preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
+            augment=augmentation,
+            cache=data.cache,
+        ),
+        split=split,
+    )
 
 
 def _match_channels(array: np.ndarray, channels: int) -> np.ndarray:

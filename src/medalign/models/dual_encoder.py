@@ -11,10 +11,9 @@ preprocessing and a Predictor cannot pair the weights with the wrong mean/std.
 from __future__ import annotations
 
 import copy
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +23,11 @@ from medalign.models.adapters import attach_adapters, freeze_tower
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM,
+    ConfigRecord,
     TowerConfig,
     build_text_tower,
     build_tokenizer,
     build_vision_tower,
-    merge_tower,
     tokenizer_source,
 )
 
@@ -38,8 +37,10 @@ PROJECTIONS = ("linear", "mlp")
 
 
 @dataclass
-class DualEncoderConfig:
+class DualEncoderConfig(ConfigRecord):
     """Complete description of a dual encoder; ``to_dict()`` is what a bundle stores."""
+
+    _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
 
     vision: TowerConfig
     text: TowerConfig
@@ -92,38 +93,6 @@ class DualEncoderConfig:
         mean = self.image_mean if self.image_mean is not None else default_mean
         std = self.image_std if self.image_std is not None else default_std
         return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown DualEncoderConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**copy.deepcopy(data))
-
-    def replace(self, **overrides: Any) -> DualEncoderConfig:
-        """A copy with ``overrides`` applied; ``vision=``/``text=`` dicts merge into the tower config.
-
-        Merging (rather than replacing) towers lets a recipe say ``vision={"source": path}`` or
-        ``text={"config": {"num_hidden_layers": 2}}`` without restating the rest of the architecture.
-        A new ``source`` without a ``config`` clears the config (the checkpoint brings its own);
-        pass a ``TowerConfig`` to replace a tower outright.
-        """
-        data = self.to_dict()
-        known = {f.name for f in fields(self)}
-        for key, value in overrides.items():
-            if key not in known:
-                raise TypeError(f"unknown override {key!r}; DualEncoderConfig fields: {sorted(known)}")
-            if key in ("vision", "text") and isinstance(value, dict):
-                data[key] = merge_tower(data[key], value)
-            elif isinstance(value, TowerConfig):
-                data[key] = value.to_dict()
-            else:
-                data[key] = value
-        return DualEncoderConfig.from_dict(data)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:

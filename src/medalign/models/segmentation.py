@@ -17,11 +17,9 @@ compare them with the mask (upsample the logits or pool the mask), not the model
 
 from __future__ import annotations
 
-import copy
 import itertools
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -32,12 +30,12 @@ from medalign.models.dual_encoder import CLIP_MEAN, CLIP_STD
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM,
+    ConfigRecord,
     TowerConfig,
     VisionTower,
     build_text_tower,
     build_tokenizer,
     build_vision_tower,
-    merge_tower,
     tokenizer_source,
 )
 
@@ -53,7 +51,7 @@ C = TypeVar("C", bound="_SegConfig")
 
 
 @dataclass
-class _SegConfig:
+class _SegConfig(ConfigRecord):
     """Fields and (de)serialisation shared by every segmentation config.
 
     ``arch`` is stored in the dict so ``segmentation_config_from_dict`` can pick the config
@@ -76,37 +74,6 @@ class _SegConfig:
             raise ValueError(
                 f"in_channels and num_classes must be >= 1, got {self.in_channels}, {self.num_classes}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**copy.deepcopy(data))
-
-    def replace(self: C, **overrides: Any) -> C:
-        """A copy with ``overrides``; tower dicts merge into the current tower (as in DualEncoderConfig).
-
-        ``text={"source": None, "config": {...}}`` swaps the pretrained MiniLM for a random tower
-        of the given sizes; ``text=None`` removes text conditioning; a ``TowerConfig`` replaces
-        a tower outright.
-        """
-        data = self.to_dict()
-        known = {f.name for f in fields(self)}
-        for key, value in overrides.items():
-            if key not in known:
-                raise TypeError(f"unknown override {key!r}; {type(self).__name__} fields: {sorted(known)}")
-            if key in self._towers and isinstance(value, dict) and data[key] is not None:
-                data[key] = merge_tower(data[key], value)
-            elif isinstance(value, TowerConfig):
-                data[key] = value.to_dict()
-            else:
-                data[key] = value
-        return type(self).from_dict(data)
 
 
 @dataclass

