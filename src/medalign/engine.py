@@ -287,7 +287,20 @@ class Engine:
             progress.close()
         for logger in fabric.loggers:
             logger.finalize("success")
+        fabric.barrier()
         return state
+
+    def close(self) -> None:
+        """Tear down the process group this engine joined.
+
+        Gloo keeps worker threads alive; a process that exits with the group still open can abort
+        with "terminate called without an active exception" on some ranks.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self.fabric.barrier()
+            dist.destroy_process_group()
 
     def _step(
         self, task: Task, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch

@@ -133,6 +133,7 @@ def fit_and_save(
         resume=resume,
     )
     seconds = time.perf_counter() - start
+    engine.close()
     if engine.fabric.global_rank != 0:
         return out
     model.cpu().float().eval()

@@ -115,7 +115,11 @@ def train(
         OptimConfig(lr=0.05, warmup_steps=2),
         out,
     )
-    state = engine.fit(task, ToyData(), collate, batch_size=batch_size, resume=resume)
+    try:
+        state = engine.fit(task, ToyData(), collate, batch_size=batch_size, resume=resume)
+    finally:
+        if devices > 1:
+            engine.close()
     return model, state
 
 
