@@ -355,6 +355,7 @@ def predict_segment(
     overlay_path: Annotated[Path | None, typer.Option("--overlay", help="Also write an overlay PNG.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     threshold: Annotated[float, typer.Option(help="Foreground probability threshold.")] = 0.5,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")] = False,
 ) -> None:
     """Segment one image of any size (sliding windows at the training size).
 
@@ -369,7 +370,7 @@ def predict_segment(
     loaded = load_bundle(model)
     try:
         pixels = load_input(image, loaded.config.in_channels)
-        probabilities = predict_probabilities(loaded, pixels, text=text, flip_tta=tta)
+        probabilities = predict_probabilities(loaded, pixels, text=text, flip_tta=tta, bf16=bf16)
     except ValueError as err:
         raise _fail(str(err)) from err
     mask = probabilities > threshold
