@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import medalign
-from medalign.config import ConfigError, load_config
+from medalign.config import ConfigError, RunConfig, load_config
 from medalign.data.manifest import read_manifest
 from medalign.data.phantom import PhantomConfig, generate_phantom
 from medalign.run import run_training, segmentation_dataset
@@ -44,6 +44,7 @@ def test_train_evaluate_bundle_reload(prompts: Path, tmp_path: Path, name: str, 
             "data.num_workers=0",
             "data.batch_size=8",
             "seg_loss.side_weight=0.3",
+            "train.precision=32-true",  # bf16 autocast is slow on a CPU
         ],
     )
     run = run_training(config)
@@ -90,3 +91,115 @@ def test_cli_eval_segment(prompts: Path, tmp_path: Path) -> None:
     assert metrics["n_images"] == len(read_manifest(prompts).split("test")) and 0 <= metrics["dice"] <= 1
     bad = CliRunner().invoke(app, [*args[:6], "--modality", "image:z"])
     assert bad.exit_code == 1 and "image:z" in bad.output
+
+
+def _phantom_config(prompts: Path, out: Path, *overrides: str) -> RunConfig:
+    return load_config(
+        REPO / "configs" / "segment" / "phantom_text.yaml",
+        [
+            f"out={out}",
+            f"data.manifest={prompts}",
+            "data.phantom=null",
+            "train.progress=false",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            *overrides,
+        ],
+    )
+
+
+def test_clip_decoder_starts_from_an_alignment_bundle(prompts: Path, tmp_path: Path) -> None:
+    """NextGen-UIA's path: the aligned vision tower (and its preprocessing) becomes the decoder's backbone."""
+    import json
+
+    from medalign.bundle import save_bundle
+    from medalign.models import create_model
+
+    torch.manual_seed(1)
+    encoder = create_model("align_tiny", in_channels=2, image_size=64)
+    save_bundle(encoder, tmp_path / "aligned")
+    config = _phantom_config(
+        prompts,
+        tmp_path / "run",
+        "model.name=clip_decoder",
+        f"model.init_from={tmp_path / 'aligned'}",
+        "model.overrides={decoder_dim: 16}",
+        "train.max_steps=1",
+        "optim.lr=1.0e-9",
+        "seg_loss.side_weight=0",
+    )
+    run = run_training(config)
+    loaded = medalign.load(str(run / "bundle"))
+    assert loaded.config.decoder_dim == 16 and loaded.config.vision.config["hidden_size"] == 64
+    expected = encoder.vision.state_dict()
+    assert expected.keys() == loaded.vision.state_dict().keys()
+    for key, value in loaded.vision.state_dict().items():  # lr 1e-9: one step leaves them in place
+        torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=0)
+    assert 0 <= json.loads((run / "metrics.json").read_text())["dice"] <= 1
+
+
+def test_segmentation_init_from_loads_a_segmentation_bundle(prompts: Path, tmp_path: Path) -> None:
+    from medalign.bundle import save_bundle
+    from medalign.models import create_model
+    from medalign.run import build_model
+
+    tiny = "{in_channels: 2, image_size: 64, channels: [4, 8, 16]}"
+    torch.manual_seed(2)
+    source = create_model("unet", in_channels=2, image_size=64, channels=[4, 8, 16])
+    save_bundle(source, tmp_path / "seg")
+    config = _phantom_config(
+        prompts,
+        tmp_path / "run",
+        "model.name=unet",
+        f"model.overrides={tiny}",
+        f"model.init_from={tmp_path / 'seg'}",
+    )
+    torch.manual_seed(3)
+    model = build_model(config)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+    wider = _phantom_config(
+        prompts,
+        tmp_path / "r2",
+        "model.name=unet",
+        f"model.init_from={tmp_path / 'seg'}",
+        "model.overrides={in_channels: 2, image_size: 64, channels: [8, 16, 32]}",
+    )
+    with pytest.raises(ValueError, match="do not fit model 'unet'"):
+        build_model(wider)
+    other = _phantom_config(
+        prompts,
+        tmp_path / "r3",
+        f"model.init_from={tmp_path / 'seg'}",
+        "model.overrides={in_channels: 2, image_size: 64, base_width: 8}",
+    )
+    with pytest.raises(ValueError, match="none of its weights fit model 'text_unet'"):
+        build_model(other)
+
+
+def test_init_from_refuses_a_bundle_of_the_other_kind(tmp_path: Path) -> None:
+    from medalign.bundle import save_bundle
+    from medalign.models import create_model
+    from medalign.run import build_model
+
+    save_bundle(create_model("align_tiny", in_channels=1), tmp_path / "aligned")
+    save_bundle(create_model("unet", in_channels=1, image_size=64, channels=[4, 8, 16]), tmp_path / "seg")
+    unet = load_config(
+        REPO / "configs" / "segment" / "phantom_text.yaml",
+        [
+            "model.name=unet",
+            "model.overrides={in_channels: 1, channels: [4, 8, 16]}",
+            f"model.init_from={tmp_path / 'aligned'}",
+        ],
+    )
+    with pytest.raises(
+        ValueError, match=r"alignment bundle, which cannot initialise 'unet' \(a segmentation"
+    ):
+        build_model(unet)
+    align = load_config(
+        REPO / "configs" / "align" / "phantom.yaml",
+        ["model.name=align_tiny", "model.overrides={in_channels: 1}", f"model.init_from={tmp_path / 'seg'}"],
+    )
+    with pytest.raises(ValueError, match=r"segmentation bundle, which cannot initialise 'align_tiny'"):
+        build_model(align)

@@ -58,21 +58,61 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
 
 
 def build_model(config: RunConfig) -> Any:
-    from medalign.bundle import load_bundle
-    from medalign.models import create_model
-    from medalign.models.adapters import apply_adapters
+    """The recipe's model: ``model.name`` with its overrides, started from ``model.init_from`` if set.
 
-    model = create_model(config.model.name, **config.model.overrides)
-    if config.model.init_from:
-        weights = load_bundle(config.model.init_from).state_dict()
-        result = model.load_state_dict(weights, strict=False)
-        if len(result.unexpected_keys) == len(weights):
+    ``init_from`` names a bundle. A bundle of the same kind (alignment for an alignment model,
+    segmentation for a segmentation model) gives the new model every weight whose name they
+    share (a differing shape is an error). An alignment bundle can also start a ``clip_decoder``:
+    its vision tower becomes the decoder's backbone, with its preprocessing
+    (``ClipDecoder.from_dual_encoder``; NextGen-UIA's aligned encoder -> segmentation path), and
+    ``model.overrides`` set the decoder's own fields. Any other pairing is a ValueError.
+    """
+    from medalign.bundle import load_bundle
+    from medalign.models import DualEncoder, create_model
+    from medalign.models.adapters import apply_adapters
+    from medalign.models.segmentation import ClipDecoder
+
+    name, overrides, init_from = config.model.name, config.model.overrides, config.model.init_from
+    source = load_bundle(init_from) if init_from else None
+    if isinstance(source, DualEncoder) and name == "clip_decoder":
+        try:
+            model = ClipDecoder.from_dual_encoder(source, **overrides)
+        except RuntimeError as err:  # the strict load of the vision tower (adapters, changed sizes)
             raise ValueError(
-                f"init_from '{config.model.init_from}': none of its weights fit model {config.model.name!r}"
-            )
+                f"init_from '{init_from}': its vision tower does not fit clip_decoder: {err}"
+            ) from err
+    else:
+        model = create_model(name, **overrides)
+        if source is not None:
+            kind, target = (_kind(m) for m in (source, model))
+            if kind != target:
+                raise ValueError(
+                    f"init_from '{init_from}' is {kind} bundle, which cannot initialise {name!r} "
+                    f"({target}): an alignment bundle starts an alignment model or a clip_decoder, "
+                    "a segmentation bundle a segmentation model"
+                )
+            load_matching_weights(model, source.state_dict(), init_from, name)
     if config.model.adapters:
+        if not isinstance(model, DualEncoder):
+            raise ValueError(f"model.adapters apply to alignment models (dual encoders), not {name!r}")
         model = apply_adapters(model, config.model.adapters)
     return model
+
+
+def _kind(model: Any) -> str:
+    from medalign.models import DualEncoder
+
+    return "an alignment" if isinstance(model, DualEncoder) else "a segmentation"
+
+
+def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, name: str) -> None:
+    """Load the weights whose names the model shares; an error when none do or a shape differs."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # same name, different shape
+        raise ValueError(f"init_from '{init_from}': its weights do not fit model {name!r}: {err}") from err
+    if len(result.unexpected_keys) == len(weights):
+        raise ValueError(f"init_from '{init_from}': none of its weights fit model {name!r}")
 
 
 def image_columns(config: RunConfig, manifest: Manifest) -> list[str]:
@@ -212,11 +252,10 @@ def segmentation_dataset(
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.models import create_model
     from medalign.tasks.segment import SegmentTask
 
     out, manifest = prepare_run(config)
-    model = create_model(config.model.name, **config.model.overrides)
+    model = build_model(config)
     image_keys = image_columns(config, manifest)
     assert config.data.mask is not None  # validate_ranges checked it
     dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
