@@ -27,17 +27,20 @@ class BundleError(ValueError):
     """A folder is not a usable bundle; the message names the folder and what is wrong."""
 
 
-DUAL_ENCODER, SEGMENTATION = "DualEncoder", "segmentation"
+DUAL_ENCODER, SEGMENTATION, FUSION = "DualEncoder", "segmentation", "fusion"
 
 
 def _kind(model: Any) -> str:
     from medalign.models import DualEncoder
+    from medalign.models.fusion import FusionModel
 
-    return DUAL_ENCODER if isinstance(model, DualEncoder) else SEGMENTATION
+    if isinstance(model, DualEncoder):
+        return DUAL_ENCODER
+    return FUSION if isinstance(model, FusionModel) else SEGMENTATION
 
 
 def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write a dual encoder or a segmentation model as a self-contained bundle."""
+    """Write a dual encoder, a segmentation or a fusion model as a self-contained bundle."""
     from medalign import __version__
 
     directory = Path(directory)
@@ -115,6 +118,7 @@ def resolve_bundle(name_or_path: str | os.PathLike) -> Path:
 def load_bundle(name_or_path: str | os.PathLike) -> Any:
     """Load a bundle with no network access (unless given a hub id that is not cached yet)."""
     from medalign.models import DualEncoder, DualEncoderConfig
+    from medalign.models.fusion import build_fusion_model
     from medalign.models.segmentation import build_segmentation_model
 
     directory = resolve_bundle(name_or_path)
@@ -127,6 +131,8 @@ def load_bundle(name_or_path: str | os.PathLike) -> Any:
         model = DualEncoder(DualEncoderConfig.from_dict(model_config))
     elif payload.get("kind") == SEGMENTATION:
         model = build_segmentation_model(model_config)
+    elif payload.get("kind") == FUSION:
+        model = build_fusion_model(model_config)
     else:
         raise BundleError(f"'{directory}': unknown model kind {payload.get('kind')!r}")
     weights = directory / WEIGHTS_NAME

@@ -4,6 +4,7 @@ Importing this package registers every built-in architecture, so ``create_model(
 after ``import medalign.models``. A module that adds architectures must be imported here too.
 """
 
+from medalign.models import fusion as _fusion  # noqa: F401  (registers models)
 from medalign.models import segmentation as _segmentation  # noqa: F401  (registers models)
 from medalign.models.adapters import apply_adapters, freeze_tower, trainable_parameters
 from medalign.models.dual_encoder import DualEncoder, DualEncoderConfig
