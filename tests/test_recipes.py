@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from medalign.cli import app
 from medalign.config import RunConfig, load_config, validate_ranges
 from medalign.models import DualEncoder, create_model
+from medalign.models.fusion import FUSION_MODELS
 from medalign.models.segmentation import SEGMENTATION_MODELS, ClipDecoder
 from medalign.run import build_model, run_training
 
@@ -54,6 +55,15 @@ def test_recipe_builds_its_model(path: Path) -> None:
     assert channels * modalities == model.config.in_channels
     if config.task == "align":
         assert isinstance(model, DualEncoder)
+        return
+    if config.task == "fuse":  # every modality as its own input (configs/fuse/)
+        assert config.model.name in FUSION_MODELS
+        size = config.data.image_size or model.config.image_size
+        inputs = {"pixel_values": {m: torch.rand(1, channels, size, size) for m in model.config.modalities}}
+        if model.needs_text:
+            inputs |= model.tokenize(["a cyst in the left upper zone"])
+        with torch.no_grad():
+            assert model.eval()(**inputs)["logits"].shape == (1, 1, size, size)
         return
     assert config.model.name in SEGMENTATION_MODELS
     size = config.data.image_size or model.config.image_size

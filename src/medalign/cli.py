@@ -342,6 +342,64 @@ def eval_segment(
     _write_metrics(metrics, out)
 
 
+@eval_app.command("fuse")
+def eval_fuse(
+    model: Annotated[Path, typer.Option(help="Fusion bundle folder.")],
+    manifest: Annotated[
+        Path, typer.Option(help="Manifest with every modality's column and masks or labels.")
+    ],
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(help="Image column per model modality, in model order (default: image:<name>)."),
+    ] = None,
+    mask: Annotated[str, typer.Option(help="Mask column (segmentation head).")] = "mask",
+    label: Annotated[str, typer.Option(help="Label column (classification head).")] = "label",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Metrics for every non-empty subset of the model's modalities (a, b, a+b, ...), one row each.
+
+    Segmentation: per-image Dice/IoU, pooled Dice, HD95; classification: ACC, balanced ACC,
+    macro-F1, AUC. Example:
+
+        medalign eval fuse --model runs/fuse_phantom/bundle --manifest phantom/manifest.csv
+    """
+    from medalign.bundle import load_bundle
+    from medalign.config import RunConfig
+    from medalign.data.manifest import read_manifest
+    from medalign.models.fusion import FusionModel
+    from medalign.run import evaluate_fusion, fusion_columns
+
+    loaded_model = load_bundle(model)
+    if not isinstance(loaded_model, FusionModel):
+        raise _fail(f"'{model}' is not a fusion bundle; use medalign eval segment (or zeroshot, ...)")
+    loaded = read_manifest(manifest)
+    config = RunConfig(task="fuse")
+    config.data.mask, config.data.label = mask, label
+    config.data.modalities = list(modality) if modality else None
+    try:
+        keys = fusion_columns(config, loaded, loaded_model)
+        metrics = evaluate_fusion(loaded_model, loaded, config, keys, split)
+    except (ValueError, KeyError) as err:
+        raise _fail(str(err)) from err
+    segment = loaded_model.config.task_head == "segment"
+    columns = (
+        ("dice", "iou", "pooled_dice", "hd95")
+        if segment
+        else ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+    )
+    width = max(len(k) for k in [*metrics["subsets"], "modalities"])
+    typer.echo(f"{'modalities':<{width}}  {'n':>5}  " + "  ".join(f"{c:>17}" for c in columns))
+    for key, row in metrics["subsets"].items():
+        n = row.get("n_images", row.get("n", 0))
+        cells = [row.get(c) for c in columns]
+        shown = "  ".join(f"{'-' if v is None else f'{v:.4f}':>17}" for v in cells)
+        typer.echo(f"{key:<{width}}  {n:>5}  {shown}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+
+
 @predict_app.command("segment")
 def predict_segment(
     model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],
@@ -355,7 +413,9 @@ def predict_segment(
     overlay_path: Annotated[Path | None, typer.Option("--overlay", help="Also write an overlay PNG.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     threshold: Annotated[float, typer.Option(help="Foreground probability threshold.")] = 0.5,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")] = False,
+    bf16: Annotated[
+        bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")
+    ] = False,
 ) -> None:
     """Segment one image of any size (sliding windows at the training size).
 

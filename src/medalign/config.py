@@ -81,6 +81,29 @@ class SegLossConfig:
 
 
 @dataclass
+class FuseLossConfig:
+    """Weights of the fuse task's terms, added to the task loss (``seg_loss`` Dice+BCE, or cross-entropy).
+
+    ADF terms (``fuse_adf``; MM-EndoCL) apply to every pair of modalities over the cases where
+    both are present: multi-scale MMD of the encoders' features, similarity of the shared parts,
+    dissimilarity of the specific parts, shared/specific orthogonality per modality, and the
+    disentangled contrastive loss. ``balance_weight`` scales the MoE load-balancing loss
+    (``fuse_moe``; 1.0 at perfect balance, so the term is never zero). A term whose features a
+    model does not produce is skipped.
+    """
+
+    mmd_weight: float = 0.1
+    similarity_weight: float = 0.1
+    dissimilarity_weight: float = 0.1
+    dissimilarity_margin: float = 0.0
+    orthogonality_weight: float = 0.1
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    balance_weight: float = 0.01
+    label_smoothing: float = 0.0  # classification head only
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -120,12 +143,13 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["align", "segment"] = "align"
+    task: Literal["align", "segment", "fuse"] = "align"
     out: str = "runs/align"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)  # contrastive (task: align)
-    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)  # task: segment
+    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)  # task: segment (and fuse's mask loss)
+    fuse_loss: FuseLossConfig = field(default_factory=FuseLossConfig)  # task: fuse
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -274,7 +298,31 @@ def validate_ranges(config: RunConfig) -> None:
             config.task != "segment" or bool(config.data.mask),
             "task segment needs data.mask (the mask column)",
         ),
+        *_fuse_checks(config),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _fuse_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Range checks of ``task: fuse``; the head comes from ``model.overrides.task_head`` (default segment)."""
+    if config.task != "fuse":
+        return []
+    loss = config.fuse_loss
+    weights = ("mmd", "similarity", "dissimilarity", "orthogonality", "contrastive", "balance")
+    head = config.model.overrides.get("task_head", "segment")
+    return [
+        *((getattr(loss, f"{w}_weight") >= 0, f"fuse_loss.{w}_weight must be >= 0") for w in weights),
+        (loss.contrastive_temperature > 0, "fuse_loss.contrastive_temperature must be > 0"),
+        (-1.0 <= loss.dissimilarity_margin <= 1.0, "fuse_loss.dissimilarity_margin must be in [-1, 1]"),
+        (0.0 <= loss.label_smoothing < 1.0, "fuse_loss.label_smoothing must be in [0, 1)"),
+        (
+            head != "segment" or bool(config.data.mask),
+            "task fuse with a segmentation head needs data.mask (the mask column)",
+        ),
+        (
+            head != "classify" or bool(config.data.label),
+            "task fuse with a classification head needs data.label (the label column)",
+        ),
+    ]

@@ -101,8 +101,11 @@ def build_model(config: RunConfig) -> Any:
 
 def _kind(model: Any) -> str:
     from medalign.models import DualEncoder
+    from medalign.models.fusion import FusionModel
 
-    return "an alignment" if isinstance(model, DualEncoder) else "a segmentation"
+    if isinstance(model, DualEncoder):
+        return "an alignment"
+    return "a fusion" if isinstance(model, FusionModel) else "a segmentation"
 
 
 def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, name: str) -> None:
@@ -133,6 +136,8 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     """Dispatch on ``config.task``."""
     if config.task == "segment":
         return run_segmentation(config, resume=resume, echo=echo)
+    if config.task == "fuse":
+        return run_fusion(config, resume=resume, echo=echo)
     return run_alignment(config, resume=resume, echo=echo)
 
 
@@ -295,3 +300,156 @@ def evaluate_segmentation(
             batch["case_id"],
         )
     return {"split": split, **metrics.aggregate()}
+
+
+def fusion_columns(config: RunConfig, manifest: Manifest, model: Any) -> list[str]:
+    """The image columns of a fusion model, position by position with ``model.config.modalities``.
+
+    ``data.modalities`` when the recipe names them, else ``image:<name>`` for every modality name.
+    """
+    names = list(model.config.modalities)
+    if config.data.modalities:
+        keys = image_columns(config, manifest)
+    else:
+        keys = [f"image:{name}" for name in names]
+        missing = [k for k in keys if k not in manifest.image_columns]
+        if missing:
+            raise ValueError(
+                f"the model's modalities {names} need columns {missing}, which the manifest lacks "
+                f"({manifest.image_columns}); set data.modalities to the columns to use, in model order"
+            )
+    if len(keys) != len(names):
+        raise ValueError(f"data.modalities {keys} must list one column per model modality {names}, in order")
+    return keys
+
+
+def fusion_dataset(
+    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
+) -> ManifestDataset:
+    """Masks for a segmentation head, labels for a classification head; every modality of each case."""
+    segment = model.config.task_head == "segment"
+    return dataset_for_model(
+        manifest,
+        model,
+        split,
+        None if segment else config.data.label,
+        image_keys,
+        mask=config.data.mask if segment else None,
+        data=config.data,
+        augment=augment,
+    )
+
+
+def run_fusion(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
+    """``task: fuse``: a fusion model (``medalign.models.fusion``) through the one engine."""
+    from medalign.models.fusion import FusionModel
+    from medalign.tasks.fuse import FuseTask
+
+    out, manifest = prepare_run(config)
+    model = build_model(config)
+    if not isinstance(model, FusionModel):
+        raise ValueError(
+            f"task fuse needs a fusion model (fuse_adf, fuse_moe, ...), not {config.model.name!r}"
+        )
+    image_keys = fusion_columns(config, manifest, model)
+    dataset = fusion_dataset(config, manifest, model, image_keys, "train", augment=True)
+    if model.config.task_head == "classify" and len(dataset.classes) != model.num_classes:
+        raise ValueError(
+            f"column {config.data.label!r} has {len(dataset.classes)} classes {dataset.classes}; "
+            f"set model.overrides.num_classes to {len(dataset.classes)}"
+        )
+    task = FuseTask(
+        model, config.fuse_loss, config.seg_loss, image_keys, config.data.mask, config.data.label or "label"
+    )
+    return fit_and_save(
+        config,
+        out,
+        model,
+        task,
+        dataset,
+        lambda m: evaluate_fusion(m, manifest, config, image_keys, config.eval.split),
+        resume=resume,
+        echo=echo,
+    )
+
+
+def modality_subsets(names: list[str]) -> list[tuple[int, ...]]:
+    """Every non-empty subset of modality indices: singles first, the full set last."""
+    import itertools
+
+    return [s for r in range(1, len(names) + 1) for s in itertools.combinations(range(len(names)), r)]
+
+
+def evaluate_fusion(
+    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
+) -> dict[str, Any]:
+    """The metric for every non-empty subset of modalities, keyed like ``"a"``, ``"b"``, ``"a+b"``.
+
+    Each subset hides the other modalities from the model (``present`` False), so one trained
+    model answers "how good is it with only these scans". A case is scored on a subset when it
+    has at least one of the subset's modalities. Segmentation: per-image Dice/IoU, pooled Dice,
+    HD95, NSD (``SegmentationMetrics``); classification: ACC, balanced ACC, macro-F1, AUC
+    (``classification_metrics``; cases without a label are left out and counted). The top
+    level repeats the full set's metrics (with per-case rows) so the run reads like any other.
+    """
+    import numpy as np
+    import torch
+
+    from medalign.metrics import SegmentationMetrics, classification_metrics
+    from medalign.tasks.fuse import predict
+
+    names = list(model.config.modalities)
+    segment = model.config.task_head == "segment"
+    dataset = fusion_dataset(config, manifest, model, image_keys, split, augment=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.data.eval_batch_size,
+        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
+    )
+    subsets = modality_subsets(names)
+    keys = ["+".join(names[i] for i in s) for s in subsets]
+    seg = {k: SegmentationMetrics() for k in keys}
+    scores: dict[str, list[Any]] = {k: [] for k in keys}
+    labels: dict[str, list[Any]] = {k: [] for k in keys}
+    unlabelled = 0
+    for batch in loader:
+        available = batch["modalities_present"].bool()
+        if not segment:
+            unlabelled += int((batch["label"] < 0).sum())
+        for subset, key in zip(subsets, keys, strict=True):
+            chosen = torch.zeros(len(names), dtype=torch.bool)
+            chosen[list(subset)] = True
+            present = available & chosen
+            rows = present.any(dim=1) if segment else present.any(dim=1) & (batch["label"] >= 0)
+            if not rows.any():
+                continue
+            output = predict(model, batch, image_keys, present)[rows].cpu().numpy()
+            if segment:
+                ids = [c for c, keep in zip(batch["case_id"], rows.tolist(), strict=True) if keep]
+                seg[key].update(output, batch[config.data.mask][rows][:, 0].numpy(), ids)
+            else:
+                scores[key].append(output)
+                labels[key].append(batch["label"][rows].numpy())
+
+    results: dict[str, Any] = {"split": split, "modalities": names, "subsets": {}}
+    for key in keys:
+        if segment:
+            metrics = seg[key].aggregate() if len(seg[key]) else None
+        elif scores[key]:
+            metrics = classification_metrics(
+                np.concatenate(labels[key]),
+                np.concatenate(scores[key]),
+                dataset.classes,
+                scores_are="probabilities",
+            )
+        else:
+            metrics = None
+        if metrics is None:
+            results["subsets"][key] = {"n_images": 0}
+            continue
+        results["subsets"][key] = {k: v for k, v in metrics.items() if k != "per_case"}
+        if key == keys[-1]:
+            results.update(metrics)
+    if not segment:
+        results["n_unlabelled"] = unlabelled
+    return results

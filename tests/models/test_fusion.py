@@ -35,6 +35,15 @@ TINY: dict[str, dict[str, Any]] = {
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barrier waits, which stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(name: str, head: str = "segment", **overrides: Any) -> FusionModel:
     torch.manual_seed(0)
     classes = {"num_classes": 3} if head == "classify" else {}
