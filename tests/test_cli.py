@@ -101,3 +101,8 @@ def test_quickstart_small(tmp_path: Path) -> None:
     assert "Dice with text" in result.output and "without text" in result.output
     for run in ("segment_text", "segment_image_only"):
         assert (tmp_path / run / "bundle" / "model.safetensors").is_file()
+    assert "lesion segmentation from two modalities" in result.output
+    assert "Dice a alone" in result.output and "b alone" in result.output and "fused a+b" in result.output
+    assert (tmp_path / "fuse" / "bundle" / "model.safetensors").is_file()
+    fused = json.loads((tmp_path / "fuse" / "metrics.json").read_text())
+    assert list(fused["subsets"]) == ["a", "b", "a+b"] and fused["train"]["steps"] == 2
