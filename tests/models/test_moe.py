@@ -167,3 +167,11 @@ def test_cross_attention_bf16_autocast() -> None:
         out, aux = block(torch.randn(2, 3, 16), torch.randn(2, 4, 16))
     assert out.shape == (2, 3, 16) and torch.isfinite(out).all()
     assert aux["balance_loss"].dtype == torch.float32
+
+
+def test_unlimited_capacity_with_no_valid_tokens_routes_nothing() -> None:
+    layer = MoEFeedForward(8, 16, num_experts=4, k=2, capacity_factor=math.inf)
+    assert layer.capacity(0) == 0 and layer.capacity(10) == 10
+    x = torch.randn(2, 3, 8)
+    y, aux = layer(x, torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros_like(y)) and float(aux["dropped"]) == 0.0

@@ -94,6 +94,8 @@ class MoEFeedForward(nn.Module):
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for ``num_tokens`` valid tokens; never more than the tokens themselves."""
+        if num_tokens == 0 or math.isinf(self.capacity_factor):  # inf * 0 would be NaN
+            return num_tokens
         slots = self.capacity_factor * num_tokens * self.k / self.num_experts
         return num_tokens if slots >= num_tokens else math.ceil(slots)
 
