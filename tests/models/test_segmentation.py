@@ -208,3 +208,19 @@ def test_clip_decoder_from_dual_encoder_copies_the_vision_tower() -> None:
     for key, value in encoder.vision.state_dict().items():
         torch.testing.assert_close(model.vision.state_dict()[key], value)
     assert model(torch.rand(1, 1, 64, 64))["logits"].shape == (1, 1, 64, 64)
+
+
+def test_unet_logits_are_free_to_move() -> None:
+    """Regression: MONAI's UNet ends in a normalised output channel, which made BCE stall."""
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, image_size=32, channels=[8, 16, 32])
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-2)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    mask = (((xx - 16) ** 2 + (yy - 16) ** 2) < 36).float()[None, None].repeat(4, 1, 1, 1)
+    image = 0.3 + 0.4 * mask
+    for _ in range(40):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(pixel_values=image)["logits"], mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
