@@ -25,7 +25,7 @@ Protocols (written into BENCHMARKS.md with the numbers):
   U-Net (phantom_text.yaml) vs the same data through an image-only U-Net and through C2FVL-style
   attributes (c2fvl_attributes.yaml).
 * sliding: one 1024x1024 image, U-Net trained at 224 px; ours = medalign.inference
-  (Gaussian blending, 8 windows per pass, inference mode, optionally bf16) vs MONAI's
+  (Gaussian blending, 1 window per pass on CPU, inference mode, optionally bf16) vs MONAI's
   ``sliding_window_inference`` at its defaults (overlap 0.25, constant blending, 1 window per
   pass) under ``torch.no_grad``, same model and image, median of 5 runs each, interleaved.
 """

@@ -43,7 +43,9 @@ def load_input(paths: Sequence[str | os.PathLike], in_channels: int) -> torch.Te
     return torch.from_numpy(stacked.astype(np.float32))[None]
 
 
-SW_BATCH_SIZE = 8  # windows per forward pass: fewer, larger matmuls than MONAI's default of 1
+# Windows per forward pass. Batching feeds a GPU; on a CPU one window at a time stays in cache
+# (8 windows measured 1.5x slower than 1 for a 224 px U-Net on a 1024 px image).
+SW_BATCH_SIZE = {"cuda": 8, "cpu": 1}
 
 
 @torch.inference_mode()
@@ -56,7 +58,7 @@ def predict_probabilities(
     overlap: float = 0.25,
     flip_tta: bool = False,
     bf16: bool = False,
-    sw_batch_size: int = SW_BATCH_SIZE,
+    sw_batch_size: int | None = None,
 ) -> np.ndarray:
     """Foreground probability map ``[H, W]`` for one image ``[1, C, H, W]`` of any size.
 
@@ -64,6 +66,7 @@ def predict_probabilities(
     support); probabilities are blended in float32 either way.
     """
     model.eval()
+    sw_batch_size = sw_batch_size or SW_BATCH_SIZE.get(pixel_values.device.type, 1)
     conditioning: dict[str, torch.Tensor] = {}
     if getattr(model, "needs_text", False):
         if not text:
@@ -88,7 +91,12 @@ def predict_probabilities(
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return sliding_window_inference(
-            x, (size, size), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode="gaussian"
+            x,
+            (size, size),
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode="gaussian",
         )
 
     probabilities = run(padded)
