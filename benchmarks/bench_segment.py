@@ -351,7 +351,7 @@ def main() -> None:
         "phantom": lambda: bench_phantom(epochs or 10, args.seeds or 1),
         "monuseg": lambda: bench_monuseg(epochs or 40, args.seeds or 2),
         "busi": lambda: bench_busi(epochs or 8, args.init_from),
-        "kvasir": lambda: bench_kvasir(epochs or 4, args.seeds or 1),
+        "kvasir": lambda: bench_kvasir(epochs or 3, args.seeds or 1),
     }
     body = benches[args.bench]()
     print(body)
