@@ -60,7 +60,11 @@ KVASIR_PUBLISHED = {"U-Net (published, PraNet paper)": 0.818, "PraNet (published
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {dt.date.today().isoformat()}"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores shared with other benchmark processes (train times "
+        f"are indicative, not comparable across rows; 1-2 torch threads per process), "
+        f"torch {torch.__version__}, {dt.date.today().isoformat()}"
+    )
 
 
 def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
