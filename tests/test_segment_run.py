@@ -194,12 +194,12 @@ def test_init_from_refuses_a_bundle_of_the_other_kind(tmp_path: Path) -> None:
         ],
     )
     with pytest.raises(
-        ValueError, match=r"alignment bundle, which cannot initialise 'unet' \(a segmentation"
+        ValueError, match=r"DualEncoder bundle, which cannot initialise 'unet' \(segmentation\)"
     ):
         build_model(unet)
     align = load_config(
         REPO / "configs" / "align" / "phantom.yaml",
         ["model.name=align_tiny", "model.overrides={in_channels: 1}", f"model.init_from={tmp_path / 'seg'}"],
     )
-    with pytest.raises(ValueError, match=r"segmentation bundle, which cannot initialise 'align_tiny'"):
+    with pytest.raises(ValueError, match=r"segmentation bundle, which cannot initialise 'align_tiny' \(DualEncoder\)"):
         build_model(align)

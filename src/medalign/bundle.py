@@ -27,16 +27,35 @@ class BundleError(ValueError):
     """A folder is not a usable bundle; the message names the folder and what is wrong."""
 
 
-DUAL_ENCODER, SEGMENTATION, FUSION = "DualEncoder", "segmentation", "fusion"
+# Bundle kind -> "module:function" building the model from its stored config dict. A model class
+# names its kind in ``bundle_kind``; adding a kind is one line here, and only the module a
+# bundle needs is imported when it loads.
+BUILDERS: dict[str, str] = {
+    "DualEncoder": "medalign.models.dual_encoder:build_dual_encoder",
+    "segmentation": "medalign.models.segmentation:build_segmentation_model",
+    "fusion": "medalign.models.fusion:build_fusion_model",
+    "pretrain": "medalign.models.mae:build_mae_model",
+    "clinical": "medalign.models.heads:build_clinical_model",
+    "report": "medalign.models.report:build_report_model",
+}
+
+
+def _builder(kind: Any) -> Any:
+    import importlib
+
+    if kind not in BUILDERS:
+        return None
+    module, function = BUILDERS[kind].split(":")
+    import medalign.models  # noqa: F401  (registers every architecture)
+
+    return getattr(importlib.import_module(module), function)
 
 
 def _kind(model: Any) -> str:
-    from medalign.models import DualEncoder
-    from medalign.models.fusion import FusionModel
-
-    if isinstance(model, DualEncoder):
-        return DUAL_ENCODER
-    return FUSION if isinstance(model, FusionModel) else SEGMENTATION
+    kind = getattr(model, "bundle_kind", None)
+    if not isinstance(kind, str):
+        raise BundleError(f"{type(model).__name__} has no bundle_kind; it cannot be saved as a bundle")
+    return kind
 
 
 def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
@@ -117,24 +136,16 @@ def resolve_bundle(name_or_path: str | os.PathLike) -> Path:
 
 def load_bundle(name_or_path: str | os.PathLike) -> Any:
     """Load a bundle with no network access (unless given a hub id that is not cached yet)."""
-    from medalign.models import DualEncoder, DualEncoderConfig
-    from medalign.models.fusion import build_fusion_model
-    from medalign.models.segmentation import build_segmentation_model
-
     directory = resolve_bundle(name_or_path)
     _refuse_pickles(directory)
     payload = read_bundle_config(directory)
     model_config = payload["model"]
     if model_config.get("text"):
         model_config["text"]["tokenizer"] = str(directory / TOKENIZER_DIR)
-    if payload.get("kind") == DUAL_ENCODER:
-        model = DualEncoder(DualEncoderConfig.from_dict(model_config))
-    elif payload.get("kind") == SEGMENTATION:
-        model = build_segmentation_model(model_config)
-    elif payload.get("kind") == FUSION:
-        model = build_fusion_model(model_config)
-    else:
+    builder = _builder(payload.get("kind"))
+    if builder is None:
         raise BundleError(f"'{directory}': unknown model kind {payload.get('kind')!r}")
+    model = builder(model_config)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise BundleError(f"'{directory}' has no {WEIGHTS_NAME}")

@@ -197,8 +197,15 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from <out>/checkpoints/last.ckpt.")
     ] = False,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help="Curriculum files only: the stages to run as one chain, e.g. 1,2,3 or 2,3 (default: all).",
+        ),
+    ] = None,
 ) -> None:
-    """Train from a recipe; any recipe key can be overridden after the options.
+    """Train from a recipe or a curriculum; any recipe key can be overridden after the options.
 
     The run folder (`out:` in the recipe) receives config.yaml, checkpoints/, logs/, tb/,
     bundle/ and metrics.json. Examples:
@@ -207,13 +214,58 @@ def train(
         medalign train --config configs/align/medpix.yaml --train.max_steps 200 --out runs/mp
         medalign train --config configs/align/medpix.yaml --resume
         torchrun --nproc_per_node 2 -m medalign.cli train --config configs/align/medpix.yaml --train.strategy ddp
+
+    A curriculum (configs/curriculum/) chains Stage I -> II -> III, each stage starting from
+    the previous stage's bundle; finished stages are reused and a killed stage resumes, so
+    rerunning the same command continues where it stopped (``--resume`` is implied):
+
+        medalign train --config configs/curriculum/phantom.yaml --stages 1,2,3
+        medalign train --config configs/curriculum/phantom.yaml --stages 2,3 --stage3.train.epochs 5
     """
     from medalign.config import ConfigError, load_config, parse_cli_overrides
+    from medalign.curriculum import is_curriculum, load_curriculum, parse_stages, run_curriculum
     from medalign.run import run_training
 
     try:
-        run_config = load_config(config, parse_cli_overrides(list(ctx.args)))
-        run_training(run_config, resume=resume, echo=typer.echo)
+        overrides = parse_cli_overrides(list(ctx.args))
+        if is_curriculum(config):
+            curriculum = load_curriculum(config, overrides)
+            run_curriculum(curriculum, parse_stages(stages, curriculum), echo=typer.echo)
+            return
+        if stages is not None:
+            raise ConfigError(f"--stages needs a curriculum file; '{config}' is a single recipe")
+        run_training(load_config(config, overrides), resume=resume, echo=typer.echo)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+
+
+@app.command("ablate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ablate(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Curriculum YAML (configs/curriculum/).")],
+    variants: Annotated[
+        str | None,
+        typer.Option(
+            "--variants",
+            help="Chains to compare, ';'-separated, e.g. '1,2,3;2,3;1,3;3' (default: the full chain, "
+            "each earlier stage skipped, and the last stage alone).",
+        ),
+    ] = None,
+) -> None:
+    """Run a curriculum with stages skipped and tabulate the last stage's headline metrics.
+
+    Chains share their common prefixes (Stage I is trained once); results go to
+    <out>/ablation.md and <out>/ablation.json. Recipe overrides work as in `train`.
+    """
+    from medalign.config import ConfigError, parse_cli_overrides
+    from medalign.curriculum import is_curriculum, load_curriculum, parse_stages, run_ablation
+
+    try:
+        if not is_curriculum(config):
+            raise ConfigError(f"'{config}' is not a curriculum file (no top-level `curriculum:`)")
+        curriculum = load_curriculum(config, parse_cli_overrides(list(ctx.args)))
+        chains = [parse_stages(v, curriculum) for v in variants.split(";")] if variants else None
+        run_ablation(curriculum, chains, echo=typer.echo)
     except ConfigError as err:
         raise _fail(str(err)) from err
 

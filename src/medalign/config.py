@@ -38,6 +38,9 @@ class DataConfig:
     manifest: str = ""  # path to a manifest; relative paths resolve against the working directory
     phantom: PhantomSource | None = None  # used when manifest is empty
     modalities: list[str] | None = None  # image columns; default: all
+    # one row per (case, modality) in a single `image` column instead of channels side by side:
+    # a single-channel encoder then sees every modality (Stage I/II of the curriculum)
+    modality_rows: bool = False
     mask: str | None = None
     label: str | None = "label"
     image_size: int | None = None  # default: the model's image size
@@ -104,6 +107,44 @@ class FuseLossConfig:
 
 
 @dataclass
+class PretrainLossConfig:
+    """``task: pretrain`` (Stage I): masked reconstruction plus a contrastive term between two views.
+
+    The contrastive term compares encoder embeddings of two views of each case (never the
+    reconstructed pixels): two augmentations of the same image (``views: augment``) or two
+    modalities of the same case (``views: modalities``, the first two ``data.modalities``).
+    """
+
+    contrastive_weight: float = 0.1
+    temperature: float = 0.1
+    views: Literal["augment", "modalities"] = "augment"
+    # views: augment -- each view is a random resized crop keeping this fraction of the image area
+    # or more (aspect 3/4..4/3), a random left-right flip and a contrast/brightness jitter of +-this.
+    crop_min_scale: float = 0.35
+    intensity_jitter: float = 0.2
+
+
+@dataclass
+class ClinicalLossConfig:
+    """``task: clinical`` (Stage III heads): diagnosis cross-entropy and the survival loss, weighted."""
+
+    diagnosis_weight: float = 1.0
+    survival_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ReportConfig:
+    """``task: report``: how reports are decoded when the run is evaluated."""
+
+    decoding: Literal["greedy", "beam"] = "beam"
+    beam_size: int = 3
+    max_new_tokens: int = 96
+    length_penalty: float = 1.0
+    retrieval_baseline: bool = True  # also score the nearest training report by image embedding
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -143,13 +184,16 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["align", "segment", "fuse"] = "align"
+    task: Literal["align", "segment", "fuse", "pretrain", "clinical", "report"] = "align"
     out: str = "runs/align"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)  # contrastive (task: align)
     seg_loss: SegLossConfig = field(default_factory=SegLossConfig)  # task: segment (and fuse's mask loss)
     fuse_loss: FuseLossConfig = field(default_factory=FuseLossConfig)  # task: fuse
+    mae_loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)  # task: pretrain
+    clinical_loss: ClinicalLossConfig = field(default_factory=ClinicalLossConfig)  # task: clinical
+    report: ReportConfig = field(default_factory=ReportConfig)  # task: report
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -299,6 +343,8 @@ def validate_ranges(config: RunConfig) -> None:
             "task segment needs data.mask (the mask column)",
         ),
         *_fuse_checks(config),
+        *_pretrain_checks(config),
+        *_report_checks(config),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:
@@ -325,4 +371,36 @@ def _fuse_checks(config: RunConfig) -> list[tuple[bool, str]]:
             head != "classify" or bool(config.data.label),
             "task fuse with a classification head needs data.label (the label column)",
         ),
+    ]
+
+
+def _pretrain_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Range checks of ``task: pretrain`` (Stage I)."""
+    if config.task != "pretrain":
+        return []
+    loss = config.mae_loss
+    modalities = config.data.modalities
+    return [
+        (loss.contrastive_weight >= 0, "mae_loss.contrastive_weight must be >= 0"),
+        (loss.temperature > 0, "mae_loss.temperature must be > 0"),
+        (0.0 < loss.crop_min_scale <= 1.0, "mae_loss.crop_min_scale must be in (0, 1]"),
+        (0.0 <= loss.intensity_jitter < 1.0, "mae_loss.intensity_jitter must be in [0, 1)"),
+        (
+            loss.views != "modalities" or (modalities is not None and len(modalities) >= 2),
+            "mae_loss.views: modalities needs data.modalities to list at least two image columns "
+            "(the first two are the views)",
+        ),
+    ]
+
+
+def _report_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Range checks of ``task: report`` (decoding settings used when the run is evaluated)."""
+    if config.task != "report":
+        return []
+    report = config.report
+    return [
+        (report.beam_size >= 1, "report.beam_size must be >= 1"),
+        (report.max_new_tokens >= 1, "report.max_new_tokens must be >= 1"),
+        (report.length_penalty >= 0, "report.length_penalty must be >= 0"),
+        (config.data.text_max_length >= 3, "data.text_max_length must be >= 3 (BOS, a word, EOS)"),
     ]

@@ -57,41 +57,35 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
     return Manifest(table, manifest.base_dir, manifest.meta)
 
 
+TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
+
+
 def build_model(config: RunConfig) -> Any:
     """The recipe's model: ``model.name`` with its overrides, started from ``model.init_from`` if set.
 
-    ``init_from`` names a bundle. A bundle of the same kind (alignment for an alignment model,
-    segmentation for a segmentation model) gives the new model every weight whose name they
-    share (a differing shape is an error). An alignment bundle can also start a ``clip_decoder``:
-    its vision tower becomes the decoder's backbone, with its preprocessing
-    (``ClipDecoder.from_dual_encoder``; NextGen-UIA's aligned encoder -> segmentation path), and
-    ``model.overrides`` set the decoder's own fields. Any other pairing is a ValueError.
+    ``init_from`` names a bundle. A bundle of the same kind (alignment -> alignment,
+    segmentation -> segmentation, ...) gives the new model every weight whose name they share
+    (a differing shape is an error). A bundle of another kind hands over its towers: this is
+    how the curriculum chains Stage I (MAE) -> Stage II (alignment) -> Stage III (heads), and
+    how an aligned or pretrained encoder starts a ``clip_decoder`` (NextGen-UIA's path). The
+    new model takes the source's tower architectures and input description
+    (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
+    trained in, and the preprocessing they were trained with), then loads the source's
+    ``vision`` and, when both have one, ``text`` tower weights strictly; ``model.overrides``
+    set everything else. A pairing with no tower in common is a ValueError.
     """
     from medalign.bundle import load_bundle
     from medalign.models import DualEncoder, create_model
     from medalign.models.adapters import apply_adapters
-    from medalign.models.segmentation import ClipDecoder
 
     name, overrides, init_from = config.model.name, config.model.overrides, config.model.init_from
     source = load_bundle(init_from) if init_from else None
-    if isinstance(source, DualEncoder) and name == "clip_decoder":
-        try:
-            model = ClipDecoder.from_dual_encoder(source, **overrides)
-        except RuntimeError as err:  # the strict load of the vision tower (adapters, changed sizes)
-            raise ValueError(
-                f"init_from '{init_from}': its vision tower does not fit clip_decoder: {err}"
-            ) from err
-    else:
-        model = create_model(name, **overrides)
-        if source is not None:
-            kind, target = (_kind(m) for m in (source, model))
-            if kind != target:
-                raise ValueError(
-                    f"init_from '{init_from}' is {kind} bundle, which cannot initialise {name!r} "
-                    f"({target}): an alignment bundle starts an alignment model or a clip_decoder, "
-                    "a segmentation bundle a segmentation model"
-                )
+    model = create_model(name, **overrides)
+    if source is not None:
+        if source.bundle_kind == model.bundle_kind:
             load_matching_weights(model, source.state_dict(), init_from, name)
+        else:
+            model = _from_towers(source, model, name, overrides, init_from)
     if config.model.adapters:
         if not isinstance(model, DualEncoder):
             raise ValueError(f"model.adapters apply to alignment models (dual encoders), not {name!r}")
@@ -99,13 +93,41 @@ def build_model(config: RunConfig) -> Any:
     return model
 
 
-def _kind(model: Any) -> str:
-    from medalign.models import DualEncoder
-    from medalign.models.fusion import FusionModel
+def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], init_from: str) -> Any:
+    """``name`` rebuilt on ``source``'s towers and input description, tower weights copied."""
+    import dataclasses
 
-    if isinstance(model, DualEncoder):
-        return "an alignment"
-    return "a fusion" if isinstance(model, FusionModel) else "a segmentation"
+    from medalign.models import create_model
+
+    towers = [t for t in ("vision", "text") if _tower(source, t) is not None and _tower(model, t) is not None]
+    if "vision" not in towers:
+        raise ValueError(
+            f"init_from '{init_from}' is a {source.bundle_kind} bundle, which cannot initialise {name!r} "
+            f"({model.bundle_kind}): they share no vision tower. A bundle of another kind can start "
+            "any model with a ViT `vision` tower (alignment, clip_decoder, clinical, report, MAE)"
+        )
+    portable = source.portable_config()
+    target_fields = {f.name for f in dataclasses.fields(model.config)}
+    inherited: dict[str, Any] = {}
+    for key in TRANSFERRED_FIELDS:
+        if key in target_fields and hasattr(portable, key) and (key not in ("vision", "text") or key in towers):
+            inherited[key] = getattr(portable, key)
+    if hasattr(portable, "image_stats") and {"image_mean", "image_std"} <= target_fields:
+        inherited["image_mean"], inherited["image_std"] = portable.image_stats()
+    model = create_model(name, **{**overrides, **inherited})
+    for tower in towers:
+        try:
+            _tower(model, tower).load_state_dict(_tower(source, tower).state_dict(), strict=True)
+        except RuntimeError as err:  # adapters on the source, or an architecture the target changed
+            raise ValueError(f"init_from '{init_from}': its {tower} tower does not fit {name!r}: {err}") from err
+    return model
+
+
+def _tower(model: Any, name: str) -> Any:
+    from medalign.models.towers import TextTower, VisionTower
+
+    tower = getattr(model, name, None)
+    return tower if isinstance(tower, (VisionTower, TextTower)) else None
 
 
 def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, name: str) -> None:
@@ -118,8 +140,35 @@ def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, n
         raise ValueError(f"init_from '{init_from}': none of its weights fit model {name!r}")
 
 
+def modality_rows(manifest: Manifest, columns: list[str]) -> Manifest:
+    """One row per (case, modality) with the image in a single ``image`` column.
+
+    The case keeps its ``patient_id``, split, text and labels, so patient-level splits still
+    hold; ``case_id`` becomes ``<case>/<modality>`` and ``attr:modality`` names the source
+    column. A case without an image in a column has no row for it (nothing to learn from).
+    """
+    import pandas as pd
+
+    table = manifest.table
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"data.modalities {missing} are not columns of the manifest ({manifest.image_columns})")
+    keep = [c for c in table.columns if c not in manifest.image_columns]
+    parts = []
+    for column in columns:
+        part = table.loc[table[column] != "", keep].copy()
+        part["image"] = table.loc[table[column] != "", column]
+        part["case_id"] = part["case_id"] + "/" + column.split(":", 1)[-1]
+        part["attr:modality"] = column.split(":", 1)[-1]
+        parts.append(part)
+    rows = pd.concat(parts).sort_index(kind="stable").reset_index(drop=True)
+    return Manifest(rows, manifest.base_dir, manifest.meta)
+
+
 def image_columns(config: RunConfig, manifest: Manifest) -> list[str]:
     """The recipe's modalities (stacked as channels when several), else the first image column."""
+    if config.data.modality_rows:
+        return ["image"]
     if config.data.modalities:
         missing = [m for m in config.data.modalities if m not in manifest.image_columns]
         if missing:
@@ -148,7 +197,10 @@ def prepare_run(config: RunConfig) -> tuple[Path, Manifest]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     seed_everything(config.train.seed)  # model initialisation is part of the run's randomness
-    return out, load_run_manifest(config, out)
+    manifest = load_run_manifest(config, out)
+    if config.data.modality_rows:
+        manifest = modality_rows(manifest, config.data.modalities or manifest.image_columns)
+    return out, manifest
 
 
 def fit_and_save(

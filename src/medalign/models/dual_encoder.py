@@ -109,6 +109,8 @@ class DualEncoder(nn.Module):
     projected patch/word tokens for local (region-word) alignment.
     """
 
+    bundle_kind = "DualEncoder"
+
     def __init__(self, config: DualEncoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -345,6 +347,11 @@ _ALIGN_CLIP_B16 = DualEncoderConfig(
 )
 
 _SIGLIP_TINY = _ALIGN_TINY.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+
+
+def build_dual_encoder(config: DualEncoderConfig | dict[str, Any]) -> DualEncoder:
+    """A dual encoder from its config or the dict a bundle stores."""
+    return DualEncoder(config if isinstance(config, DualEncoderConfig) else DualEncoderConfig.from_dict(config))
 
 
 def _create(default: DualEncoderConfig, overrides: dict[str, Any]) -> DualEncoder:

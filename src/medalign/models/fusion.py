@@ -285,6 +285,8 @@ class FusionModel(SegmentationModel):
     ``(logits, features, extra outputs)``. ``text`` is None unless the model reads reports.
     """
 
+    bundle_kind = "fusion"
+
     config: FusionConfig
 
     def __init__(self, config: FusionConfig) -> None:

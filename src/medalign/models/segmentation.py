@@ -221,6 +221,8 @@ class SegmentationModel(nn.Module):
     Subclasses set ``self.text`` (a TextTower or None) before calling ``_finish_init``.
     """
 
+    bundle_kind = "segmentation"
+
     config: Any
     text: nn.Module | None
 
