@@ -43,3 +43,28 @@ def test_texts_from_labels_with_a_template_file_without_classes(tmp_path: Path) 
     )
     with pytest.raises(ValueError, match="not in the template file"):
         texts_from_labels(manifest, "busi", "label")
+
+
+def test_modality_rows_and_nested_train_fractions(tmp_path: Path) -> None:
+    from medalign.data.manifest import read_manifest
+    from medalign.data.phantom import PhantomConfig, generate_phantom
+    from medalign.run import modality_rows, subsample_train
+
+    manifest = read_manifest(generate_phantom(tmp_path / "ph", PhantomConfig(n=30, size=64)))
+    rows = modality_rows(manifest, ["image:a", "image:b"])
+    assert rows.image_columns == ["image"] and len(rows) == 2 * len(manifest)
+    first = rows.table.iloc[:2]
+    assert list(first["case_id"]) == ["ph0000/a", "ph0000/b"] and set(first["patient_id"]) == {"ph0000"}
+    assert list(first["image"]) == list(manifest.table.loc[0, ["image:a", "image:b"]])
+    assert list(first["attr:modality"]) == ["a", "b"] and first["text"].nunique() == 1
+
+    def train_patients(fraction: float, seed: int = 0) -> set[str]:
+        table = subsample_train(manifest, fraction, seed).table
+        assert (table["split"] != "train").sum() == (manifest.table["split"] != "train").sum()
+        return set(table.loc[table["split"] == "train", "patient_id"])
+
+    n_train = (manifest.table["split"] == "train").sum()
+    small, half, full = train_patients(0.1), train_patients(0.5), train_patients(1.0)
+    assert len(small) == -(-n_train // 10) and len(half) == -(-n_train // 2) and len(full) == n_train
+    assert small <= half <= full  # nested subsets
+    assert train_patients(0.5, seed=1) != half  # the seed picks another subset

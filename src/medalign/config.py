@@ -41,6 +41,9 @@ class DataConfig:
     # one row per (case, modality) in a single `image` column instead of channels side by side:
     # a single-channel encoder then sees every modality (Stage I/II of the curriculum)
     modality_rows: bool = False
+    # label-efficiency studies: keep this fraction of the train split's patients (seeded by
+    # train.seed, nested: the 10% subset lies inside the 50% one); val/test are untouched
+    train_fraction: float = 1.0
     mask: str | None = None
     label: str | None = "label"
     image_size: int | None = None  # default: the model's image size
@@ -323,6 +326,7 @@ def validate_ranges(config: RunConfig) -> None:
     checks = [
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (0 < config.data.train_fraction <= 1, "data.train_fraction must be in (0, 1]"),
         (config.train.accumulate >= 1, "train.accumulate must be >= 1"),
         (
             config.data.batch_size % config.train.accumulate == 0,

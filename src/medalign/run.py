@@ -187,6 +187,18 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
         return run_segmentation(config, resume=resume, echo=echo)
     if config.task == "fuse":
         return run_fusion(config, resume=resume, echo=echo)
+    if config.task == "pretrain":
+        from medalign.tasks.pretrain import run_pretrain
+
+        return run_pretrain(config, resume=resume, echo=echo)
+    if config.task == "clinical":
+        from medalign.tasks.clinical import run_clinical
+
+        return run_clinical(config, resume=resume, echo=echo)
+    if config.task == "report":
+        from medalign.tasks.report import run_report
+
+        return run_report(config, resume=resume, echo=echo)
     return run_alignment(config, resume=resume, echo=echo)
 
 
@@ -200,7 +212,30 @@ def prepare_run(config: RunConfig) -> tuple[Path, Manifest]:
     manifest = load_run_manifest(config, out)
     if config.data.modality_rows:
         manifest = modality_rows(manifest, config.data.modalities or manifest.image_columns)
+    if config.data.train_fraction < 1:
+        manifest = subsample_train(manifest, config.data.train_fraction, config.train.seed)
     return out, manifest
+
+
+def subsample_train(manifest: Manifest, fraction: float, seed: int) -> Manifest:
+    """Keep ``fraction`` of the train split's patients (at least one); other splits untouched.
+
+    Patients are ranked by a seeded hash of their id, so subsets are nested (10% inside 50%)
+    and independent of row order; a patient's rows stay together.
+    """
+    import hashlib
+    import math
+
+    table = manifest.table
+    if "split" not in table.columns:
+        raise ValueError("data.train_fraction needs a manifest with a 'split' column")
+    train = table["split"] == "train"
+    patients = sorted(
+        set(table.loc[train, "patient_id"]),
+        key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest(),
+    )
+    keep = set(patients[: max(1, math.ceil(fraction * len(patients)))])
+    return manifest.subset(~train | table["patient_id"].isin(keep))
 
 
 def fit_and_save(
