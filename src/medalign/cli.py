@@ -452,6 +452,67 @@ def eval_fuse(
         out.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
 
 
+@eval_app.command("clinical")
+def eval_clinical(
+    model: Annotated[Path, typer.Option(help="Clinical bundle folder (task: clinical).")],
+    manifest: Annotated[Path, typer.Option(help="Manifest with the model's modalities, labels and/or time/event.")],
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(help="Image column per model modality, in model order (default: image:<name>)."),
+    ] = None,
+    label: Annotated[str, typer.Option(help="Label column of the diagnosis head.")] = "label",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for metrics.json, reliability.png and km_risk_groups.png.")
+    ] = None,
+) -> None:
+    """Diagnosis (ACC, balanced ACC, macro-F1, AUC, ECE) and prognosis (C-index, td-AUC, log-rank).
+
+    Rows sharing a patient_id are also scored per patient (mean probability / risk). Example:
+
+        medalign eval clinical --model runs/clinical_phantom/bundle --manifest phantom/manifest.csv --out eval_out
+    """
+    from medalign.bundle import load_bundle
+    from medalign.config import RunConfig
+    from medalign.data.manifest import read_manifest
+    from medalign.models.heads import ClinicalModel
+    from medalign.run import fusion_columns
+    from medalign.tasks.clinical import evaluate_clinical
+
+    loaded_model = load_bundle(model)
+    if not isinstance(loaded_model, ClinicalModel):
+        raise _fail(f"'{model}' is not a clinical bundle (task: clinical)")
+    loaded = read_manifest(manifest)
+    config = RunConfig(task="clinical")
+    config.data.label = label
+    config.data.modalities = list(modality) if modality else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        keys = fusion_columns(config, loaded, loaded_model)
+        metrics = evaluate_clinical(loaded_model, loaded, config, keys, split, out=out)
+    except (ValueError, KeyError) as err:
+        raise _fail(str(err)) from err
+    levels = [("row", metrics)] + ([("patient", metrics["patient_level"])] if "patient_level" in metrics else [])
+    for level, block in levels:
+        if "diagnosis" in block:
+            d = block["diagnosis"]
+            typer.echo(
+                f"diagnosis ({level}, n={d['n']}): accuracy {d['accuracy']:.4f}, balanced accuracy "
+                f"{d['balanced_accuracy']:.4f}, macro-F1 {d['macro_f1']:.4f}, AUC {d['auc']:.4f}, ECE {d['ece']:.4f}"
+            )
+        if "survival" in block:
+            s = block["survival"]
+            logrank = s["risk_groups"].get("logrank")
+            p = f"{logrank['p_value']:.3g}" if logrank else "n/a"
+            typer.echo(
+                f"prognosis ({level}, n={s['n']}, events {s['n_events']}): C-index {s['c_index']:.4f}, "
+                f"mean td-AUC {s['td_auc']['mean']:.4f}, log-rank p (median risk split) {p}"
+            )
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+
+
 @predict_app.command("segment")
 def predict_segment(
     model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],

@@ -348,6 +348,7 @@ def validate_ranges(config: RunConfig) -> None:
         ),
         *_fuse_checks(config),
         *_pretrain_checks(config),
+        *_clinical_checks(config),
         *_report_checks(config),
     ]
     problems = [message for ok, message in checks if not ok]
@@ -407,4 +408,20 @@ def _report_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (report.max_new_tokens >= 1, "report.max_new_tokens must be >= 1"),
         (report.length_penalty >= 0, "report.length_penalty must be >= 0"),
         (config.data.text_max_length >= 3, "data.text_max_length must be >= 3 (BOS, a word, EOS)"),
+    ]
+
+
+def _clinical_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Range checks of ``task: clinical`` (Stage III heads); the heads come from ``model.overrides``."""
+    if config.task != "clinical":
+        return []
+    loss = config.clinical_loss
+    return [
+        (loss.diagnosis_weight >= 0, "clinical_loss.diagnosis_weight must be >= 0"),
+        (loss.survival_weight >= 0, "clinical_loss.survival_weight must be >= 0"),
+        (
+            loss.diagnosis_weight + loss.survival_weight > 0,
+            "clinical_loss: diagnosis_weight and survival_weight cannot both be 0 (nothing to train)",
+        ),
+        (0.0 <= loss.label_smoothing < 1.0, "clinical_loss.label_smoothing must be in [0, 1)"),
     ]

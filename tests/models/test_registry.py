@@ -19,7 +19,8 @@ HEAVY_PARAMS = 50_000_000
 
 def test_builtin_names_registered() -> None:
     assert set(list_models()) >= EXPECTED
-    assert list_models("*minilm*") == ["align_small_minilm", "align_vit_b16_minilm"]
+    assert list_models("align_*minilm*") == ["align_small_minilm", "align_vit_b16_minilm"]
+    assert list_models("mae_*") == ["mae_small", "mae_tiny", "mae_vit_b16"]
     assert list_models("nothing*") == []
 
 

@@ -1,0 +1,120 @@
+"""``task: report``: train on the phantom, evaluate (BLEU/ROUGE, baselines, findings), bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medalign.bundle import load_bundle, save_bundle
+from medalign.config import ConfigError, RunConfig, load_config, validate_ranges
+from medalign.data.phantom import PhantomConfig, generate_phantom
+from medalign.models import create_model
+from medalign.models.report import ReportGenerator
+from medalign.run import build_model
+from medalign.tasks.report import finding_accuracy, nearest_reports, run_report
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["train.progress=false", "data.num_workers=0", "train.precision=32-true"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_phantom(tmp_path_factory.mktemp("phantom"), PhantomConfig(n=24, size=64))
+
+
+def phantom_config(cases: Path, out: Path, *overrides: str) -> RunConfig:
+    return load_config(
+        REPO / "configs" / "report" / "phantom.yaml",
+        [
+            f"out={out}",
+            f"data.manifest={cases}",
+            "data.phantom=null",
+            "data.batch_size=8",
+            "model.name=report_tiny",
+            "model.overrides.image_size=32",
+            "train.max_steps=3",
+            "report.max_new_tokens=6",
+            *FAST,
+            *overrides,
+        ],
+    )
+
+
+def test_run_report_on_phantom_writes_bundle_metrics_and_reports(cases: Path, tmp_path: Path) -> None:
+    out = run_report(phantom_config(cases, tmp_path / "run"), echo=lambda *_: None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["train"]["steps"] == 3
+    for method in ("generated", "retrieval", "constant"):
+        assert set(metrics[method]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"}
+        assert all(0.0 <= v <= 1.0 for v in metrics[method].values())
+    assert metrics["decoding"] == {
+        "decoding": "beam",
+        "beam_size": 3,
+        "max_new_tokens": 6,
+        "length_penalty": 1.0,
+    }
+    findings = metrics["findings"]["generated"]
+    assert findings["n_cases"] == metrics["n_cases"] and findings["n_no_diagnosis"] <= findings["n_cases"]
+    assert metrics["findings"]["retrieval"]["n_no_diagnosis"] == 0  # retrieved phantom reports always parse
+    rows = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["n_cases"] > 0
+    assert set(rows[0]) == {"case_id", "reference", "generated", "retrieved"}
+    model = load_bundle(out / "bundle")
+    assert isinstance(model, ReportGenerator) and model.config.in_channels == 2
+
+
+def test_nearest_reports_uses_cosine_similarity() -> None:
+    keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    query = torch.nn.functional.normalize(torch.tensor([[0.1, 1.0], [1.0, 0.9], [1.0, -0.2]]), dim=-1)
+    assert nearest_reports(query, keys, ["x", "y", "xy"]) == ["y", "xy", "x"]
+
+
+def test_finding_accuracy_by_hand() -> None:
+    truth = [
+        ([("cyst", "left", "upper", "small")], "benign"),
+        ([("solid", "right", "lower", "large"), ("cyst", "left", "middle", "small")], "malignant"),
+        ([], "normal"),
+    ]
+    reports = [
+        "A small cyst is seen in the left upper zone. Impression: benign appearance.",  # all right
+        # right cell and size of the first lesion, wrong type; the second lesion missed
+        "There is a large simple cyst in the right lower zone. Overall, suspicious for malignancy.",
+        "Garbled text without any impression",  # no finding (right: normal), no diagnosis (wrong)
+    ]
+    result = finding_accuracy(truth, reports)
+    assert result["exact"] == pytest.approx(2 / 3)  # case 3's empty set equals the truth
+    assert result["count"] == pytest.approx(2 / 3)
+    assert result["location_precision"] == pytest.approx(2 / 2)
+    assert result["location_recall"] == pytest.approx(2 / 3)
+    assert result["type"] == pytest.approx(1 / 3)
+    assert result["size"] == pytest.approx(2 / 3)
+    assert result["diagnosis"] == pytest.approx(2 / 3)
+    assert result["n_no_diagnosis"] == 1 and result["n_true_lesions"] == 3
+
+
+def test_report_checks(cases: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"report\.beam_size"):
+        validate_ranges(phantom_config(cases, tmp_path, "report.beam_size=0"))
+    with pytest.raises(ValueError, match="report model"):
+        run_report(phantom_config(cases, tmp_path, "model.name=align_tiny", "model.overrides={}"))
+
+
+def test_init_from_an_alignment_bundle_copies_the_vision_tower(cases: Path, tmp_path: Path) -> None:
+    align = create_model("align_tiny", image_size=32, in_channels=2)
+    save_bundle(align, tmp_path / "align")
+    config = phantom_config(cases, tmp_path / "run", f"model.init_from={tmp_path / 'align'}")
+    model = build_model(config)
+    assert isinstance(model, ReportGenerator)
+    for key, value in align.vision.state_dict().items():
+        torch.testing.assert_close(model.vision.state_dict()[key], value)
