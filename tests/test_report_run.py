@@ -10,11 +10,20 @@ import torch
 
 from medalign.bundle import load_bundle, save_bundle
 from medalign.config import ConfigError, RunConfig, load_config, validate_ranges
+from medalign.data.manifest import read_manifest
 from medalign.data.phantom import PhantomConfig, generate_phantom
 from medalign.models import create_model
 from medalign.models.report import ReportGenerator
 from medalign.run import build_model
-from medalign.tasks.report import finding_accuracy, nearest_reports, run_report
+from medalign.tasks.report import (
+    evaluate_report,
+    finding_accuracy,
+    nearest_reports,
+    repeating_fraction,
+    repeats_ngram,
+    run_report,
+)
+from medalign.textmetrics import tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["train.progress=false", "data.num_workers=0", "train.precision=32-true"]
@@ -63,7 +72,10 @@ def test_run_report_on_phantom_writes_bundle_metrics_and_reports(cases: Path, tm
         "beam_size": 3,
         "max_new_tokens": 6,
         "length_penalty": 1.0,
+        "no_repeat_ngram_size": 3,  # the recipe's loop guard
+        "repetition_penalty": 1.0,
     }
+    assert 0.0 <= metrics["generated_repeating_3gram"] <= 1.0
     findings = metrics["findings"]["generated"]
     assert findings["n_cases"] == metrics["n_cases"] and findings["n_no_diagnosis"] <= findings["n_cases"]
     assert metrics["findings"]["retrieval"]["n_no_diagnosis"] == 0  # retrieved phantom reports always parse
@@ -72,6 +84,30 @@ def test_run_report_on_phantom_writes_bundle_metrics_and_reports(cases: Path, tm
     assert set(rows[0]) == {"case_id", "reference", "generated", "retrieved"}
     model = load_bundle(out / "bundle")
     assert isinstance(model, ReportGenerator) and model.config.in_channels == 2
+    # the guard settings reach the decoder: n = 1 bans every token already written
+    config = phantom_config(
+        cases, tmp_path / "unigram", "report.no_repeat_ngram_size=1", "report.max_new_tokens=12"
+    )
+    again = evaluate_report(
+        model, read_manifest(config.data.manifest), config, ["image:a", "image:b"], "test"
+    )
+    assert again["decoding"]["no_repeat_ngram_size"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "unigram" / "reports.jsonl").read_text().splitlines()]
+    for row in rows:
+        words = tokenize(row["generated"])
+        assert len(words) == len(set(words)), row["generated"]
+    assert again["generated_repeating_3gram"] == 0.0
+
+
+def test_repeated_ngrams_by_hand() -> None:
+    assert repeats_ngram("to the right to the right", 3)  # "to the right" twice
+    assert not repeats_ngram("to the right to the left", 3)
+    assert repeats_ngram("To the right. to the left", 2)  # lowercased words: "to the" twice
+    assert not repeats_ngram("a b", 3)
+    assert repeating_fraction(["a b a b", "a b c d", "x y x y", "z"], 2) == pytest.approx(2 / 4)
+    assert repeating_fraction([], 3) is None
+    with pytest.raises(ValueError, match="n must be"):
+        repeats_ngram("a", 0)
 
 
 def test_nearest_reports_uses_cosine_similarity() -> None:
@@ -106,6 +142,12 @@ def test_finding_accuracy_by_hand() -> None:
 def test_report_checks(cases: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"report\.beam_size"):
         validate_ranges(phantom_config(cases, tmp_path, "report.beam_size=0"))
+    with pytest.raises(ConfigError, match=r"report\.no_repeat_ngram_size"):
+        validate_ranges(phantom_config(cases, tmp_path, "report.no_repeat_ngram_size=-1"))
+    with pytest.raises(ConfigError, match=r"report\.repetition_penalty"):
+        validate_ranges(phantom_config(cases, tmp_path, "report.repetition_penalty=0.0"))
+    with pytest.raises(ConfigError, match=r"no_repeat_ngram_size"):
+        phantom_config(cases, tmp_path, "report.no_repeat_ngram_size=2.5")  # not an int
     with pytest.raises(ValueError, match="report model"):
         run_report(phantom_config(cases, tmp_path, "model.name=align_tiny", "model.overrides={}"))
 

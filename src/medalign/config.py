@@ -144,6 +144,9 @@ class ReportConfig:
     beam_size: int = 3
     max_new_tokens: int = 96
     length_penalty: float = 1.0
+    # loop guards (transformers' generate semantics), greedy and beam alike:
+    no_repeat_ngram_size: int = 3  # a token completing an n-gram already in the report gets -inf; 0 = off
+    repetition_penalty: float = 1.0  # CTRL: seen tokens' logits / p (positive) or * p (negative); 1 = off
     retrieval_baseline: bool = True  # also score the nearest training report by image embedding
 
 
@@ -407,6 +410,8 @@ def _report_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (report.beam_size >= 1, "report.beam_size must be >= 1"),
         (report.max_new_tokens >= 1, "report.max_new_tokens must be >= 1"),
         (report.length_penalty >= 0, "report.length_penalty must be >= 0"),
+        (report.no_repeat_ngram_size >= 0, "report.no_repeat_ngram_size must be >= 0 (0 = off)"),
+        (report.repetition_penalty > 0, "report.repetition_penalty must be > 0 (1.0 = off)"),
         (config.data.text_max_length >= 3, "data.text_max_length must be >= 3 (BOS, a word, EOS)"),
     ]
 

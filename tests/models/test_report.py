@@ -1,4 +1,4 @@
-"""ReportGenerator: teacher forcing, greedy and beam decoding, bundles, embedding initialisation."""
+"""ReportGenerator: teacher forcing, greedy and beam decoding, loop guards, bundles, embedding init."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from medalign.bundle import load_bundle, save_bundle
 from medalign.models import create_model, list_models
-from medalign.models.report import ReportGenerator, clean_decoded, special_ids
+from medalign.models.report import RepeatGuard, ReportGenerator, clean_decoded, special_ids
 
 TEXTS = ["a small cyst on the left.", "no focal lesion.", "a large solid mass on the right.", "two cysts."]
 
@@ -167,3 +167,158 @@ def test_cached_step_matches_full_decode(memorised) -> None:
         extra = torch.tensor([model.eos_id] * 4)
         expected = model.decode(torch.cat([tokens[rows], extra[:, None]], dim=1), memory)[:, -1]
         torch.testing.assert_close(model.step(cache, extra), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- loop guards ------------------------------------------------------------------------------
+
+
+def _repeats_3gram(ids: list[int]) -> bool:
+    grams = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+    return len(set(grams)) < len(grams)
+
+
+def _scripted(monkeypatch, model: ReportGenerator, table: dict[int, int], fallback: int):
+    """Make ``model.step`` prefer ``table[last token]`` (logit 20), then EOS (15), others 0.
+
+    The next-token distribution then depends only on the last token, so the decoder loops on
+    whatever cycle ``table`` contains, as the MedPix decoder looped on "to the right".
+    """
+
+    def step(cache, tokens):
+        logits = torch.zeros(len(tokens), model.vocab_size)
+        logits[:, model.eos_id] = 15.0
+        preferred = torch.tensor([table.get(int(t), fallback) for t in tokens])
+        logits[torch.arange(len(tokens)), preferred] = 20.0
+        cache["position"] += 1
+        return logits
+
+    monkeypatch.setattr(model, "step", step)
+    monkeypatch.setattr(model, "reorder_cache", lambda cache, rows: None)  # the script keeps no cache
+
+
+@pytest.fixture()
+def looping(monkeypatch) -> ReportGenerator:
+    """A model that always continues BOS -> to -> the -> right -> to -> ... (never EOS on its own)."""
+    model = _tiny().eval()
+    to, the, right = model.tokenizer.convert_tokens_to_ids(["to", "the", "right"])
+    _scripted(monkeypatch, model, {model.bos_id: to, to: the, the: right, right: to}, fallback=to)
+    return model
+
+
+@pytest.mark.parametrize(("decoding", "beam_size"), [("greedy", 1), ("beam", 1), ("beam", 2), ("beam", 3)])
+def test_no_repeat_ngram_stops_the_loop(looping: ReportGenerator, decoding: str, beam_size: int) -> None:
+    pixels = torch.rand(2, 3, 32, 32)
+    free = looping.generate(pixels, decoding, beam_size, max_new_tokens=9)
+    assert free == ["to the right to the right to the right"] * 2  # the loop, up to max_new_tokens
+    ids = looping.generate_ids(pixels, decoding, beam_size, max_new_tokens=9, no_repeat_ngram_size=3)
+    # by hand: after "to the right to the", "right" would repeat "to the right": banned, so EOS
+    # (the next best) ends the report; beams cannot do better (any other token costs ~ -15)
+    assert looping.tokenizer.batch_decode(ids) == ["to the right to the"] * 2
+    assert not any(_repeats_3gram(row) for row in ids)
+    bigram = looping.generate_ids(pixels, decoding, beam_size, max_new_tokens=9, no_repeat_ngram_size=2)
+    assert looping.tokenizer.batch_decode(bigram) == ["to the right to"] * 2  # "to the" would repeat
+
+
+def test_no_repeat_ngram_holds_on_long_random_decodes() -> None:
+    """A random model never emits EOS here: 30 tokens per beam, no 3-gram twice in any of them."""
+    model = _tiny().eval()
+    pixels = torch.rand(3, 3, 32, 32)
+    for decoding, k in (("greedy", 1), ("beam", 3)):
+        ids = model.generate_ids(pixels, decoding, k, max_new_tokens=30, no_repeat_ngram_size=3)
+        assert all(len(row) == 30 for row in ids)
+        assert not any(_repeats_3gram([model.bos_id, *row]) for row in ids)
+
+
+def test_repetition_penalty_by_hand() -> None:
+    guard = RepeatGuard(repetition_penalty=1.25)
+    logits = torch.tensor([[2.0, 1.8, -0.5, -0.6, 0.3]])
+    history = torch.tensor([[0, 2, 0]])  # token 0 seen twice: penalised once, as in CTRL / transformers
+    out = guard(logits, history)
+    torch.testing.assert_close(out, torch.tensor([[2.0 / 1.25, 1.8, -0.5 * 1.25, -0.6, 0.3]]))
+    assert int(logits.argmax()) == 0 and int(out.argmax()) == 1  # 1.6 < 1.8: the repeat loses
+    negative = torch.tensor([[-1.0, -1.1]])
+    assert int(guard(negative, torch.tensor([[0]])).argmax()) == 1  # -1.25 < -1.1
+    assert (
+        int(RepeatGuard(repetition_penalty=0.8)(torch.tensor([[1.0, 1.1]]), torch.tensor([[0]])).argmax())
+        == 0
+    )
+    assert RepeatGuard()(logits, history) is logits  # both off: untouched
+
+
+def test_no_repeat_ngram_by_hand() -> None:
+    logits = torch.zeros(2, 6)
+    history = torch.tensor([[5, 1, 2, 3, 1, 2], [5, 1, 1, 1, 4, 4]])
+    banned = RepeatGuard(no_repeat_ngram_size=3)(logits, history).isinf()
+    # row 0 ends with (1, 2); "1 2 3" occurred -> 3 banned. Row 1 ends with (4, 4): never seen before
+    assert banned.tolist() == [[False, False, False, True, False, False], [False] * 6]
+    unigram = RepeatGuard(no_repeat_ngram_size=1)(logits, history).isinf()
+    assert unigram.tolist() == [
+        [False, True, True, True, False, True],
+        [False, True, False, False, True, True],
+    ]
+    short = RepeatGuard(no_repeat_ngram_size=8)(logits, history)  # longer than the history: no n-gram yet
+    assert not short.isinf().any()
+
+
+def test_guards_match_transformers_logits_processors() -> None:
+    """Same edits as ``generate``'s processors on random logits and histories with many repeats."""
+    from transformers.generation.logits_process import (
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    history = torch.randint(0, 5, (6, 12), generator=generator)
+    logits = torch.randn(6, 9, generator=generator) * 3
+    for n in (1, 2, 3, 4):
+        expected = NoRepeatNGramLogitsProcessor(n)(history, logits.clone())
+        torch.testing.assert_close(RepeatGuard(no_repeat_ngram_size=n)(logits, history), expected)
+    for penalty in (0.7, 1.3):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+        torch.testing.assert_close(RepeatGuard(repetition_penalty=penalty)(logits, history), expected)
+
+
+def test_repetition_penalty_in_greedy_decoding(monkeypatch) -> None:
+    """Fixed logits A=2.0, B=1.8, EOS=1.0: penalty 1.2 makes A 1.667 once seen, so A B A A A."""
+    model = _tiny().eval()
+    a, b = 1000, 1001
+
+    def step(cache, tokens):
+        logits = torch.zeros(len(tokens), model.vocab_size)
+        logits[:, [a, b, model.eos_id]] = torch.tensor([2.0, 1.8, 1.0])
+        return logits
+
+    monkeypatch.setattr(model, "step", step)
+    monkeypatch.setattr(model, "reorder_cache", lambda cache, rows: None)
+    pixels = torch.rand(1, 3, 32, 32)
+    assert model.generate_ids(pixels, "greedy", max_new_tokens=5) == [[a] * 5]
+    for decoding in ("greedy", "beam"):
+        assert model.generate_ids(pixels, decoding, 1, max_new_tokens=5, repetition_penalty=1.2) == [
+            [a, b, a, a, a]  # step 2: 2.0 / 1.2 < 1.8; step 3 on: both seen, 1.667 > 1.5
+        ]
+
+
+@pytest.mark.parametrize(("ngram", "penalty"), [(3, 1.3), (2, 0.8), (1, 1.0)])
+def test_beam_size_one_is_exactly_greedy_with_guards(memorised, ngram: int, penalty: float) -> None:
+    model, pixels = memorised
+    noisy = (pixels + 0.3 * torch.rand_like(pixels)).clamp(0, 1)
+    guards = {"no_repeat_ngram_size": ngram, "repetition_penalty": penalty}
+    for images, trained in ((pixels, model), (noisy, model), (noisy, _tiny().eval())):
+        greedy = trained.generate_ids(images, "greedy", max_new_tokens=14, **guards)
+        assert trained.generate_ids(images, "beam", 1, max_new_tokens=14, **guards) == greedy
+
+
+def test_guards_leave_reports_without_repeats_unchanged(memorised) -> None:
+    model, pixels = memorised
+    assert model.generate(pixels, "beam", 3, 20, no_repeat_ngram_size=3) == TEXTS
+
+
+def test_guard_settings_are_checked() -> None:
+    model = _tiny()
+    pixels = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        model.generate(pixels, no_repeat_ngram_size=-1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        model.generate(pixels, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        RepeatGuard(no_repeat_ngram_size=2.5)  # type: ignore[arg-type]

@@ -257,9 +257,24 @@ class ReportGenerator(nn.Module):
         beam_size: int = 3,
         max_new_tokens: int = 96,
         length_penalty: float = 1.0,
+        *,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[str]:
-        """One report per image, decoded greedily or by beam search (see ``beam_search``)."""
-        ids = self.generate_ids(pixel_values, decoding, beam_size, max_new_tokens, length_penalty)
+        """One report per image, decoded greedily or by beam search (see ``beam_search``).
+
+        ``no_repeat_ngram_size`` and ``repetition_penalty`` guard against loops; both are off by
+        default, as in ``transformers``' ``generate`` (see ``RepeatGuard``).
+        """
+        ids = self.generate_ids(
+            pixel_values,
+            decoding,
+            beam_size,
+            max_new_tokens,
+            length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            repetition_penalty=repetition_penalty,
+        )
         return [clean_decoded(text) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
@@ -270,17 +285,21 @@ class ReportGenerator(nn.Module):
         beam_size: int = 3,
         max_new_tokens: int = 96,
         length_penalty: float = 1.0,
+        *,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Generated token ids per image (BOS and EOS stripped)."""
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
         if max_new_tokens < 1 or beam_size < 1:
             raise ValueError(f"max_new_tokens and beam_size must be >= 1, got {max_new_tokens}, {beam_size}")
+        guard = RepeatGuard(no_repeat_ngram_size, repetition_penalty)
         steps = min(max_new_tokens, self.config.max_length - 1)
         memory = self.image_memory(pixel_values)
         if decoding == "greedy":
-            return self.greedy(memory, steps)
-        return self.beam_search(memory, beam_size, steps, length_penalty)
+            return self.greedy(memory, steps, guard)
+        return self.beam_search(memory, beam_size, steps, length_penalty, guard)
 
     # -- incremental decoding: one token per call, keys and values cached ----------------------
 
@@ -342,14 +361,15 @@ class ReportGenerator(nn.Module):
         """
         cache["self"] = [(k[rows], v[rows]) for k, v in cache["self"]]
 
-    def greedy(self, memory: torch.Tensor, steps: int) -> list[list[int]]:
-        """The most probable next token at every step, until EOS or ``steps`` tokens."""
+    def greedy(self, memory: torch.Tensor, steps: int, guard: RepeatGuard | None = None) -> list[list[int]]:
+        """The most probable next token at every step (after ``guard``), until EOS or ``steps`` tokens."""
+        guard = guard or RepeatGuard()
         batch = memory.shape[0]
         ids = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=memory.device)
         done = torch.zeros(batch, dtype=torch.bool, device=memory.device)
         cache = self.start_cache(memory)
         for _ in range(steps):
-            token = self.step(cache, ids[:, -1]).float().argmax(-1)
+            token = guard(self.step(cache, ids[:, -1]).float(), ids).argmax(-1)
             token = token.masked_fill(done, self.pad_id)
             ids = torch.cat([ids, token[:, None]], dim=1)
             done |= token == self.eos_id
@@ -358,7 +378,12 @@ class ReportGenerator(nn.Module):
         return [_strip(row.tolist()[1:], self.eos_id, self.pad_id) for row in ids]
 
     def beam_search(
-        self, memory: torch.Tensor, beam_size: int, steps: int, length_penalty: float
+        self,
+        memory: torch.Tensor,
+        beam_size: int,
+        steps: int,
+        length_penalty: float,
+        guard: RepeatGuard | None = None,
     ) -> list[list[int]]:
         """Beam search batched over images, with the stopping rule of Hugging Face's default.
 
@@ -372,7 +397,14 @@ class ReportGenerator(nn.Module):
         decoding for any length penalty: the single live beam is always the argmax extension, and
         it stops at the first EOS because the beam that would continue scores lower at the same
         length.
+
+        ``guard`` edits each beam's next-token logits from that beam's own history (``ids`` rows
+        after the previous step's reordering) *before* the log-softmax, exactly as greedy does, so
+        beams score under the guarded distribution and ``beam_size=1`` stays greedy with a guard
+        on. (``transformers`` applies the repetition penalty to beam search's log-probabilities
+        instead, which breaks that equality; for the n-gram ban the two are the same.)
         """
+        guard = guard or RepeatGuard()
         batch, device, k = memory.shape[0], memory.device, beam_size
         memory = memory.repeat_interleave(k, dim=0)
         ids = torch.full((batch * k, 1), self.bos_id, dtype=torch.long, device=device)
@@ -382,7 +414,7 @@ class ReportGenerator(nn.Module):
         done = [False] * batch
         cache = self.start_cache(memory)
         for step in range(1, steps + 1):
-            logp = self.step(cache, ids[:, -1]).float().log_softmax(-1)  # [B*k, V]
+            logp = guard(self.step(cache, ids[:, -1]).float(), ids).log_softmax(-1)  # [B*k, V]
             vocab = logp.shape[-1]
             candidates = (scores.reshape(-1, 1) + logp).reshape(batch, k * vocab)
             top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)
@@ -464,6 +496,58 @@ class ReportGenerator(nn.Module):
         return self.config.replace(
             vision=vision, text=text, image_mean=mean, image_std=std, init_embeddings_from_text=False
         )
+
+
+@dataclass(frozen=True)
+class RepeatGuard:
+    """Next-token logit edits that stop a decoder from looping (``transformers`` semantics).
+
+    * ``repetition_penalty`` (CTRL, Keskar et al. 2019): the logit of every token already in the
+      row's history is divided by the penalty when positive and multiplied by it when negative,
+      so ``> 1`` makes any repeat less likely; ``1.0`` is off.
+    * ``no_repeat_ngram_size`` ``n``: a token that would complete an ``n``-gram already present in
+      the row's history gets ``-inf``; ``0`` is off. ``n = 1`` bans every token seen so far.
+
+    The history is the row's ids so far, BOS included (as ``generate`` feeds ``input_ids``); the
+    penalty is applied first, then the ban. Why: a decoder trained briefly on a small corpus
+    puts most of its mass on a few frequent continuations whatever it already wrote, so
+    argmax decoding cycles ("to the right to the right ..."); both edits make the next choice
+    depend on the report so far. The ban also makes references that repeat an n-gram
+    unreachable, so ``n`` trades loops against legitimate repeats.
+    """
+
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int):
+            raise ValueError(f"no_repeat_ngram_size must be an int, got {self.no_repeat_ngram_size!r}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        if not self.repetition_penalty > 0:  # also rejects NaN
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+
+    @property
+    def active(self) -> bool:
+        return self.no_repeat_ngram_size > 0 or self.repetition_penalty != 1.0
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Guarded copy of ``logits`` ``[R, V]`` given each row's ids so far ``history`` ``[R, L]``."""
+        if not self.active:
+            return logits
+        logits = logits.clone()
+        if self.repetition_penalty != 1.0:
+            seen = logits.gather(1, history)
+            seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
+            logits.scatter_(1, history, seen)  # a repeated id scatters the same value twice
+        n = self.no_repeat_ngram_size
+        if 0 < n <= history.shape[1]:
+            windows = history.unfold(1, n, 1)  # [R, L - n + 1, n]: every n-gram of the row
+            prefix = history[:, history.shape[1] - n + 1 :]  # the last n - 1 ids (none when n = 1)
+            match = (windows[:, :, : n - 1] == prefix[:, None]).all(-1)  # n-grams this step would repeat
+            rows, starts = match.nonzero(as_tuple=True)
+            logits[rows, windows[rows, starts, n - 1]] = float("-inf")
+        return logits
 
 
 def clean_decoded(text: str) -> str:

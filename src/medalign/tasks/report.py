@@ -2,8 +2,10 @@
 
 Training minimises the next-token cross-entropy of each case's ``text`` given its image(s)
 (``ReportGenerator.forward``). Evaluation on ``eval.split`` decodes a report per case with the
-recipe's ``report`` settings and scores it against the reference with corpus BLEU-1..4 and ROUGE-L
-(``medalign.textmetrics``), next to two baselines scored the same way:
+recipe's ``report`` settings (decoding, beams, length penalty and the loop guards
+``no_repeat_ngram_size`` / ``repetition_penalty``, all recorded in metrics.json) and scores it
+against the reference with corpus BLEU-1..4 and ROUGE-L (``medalign.textmetrics``), next to two
+baselines scored the same way:
 
 * **retrieval**: the report of the nearest *training* case by cosine similarity of
   ``encode_image`` (the trained model's CLS embedding, so it measures that encoder, not a
@@ -13,7 +15,8 @@ recipe's ``report`` settings and scores it against the reference with corpus BLE
 
 On the phantom (manifest ``meta.source == "phantom"``), where every report states known findings,
 generated and retrieved reports are also parsed (``medalign.data.phantom.parse_report`` /
-``parse_diagnosis``) and compared with the true lesions: see ``finding_accuracy``.
+``parse_diagnosis``) and compared with the true lesions: see ``finding_accuracy``. The share of
+generated reports (and of references) that repeat a word 3-gram shows whether decoding loops.
 Cases whose text is empty are left out of training and evaluation, and counted.
 """
 
@@ -30,7 +33,7 @@ import torch
 from medalign.config import RunConfig
 from medalign.data.dataset import Collator, dataset_for_model, stack_modalities
 from medalign.data.manifest import Manifest
-from medalign.textmetrics import text_metrics
+from medalign.textmetrics import text_metrics, tokenize
 
 REPORTS_FILE = "reports.jsonl"
 
@@ -116,6 +119,8 @@ def _split_outputs(
                 beam_size=settings.beam_size,
                 max_new_tokens=settings.max_new_tokens,
                 length_penalty=settings.length_penalty,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                repetition_penalty=settings.repetition_penalty,
             )
     out["embedding"] = torch.cat(out["embedding"]) if out["embedding"] else torch.zeros(0, 1)
     return out
@@ -152,11 +157,15 @@ def evaluate_report(
             "beam_size": settings.beam_size if settings.decoding == "beam" else 1,
             "max_new_tokens": settings.max_new_tokens,
             "length_penalty": settings.length_penalty,
+            "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+            "repetition_penalty": settings.repetition_penalty,
         },
         "generated": text_metrics(references, generated),
         "constant": text_metrics(references, [constant] * len(references)),
         "mean_generated_words": sum(len(g.split()) for g in generated) / len(generated),
         "mean_reference_words": sum(len(r.split()) for r in references) / len(references),
+        "generated_repeating_3gram": repeating_fraction(generated, 3),
+        "reference_repeating_3gram": repeating_fraction(references, 3),
     }
     retrieved: list[str] | None = None
     if settings.retrieval_baseline and train["text"]:
@@ -169,6 +178,24 @@ def evaluate_report(
             results["findings"]["retrieval"] = finding_accuracy(truth, retrieved)
     write_reports(Path(config.out) / REPORTS_FILE, test["case_id"], references, generated, retrieved)
     return results
+
+
+def repeats_ngram(text: str, n: int) -> bool:
+    """Whether some word ``n``-gram occurs twice in ``text`` (words as BLEU/ROUGE-L split them).
+
+    The symptom ``no_repeat_ngram_size`` removes; a reference may repeat too (phantom reports
+    say "zone on the left" once per lesion), so the same rate on the references is the baseline.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    words = tokenize(text)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def repeating_fraction(texts: Sequence[str], n: int) -> float | None:
+    """Share of ``texts`` that repeat a word ``n``-gram (None for no text)."""
+    return sum(repeats_ngram(t, n) for t in texts) / len(texts) if texts else None
 
 
 def write_reports(
