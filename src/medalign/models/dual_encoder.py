@@ -22,8 +22,13 @@ from torch import nn
 from medalign.models.adapters import attach_adapters, freeze_tower
 from medalign.models.registry import register_model
 from medalign.models.towers import (
-    MINILM,
+    MINILM_TEXT,
+    SMALL_CLIP_VISION,
+    TINY_BERT,
+    TINY_CLIP_VISION,
+    VIT_B16_SIZES,
     ConfigRecord,
+    ImageInput,
     TowerConfig,
     build_text_tower,
     build_tokenizer,
@@ -31,13 +36,11 @@ from medalign.models.towers import (
     tokenizer_source,
 )
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROJECTIONS = ("linear", "mlp")
 
 
 @dataclass
-class DualEncoderConfig(ConfigRecord):
+class DualEncoderConfig(ImageInput, ConfigRecord):
     """Complete description of a dual encoder; ``to_dict()`` is what a bundle stores."""
 
     _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
@@ -73,26 +76,8 @@ class DualEncoderConfig(ConfigRecord):
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = [float(v) for v in value]
-                setattr(self, name, value)
-                if len(value) not in (1, self.in_channels):
-                    raise ValueError(
-                        f"{name} has {len(value)} values but in_channels={self.in_channels}; "
-                        "give one value per channel, a single value, or None for the default"
-                    )
+        self.check_image_stats()
         self.adapters = copy.deepcopy(dict(self.adapters))
-
-    def image_stats(self) -> tuple[list[float], list[float]]:
-        """Resolved per-channel ``(mean, std)``, one value per input channel."""
-        c = self.in_channels
-        default_mean = list(CLIP_MEAN) if c == 3 else [sum(CLIP_MEAN) / 3] * c
-        default_std = list(CLIP_STD) if c == 3 else [sum(CLIP_STD) / 3] * c
-        mean = self.image_mean if self.image_mean is not None else default_mean
-        std = self.image_std if self.image_std is not None else default_std
-        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -267,60 +252,23 @@ class DualEncoder(nn.Module):
 # Registered architectures: configs are data; the entry function only applies overrides.
 # ---------------------------------------------------------------------------------------------
 
-_MINILM_TEXT = TowerConfig("bert", source=MINILM)
-
 _ALIGN_TINY = DualEncoderConfig(
-    vision=TowerConfig(
-        "clip_vision",
-        config={
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 128,
-            "patch_size": 16,
-        },
-    ),
-    text=TowerConfig(
-        "bert",
-        config={
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 128,
-            "max_position_embeddings": 128,
-        },
-    ),
+    vision=TINY_CLIP_VISION,
+    text=TINY_BERT,
     embed_dim=64,
     image_size=64,
 )
 
 _ALIGN_SMALL_MINILM = DualEncoderConfig(
-    vision=TowerConfig(
-        "clip_vision",
-        config={
-            "hidden_size": 192,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 3,
-            "intermediate_size": 768,
-            "patch_size": 16,
-        },
-    ),
-    text=_MINILM_TEXT,
+    vision=SMALL_CLIP_VISION,
+    text=MINILM_TEXT,
     embed_dim=256,
     image_size=128,
 )
 
-_VIT_B16 = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "patch_size": 16,
-}
-
 _ALIGN_VIT_B16_MINILM = DualEncoderConfig(
-    vision=TowerConfig("vit", config=dict(_VIT_B16)),
-    text=_MINILM_TEXT,
+    vision=TowerConfig("vit", config=dict(VIT_B16_SIZES)),
+    text=MINILM_TEXT,
     embed_dim=256,
     image_size=224,
     image_mean=[0.5],  # the ImageNet-21k ViT checkpoints were trained on (x - 0.5) / 0.5
@@ -331,7 +279,7 @@ _ALIGN_VIT_B16_MINILM = DualEncoderConfig(
 # vision={"source": "openai/clip-vit-base-patch16"}, text={"source": "openai/clip-vit-base-patch16"}
 # (the text source then also supplies CLIP's BPE tokenizer and its 49408-token vocabulary).
 _ALIGN_CLIP_B16 = DualEncoderConfig(
-    vision=TowerConfig("clip_vision", config=dict(_VIT_B16)),
+    vision=TowerConfig("clip_vision", config=dict(VIT_B16_SIZES)),
     text=TowerConfig(
         "clip_text",
         config={

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from medalign.models.moe import MoECrossAttention
 from medalign.models.registry import register_model
 from medalign.models.segmentation import ConvBlock, SegmentationModel, _SegConfig
-from medalign.models.towers import MINILM, TowerConfig, build_text_tower
+from medalign.models.towers import MINILM_TEXT, TowerConfig, build_text_tower
 
 FUSION_MODELS = ("fuse_adf", "fuse_moe", "fuse_early", "fuse_late")  # the registered names
 TASK_HEADS = ("segment", "classify")
@@ -146,7 +146,7 @@ class MoeFusionConfig(FusionConfig):
     """MoE cross-attention over image tokens of every modality and report tokens (HiCur-NPC Stage III)."""
 
     arch: str = "fuse_moe"
-    text: TowerConfig | None = field(default_factory=lambda: TowerConfig("bert", source=MINILM))
+    text: TowerConfig | None = field(default_factory=lambda: MINILM_TEXT.replace())
     freeze_text: bool = True
     max_text_length: int = 64
     token_dim: int = 128

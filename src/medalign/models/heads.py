@@ -40,8 +40,13 @@ from torch import Tensor, nn
 from medalign.models.adapters import freeze_tower
 from medalign.models.registry import register_model
 from medalign.models.towers import (
-    MINILM,
+    MINILM_TEXT,
+    SMALL_CLIP_VISION,
+    TINY_BERT,
+    TINY_CLIP_VISION,
+    VIT_B16,
     ConfigRecord,
+    ImageInput,
     TowerConfig,
     build_text_tower,
     build_tokenizer,
@@ -51,14 +56,15 @@ from medalign.models.towers import (
 
 FUSIONS = ("mean", "attention")
 SURVIVAL_KINDS = ("none", "cox", "discrete")
-_DEFAULT_STAT = (0.5, 0.25)  # (mean, std) for grey [0, 1] scans when the config gives none
 
 
 @dataclass
-class ClinicalConfig(ConfigRecord):
+class ClinicalConfig(ImageInput, ConfigRecord):
     """Everything that defines a clinical model; ``to_dict()`` is what a bundle stores."""
 
     _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
+    # (mean, std) for grey [0, 1] scans when the config gives none
+    default_image_stats: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = ((0.5,), (0.25,))
 
     vision: TowerConfig
     text: TowerConfig | None = None  # None = image features only
@@ -113,20 +119,8 @@ class ClinicalConfig(ConfigRecord):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = [float(v) for v in value]
-                setattr(self, name, value)
-                if len(value) not in (1, self.in_channels):
-                    raise ValueError(f"{name} has {len(value)} values but in_channels={self.in_channels}")
+        self.check_image_stats()
 
-    def image_stats(self) -> tuple[list[float], list[float]]:
-        """Resolved per-channel ``(mean, std)`` of one modality's input."""
-        c = self.in_channels
-        mean = self.image_mean if self.image_mean is not None else [_DEFAULT_STAT[0]]
-        std = self.image_std if self.image_std is not None else [_DEFAULT_STAT[1]]
-        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
 
     @property
     def num_intervals(self) -> int:
@@ -317,58 +311,17 @@ def build_clinical_model(config: ClinicalConfig | dict[str, Any]) -> ClinicalMod
 # Registered architectures: configs are data; the entry function only applies overrides.
 # ---------------------------------------------------------------------------------------------
 
-_TINY_VIT = TowerConfig(
-    "clip_vision",
-    config={
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,
-        "patch_size": 16,
-    },
-)
-_SMALL_VIT = TowerConfig(
-    "clip_vision",
-    config={
-        "hidden_size": 192,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 3,
-        "intermediate_size": 768,
-        "patch_size": 16,
-    },
-)
-_VIT_B16 = TowerConfig(
-    "vit",
-    config={
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "patch_size": 16,
-    },
-)
-_TINY_TEXT = TowerConfig(
-    "bert",
-    config={
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,
-        "max_position_embeddings": 128,
-    },
-)
-
-_CLINICAL_TINY = ClinicalConfig(vision=_TINY_VIT, hidden_size=64, num_heads=2, image_size=64, num_classes=2)
+_CLINICAL_TINY = ClinicalConfig(vision=TINY_CLIP_VISION, hidden_size=64, num_heads=2, image_size=64, num_classes=2)
 _CLINICAL_SMALL_MINILM = ClinicalConfig(
-    vision=_SMALL_VIT,
-    text=TowerConfig("bert", source=MINILM),
+    vision=SMALL_CLIP_VISION,
+    text=MINILM_TEXT,
     freeze_text=True,
     hidden_size=128,
     image_size=128,
     num_classes=2,
 )
 _CLINICAL_VIT_B16 = ClinicalConfig(
-    vision=_VIT_B16,
+    vision=VIT_B16,
     hidden_size=256,
     image_size=224,
     in_channels=3,
@@ -381,7 +334,7 @@ _CLINICAL_VIT_B16 = ClinicalConfig(
 def _create(default: ClinicalConfig, overrides: dict[str, Any]) -> ClinicalModel:
     # ``text: "tiny"`` names the small random text tower (a YAML recipe cannot build a TowerConfig)
     if overrides.get("text") == "tiny":
-        overrides = {**overrides, "text": _TINY_TEXT}
+        overrides = {**overrides, "text": TINY_BERT}
     return ClinicalModel(default.replace(**overrides))
 
 

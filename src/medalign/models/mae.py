@@ -27,13 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medalign.models.dual_encoder import CLIP_MEAN, CLIP_STD
 from medalign.models.registry import register_model
-from medalign.models.towers import ConfigRecord, TowerConfig, attention_forward, build_vision_tower
+from medalign.models.towers import (
+    SMALL_CLIP_VISION,
+    TINY_CLIP_VISION,
+    VIT_B16,
+    ConfigRecord,
+    ImageInput,
+    TowerConfig,
+    attention_forward,
+    build_vision_tower,
+)
 
 
 @dataclass
-class MAEConfig(ConfigRecord):
+class MAEConfig(ImageInput, ConfigRecord):
     """Complete description of a hybrid MAE; ``to_dict()`` is what a bundle stores."""
 
     _towers: ClassVar[tuple[str, ...]] = ("vision",)
@@ -69,25 +77,7 @@ class MAEConfig(ConfigRecord):
             )
         if self.decoder_dim % 4:
             raise ValueError(f"decoder_dim={self.decoder_dim} must be divisible by 4 (2D sin-cos positions)")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = [float(v) for v in value]
-                setattr(self, name, value)
-                if len(value) not in (1, self.in_channels):
-                    raise ValueError(
-                        f"{name} has {len(value)} values but in_channels={self.in_channels}; "
-                        "give one value per channel, a single value, or None for the default"
-                    )
-
-    def image_stats(self) -> tuple[list[float], list[float]]:
-        """Resolved per-channel ``(mean, std)``, one value per input channel (DualEncoderConfig's rule)."""
-        c = self.in_channels
-        default_mean = list(CLIP_MEAN) if c == 3 else [sum(CLIP_MEAN) / 3] * c
-        default_std = list(CLIP_STD) if c == 3 else [sum(CLIP_STD) / 3] * c
-        mean = self.image_mean if self.image_mean is not None else default_mean
-        std = self.image_std if self.image_std is not None else default_std
-        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+        self.check_image_stats()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,16 +344,7 @@ def build_mae_model(config: MAEConfig | dict[str, Any]) -> HybridMAE:
 # ---------------------------------------------------------------------------------------------
 
 _MAE_TINY = MAEConfig(  # vision tower of align_tiny
-    vision=TowerConfig(
-        "clip_vision",
-        config={
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 128,
-            "patch_size": 16,
-        },
-    ),
+    vision=TINY_CLIP_VISION,
     image_size=64,
     decoder_dim=32,
     decoder_depth=1,
@@ -372,16 +353,7 @@ _MAE_TINY = MAEConfig(  # vision tower of align_tiny
 )
 
 _MAE_SMALL = MAEConfig(  # vision tower of align_small_minilm, so Stage II can start from it
-    vision=TowerConfig(
-        "clip_vision",
-        config={
-            "hidden_size": 192,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 3,
-            "intermediate_size": 768,
-            "patch_size": 16,
-        },
-    ),
+    vision=SMALL_CLIP_VISION,
     image_size=128,
     decoder_dim=128,
     decoder_depth=2,
@@ -390,16 +362,7 @@ _MAE_SMALL = MAEConfig(  # vision tower of align_small_minilm, so Stage II can s
 )
 
 _MAE_VIT_B16 = MAEConfig(  # MAE's ViT-B/16: 8 x 512 decoder, 16 heads
-    vision=TowerConfig(
-        "vit",
-        config={
-            "hidden_size": 768,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "intermediate_size": 3072,
-            "patch_size": 16,
-        },
-    ),
+    vision=VIT_B16,
     image_size=224,
     image_mean=[0.5],  # as align_vit_b16_minilm: (x - 0.5) / 0.5
     image_std=[0.5],

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medalign.models.dual_encoder import CLIP_MEAN, CLIP_STD
 from medalign.models.registry import register_model
 from medalign.models.towers import (
+    CLIP_MEAN,
+    CLIP_STD,
     MINILM,
     ConfigRecord,
     TowerConfig,

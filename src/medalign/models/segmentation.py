@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medalign.models.dual_encoder import CLIP_MEAN, CLIP_STD
 from medalign.models.registry import register_model
 from medalign.models.towers import (
-    MINILM,
+    MINILM_TEXT,
     ConfigRecord,
+    ImageInput,
     TowerConfig,
     VisionTower,
     build_text_tower,
@@ -109,7 +109,7 @@ class MonaiSegConfig(_SegConfig):
 
 
 @dataclass
-class ClipDecoderConfig(_SegConfig):
+class ClipDecoderConfig(ImageInput, _SegConfig):
     """CLIPSeg-style decoder on the hidden states of a ViT (CLIP vision) tower."""
 
     arch: str = "clip_decoder"
@@ -133,13 +133,8 @@ class ClipDecoderConfig(_SegConfig):
             raise ValueError(f"text tower has vision kind {self.text.kind!r}")
         if self.extract_layers is not None:
             self.extract_layers = sorted({int(i) for i in self.extract_layers})
+        self.check_image_stats()
 
-    def image_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel ``(mean, std)``: the statistics the (possibly pretrained) tower expects."""
-        c = self.in_channels
-        mean = self.image_mean or (list(CLIP_MEAN) if c == 3 else [sum(CLIP_MEAN) / 3])
-        std = self.image_std or (list(CLIP_STD) if c == 3 else [sum(CLIP_STD) / 3])
-        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
 
 
 @dataclass
@@ -147,7 +142,7 @@ class TextUNetConfig(_SegConfig):
     """LViT / C2FVL-style U-Net whose decoder attends to text tokens or structured attributes."""
 
     arch: str = "text_unet"
-    text: TowerConfig | None = field(default_factory=lambda: TowerConfig("bert", source=MINILM))
+    text: TowerConfig | None = field(default_factory=lambda: MINILM_TEXT.replace())
     # C2FVL's structured findings, e.g. {"side": ["none", "left", "right", "bilateral"], ...}:
     # column i of ``attributes`` indexes the values of the i-th key (negative = unknown, ignored).
     attributes_vocab: dict[str, list[str]] | None = None

@@ -96,6 +96,52 @@ class ConfigRecord:
         return type(self).from_dict(data)
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageInput:
+    """The input description every image model's config shares: channels and pixel statistics.
+
+    A config dataclass that declares ``in_channels``, ``image_mean`` and ``image_std`` inherits
+    the one rule for resolving them (one value per channel, a single value broadcast, None for
+    ``default_image_stats``, averaged when the defaults are for another channel count), so
+    every model normalises alike and a tower handed from one model to another (``init_from``)
+    keeps the statistics it was trained with.
+    """
+
+    in_channels: int
+    image_mean: list[float] | None
+    image_std: list[float] | None
+    default_image_stats: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (CLIP_MEAN, CLIP_STD)
+
+    def check_image_stats(self) -> None:
+        """Coerce the statistics to floats; a count that is neither 1 nor in_channels is an error."""
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = [float(v) for v in value]
+            setattr(self, name, value)
+            if len(value) not in (1, self.in_channels):
+                raise ValueError(
+                    f"{name} has {len(value)} values but in_channels={self.in_channels}; "
+                    "give one value per channel, a single value, or None for the default"
+                )
+
+    def image_stats(self) -> tuple[list[float], list[float]]:
+        """Resolved per-channel ``(mean, std)``, one value per input channel."""
+        c = self.in_channels
+
+        def resolve(value: list[float] | None, default: tuple[float, ...]) -> list[float]:
+            if value is None:
+                value = list(default) if len(default) == c else [sum(default) / len(default)]
+            return value * c if len(value) == 1 else list(value)
+
+        mean, std = self.default_image_stats
+        return resolve(self.image_mean, mean), resolve(self.image_std, std)
+
+
 @dataclass
 class TowerConfig(ConfigRecord):
     """Where a tower comes from and what shape it has; plain data so it serialises to JSON."""
@@ -258,6 +304,40 @@ def _use_medalign_attention(model: nn.Module, cfg: TowerConfig) -> None:
     if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation"):
         _register_attention()
         model.set_attn_implementation(ATTENTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tower sizes shared by the model families, so that any bundle's tower can start any other model
+# of the same size (init_from) and an architecture is described in one place.
+# ---------------------------------------------------------------------------------------------
+
+VIT_B16_SIZES: dict[str, int] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "patch_size": 16,
+}
+TINY_CLIP_VISION = TowerConfig(  # ~0.1M parameters: tests
+    "clip_vision",
+    config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128, "patch_size": 16},
+)
+SMALL_CLIP_VISION = TowerConfig(  # ~1.8M parameters: trains on a CPU
+    "clip_vision",
+    config={"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 768, "patch_size": 16},
+)
+VIT_B16 = TowerConfig("vit", config=dict(VIT_B16_SIZES))
+TINY_BERT = TowerConfig(  # random, with MiniLM's tokenizer: tests
+    "bert",
+    config={
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+    },
+)
+MINILM_TEXT = TowerConfig("bert", source=MINILM)  # the offline pretrained all-MiniLM-L6-v2
 
 
 # ---------------------------------------------------------------------------------------------
