@@ -158,6 +158,40 @@ def test_pretrain_bundle_starts_an_alignment_model(tmp_path: Path) -> None:
         torch.testing.assert_close(aligned.vision.state_dict()[key], value)
 
 
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("clip_decoder", {"decoder_dim": 16}),  # segmentation
+        ("clinical_tiny", {"modalities": ["a", "b"], "num_classes": 3, "survival": "cox"}),  # Stage III fusion
+        ("report_tiny", {}),  # report generation
+    ],
+)
+def test_pretrain_bundle_starts_segmentation_fusion_and_report_models(
+    name: str, overrides: dict, tmp_path: Path
+) -> None:
+    from medalign.run import build_model
+
+    torch.manual_seed(0)
+    mae = create_model("mae_tiny", in_channels=1, image_size=32, image_mean=[0.3], image_std=[0.2])
+    save_bundle(mae, tmp_path / "mae")
+    config = build(RunConfig, {"model": {"name": name, "overrides": overrides, "init_from": str(tmp_path / "mae")}}, "")
+    model = build_model(config)
+    assert model.config.in_channels == 1 and model.config.image_size == 32
+    assert model.config.image_stats() == ([0.3], [0.2])
+    for key, value in mae.vision.state_dict().items():
+        torch.testing.assert_close(model.vision.state_dict()[key], value)
+
+
+def test_pretrain_bundle_cannot_start_a_conv_fusion_model(tmp_path: Path) -> None:
+    """The conv fusion models have no ViT tower: a clear error instead of a silent random start."""
+    from medalign.run import build_model
+
+    save_bundle(create_model("mae_tiny", in_channels=1), tmp_path / "mae")
+    config = build(RunConfig, {"model": {"name": "fuse_adf", "init_from": str(tmp_path / "mae")}}, "")
+    with pytest.raises(ValueError, match=r"pretrain bundle, which cannot initialise 'fuse_adf'.*share no vision tower"):
+        build_model(config)
+
+
 @pytest.mark.parametrize("name", ["phantom", "medpix", "kvasir", "busi"])
 def test_recipes_load_and_build(name: str) -> None:
     config = load_config(REPO / "configs" / "pretrain" / f"{name}.yaml")
