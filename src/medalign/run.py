@@ -272,7 +272,13 @@ def fit_and_save(
     metrics = evaluate(model)
     metrics["train"] = {"steps": state.step, "seconds": round(seconds, 1), "final": state.history[-1:]}
     summary = {k: v for k, v in metrics.items() if k != "per_case"}
-    save_bundle(model, out / "bundle", extra={"metrics": summary, "recipe": str(config.out)})
+    extra = {
+        "metrics": summary,
+        "recipe": str(config.out),
+        # what a Predictor must repeat to see images as training did
+        "preprocess": {"normalisation": config.data.normalisation},
+    }
+    save_bundle(model, out / "bundle", extra=extra)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
     echo(f"trained {state.step} steps in {seconds:.0f}s; bundle: {out / 'bundle'}")
     return out
