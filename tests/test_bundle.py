@@ -40,6 +40,7 @@ def test_save_and_load_offline_gives_identical_outputs(tmp_path: Path, monkeypat
         )
     assert loaded.bundle_info["metrics"] == {"x": 1.0}
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
+        "MODEL_CARD.md",
         "config.json",
         "model.safetensors",
         "tokenizer",

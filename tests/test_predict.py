@@ -326,3 +326,15 @@ def test_wrong_kinds_and_bad_inputs_raise_clear_errors(align: Predictor, unet: P
 def _rgb_bundle(tmp_path: Path) -> Path:
     """A 3-channel dual encoder bundle (2 channels cannot become 3)."""
     return save_bundle(create_model("align_tiny", in_channels=3, image_size=32), tmp_path / "rgb")
+
+
+def test_from_bundle_repeats_the_recorded_normalisation(tmp_path: Path) -> None:
+    from medalign.bundle import save_bundle
+    from medalign.models import create_model
+
+    model = create_model("align_tiny", in_channels=1, image_size=32)
+    save_bundle(model, tmp_path / "plain")
+    save_bundle(model, tmp_path / "minmax", extra={"preprocess": {"normalisation": "minmax"}})
+    assert medalign.load(tmp_path / "plain").normalisation == "dtype"
+    assert medalign.load(tmp_path / "minmax").normalisation == "minmax"
+    assert medalign.load(tmp_path / "minmax", normalisation="zscore").normalisation == "zscore"

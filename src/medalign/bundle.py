@@ -81,6 +81,9 @@ def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, An
         **(extra or {}),
     }
     (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    from medalign.model_card import write_model_card
+
+    write_model_card(tmp, model, extra)  # MODEL_CARD.md: what it is, trained on, scores, limits
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

@@ -553,6 +553,15 @@ def predict_segment(
     typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size}")
 
 
+def _register_report() -> None:
+    from medalign.html_report import report_command
+
+    app.command("report")(report_command)
+
+
+_register_report()
+
+
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option(help="Working folder for the phantom and outputs.")] = Path(

@@ -197,9 +197,13 @@ def step_curriculum(ctx: QuickstartContext) -> bool:
     I is trained once), so the differences in the last table are what each stage adds.
     """
     from medalign.curriculum import ablation_markdown, load_curriculum, metric, run_ablation
+    from medalign.data.manifest import read_manifest
 
+    n_train = sum(1 for s in read_manifest(ctx.artifacts["manifest"]).table["split"] if s == "train")
+    batch = min(32, 2 ** int(math.log2(max(n_train // 2, 2))))  # small phantoms (tests) still fill batches
     overrides = [
         f"out={ctx.out / 'curriculum'}",
+        f"data.batch_size={batch}",
         f"data.manifest={ctx.artifacts['manifest']}",
         "data.phantom=null",
         f"train.seed={ctx.seed}",

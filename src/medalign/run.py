@@ -252,6 +252,7 @@ def fit_and_save(
     """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle."""
     from medalign.bundle import save_bundle
     from medalign.engine import Engine
+    from medalign.html_report import write_html_report
 
     engine = Engine(config.train, config.optim, out)
     start = time.perf_counter()
@@ -280,7 +281,8 @@ def fit_and_save(
     }
     save_bundle(model, out / "bundle", extra=extra)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    echo(f"trained {state.step} steps in {seconds:.0f}s; bundle: {out / 'bundle'}")
+    report = write_html_report(out)  # after metrics.json: it reads every file the run wrote
+    echo(f"trained {state.step} steps in {seconds:.0f}s; bundle: {out / 'bundle'}; report: {report}")
     return out
 
 

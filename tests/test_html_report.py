@@ -1,0 +1,167 @@
+"""``medalign.html_report``: one self-contained HTML page per run, built from the run's own files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from medalign.config import load_config
+from medalign.data.phantom import PhantomConfig, generate_phantom
+from medalign.html_report import RunReportError, _stored_values, fmt, report_command, write_html_report
+from medalign.run import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = [
+    "data.phantom=null",
+    "train.max_steps=2",
+    "train.log_every=1",
+    "train.progress=false",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "train.precision=32-true",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_phantom(tmp_path_factory.mktemp("phantom"), PhantomConfig(n=40, size=64))
+
+
+@pytest.fixture(scope="module")
+def segment_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = load_config(
+        REPO / "configs" / "segment" / "phantom_text.yaml",
+        [
+            f"out={tmp_path_factory.mktemp('runs') / 'segment'}",
+            f"data.manifest={phantom.with_name('prompts.csv')}",
+            "model.name=unet",
+            "model.overrides={in_channels: 2, image_size: 64, channels: [8, 16, 32, 64]}",
+            *FAST,
+        ],
+    )
+    return run_training(config, echo=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def clinical_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = load_config(
+        REPO / "configs" / "clinical" / "phantom.yaml",
+        [
+            f"out={tmp_path_factory.mktemp('runs') / 'clinical'}",
+            f"data.manifest={phantom}",
+            "model.overrides.image_size=32",
+            "data.eval_batch_size=32",
+            *FAST,
+        ],
+    )
+    return run_training(config, echo=lambda *_: None)
+
+
+def images(page: str) -> dict[str, bytes]:
+    """alt text -> decoded PNG of every <img> (which must all be inline PNGs)."""
+    tags = re.findall(r"<img [^>]*>", page)
+    found = dict(re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]*)">', page))
+    assert len(found) == len(tags), "every image must be an inline base64 PNG"
+    return {alt: base64.b64decode(data) for alt, data in found.items()}
+
+
+def assert_self_contained(page: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+
+
+def test_segmentation_report(segment_run: Path) -> None:
+    path = write_html_report(segment_run)
+    assert path == segment_run / "report.html"
+    page = path.read_text(encoding="utf-8")
+    assert_self_contained(page)
+    pictures = images(page)
+    assert all(png.startswith(PNG_MAGIC) for png in pictures.values())
+    metrics = json.loads((segment_run / "metrics.json").read_text())
+    for key in ("dice", "iou", "pooled_dice", "hd95", "nsd"):
+        assert f"<td>{key}</td><td>{metrics[key]:.4f}</td>" in page
+    assert f"<td>n_images</td><td>{metrics['n_images']}</td>" in page
+    assert "learning curves" in pictures
+    ranked = sorted(metrics["per_case"], key=lambda r: r["dice"])
+    overlays = {alt.split(":")[0]: alt for alt in pictures if alt.startswith(("best", "worst"))}
+    assert set(overlays) == {"best cases", "worst cases"}
+    for row in ranked[:3]:
+        assert f"{row['case_id']} (Dice {row['dice']:.4f})" in overlays["worst cases"]
+    for row in ranked[-3:]:
+        assert f"{row['case_id']} (Dice {row['dice']:.4f})" in overlays["best cases"]
+    # the data summary comes from the run's manifest: 40 cases -> 60 lesion prompts
+    assert "<td>cases</td><td>60</td>" in page
+
+
+def test_clinical_report_embeds_the_runs_figures(clinical_run: Path, tmp_path: Path) -> None:
+    path = write_html_report(clinical_run, tmp_path / "elsewhere" / "clinical.html")
+    assert path == tmp_path / "elsewhere" / "clinical.html" and path.is_file()
+    page = path.read_text(encoding="utf-8")
+    assert_self_contained(page)
+    pictures = images(page)
+    # the run's own PNGs, byte for byte
+    assert pictures["reliability.png"] == (clinical_run / "reliability.png").read_bytes()
+    assert pictures["km_risk_groups.png"] == (clinical_run / "km_risk_groups.png").read_bytes()
+    assert {"learning curves", "confusion", "ROC curves"} <= set(pictures)
+    metrics = json.loads((clinical_run / "metrics.json").read_text())
+    diagnosis, survival = metrics["diagnosis"], metrics["survival"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
+        assert f"<td>{key}</td><td>{diagnosis[key]:.4f}</td>" in page
+    assert f"<td>C-index</td><td>{survival['c_index']:.4f}</td>" in page
+    # per-modality-subset table: one row per subset with its saved AUC
+    for name, entry in metrics["subsets"].items():
+        assert re.search(
+            rf"<tr><td>{re.escape(name)}</td><td>[^<]*</td><td>{entry['row']['auc']:.4f}</td>", page
+        )
+
+
+def test_format_and_stored_values(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    assert fmt(0.123456) == "0.1235" and fmt(3) == "3" and fmt(None) == "–" and fmt(True) == "true"
+    assert fmt([1, 0.5]) == "1, 0.5000" and fmt("<b>") == "&lt;b&gt;"
+    save_file({"w": torch.zeros(2, 3), "b": torch.zeros(4)}, tmp_path / "model.safetensors")
+    assert _stored_values(tmp_path / "model.safetensors") == 10
+
+
+def test_bad_run_folders_are_named(tmp_path: Path) -> None:
+    with pytest.raises(RunReportError, match=r"run folder '.*nowhere' does not exist"):
+        write_html_report(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("task: segment\n")
+    with pytest.raises(RunReportError, match=r"metrics\.json is missing"):
+        write_html_report(tmp_path / "half")
+    (tmp_path / "half" / "metrics.json").write_text("{not json")
+    with pytest.raises(RunReportError, match=r"cannot parse '.*metrics\.json'"):
+        write_html_report(tmp_path / "half")
+
+
+def test_cli_command(segment_run: Path, tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("report")(report_command)
+    app.command("other")(lambda: None)  # two commands, so "report" is addressed by name as in medalign
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["report", "--help"]).output
+    assert "RUN_DIR" in help_text and "medalign report runs/" in help_text
+    result = runner.invoke(app, ["report", str(segment_run), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").is_file() and f"wrote {tmp_path / 'r.html'}" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "does not exist" in result.output
