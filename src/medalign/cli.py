@@ -553,13 +553,16 @@ def predict_segment(
     typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size}")
 
 
-def _register_report() -> None:
+def _register_commands() -> None:
+    """Commands whose modules own their Typer definitions (imports stay light: no onnx at import)."""
+    from medalign.export import export_app
     from medalign.html_report import report_command
 
     app.command("report")(report_command)
+    app.add_typer(export_app, name="export")
 
 
-_register_report()
+_register_commands()
 
 
 @app.command("quickstart")
