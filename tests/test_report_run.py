@@ -72,7 +72,7 @@ def test_run_report_on_phantom_writes_bundle_metrics_and_reports(cases: Path, tm
         "beam_size": 3,
         "max_new_tokens": 6,
         "length_penalty": 1.0,
-        "no_repeat_ngram_size": 3,  # the recipe's loop guard
+        "no_repeat_ngram_size": 0,  # the phantom recipe turns the 3-gram ban off (templated reports)
         "repetition_penalty": 1.0,
     }
     assert 0.0 <= metrics["generated_repeating_3gram"] <= 1.0
@@ -142,6 +142,8 @@ def test_finding_accuracy_by_hand() -> None:
 def test_report_checks(cases: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"report\.beam_size"):
         validate_ranges(phantom_config(cases, tmp_path, "report.beam_size=0"))
+    assert RunConfig().report.no_repeat_ngram_size == 3 and RunConfig().report.repetition_penalty == 1.0
+    assert load_config(REPO / "configs" / "report" / "medpix.yaml").report.no_repeat_ngram_size == 3
     with pytest.raises(ConfigError, match=r"report\.no_repeat_ngram_size"):
         validate_ranges(phantom_config(cases, tmp_path, "report.no_repeat_ngram_size=-1"))
     with pytest.raises(ConfigError, match=r"report\.repetition_penalty"):
