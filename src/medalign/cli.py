@@ -555,11 +555,14 @@ def predict_segment(
 
 def _register_commands() -> None:
     """Commands whose modules own their Typer definitions (imports stay light: no onnx at import)."""
+    from medalign.batch_predict import predict_classes, predict_masks
     from medalign.export import export_app
     from medalign.html_report import report_command
 
     app.command("report")(report_command)
     app.add_typer(export_app, name="export")
+    predict_app.command("masks")(predict_masks)
+    predict_app.command("classify")(predict_classes)
 
 
 _register_commands()
