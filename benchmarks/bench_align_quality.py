@@ -22,10 +22,7 @@ Protocols (also written into BENCHMARKS.md with the numbers):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchlib import DATA, REPO, RUNS, machine, write_section
 from medalign import evaluate as ev
 from medalign.config import load_config
 from medalign.data.dataset import dataset_for_model
@@ -40,16 +38,11 @@ from medalign.data.importers import load_dataset
 from medalign.data.manifest import Manifest, assign_splits, write_manifest
 from medalign.run import build_model, image_columns, load_run_manifest, run_training, texts_from_labels
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
-RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
-
-
-def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{dt.date.today().isoformat()}"
-    )
+TITLES = {
+    "phantom": "Alignment on the phantom",
+    "medpix": "Alignment on MedPix 2.0",
+    "busi": "BUSI zero-shot and linear probe",
+}
 
 
 def evaluate_model(
@@ -250,25 +243,9 @@ def probe_for(bundle: Path, config: Any) -> dict[str, Any]:
     return ev.probe(*splits)["test"]
 
 
-def write_section(name: str, body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    begin, end = f"<!-- bench_align_{name}:begin -->", f"<!-- bench_align_{name}:end -->"
-    text = path.read_text(encoding="utf-8")
-    if begin not in text:
-        titles = {
-            "phantom": "Alignment on the phantom",
-            "medpix": "Alignment on MedPix 2.0",
-            "busi": "BUSI zero-shot and linear probe",
-        }
-        text += f"\n## {titles[name]} (`benchmarks/bench_align_quality.py {name}`)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench", choices=["phantom", "medpix", "busi"])
+    parser.add_argument("bench", choices=list(TITLES))
     parser.add_argument("--init-from", type=Path, default=RUNS / "align_medpix" / "bundle")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -278,7 +255,9 @@ def main() -> None:
     ]()
     print(body)
     if args.write:
-        write_section(args.bench, body)
+        write_section(
+            args.bench, body, script="bench_align_quality", title=TITLES[args.bench], prefix="bench_align"
+        )
 
 
 if __name__ == "__main__":

@@ -34,24 +34,21 @@ losses before and after show that each one learns.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+import benchlib
+from benchlib import replace_section
 from medalign.config import OptimConfig
 from medalign.engine import build_optimizer, build_scheduler
 from medalign.losses import clip_loss
 from medalign.models import DualEncoder, TowerConfig, create_model
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION_BEGIN, SECTION_END = "<!-- bench_align_step:begin -->", "<!-- bench_align_step:end -->"
 HEADING = "## Alignment training step (`benchmarks/bench_align_step.py`)"
 PROTOCOL = """\
@@ -189,10 +186,9 @@ class MedalignTrainer:
 
 
 def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
-        f"transformers {__import__('transformers').__version__}, {dt.date.today().isoformat()}"
+    return benchlib.machine(
+        f" ({torch.get_num_threads()} torch threads, CPU capability {torch.backends.cpu.get_cpu_capability()})",
+        f", transformers {__import__('transformers').__version__}",
     )
 
 
@@ -267,17 +263,7 @@ def main() -> None:
     ratio = medians[OURS] / medians[REFERENCE]
     print(f"medalign / reference: {ratio:.2f}x ({'meets' if ratio >= 2 else 'below'} the 2x target)")
     if args.write:
-        write_section(REPO / "BENCHMARKS.md", body, HEADING, PROTOCOL, SECTION_BEGIN, SECTION_END)
-
-
-def write_section(path: Path, body: str, heading: str, protocol: str, begin: str, end: str) -> None:
-    """Replace the text between ``begin`` and ``end``; append heading, protocol and markers if absent."""
-    text = path.read_text(encoding="utf-8")
-    if begin not in text:
-        text = f"{text.rstrip()}\n\n{heading}\n\n{protocol}\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}", encoding="utf-8")
+        replace_section(body, SECTION_BEGIN, SECTION_END, f"{HEADING}\n\n{PROTOCOL}")
 
 
 if __name__ == "__main__":

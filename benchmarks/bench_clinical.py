@@ -29,10 +29,7 @@ Protocols:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,51 +38,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from medalign.config import load_config
+import benchlib
+from benchlib import DATA, REPO, RUNS, imported
 from medalign.data.dataset import DatasetConfig, ManifestDataset
-from medalign.data.importers import load_dataset
-from medalign.data.manifest import read_manifest, write_manifest
+from medalign.data.manifest import read_manifest
 from medalign.data.phantom import PhantomConfig, generate_phantom
 from medalign.data.transforms import PreprocessConfig
 from medalign.metrics import concordance_index
-from medalign.tasks.clinical import run_clinical
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
-RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
 RESULTS = REPO / "benchmarks" / "results" / "bench_clinical.json"
 LGG_KEYS = ["image:pre", "image:flair", "image:post"]
 FAST = ["train.progress=false", "data.num_workers=0", "data.cache=memory", "train.precision=bf16-mixed"]
 
 
 def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, {torch.get_num_threads()} torch "
-        f"thread(s), bf16 autocast, torch {torch.__version__}, {dt.date.today().isoformat()}"
+    return benchlib.machine(
+        f" shared with other jobs, {torch.get_num_threads()} torch thread(s), bf16 autocast"
     )
 
 
 def train(recipe: str, run: str, overrides: list[str]) -> dict[str, Any]:
-    """Train (or reuse) one run; returns its metrics.json (``train.seconds``: the training wall time)."""
-    out = RUNS / run
-    stamp = out / "overrides.json"
-    metrics = out / "metrics.json"
-    if not (metrics.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == overrides):
-        config = load_config(REPO / "configs" / "clinical" / f"{recipe}.yaml", [f"out={out}", *overrides])
-        run_clinical(config, echo=lambda *_: None)
-        stamp.write_text(json.dumps(overrides))
-    return json.loads(metrics.read_text())
+    """A clinical recipe through ``benchlib.train``, quietly (metrics.json holds what the tables need)."""
+    return benchlib.train(recipe, run, overrides, folder="clinical", echo=lambda *_: None)
 
 
 # ------------------------------------------------------------------------------------------- LGG
-
-
-def lgg_manifest() -> Path:
-    path = RUNS / "data" / "lgg.csv"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_manifest(load_dataset("lgg", DATA / "lgg_mri"), path)
-    return path
 
 
 def intensity_features(manifest_path: Path, size: int) -> tuple[np.ndarray, Any]:
@@ -162,7 +139,7 @@ def baseline(features: np.ndarray, table: Any, label: str) -> dict[str, Any]:
 
 
 def bench_lgg(epochs: int, size: int) -> dict[str, Any]:
-    manifest = lgg_manifest()
+    manifest = imported("lgg", "lgg", "lgg_mri")
     start = time.perf_counter()
     features, table = intensity_features(manifest, size)
     feature_seconds = time.perf_counter() - start

@@ -26,55 +26,22 @@ Protocols (written into BENCHMARKS.md with the numbers):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import benchlib
+from benchlib import REPO, RUNS, imported, train, write_section
 from medalign.bundle import save_bundle
 from medalign.config import load_config
-from medalign.data.importers import load_dataset
-from medalign.data.manifest import write_manifest
-from medalign.run import build_model, run_training
+from medalign.run import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
-RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
 FRACTIONS = (0.1, 1.0)
 
 
 def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other processes, "
-        f"torch {torch.__version__}, bf16 autocast, {dt.date.today().isoformat()}"
-    )
-
-
-def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
-    path = RUNS / "data" / f"{name}.csv"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_manifest(load_dataset(fmt, DATA / src, **options), path)
-    return path
-
-
-def train(recipe: str, run: str, overrides: list[str]) -> dict[str, Any]:
-    """Train ``configs/<recipe>.yaml`` (or reuse a finished run with the same overrides)."""
-    out = RUNS / run
-    stamp, metrics_path = out / "bench_overrides.json", out / "metrics.json"
-    same = stamp.is_file() and json.loads(stamp.read_text()) == overrides
-    if same and metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
-    config = load_config(REPO / "configs" / f"{recipe}.yaml", [f"out={out}", *overrides])
-    config.train.progress = False
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(overrides))
-    run_training(config, resume=same, echo=print)
-    return json.loads(metrics_path.read_text())
+    return benchlib.machine(" shared with other processes", ", bf16 autocast")
 
 
 def untrained_bundle(recipe: str, run: str, overrides: list[str]) -> Path:
@@ -117,10 +84,15 @@ def _get(metrics: dict[str, Any], dotted: str) -> Any:
 
 
 def table(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
-    lines = ["| labels | encoder start | " + " | ".join(keys) + " | train s |", "|---|---|" + "---|" * (len(keys) + 1)]
+    lines = [
+        "| labels | encoder start | " + " | ".join(keys) + " | train s |",
+        "|---|---|" + "---|" * (len(keys) + 1),
+    ]
     for row in rows:
         cells = [f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
-        lines.append(f"| {row['labels']} | {row['start']} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
+        lines.append(
+            f"| {row['labels']} | {row['start']} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |"
+        )
     return lines
 
 
@@ -132,7 +104,9 @@ def bench_label_efficiency(pretrain_epochs: int, steps: int) -> str:
     pre = train("pretrain/kvasir", "labeleff_kvasir_mae", [*common, f"train.epochs={pretrain_epochs}"])
     starts = {
         "Stage I MAE": RUNS / "labeleff_kvasir_mae" / "bundle",
-        "random (same MAE, untrained)": untrained_bundle("pretrain/kvasir", "labeleff_kvasir_mae_init", common),
+        "random (same MAE, untrained)": untrained_bundle(
+            "pretrain/kvasir", "labeleff_kvasir_mae_init", common
+        ),
     }
     seg = [
         *common,
@@ -158,7 +132,9 @@ def bench_label_efficiency(pretrain_epochs: int, steps: int) -> str:
     # -- BUSI: diagnosis --------------------------------------------------------------------------
     busi = imported("busi_stratified", "busi", "busi")
     common = [f"data.manifest={busi}", "data.num_workers=1"]
-    pre = train("pretrain/busi", "labeleff_busi_mae", [*common, f"train.epochs={pretrain_epochs}", "eval.probe=false"])
+    pre = train(
+        "pretrain/busi", "labeleff_busi_mae", [*common, f"train.epochs={pretrain_epochs}", "eval.probe=false"]
+    )
     starts = {
         "Stage I MAE": RUNS / "labeleff_busi_mae" / "bundle",
         "random (same MAE, untrained)": untrained_bundle("pretrain/busi", "labeleff_busi_mae_init", common),
@@ -182,7 +158,9 @@ def bench_label_efficiency(pretrain_epochs: int, steps: int) -> str:
 def bench_ablation(overrides: list[str]) -> str:
     from medalign.curriculum import load_curriculum, run_ablation
 
-    curriculum = load_curriculum(REPO / "configs" / "curriculum" / "phantom.yaml", [f"out={RUNS / 'curriculum_phantom'}", *overrides])
+    curriculum = load_curriculum(
+        REPO / "configs" / "curriculum" / "phantom.yaml", [f"out={RUNS / 'curriculum_phantom'}", *overrides]
+    )
     result = run_ablation(curriculum, echo=print)
     from medalign.curriculum import ablation_markdown
 
@@ -203,17 +181,6 @@ TITLES = {
 }
 
 
-def write_section(name: str, body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    begin, end = f"<!-- bench_curriculum_{name}:begin -->", f"<!-- bench_curriculum_{name}:end -->"
-    text = path.read_text(encoding="utf-8")
-    if begin not in text:
-        text += f"\n## {TITLES[name]} (`benchmarks/bench_curriculum.py {name}`)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", choices=list(TITLES))
@@ -229,7 +196,7 @@ def main() -> None:
         body = bench_ablation(args.override)
     print(body)
     if args.write:
-        write_section(args.bench, body)
+        write_section(args.bench, body, script="bench_curriculum", title=TITLES[args.bench])
 
 
 if __name__ == "__main__":

@@ -30,12 +30,8 @@ Protocols (written into BENCHMARKS.md with the numbers):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,14 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import benchlib
+from benchlib import RUNS, imported, write_section
 from medalign.config import load_config
-from medalign.data.importers import load_dataset
 from medalign.data.manifest import Manifest, read_manifest, write_manifest
-from medalign.run import run_training
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
-RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
 
 BUDA_PUBLISHED = 0.82  # U-Net, per patient, all slices of a patient (Buda et al. 2019)
 NO_ADF_LOSS = [
@@ -69,40 +61,15 @@ ARCHS = {
 
 def machine() -> str:
     threads = torch.get_num_threads()
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores shared with another benchmark queue, "
-        f"{threads} torch thread{'s' if threads > 1 else ''} (with the other core busy, 2 threads measured "
-        f"8x slower per step), bf16 autocast, torch {torch.__version__}, {dt.date.today().isoformat()}"
+    return benchlib.machine(
+        f" shared with another benchmark queue, {threads} torch thread{'s' if threads > 1 else ''} (with the "
+        f"other core busy, 2 threads measured 8x slower per step), bf16 autocast"
     )
 
 
-def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
-    """Import a shared dataset once into the benchmark folder."""
-    suffix = "_".join(f"{k}{v}" for k, v in options.items() if k != "fractions")
-    path = RUNS / "data" / (f"{name}_{suffix}.csv" if suffix else f"{name}.csv")
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_manifest(load_dataset(fmt, DATA / src, **options), path)
-    return path
-
-
 def train(recipe: str, run: str, overrides: list[str]) -> dict[str, Any]:
-    """Train a fuse recipe (or reuse a finished run with the same overrides) and return its metrics."""
-    overrides = ["data.num_workers=1", *overrides]
-    out = RUNS / run
-    stamp = out / "bench_overrides.json"
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == overrides:
-        return json.loads(metrics_path.read_text())
-    config = load_config(REPO / "configs" / "fuse" / f"{recipe}.yaml", [f"out={out}", *overrides])
-    config.train.progress = False
-    resume = stamp.is_file() and json.loads(stamp.read_text()) == overrides
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(overrides))
-    start = time.perf_counter()
-    run_training(config, resume=resume, echo=print)
-    print(f"{run}: {time.perf_counter() - start:.0f} s (training + evaluation)", flush=True)
-    return json.loads(metrics_path.read_text())
+    """Train a fuse recipe through ``benchlib.train`` with one data worker (the other core is busy)."""
+    return benchlib.train(recipe, run, ["data.num_workers=1", *overrides], folder="fuse")
 
 
 def arch_overrides(arch: str) -> list[str]:
@@ -359,17 +326,6 @@ TITLES = {
 }
 
 
-def write_section(name: str, body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    begin, end = f"<!-- bench_fuse_{name}:begin -->", f"<!-- bench_fuse_{name}:end -->"
-    text = path.read_text(encoding="utf-8")
-    if begin not in text:
-        text += f"\n## {TITLES[name]} (`benchmarks/bench_fuse.py {name}`)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", choices=list(TITLES))
@@ -391,7 +347,7 @@ def main() -> None:
     body = benches[args.bench]()
     print(body)
     if args.write:
-        write_section(args.bench, body)
+        write_section(args.bench, body, script="bench_fuse", title=TITLES[args.bench])
 
 
 if __name__ == "__main__":

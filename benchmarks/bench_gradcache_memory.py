@@ -32,11 +32,9 @@ computations up to floating-point summation order. Both precisions run by defaul
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -48,7 +46,8 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import machine, replace_section
+
 SECTION_BEGIN, SECTION_END = "<!-- bench_gradcache_memory:begin -->", "<!-- bench_gradcache_memory:end -->"
 HEADING = "## Embedding cache memory (`benchmarks/bench_gradcache_memory.py`)"
 PROTOCOL = """\
@@ -239,13 +238,6 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{dt.date.today().isoformat()}"
-    )
-
-
 def measure_precision(precision: str, tmp: Path) -> tuple[list[str], str, bool, int]:
     """Four fresh processes (plain/cache x RSS/profiler): table rows, a summary, whether the steps
     agree, and the number of parameters that received gradients."""
@@ -330,17 +322,7 @@ def main() -> None:
     if not all(agree):
         raise SystemExit("the cache and plain steps differ beyond tolerance")
     if args.write:
-        write_section(REPO / "BENCHMARKS.md", body)
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers; append heading, protocol and markers if absent."""
-    text = path.read_text(encoding="utf-8")
-    if SECTION_BEGIN not in text:
-        text = f"{text.rstrip()}\n\n{HEADING}\n\n{PROTOCOL}\n\n{SECTION_BEGIN}\n{SECTION_END}\n"
-    head, _, rest = text.partition(SECTION_BEGIN)
-    _, _, tail = rest.partition(SECTION_END)
-    path.write_text(f"{head}{SECTION_BEGIN}\n{body}\n{SECTION_END}{tail}", encoding="utf-8")
+        replace_section(body, SECTION_BEGIN, SECTION_END, f"{HEADING}\n\n{PROTOCOL}")
 
 
 if __name__ == "__main__":

@@ -26,21 +26,18 @@ block's ``MoECrossAttention``):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+import benchlib
+from benchlib import replace_section
 from medalign.models.moe import DenseFeedForward, MoEFeedForward
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION_BEGIN, SECTION_END = "<!-- bench_moe:begin -->", "<!-- bench_moe:end -->"
 HEADING = "## MoE feed-forward layer (`benchmarks/bench_moe.py`)"
 PROTOCOL = """\
@@ -190,9 +187,8 @@ def load_balance(train_steps: int) -> dict[str, dict[str, float]]:
 
 # --------------------------------------------------------------------------- report
 def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs (CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, {dt.date.today().isoformat()}"
+    return benchlib.machine(
+        f" shared with other jobs (CPU capability {torch.backends.cpu.get_cpu_capability()})"
     )
 
 
@@ -274,17 +270,7 @@ def main() -> None:
     )
     print(body)
     if args.write:
-        write_section(REPO / "BENCHMARKS.md", body)
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers; append heading, protocol and markers if absent."""
-    text = path.read_text(encoding="utf-8")
-    if SECTION_BEGIN not in text:
-        text = f"{text.rstrip()}\n\n{HEADING}\n\n{PROTOCOL}\n\n{SECTION_BEGIN}\n{SECTION_END}\n"
-    head, _, rest = text.partition(SECTION_BEGIN)
-    _, _, tail = rest.partition(SECTION_END)
-    path.write_text(f"{head}{SECTION_BEGIN}\n{body}\n{SECTION_END}{tail}", encoding="utf-8")
+        replace_section(body, SECTION_BEGIN, SECTION_END, f"{HEADING}\n\n{PROTOCOL}")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,6 @@ Protocols (written into BENCHMARKS.md with the numbers):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -46,51 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchlib import REPO, RUNS, imported, machine, train, write_section
 from medalign.config import load_config
-from medalign.data.importers import load_dataset
-from medalign.data.manifest import write_manifest
-from medalign.run import run_training
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
-RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
+SHARED = (
+    " shared with other benchmark processes (train times are indicative, not comparable across rows; "
+    "1-2 torch threads per process)"
+)
 
 LVIT_PUBLISHED = {"LViT-T (published)": (80.36, 67.31), "U-Net (published in LViT)": (76.45, 62.86)}
 KVASIR_PUBLISHED = {"U-Net (published, PraNet paper)": 0.818, "PraNet (published)": 0.898}
-
-
-def machine() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other benchmark processes (train times "
-        f"are indicative, not comparable across rows; 1-2 torch threads per process), "
-        f"torch {torch.__version__}, {dt.date.today().isoformat()}"
-    )
-
-
-def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
-    """Import a shared dataset once into the benchmark folder."""
-    suffix = "_".join(f"{k}{v}" for k, v in options.items() if k != "fractions")
-    path = RUNS / "data" / (f"{name}_{suffix}.csv" if suffix else f"{name}.csv")
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_manifest(load_dataset(fmt, DATA / src, **options), path)
-    return path
-
-
-def train(recipe: str, run: str, overrides: list[str]) -> dict[str, Any]:
-    """Train a recipe (or reuse a finished run with the same overrides) and return its metrics."""
-    out = RUNS / run
-    stamp = out / "bench_overrides.json"
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == overrides:
-        return json.loads(metrics_path.read_text())
-    config = load_config(REPO / "configs" / "segment" / f"{recipe}.yaml", [f"out={out}", *overrides])
-    config.train.progress = False
-    resume = stamp.is_file() and json.loads(stamp.read_text()) == overrides
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(overrides))
-    run_training(config, resume=resume, echo=print)
-    return json.loads(metrics_path.read_text())
 
 
 def recipe_size(recipe: str) -> int:
@@ -135,6 +96,7 @@ def bench_monuseg(epochs: int, seeds: int) -> str:
                 recipe,
                 f"seg_{recipe}_s{seed}",
                 [f"data.manifest={manifest}", f"train.epochs={epochs}", f"train.seed={seed}"],
+                folder="segment",
             )
             for seed in range(seeds)
         ]
@@ -147,7 +109,7 @@ def bench_monuseg(epochs: int, seeds: int) -> str:
         [
             f"MoNuSeg with LViT's text: LViT's Train/Val/Test folders, trained on Train ({epochs} epochs), "
             f"evaluated on the {n} Test images at 224 px; Dice and IoU per image, averaged over images "
-            f"(LViT's metric), mean ± std over seeds. Machine: {machine()}.",
+            f"(LViT's metric), mean ± std over seeds. Machine: {machine(SHARED)}.",
             "",
             "| model | Dice % | IoU % | seeds | train time / seed |",
             "|---|---|---|---|---|",
@@ -163,6 +125,7 @@ def bench_kvasir(epochs: int, seeds: int) -> str:
             "kvasir",
             f"seg_kvasir_s{seed}",
             [f"data.manifest={manifest}", f"train.epochs={epochs}", f"train.seed={seed}"],
+            folder="segment",
         )
         for seed in range(seeds)
     ]
@@ -175,7 +138,7 @@ def bench_kvasir(epochs: int, seeds: int) -> str:
         [
             f"Kvasir-SEG, 900 train / {results[0]['n_images']} test (seeded split), {recipe_size('kvasir')} px, "
             f"{epochs} epochs; "
-            f"per-image mean Dice / IoU (fractions). Machine: {machine()}.",
+            f"per-image mean Dice / IoU (fractions). Machine: {machine(SHARED)}.",
             "",
             "| model | Dice | IoU | seeds | train time / seed |",
             "|---|---|---|---|---|",
@@ -203,6 +166,7 @@ def bench_busi(epochs: int, init_from: Path) -> str:
                     recipe,
                     f"seg_{recipe}_fold{fold}",
                     [f"data.manifest={manifest}", f"train.epochs={epochs}", *extra],
+                    folder="segment",
                 )
             )
         rows.append(
@@ -214,7 +178,7 @@ def bench_busi(epochs: int, init_from: Path) -> str:
             f"BUSI, the 3 NextGen-UIA folds (benign + malignant; train on train k, evaluate on the held-out "
             f"val k), 128 px grayscale for both models, {epochs} epochs; per-image Dice / IoU and HD95 (pixels), mean ± std "
             f"over the folds; images whose HD95 is undefined (empty prediction) are counted, not dropped. "
-            f"Machine: {machine()}.",
+            f"Machine: {machine(SHARED)}.",
             "",
             "| model | Dice % | IoU % | HD95 px | HD95 undefined | train time / fold |",
             "|---|---|---|---|---|---|",
@@ -243,7 +207,12 @@ def bench_phantom(epochs: int, seeds: int) -> str:
     for recipe, label, extra in variants:
         tag = recipe if not extra else "image_only"
         results = [
-            train(recipe, f"seg_phantom_{tag}_s{seed}", [*common, *extra, f"train.seed={seed}"])
+            train(
+                recipe,
+                f"seg_phantom_{tag}_s{seed}",
+                [*common, *extra, f"train.seed={seed}"],
+                folder="segment",
+            )
             for seed in range(seeds)
         ]
         rows.append(
@@ -255,7 +224,7 @@ def bench_phantom(epochs: int, seeds: int) -> str:
             f"Phantom (480 cases, seed 0) lesion prompts: each row names one lesion of a case and only that lesion "
             f"is the target, so a model that cannot read the prompt cannot know which lesion to segment. "
             f"128 px, both modalities as channels, {epochs} epochs; per-image Dice / IoU on the test prompts. "
-            f"Machine: {machine()}.",
+            f"Machine: {machine(SHARED)}.",
             "",
             "| model | Dice % | IoU % | seeds | train time / seed |",
             "|---|---|---|---|---|",
@@ -310,7 +279,7 @@ def bench_sliding(repeats: int) -> str:
             f"One 1024x1024 RGB image, MONAI U-Net (channels 32-512, 2 residual units) with a 224 px window, "
             f"overlap 0.25; median of {repeats} interleaved runs after a warm-up. Agreement = Dice between the "
             f"thresholded (0.5) masks and MONAI's; the blending differs (Gaussian vs constant), so masks are not "
-            f"expected to be identical. Machine: {machine()}, {torch.get_num_threads()} threads.",
+            f"expected to be identical. Machine: {machine(SHARED)}, {torch.get_num_threads()} threads.",
             "",
             "| inference | time | speed-up vs MONAI defaults | mask agreement (Dice) | max prob. difference |",
             "|---|---|---|---|---|",
@@ -326,17 +295,6 @@ TITLES = {
     "busi": "BUSI segmentation, 3 folds",
     "kvasir": "Kvasir-SEG (900/100)",
 }
-
-
-def write_section(name: str, body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    begin, end = f"<!-- bench_segment_{name}:begin -->", f"<!-- bench_segment_{name}:end -->"
-    text = path.read_text(encoding="utf-8")
-    if begin not in text:
-        text += f"\n## {TITLES[name]} (`benchmarks/bench_segment.py {name}`)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}", encoding="utf-8")
 
 
 def main() -> None:
@@ -360,7 +318,7 @@ def main() -> None:
     body = benches[args.bench]()
     print(body)
     if args.write:
-        write_section(args.bench, body)
+        write_section(args.bench, body, script="bench_segment", title=TITLES[args.bench])
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -30,3 +32,16 @@ def real_dataset(shared_data: Path):
         return path
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module's tests, restored after it.
+
+    Tiny tensors: a second OpenMP thread only adds barrier waits, which stall on a busy machine.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,12 +37,7 @@ FAST = ["train.progress=false", "data.num_workers=0", "train.precision=32-true",
 TINY = ["model.overrides.image_size=32", "data.eval_batch_size=32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 @pytest.fixture(scope="module")

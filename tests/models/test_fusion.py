@@ -35,13 +35,7 @@ TINY: dict[str, dict[str, Any]] = {
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits, which stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 def tiny(name: str, head: str = "segment", **overrides: Any) -> FusionModel:

@@ -9,13 +9,7 @@ from medalign.bundle import load_bundle, save_bundle
 from medalign.models import create_model, list_models
 from medalign.models.heads import ClinicalConfig, ClinicalModel, build_clinical_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 def images(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,0 +1,112 @@
+"""Helpers the benchmark scripts share: where data and runs live, the machine line, cached training,
+and the marker-delimited sections of BENCHMARKS.md.
+
+Scripts run as ``python benchmarks/<script>.py``, so ``benchmarks/`` is on ``sys.path`` and
+``import benchlib`` works. ``medalign`` is imported inside the functions that need it: some scripts
+(bench_gradcache_memory) measure the resident memory of fresh processes that import this module,
+and the package's import cost must not show up in their baseline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
+RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
+BENCHMARKS = REPO / "BENCHMARKS.md"
+STAMP = "bench_overrides.json"
+
+
+def machine(cores: str = "", versions: str = "") -> str:
+    """The protocol's machine line; ``cores`` follows the core count (sharing, threads, precision),
+    ``versions`` follows the torch version (other library versions, precision)."""
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores{cores}, torch {torch.__version__}{versions}, "
+        f"{dt.date.today().isoformat()}"
+    )
+
+
+def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
+    """Import a shared dataset once into the benchmark folder and return the manifest's path.
+
+    The file name carries the importer options (``busi_fold1.csv``) so that variants do not
+    overwrite each other; ``fractions`` is left out because callers name their split in ``name``.
+    """
+    from medalign.data.importers import load_dataset
+    from medalign.data.manifest import write_manifest
+
+    suffix = "_".join(f"{k}{v}" for k, v in options.items() if k != "fractions")
+    path = RUNS / "data" / (f"{name}_{suffix}.csv" if suffix else f"{name}.csv")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(load_dataset(fmt, DATA / src, **options), path)
+    return path
+
+
+def train(
+    recipe: str,
+    run: str,
+    overrides: list[str],
+    *,
+    folder: str = "",
+    echo: Callable[..., Any] = print,
+) -> dict[str, Any]:
+    """Train ``configs/<folder>/<recipe>.yaml`` into ``RUNS/<run>`` and return its metrics.json.
+
+    The overrides are stamped into the run folder before training, so a finished run with the
+    same overrides is reused (benchmarks take minutes per run) and an interrupted one resumes
+    from its checkpoint; different overrides start the run again.
+    """
+    from medalign.config import load_config
+    from medalign.run import run_training
+
+    out = RUNS / run
+    stamp, metrics_path = out / STAMP, out / "metrics.json"
+    same = stamp.is_file() and json.loads(stamp.read_text()) == overrides
+    if same and metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    config = load_config(REPO / "configs" / folder / f"{recipe}.yaml", [f"out={out}", *overrides])
+    config.train.progress = False
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(overrides))
+    start = time.perf_counter()
+    run_training(config, resume=same, echo=echo)
+    echo(f"{run}: {time.perf_counter() - start:.0f} s (training + evaluation)")
+    return json.loads(metrics_path.read_text())
+
+
+def replace_section(body: str, begin: str, end: str, heading: str, path: Path = BENCHMARKS) -> None:
+    """Put ``body`` between the ``begin`` and ``end`` markers of ``path``, leaving the rest as is.
+
+    A file without the markers gets ``heading`` (a markdown heading, possibly followed by the
+    protocol) and empty markers appended first, so a new benchmark creates its own section.
+    """
+    text = path.read_text(encoding="utf-8")
+    if begin not in text:
+        text = f"{text.rstrip()}\n\n{heading}\n\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}", encoding="utf-8")
+
+
+def write_section(
+    name: str, body: str, *, script: str, title: str, prefix: str = "", path: Path = BENCHMARKS
+) -> None:
+    """The section of sub-benchmark ``name`` of ``benchmarks/<script>.py``.
+
+    Markers ``<!-- <prefix>_<name>:begin/end -->`` (``prefix`` defaults to the script's name) and,
+    when new, the heading ``## <title> (`benchmarks/<script>.py <name>`)``.
+    """
+    marker = f"{prefix or script}_{name}"
+    heading = f"## {title} (`benchmarks/{script}.py {name}`)"
+    replace_section(body, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->", heading, path)
