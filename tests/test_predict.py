@@ -24,12 +24,7 @@ from medalign.predict import DEFAULT_TEMPLATES, Predictor, PredictorError
 NAMES = ["normal", "benign", "malignant"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["train.progress=false", "data.num_workers=0", "train.precision=32-true"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,9 @@ from torch import nn
 
 from medalign.models.registry import register_model
 from medalign.models.towers import (
-    CLIP_MEAN,
-    CLIP_STD,
     MINILM,
     ConfigRecord,
+    ImageInput,
     TowerConfig,
     build_text_tower,
     build_tokenizer,
@@ -43,7 +42,7 @@ DECODINGS = ("greedy", "beam")
 
 
 @dataclass
-class ReportGeneratorConfig(ConfigRecord):
+class ReportGeneratorConfig(ImageInput, ConfigRecord):
     """Complete description of a report generator; ``to_dict()`` is what a bundle stores."""
 
     _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
@@ -82,25 +81,7 @@ class ReportGeneratorConfig(ConfigRecord):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = [float(v) for v in value]
-                setattr(self, name, value)
-                if len(value) not in (1, self.in_channels):
-                    raise ValueError(
-                        f"{name} has {len(value)} values but in_channels={self.in_channels}; "
-                        "give one value per channel, a single value, or None for the default"
-                    )
-
-    def image_stats(self) -> tuple[list[float], list[float]]:
-        """Resolved per-channel ``(mean, std)``, one value per input channel."""
-        c = self.in_channels
-        default_mean = list(CLIP_MEAN) if c == 3 else [sum(CLIP_MEAN) / 3] * c
-        default_std = list(CLIP_STD) if c == 3 else [sum(CLIP_STD) / 3] * c
-        mean = self.image_mean if self.image_mean is not None else default_mean
-        std = self.image_std if self.image_std is not None else default_std
-        return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+        self.check_image_stats()
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int, int]:
