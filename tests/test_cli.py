@@ -106,3 +106,23 @@ def test_quickstart_small(tmp_path: Path) -> None:
     assert (tmp_path / "fuse" / "bundle" / "model.safetensors").is_file()
     fused = json.loads((tmp_path / "fuse" / "metrics.json").read_text())
     assert list(fused["subsets"]) == ["a", "b", "a+b"] and fused["train"]["steps"] == 2
+
+
+def test_main_turns_errors_into_one_line_unless_debug(tmp_path, capsys) -> None:
+    import pytest
+
+    from medalign.bundle import BundleError
+    from medalign.cli import main
+
+    args = ["eval", "clinical", "--model", str(tmp_path / "missing"), "--manifest", str(tmp_path / "m.csv")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: BundleError: bundle '{tmp_path / 'missing'}' does not exist" in err
+    assert "Traceback" not in err and "--debug" in err
+    with pytest.raises(BundleError):
+        main([*args, "--debug"])
+    with pytest.raises(SystemExit) as ok:
+        main(["--help"])
+    assert ok.value.code == 0 and "--debug" in capsys.readouterr().out

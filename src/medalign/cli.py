@@ -11,7 +11,8 @@ import yaml
 
 app = typer.Typer(
     name="medalign",
-    help="Multi-modal medical image analysis with contrastive learning.",
+    help="Multi-modal medical image analysis with contrastive learning. Add --debug to any command "
+    "to see a traceback instead of a one-line error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -592,8 +593,32 @@ def quickstart(
         raise typer.Exit(code=code)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+DEBUG_FLAG = "--debug"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a user's mistake ends in one red line, not a traceback.
+
+    Anything a command raises (a missing file, a bad manifest row, a bundle of the wrong kind)
+    is printed as ``error: <message>`` with exit code 1; ``--debug`` anywhere on the command
+    line shows the full traceback instead.
+    """
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    try:
+        app(args=args, prog_name="medalign")
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if debug:
+            raise
+        typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
+        typer.echo(f"(run again with {DEBUG_FLAG} for the traceback)", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover
