@@ -233,10 +233,10 @@ def write_png(values: np.ndarray, path: Path) -> Path:
 
 
 def _progress(items: Sequence[Any], desc: str) -> Iterable[Any]:
-    """A tqdm bar (count, rate, ETA) on stderr; off where stderr is not a terminal (logs stay clean)."""
-    from tqdm.auto import tqdm
+    """The shared bar (count, rate, ETA on stderr; off where stderr is not a terminal), per image."""
+    from medalign.progress import progress
 
-    return tqdm(items, desc=desc, unit="image", dynamic_ncols=True, disable=None)
+    return progress(items, desc=desc, unit="image")
 
 
 def load_predictor(model: Path, batch_size: int, device: str) -> Any:

@@ -17,6 +17,7 @@ from torch import nn
 from medalign.data.dataset import Collator, ManifestDataset, stack_modalities
 from medalign.metrics import bidirectional_retrieval, same_group_positives
 from medalign.probe import linear_probe
+from medalign.progress import progress
 from medalign.zeroshot import build_class_prompts, load_templates, resolve_classes, zero_shot_weights
 
 
@@ -59,7 +60,7 @@ def embed_split(
     images, texts_emb, labels, texts, case_ids = [], [], [], [], []
     has_text = any(t for t in dataset.manifest.table.get("text", []))
     with autocast_for(model, precision):
-        for batch in loader:
+        for batch in progress(loader, desc="embed"):
             images.append(model.encode_image(stack_modalities(batch, keys).to(device)).float().cpu())
             if has_text:
                 texts_emb.append(

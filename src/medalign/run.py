@@ -18,6 +18,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from medalign.config import RunConfig, save_config, validate_ranges
 from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest, read_manifest
+from medalign.progress import progress
 
 
 def load_run_manifest(config: RunConfig, out: Path) -> Manifest:
@@ -388,7 +389,7 @@ def evaluate_segmentation(
         collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
     )
     metrics = SegmentationMetrics()
-    for batch in loader:
+    for batch in progress(loader, desc=f"evaluate {split}"):
         metrics.update(
             predict_probabilities(model, batch, image_keys),
             batch[config.data.mask][:, 0].numpy(),
@@ -507,7 +508,7 @@ def evaluate_fusion(
     scores: dict[str, list[Any]] = {k: [] for k in keys}
     labels: dict[str, list[Any]] = {k: [] for k in keys}
     unlabelled = 0
-    for batch in loader:
+    for batch in progress(loader, desc=f"evaluate {split}"):
         available = batch["modalities_present"].bool()
         if not segment:
             unlabelled += int((batch["label"] < 0).sum())

@@ -39,6 +39,7 @@ from medalign.config import ClinicalLossConfig, RunConfig
 from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest
 from medalign.losses import cox_partial_likelihood_loss, discrete_time_survival_loss
+from medalign.progress import progress
 
 RELIABILITY_PNG = "reliability.png"
 KM_PNG = "km_risk_groups.png"
@@ -193,7 +194,7 @@ def predict_clinical(
     """
     rows: dict[str, list[Any]] = {k: [] for k in ("case_id", "probs", "risk", "label", "time", "event")}
     m = len(model.config.modalities)
-    for batch in loader:
+    for batch in progress(loader, desc="predict"):
         present = batch["modalities_present"].bool()
         if subset is not None:
             chosen = torch.zeros(m, dtype=torch.bool)

@@ -35,6 +35,7 @@ from medalign.config import PretrainLossConfig, RunConfig
 from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest
 from medalign.losses import gather_with_grad
+from medalign.progress import progress
 
 EVAL_MASK_SEED = 0  # the masks (and eval views) every evaluation draws, whatever the training seed
 EVAL_VIEW_SEED = 1
@@ -254,7 +255,7 @@ def _eval_split(
     masks = torch.Generator().manual_seed(EVAL_MASK_SEED)
     views = torch.Generator().manual_seed(EVAL_VIEW_SEED)
     losses, weights, firsts, seconds, masked_first, masked_second = [], [], [], [], [], []
-    for batch in _loader(dataset, config):
+    for batch in progress(_loader(dataset, config), desc="evaluate"):
         images, present = pooled_images(batch, image_keys)
         if config.mae_loss.views == "augment":
             pair = [
@@ -307,7 +308,7 @@ def encoder_features(
 ) -> tuple[Tensor, Tensor]:
     """Per case: the mean of ``encode()`` over its present modalities, and its label (-1 unknown)."""
     features, labels = [], []
-    for batch in _loader(dataset, config):
+    for batch in progress(_loader(dataset, config), desc="evaluate"):
         images, present = pooled_images(batch, image_keys)
         rows = _scatter_rows(model.encode(images).float(), present).view(*present.shape, -1)
         features.append(rows.sum(1) / present.sum(1, keepdim=True).clamp(min=1))

@@ -33,6 +33,7 @@ import torch
 from medalign.config import RunConfig
 from medalign.data.dataset import Collator, dataset_for_model, stack_modalities
 from medalign.data.manifest import Manifest
+from medalign.progress import progress
 from medalign.textmetrics import text_metrics, tokenize
 
 REPORTS_FILE = "reports.jsonl"
@@ -107,7 +108,7 @@ def _split_outputs(
     settings = config.report
     out: dict[str, Any] = {"case_id": [], "text": [], "embedding": [], "generated": []}
     model.eval()
-    for batch in loader:
+    for batch in progress(loader, desc="generate"):
         pixels = stack_modalities(batch, image_keys)
         out["case_id"] += list(batch["case_id"])
         out["text"] += [str(t) for t in batch["text"]]
