@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -107,3 +108,25 @@ def test_siglip_tiny_has_bias_and_temperature() -> None:
     assert out["logit_bias"] is not None
     assert out["logit_bias"].item() == pytest.approx(-10.0)
     assert out["logit_scale"].item() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "kind", "message"),
+    [
+        ("align_tiny", "vision", "bert", "vision tower has text kind 'bert'"),
+        ("align_tiny", "text", "clip_vision", "text tower has vision kind 'clip_vision'"),
+        ("mae_tiny", "vision", "bert", "vision tower has text kind 'bert'"),
+        ("clinical_tiny", "text", "vit", "text tower has vision kind 'vit'"),
+        ("report_tiny", "text", "vit", "text tower has vision kind 'vit'"),
+        ("clip_decoder", "vision", "bert", "vision tower has text kind 'bert'"),
+        ("text_unet", "text", "vit", "text tower has vision kind 'vit'"),
+        ("fuse_moe", "text", "vit", "text tower has vision kind 'vit'"),
+    ],
+)
+def test_every_family_refuses_a_tower_of_the_wrong_kind(name: str, field: str, kind: str, message: str) -> None:
+    """One check (ConfigRecord.check_towers) serves every model family, dict or TowerConfig input."""
+    from medalign.models.towers import TowerConfig
+
+    for tower in (TowerConfig(kind), {"kind": kind, "source": None, "config": {}}):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            create_model(name, **{field: tower})

@@ -63,15 +63,7 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
     adapters: dict[str, Any] = field(default_factory=dict)  # see medalign.models.adapters
 
     def __post_init__(self) -> None:
-        # YAML recipes and bundles give nested dicts; accept them so callers need no conversion step.
-        if isinstance(self.vision, dict):
-            self.vision = TowerConfig.from_dict(self.vision)
-        if isinstance(self.text, dict):
-            self.text = TowerConfig.from_dict(self.text)
-        if not self.vision.is_vision:
-            raise ValueError(f"vision tower has text kind {self.vision.kind!r}")
-        if self.text.is_vision:
-            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
+        self.check_towers()  # YAML recipes and bundles give nested dicts
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.in_channels < 1:

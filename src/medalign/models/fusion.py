@@ -163,8 +163,6 @@ class MoeFusionConfig(FusionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.text is not None and self.text.is_vision:
-            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
         if self.token_dim % self.num_heads:
             raise ValueError(f"token_dim {self.token_dim} is not divisible by num_heads {self.num_heads}")
         if self.moe_layers < 1:

@@ -85,14 +85,7 @@ class ClinicalConfig(ImageInput, ConfigRecord):
     freeze_text: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = TowerConfig.from_dict(self.vision)
-        if isinstance(self.text, dict):
-            self.text = TowerConfig.from_dict(self.text)
-        if not self.vision.is_vision:
-            raise ValueError(f"vision tower has text kind {self.vision.kind!r}")
-        if self.text is not None and self.text.is_vision:
-            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
+        self.check_towers()
         self.modalities = [str(m) for m in self.modalities]
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be distinct names, got {self.modalities}")

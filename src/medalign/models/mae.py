@@ -60,10 +60,7 @@ class MAEConfig(ImageInput, ConfigRecord):
     embed_dim: int = 256  # contrastive projection head output
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = TowerConfig.from_dict(self.vision)
-        if not self.vision.is_vision:
-            raise ValueError(f"MAE vision tower has text kind {self.vision.kind!r}")
+        self.check_towers()
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if not 0.0 < self.mask_ratio < 1.0:

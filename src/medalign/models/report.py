@@ -63,14 +63,7 @@ class ReportGeneratorConfig(ImageInput, ConfigRecord):
     freeze_vision: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = TowerConfig.from_dict(self.vision)
-        if isinstance(self.text, dict):
-            self.text = TowerConfig.from_dict(self.text)
-        if not self.vision.is_vision:
-            raise ValueError(f"vision tower has text kind {self.vision.kind!r}")
-        if self.text.is_vision:
-            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
+        self.check_towers()
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(
                 f"decoder_dim={self.decoder_dim} is not divisible by decoder_heads={self.decoder_heads}"

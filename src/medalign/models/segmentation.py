@@ -66,10 +66,7 @@ class _SegConfig(ConfigRecord):
     _towers: ClassVar[tuple[str, ...]] = ()  # fields holding a TowerConfig (or None)
 
     def __post_init__(self) -> None:
-        for name in self._towers:
-            value = getattr(self, name)
-            if isinstance(value, dict):  # YAML recipes and bundles give nested dicts
-                setattr(self, name, TowerConfig.from_dict(value))
+        self.check_towers()  # YAML recipes and bundles give nested dicts
         if self.in_channels < 1 or self.num_classes < 1:
             raise ValueError(
                 f"in_channels and num_classes must be >= 1, got {self.in_channels}, {self.num_classes}"
@@ -127,10 +124,6 @@ class ClipDecoderConfig(ImageInput, _SegConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.vision.is_vision:
-            raise ValueError(f"vision tower has text kind {self.vision.kind!r}")
-        if self.text is not None and self.text.is_vision:
-            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
         if self.extract_layers is not None:
             self.extract_layers = sorted({int(i) for i in self.extract_layers})
         self.check_image_stats()
@@ -161,8 +154,6 @@ class TextUNetConfig(_SegConfig):
         super().__post_init__()
         if self.text is None and not self.attributes_vocab:
             raise ValueError("text_unet needs a text tower, attributes_vocab, or both")
-        if self.text is not None and self.text.is_vision:
-            raise ValueError(f"text tower has vision kind {self.text.kind!r}")
         if self.attributes_vocab is not None:
             self.attributes_vocab = {str(k): [str(v) for v in vs] for k, vs in self.attributes_vocab.items()}
             empty = [k for k, vs in self.attributes_vocab.items() if not vs]

@@ -64,6 +64,24 @@ class ConfigRecord:
 
     _towers: ClassVar[tuple[str, ...]] = ()
 
+    def check_towers(self) -> None:
+        """Turn dict towers (YAML recipes, bundles) into TowerConfigs and check their kinds.
+
+        The ``vision`` field must hold a vision tower, any other tower field a text tower;
+        ``None`` (no tower) is left alone.
+        """
+        for name in self._towers:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = TowerConfig.from_dict(value)
+                setattr(self, name, value)
+            if value is None:
+                continue
+            if name == "vision" and not value.is_vision:
+                raise ValueError(f"vision tower has text kind {value.kind!r}")
+            if name != "vision" and value.is_vision:
+                raise ValueError(f"{name} tower has vision kind {value.kind!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # type: ignore[call-overload]
 
