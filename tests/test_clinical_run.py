@@ -93,8 +93,8 @@ def test_run_clinical_on_the_phantom(cases, tmp_path, overrides):
     assert is_png(out / RELIABILITY_PNG) and is_png(out / KM_PNG)
     model = load_bundle(out / "bundle")
     assert isinstance(model, ClinicalModel)
-    assert model.use_text == ("model.overrides.text=tiny" in overrides)
-    assert (out / "bundle" / "tokenizer").is_dir() == model.use_text
+    assert model.needs_text == ("model.overrides.text=tiny" in overrides)
+    assert (out / "bundle" / "tokenizer").is_dir() == model.needs_text
 
 
 def test_patient_rows_average_probabilities_and_risks():

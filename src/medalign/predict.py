@@ -532,7 +532,7 @@ class Predictor:
             raise PredictorError("risk() takes one case: one image per modality")
         inputs: dict[str, Any] = {"images": batch}
         if text is not None:
-            if not self.model.use_text:
+            if not self.model.needs_text:
                 raise PredictorError("this clinical model has no text tower; call risk() without text")
             tokens = self.model.tokenizer(
                 [text], padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt"

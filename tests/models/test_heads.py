@@ -86,7 +86,7 @@ def test_mean_fusion_is_the_masked_mean_of_the_tokens():
 @pytest.mark.parametrize("fusion", ["mean", "attention"])
 def test_text_token_joins_the_fusion_only_where_present(fusion):
     model = tiny(text="tiny", fusion=fusion)
-    assert model.use_text and model.tokenizer is not None
+    assert model.needs_text and model.tokenizer is not None
     tokens = model.tokenizer(["two solid lesions", "no focal lesion", ""], padding=True, return_tensors="pt")
     x = images()
     with_text = model(x, None, tokens["input_ids"], tokens["attention_mask"])

@@ -167,7 +167,7 @@ class ClinicalModel(nn.Module):
         return list(self.config.modalities)
 
     @property
-    def use_text(self) -> bool:
+    def needs_text(self) -> bool:
         """Whether reports join the fusion (the model has a text tower)."""
         return self.text is not None
 

@@ -40,6 +40,7 @@ from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest
 from medalign.losses import cox_partial_likelihood_loss, discrete_time_survival_loss
 from medalign.progress import progress
+from medalign.tasks.fuse import fusion_inputs
 
 RELIABILITY_PNG = "reliability.png"
 KM_PNG = "km_risk_groups.png"
@@ -49,19 +50,9 @@ TD_AUC_QUANTILES = (0.25, 0.5, 0.75)
 def clinical_inputs(
     model: Any, batch: dict[str, Any], image_keys: Sequence[str], present: Tensor | None = None
 ) -> dict[str, Any]:
-    """The keyword arguments of ``ClinicalModel.forward`` for a batch (``present`` overrides the flags)."""
-    names = model.config.modalities
-    if len(names) != len(image_keys):
-        raise ValueError(f"{len(image_keys)} image columns {list(image_keys)} for model modalities {names}")
-    inputs: dict[str, Any] = {
-        "images": {name: batch[key] for name, key in zip(names, image_keys, strict=True)},
-        "present": batch["modalities_present"] if present is None else present,
-    }
-    if model.use_text and "input_ids" in batch:
-        inputs["input_ids"], inputs["attention_mask"] = batch["input_ids"], batch["attention_mask"]
-        inputs["text_present"] = torch.tensor(
-            [bool(str(t).strip()) for t in batch["text"]], device=batch["input_ids"].device
-        )
+    """The keyword arguments of ``ClinicalModel.forward``: a fusion model's, images under ``images``."""
+    inputs = fusion_inputs(model, batch, image_keys, present)
+    inputs["images"] = inputs.pop("pixel_values")
     return inputs
 
 
