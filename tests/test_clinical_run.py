@@ -218,3 +218,10 @@ def test_eval_clinical_cli_reproduces_the_runs_metrics(cases, tmp_path):
     assert is_png(tmp_path / "ev" / KM_PNG)
     wrong = CliRunner().invoke(app, ["eval", "clinical", "--model", str(tmp_path / "nope"), "--manifest", str(cases)])
     assert wrong.exit_code != 0
+
+
+def test_a_head_with_the_wrong_class_count_is_refused_before_training(cases, tmp_path):
+    config = phantom_config(cases, tmp_path / "run", "model.overrides.num_classes=2")
+    with pytest.raises(ValueError, match=r"column 'label' has 3 classes .* set model.overrides.num_classes to 3"):
+        run_clinical(config, echo=lambda *_: None)
+    assert not (tmp_path / "run" / "bundle").exists()

@@ -419,6 +419,23 @@ def fusion_columns(config: RunConfig, manifest: Manifest, model: Any) -> list[st
     return keys
 
 
+def per_modality_data(config: RunConfig, model: Any) -> Any:
+    """The recipe's data section for models that take each modality as its own input of one
+    tower (MAE, clinical): ``in_channels`` channels per modality, not the stacked total."""
+    import dataclasses
+
+    return dataclasses.replace(config.data, channels=config.data.channels or model.config.in_channels)
+
+
+def check_num_classes(dataset: ManifestDataset, num_classes: int, label: str | None) -> None:
+    """A classification head must have one output per class of the label column."""
+    if len(dataset.classes) != num_classes:
+        raise ValueError(
+            f"column {label!r} has {len(dataset.classes)} classes {dataset.classes}; "
+            f"set model.overrides.num_classes to {len(dataset.classes)}"
+        )
+
+
 def fusion_dataset(
     config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
 ) -> ManifestDataset:
@@ -449,11 +466,8 @@ def run_fusion(config: RunConfig, *, resume: bool = False, echo: Any = print) ->
         )
     image_keys = fusion_columns(config, manifest, model)
     dataset = fusion_dataset(config, manifest, model, image_keys, "train", augment=True)
-    if model.config.task_head == "classify" and len(dataset.classes) != model.num_classes:
-        raise ValueError(
-            f"column {config.data.label!r} has {len(dataset.classes)} classes {dataset.classes}; "
-            f"set model.overrides.num_classes to {len(dataset.classes)}"
-        )
+    if model.config.task_head == "classify":
+        check_num_classes(dataset, model.num_classes, config.data.label)
     task = FuseTask(
         model, config.fuse_loss, config.seg_loss, image_keys, config.data.mask, config.data.label or "label"
     )

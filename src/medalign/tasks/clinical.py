@@ -25,7 +25,6 @@ Evaluation on one split (``evaluate_clinical``):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,15 +122,18 @@ def clinical_dataset(
     config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
 ) -> ManifestDataset:
     """Every modality of each case at the model's size, ``in_channels`` channels per modality."""
-    data = dataclasses.replace(config.data, channels=config.data.channels or model.config.in_channels)
+    from medalign.run import per_modality_data
+
     label = config.data.label if model.config.num_classes else None
-    return dataset_for_model(manifest, model, split, label, image_keys, data=data, augment=augment)
+    return dataset_for_model(
+        manifest, model, split, label, image_keys, data=per_modality_data(config, model), augment=augment
+    )
 
 
 def run_clinical(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """``task: clinical``: a clinical model (``medalign.models.heads``) through the one engine."""
     from medalign.models.heads import ClinicalModel
-    from medalign.run import build_model, fit_and_save, fusion_columns, prepare_run
+    from medalign.run import build_model, check_num_classes, fit_and_save, fusion_columns, prepare_run
 
     out, manifest = prepare_run(config)
     model = build_model(config)
@@ -142,11 +144,8 @@ def run_clinical(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     image_keys = fusion_columns(config, manifest, model)
     check_clinical_data(model, manifest, config)
     dataset = clinical_dataset(config, manifest, model, image_keys, "train", augment=True)
-    if model.config.num_classes and len(dataset.classes) != model.config.num_classes:
-        raise ValueError(
-            f"column {config.data.label!r} has {len(dataset.classes)} classes {dataset.classes}; "
-            f"set model.overrides.num_classes to {len(dataset.classes)}"
-        )
+    if model.config.num_classes:
+        check_num_classes(dataset, model.config.num_classes, config.data.label)
     task = ClinicalTask(model, config.clinical_loss, image_keys)
     return fit_and_save(
         config,

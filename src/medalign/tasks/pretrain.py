@@ -20,7 +20,6 @@ optionally a linear probe on the encoder's features.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,8 +212,11 @@ def pretrain_dataset(
     label: str | None = None,
 ) -> ManifestDataset:
     """A split with every column at the model's own channel count (modalities are separate images)."""
-    data = dataclasses.replace(config.data, channels=config.data.channels or model.config.in_channels)
-    return dataset_for_model(manifest, model, split, label, image_keys, data=data, augment=augment)
+    from medalign.run import per_modality_data
+
+    return dataset_for_model(
+        manifest, model, split, label, image_keys, data=per_modality_data(config, model), augment=augment
+    )
 
 
 def run_pretrain(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
