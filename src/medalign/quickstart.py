@@ -79,10 +79,20 @@ def recipe_path(name: str) -> Path:
     return path
 
 
+def fitting_batch(ctx: QuickstartContext, cap: int) -> int:
+    """The largest power of two <= ``cap`` that fills two batches of the train split.
+
+    A small phantom (the tests' quickstart) must still give full batches (``drop_last``).
+    """
+    from medalign.data.manifest import read_manifest
+
+    n_train = sum(1 for s in read_manifest(ctx.artifacts["manifest"]).table["split"] if s == "train")
+    return min(cap, 2 ** int(math.log2(max(n_train // 2, 2))))
+
+
 def step_align(ctx: QuickstartContext) -> bool:
     """Image-report alignment on the phantom; zero-shot diagnosis and retrieval on its test split."""
     from medalign.config import load_config
-    from medalign.data.manifest import read_manifest
     from medalign.run import run_training
 
     overrides = [
@@ -92,8 +102,7 @@ def step_align(ctx: QuickstartContext) -> bool:
         f"train.seed={ctx.seed}",
     ]
     config = load_config(recipe_path("align/phantom"), overrides)
-    n_train = sum(1 for s in read_manifest(ctx.artifacts["manifest"]).table["split"] if s == "train")
-    config.data.batch_size = min(config.data.batch_size, 2 ** int(math.log2(max(n_train // 2, 2))))
+    config.data.batch_size = fitting_batch(ctx, config.data.batch_size)
     if ctx.max_steps:
         config.train.max_steps = ctx.max_steps
     run = run_training(config, echo=ctx.echo)
@@ -197,13 +206,10 @@ def step_curriculum(ctx: QuickstartContext) -> bool:
     I is trained once), so the differences in the last table are what each stage adds.
     """
     from medalign.curriculum import ablation_markdown, load_curriculum, metric, run_ablation
-    from medalign.data.manifest import read_manifest
 
-    n_train = sum(1 for s in read_manifest(ctx.artifacts["manifest"]).table["split"] if s == "train")
-    batch = min(32, 2 ** int(math.log2(max(n_train // 2, 2))))  # small phantoms (tests) still fill batches
     overrides = [
         f"out={ctx.out / 'curriculum'}",
-        f"data.batch_size={batch}",
+        f"data.batch_size={fitting_batch(ctx, 32)}",
         f"data.manifest={ctx.artifacts['manifest']}",
         "data.phantom=null",
         f"train.seed={ctx.seed}",
