@@ -35,6 +35,7 @@ import benchlib
 from benchlib import REPO, RUNS, imported, train, write_section
 from medalign.bundle import save_bundle
 from medalign.config import load_config
+from medalign.curriculum import metric
 from medalign.run import build_model
 
 FRACTIONS = (0.1, 1.0)
@@ -69,18 +70,11 @@ def downstream(
                 {
                     "labels": f"{int(fraction * 100)}%",
                     "start": start,
-                    **{k: _get(metrics, k) for k in metric_keys},
+                    **{k: metric(metrics, k) for k in metric_keys},
                     "seconds": metrics["train"]["seconds"],
                 }
             )
     return rows
-
-
-def _get(metrics: dict[str, Any], dotted: str) -> Any:
-    node: Any = metrics
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def table(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:

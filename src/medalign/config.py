@@ -207,21 +207,29 @@ class RunConfig:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML recipe <- ``key.path=value`` overrides, validated field by field."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read config '{path}': {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config '{path}' must be a mapping at the top level")
-        raw = loaded or {}
+    raw = read_yaml_mapping(path) if path is not None else {}
     for override in overrides or []:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} is not key.path=value")
-        _set_path(raw, key.strip().lstrip("-").split("."), yaml.safe_load(value))
+        set_path(raw, *split_override(override))
     return build(RunConfig, raw, "")
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is an empty mapping)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} '{path}': {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} '{path}' must be a mapping at the top level")
+    return loaded or {}
+
+
+def split_override(override: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> ``(["train", "lr"], 3e-4)``; the value is parsed as YAML."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key.path=value")
+    return key.strip().lstrip("-").split("."), yaml.safe_load(value)
 
 
 def parse_cli_overrides(args: list[str]) -> list[str]:
@@ -240,7 +248,8 @@ def parse_cli_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+def set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set ``tree[k0][k1]...`` = value, creating (or replacing non-mapping) levels on the way."""
     for key in keys[:-1]:
         node = tree.get(key)
         if not isinstance(node, dict):

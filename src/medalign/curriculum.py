@@ -35,9 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from medalign.config import ConfigError, RunConfig, build, to_dict
+from medalign.config import (
+    ConfigError,
+    RunConfig,
+    build,
+    read_yaml_mapping,
+    set_path,
+    split_override,
+    to_dict,
+)
 
 Echo = Callable[[str], Any]
 STATE_NAME = "stage.json"
@@ -59,10 +65,9 @@ class Curriculum:
 def is_curriculum(path: str | Path) -> bool:
     """True when the YAML file's top level is a ``curriculum:`` mapping (not a plain recipe)."""
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        return "curriculum" in read_yaml_mapping(path)
+    except ConfigError:  # unreadable or not a mapping: not a curriculum (load_config will say why)
         return False
-    return isinstance(loaded, dict) and "curriculum" in loaded
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -76,30 +81,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {what} '{path}': {err}") from err
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{what} '{path}' must be a mapping at the top level")
-    return loaded
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        node = tree.get(part)
-        if not isinstance(node, dict):
-            node = tree[part] = {}
-        tree = node
-    tree[last] = value
-
-
 def load_curriculum(path: str | Path, overrides: Sequence[str] = ()) -> Curriculum:
     """Read a curriculum file, resolve each stage's recipe file and apply ``key=value`` overrides."""
     path = Path(path)
-    spec = _read_yaml(path, "curriculum").get("curriculum")
+    spec = read_yaml_mapping(path, "curriculum").get("curriculum")
     if not isinstance(spec, dict):
         raise ConfigError(f"'{path}': `curriculum:` must be a mapping with `out` and `stages`")
     unknown = sorted(set(spec) - {"out", "stages", "shared", "headline"})
@@ -108,20 +93,17 @@ def load_curriculum(path: str | Path, overrides: Sequence[str] = ()) -> Curricul
     raw_stages = spec.get("stages")
     if not isinstance(raw_stages, dict) or not raw_stages:
         raise ConfigError(f"'{path}': curriculum.stages must map stage numbers (1, 2, 3) to recipes")
-    per_stage: dict[int, list[tuple[str, Any]]] = {}
-    common: list[tuple[str, Any]] = []
+    per_stage: dict[int, list[tuple[list[str], Any]]] = {}
+    common: list[tuple[list[str], Any]] = []
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise ConfigError(f"override {override!r} is not key.path=value")
-        key = key.strip().lstrip("-")
-        head, _, rest = key.partition(".")
-        if head.startswith("stage") and head[5:].isdigit() and rest:
-            per_stage.setdefault(int(head[5:]), []).append((rest, yaml.safe_load(value)))
-        elif key == "out":
-            spec["out"] = yaml.safe_load(value)
+        keys, value = split_override(override)
+        head = keys[0]
+        if head.startswith("stage") and head[5:].isdigit() and len(keys) > 1:
+            per_stage.setdefault(int(head[5:]), []).append((keys[1:], value))
+        elif keys == ["out"]:
+            spec["out"] = value
         else:
-            common.append((key, yaml.safe_load(value)))
+            common.append((keys, value))
     stages: dict[int, dict[str, Any]] = {}
     for number, stage in raw_stages.items():
         if not isinstance(number, int) or number < 1:
@@ -131,10 +113,10 @@ def load_curriculum(path: str | Path, overrides: Sequence[str] = ()) -> Curricul
         stage = dict(stage)
         recipe: dict[str, Any] = {}
         if "recipe" in stage:
-            recipe = _read_yaml((path.parent / str(stage.pop("recipe"))).resolve(), f"stage {number} recipe")
+            recipe = read_yaml_mapping((path.parent / str(stage.pop("recipe"))).resolve(), f"stage {number} recipe")
         merged = _merge(_merge(recipe, spec.get("shared") or {}), stage)
-        for key, value in [*common, *per_stage.get(number, [])]:
-            _set_dotted(merged, key, value)
+        for keys, value in [*common, *per_stage.get(number, [])]:
+            set_path(merged, keys, value)
         stages[number] = merged
     missing = sorted(set(per_stage) - set(stages))
     if missing:
