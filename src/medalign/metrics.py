@@ -298,15 +298,18 @@ def same_group_positives(query_groups: ArrayLike, candidate_groups: ArrayLike) -
     return q[:, None] == c[None, :]
 
 
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), so dot products are cosine similarities."""
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_similarity(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """[Na, Nb] cosine similarity in float64 on CPU, so identical embeddings tie exactly."""
     x = to_numpy(a, np.float64)
     y = to_numpy(b, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"embeddings must be [N, D] with equal D, got {x.shape} and {y.shape}")
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return x @ y.T
+    return unit_rows(x) @ unit_rows(y).T
 
 
 def bidirectional_retrieval(

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from medalign.data.dataset import match_channels
 from medalign.data.readers import SUPPORTED_SUFFIXES, parse_image_ref, read_image
 from medalign.data.transforms import Normalisation, PreprocessConfig, build_preprocess, to_channel_first
+from medalign.metrics import unit_rows
 
 ImageLike = str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -65,13 +67,6 @@ class PredictorError(ValueError):
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-
-
-def match_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    """Training's channel rule (``medalign.data.dataset._match_channels``), exposed for reuse here."""
-    from medalign.data.dataset import _match_channels
-
-    return _match_channels(array, channels)
 
 
 def is_image_path(item: Any) -> bool:
@@ -136,11 +131,6 @@ def prepare(item: ImageLike, channels: int, size: int | None, normalisation: Nor
         ["image"], [], PreprocessConfig(size=(size, size) if size else None, normalisation=normalisation)
     )
     return torch.from_numpy(np.asarray(preprocess({"image": array})["image"], dtype=np.float32))
-
-
-def unit_rows(embeddings: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, so dot products are cosine similarities."""
-    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

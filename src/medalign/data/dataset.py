@@ -168,7 +168,7 @@ class ManifestDataset(Dataset):
                     f"case {row['case_id']!r} (row {index + 1}), column '{key}': {err}"
                 ) from err
             if key in self.image_keys and self.config.channels:
-                array = _match_channels(array, self.config.channels)
+                array = match_channels(array, self.config.channels)
             arrays[key] = array
         if not any(k in arrays for k in self.image_keys) and self.image_keys:
             raise SampleError(f"case {row['case_id']!r} (row {index + 1}) has no image in {self.image_keys}")
@@ -234,7 +234,8 @@ def dataset_for_model(
     )
 
 
-def _match_channels(array: np.ndarray, channels: int) -> np.ndarray:
+def match_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """Training's channel rule: RGB -> grey by the mean, grey repeated, RGBA -> RGB; else an error."""
     if array.shape[0] == channels:
         return array
     if channels == 1:
