@@ -273,21 +273,17 @@ def _has_head(predictor: Any, task: str) -> bool:
     return True
 
 
-def _channel_first(array: np.ndarray) -> np.ndarray:
-    from medalign.data.transforms import to_channel_first
-
-    return to_channel_first(array)
-
-
 def segment_file(
     predictor: Any, image: ImageData, text: str | None, overlap: float
 ) -> tuple[np.ndarray, bool]:
     """Probabilities in array order ((H, W), or (D, H, W) slice by slice) and whether it is a volume."""
+    from medalign.data.transforms import to_channel_first  # MONAI: imported on use, not at CLI start
+
     if image.is_3d:
-        slices = [_channel_first(plane) for plane in image.array]
+        slices = [to_channel_first(plane) for plane in image.array]
         maps = predictor.segment(slices, text=[text] * len(slices) if text else None, overlap=overlap)
         return np.stack(maps).astype(np.float32), True
-    return np.asarray(predictor.segment(_channel_first(image.array), text=text, overlap=overlap)), False
+    return np.asarray(predictor.segment(to_channel_first(image.array), text=text, overlap=overlap)), False
 
 
 def mask_format(requested: MaskFormat, image: ImageData, volume: bool) -> str:
@@ -448,6 +444,8 @@ def run_classes(
     progress: Callable[[Sequence[Any], str], Iterable[Any]] = _progress,
 ) -> list[dict[str, Any]]:
     """Classify every input; rows hold ``source``, ``label`` (top), ``probability`` and ``p:<class>``."""
+    from medalign.data.transforms import to_channel_first  # MONAI: imported on use, not at CLI start
+
     files = collect_inputs(inputs, exclude=out)
     predictor = load_predictor(model, batch_size, device)
     _check_single_input(predictor, "classify")
@@ -470,7 +468,7 @@ def run_classes(
             image = read_image(item.ref)
             if image.is_3d:
                 raise ValueError("a 3D volume; select one slice, e.g. 'file.nii.gz#slice=10'")
-            pending.append((item.ref, _channel_first(image.array)))
+            pending.append((item.ref, to_channel_first(image.array)))
         except Exception as err:  # reported in the file's row
             outcomes[item.ref] = err
         if len(pending) >= batch_size:

@@ -117,15 +117,11 @@ def _read_curves(path: Path) -> Any:
 
 
 def run_manifest_path(run_dir: Path, config: Any) -> Path | None:
-    """The manifest a run trained on: ``data.manifest``, or the phantom generated into the run folder."""
-    if config.data.manifest:
-        path = Path(config.data.manifest)
-        return path if path.is_file() else None
-    if config.data.phantom is not None:
-        name = "prompts.csv" if config.data.phantom.manifest == "prompts" else "manifest.csv"
-        path = run_dir / "data" / "phantom" / name
-        return path if path.is_file() else None
-    return None
+    """The manifest a run trained on, when it is still there (``run.manifest_file``)."""
+    from medalign.run import manifest_file
+
+    path = manifest_file(config, run_dir)
+    return path if path is not None and path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +512,7 @@ def _subsets_section(run: RunFiles) -> str:
     subsets = run.metrics.get("subsets")
     if not isinstance(subsets, dict) or not subsets:
         return ""
-    flat = {name: _flatten(values) for name, values in subsets.items()}
+    flat = {name: flatten_scalars(values) for name, values in subsets.items()}
     columns = list(dict.fromkeys(k for values in flat.values() for k, v in values.items() if _is_scalar(v)))
     rows = [[name, *(values.get(c) for c in columns)] for name, values in flat.items()]
     return (
@@ -526,14 +522,15 @@ def _subsets_section(run: RunFiles) -> str:
     )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
+def flatten_scalars(tree: Any, skip: tuple[str, ...] = ("per_case",), prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and the ``skip`` keys are left out."""
+    if not isinstance(tree, Mapping):
         return {prefix: tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if key == "per_case" or isinstance(value, list):
+        if key in skip or isinstance(value, list):
             continue
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flatten_scalars(value, skip, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
@@ -573,7 +570,7 @@ def _report_section(run: RunFiles) -> str:
     out += _key_values(metrics, ("n_cases", "mean_generated_words", "mean_reference_words",
                                  "generated_repeating_3gram", "reference_repeating_3gram"))  # fmt: skip
     if isinstance(metrics.get("findings"), dict):
-        flat = _flatten(metrics["findings"])
+        flat = flatten_scalars(metrics["findings"])
         out += "<h3>Findings</h3>" + _table(["metric", "value"], [[k, v] for k, v in flat.items()])
     path = run.run_dir / "reports.jsonl"
     if path.is_file():
@@ -604,7 +601,7 @@ def _other_figures(run: RunFiles, used: set[str]) -> str:
 
 
 def _all_metrics(run: RunFiles) -> str:
-    flat = _flatten(run.metrics)
+    flat = flatten_scalars(run.metrics)
     return (
         "<h2>All metrics</h2><details><summary>every scalar of metrics.json</summary>"
         + _table(["key", "value"], [[k, v] for k, v in flat.items()])

@@ -138,15 +138,11 @@ def _data_summary(run: Any, extra: Mapping[str, Any]) -> dict[str, Any] | None:
     return summary
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key in ("per_case", "subsets", "reliability") or isinstance(value, list):
-            continue
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+def _flatten(tree: Any) -> dict[str, Any]:
+    """The card's scalars: ``html_report.flatten_scalars`` without per-case rows, subsets and bins."""
+    from medalign.html_report import flatten_scalars
+
+    return flatten_scalars(tree, skip=("per_case", "subsets", "reliability"))
 
 
 def _fmt(value: Any) -> str:

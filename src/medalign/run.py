@@ -21,18 +21,26 @@ from medalign.data.manifest import Manifest, read_manifest
 from medalign.progress import progress
 
 
+def manifest_file(config: RunConfig, out: Path) -> Path | None:
+    """Where a run's manifest lives: ``data.manifest``, or the phantom generated into the run folder."""
+    if config.data.manifest:
+        return Path(config.data.manifest)
+    if config.data.phantom is None:
+        return None
+    name = "manifest.csv" if config.data.phantom.manifest == "cases" else "prompts.csv"
+    return out / "data" / "phantom" / name
+
+
 def load_run_manifest(config: RunConfig, out: Path) -> Manifest:
     """The run's manifest, generating the phantom into the run folder when the recipe asks for it."""
-    if config.data.manifest:
-        return read_manifest(config.data.manifest)
-    from medalign.data.phantom import PhantomConfig, generate_phantom
+    path = manifest_file(config, out)
+    assert path is not None  # validate_ranges requires data.manifest or data.phantom
+    if not config.data.manifest:
+        from medalign.data.phantom import PhantomConfig, generate_phantom
 
-    source = config.data.phantom
-    assert source is not None
-    path = generate_phantom(
-        out / "data" / "phantom", PhantomConfig(n=source.n, seed=source.seed, size=source.size)
-    )
-    return read_manifest(path if source.manifest == "cases" else path.with_name("prompts.csv"))
+        source = config.data.phantom
+        generate_phantom(path.parent, PhantomConfig(n=source.n, seed=source.seed, size=source.size))
+    return read_manifest(path)
 
 
 def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifest:
