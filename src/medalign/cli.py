@@ -559,8 +559,10 @@ def _register_commands() -> None:
     from medalign.batch_predict import predict_classes, predict_masks
     from medalign.export import export_app
     from medalign.html_report import report_command
+    from medalign.serve.command import serve_command
 
     app.command("report")(report_command)
+    app.command("serve")(serve_command)
     app.add_typer(export_app, name="export")
     predict_app.command("masks")(predict_masks)
     predict_app.command("classify")(predict_classes)

@@ -204,14 +204,22 @@ def image_format(path: Path) -> str:
     )
 
 
+# How many leading bytes :func:`sniff_formats` needs (the NIfTI-1 magic ends at byte 348).
+SNIFF_BYTES = 352
+
+
 def _sniff_formats(path: Path) -> list[str]:
-    """Formats the leading bytes are consistent with, most specific first.
+    with path.open("rb") as handle:
+        return sniff_formats(handle.read(SNIFF_BYTES))
+
+
+def sniff_formats(head: bytes) -> list[str]:
+    """Formats a file's first :data:`SNIFF_BYTES` bytes are consistent with, most specific first.
 
     A list rather than one answer because some files are legitimately two things at once
-    (DICOM whole-slide files carry a TIFF header in their preamble).
+    (DICOM whole-slide files carry a TIFF header in their preamble). Uploads are typed by this,
+    never by the name a client sent.
     """
-    with path.open("rb") as handle:
-        head = handle.read(352)
     found: list[str] = []
     if head[128:132] == b"DICM":
         found.append("dicom")

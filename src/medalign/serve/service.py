@@ -1,0 +1,354 @@
+"""What the web demo does with an upload, without the web: one or more bundles, each asked
+for what its kind can do, and an optional gallery of known cases for similar-case search.
+
+Serving several bundles at once is the point: a clinician uploads one scan and sees the
+aligned model's zero-shot diagnosis and similar cases, the segmenter's overlay and the report
+model's text side by side. Each capability goes to the first bundle (in ``--model`` order) that
+has it; a capability no bundle has is simply absent from the answer, and one that fails for
+this input (a text-guided segmenter with no prompt, a fusion model missing its modalities) is
+listed in ``notes`` with the reason instead of failing the whole request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medalign.predict import Predictor, PredictorError, prepare
+
+# Per capability, the bundle kinds that have it (the Predictor's CAPABILITIES, seen from the demo).
+_EMBEDDERS = ("DualEncoder", "pretrain", "report", "clinical")
+THUMBNAIL_SIDE = 96
+OVERLAY_SIDE = 512
+
+
+def png_base64(image: Any) -> str:
+    """A PIL image as a ``data:`` URL the page can show without another request."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _display_image(array: np.ndarray, side: int) -> Any:
+    """A [0, 1] grey/RGB array as an 8-bit PIL image no larger than ``side`` pixels a side."""
+    from PIL import Image
+
+    image = Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+    image.thumbnail((side, side))
+    return image
+
+
+def _unit_grey(pixels: Any) -> np.ndarray:
+    """The first channel of a prepared ``[1, C, H, W]`` tensor, as [0, 1] floats."""
+    return pixels[0, 0].clamp(0, 1).float().cpu().numpy()
+
+
+@dataclass
+class ServedModel:
+    """One loaded bundle with the name the page shows for it."""
+
+    name: str
+    predictor: Predictor
+
+    @property
+    def kind(self) -> str:
+        return self.predictor.kind
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(getattr(self.predictor.model.config, "modalities", []) or [])
+
+    def can(self, capability: str) -> bool:
+        p, config = self.predictor, self.predictor.model.config
+        if capability == "segment":
+            return p.kind == "segmentation" or (p.kind == "fusion" and config.task_head == "segment")
+        if capability == "classify":
+            return (
+                p.kind == "DualEncoder"
+                or (p.kind == "clinical" and bool(config.num_classes))
+                or (p.kind == "fusion" and config.task_head == "classify")
+            )
+        if capability == "embed":
+            return p.kind in _EMBEDDERS and not self.modalities
+        if capability == "report":
+            return p.kind == "report"
+        if capability == "risk":
+            return p.kind == "clinical" and getattr(config, "survival", None) not in (None, "none")
+        raise ValueError(f"unknown capability {capability!r}")
+
+    @property
+    def needs_text(self) -> bool:
+        return self.kind == "segmentation" and bool(getattr(self.predictor.model, "needs_text", False))
+
+
+@dataclass
+class CaseGallery:
+    """Known cases for similar-case search: unit embeddings, thumbnails and what each case says."""
+
+    embeddings: np.ndarray
+    case_ids: list[str]
+    captions: list[str]
+    thumbnails: list[str]
+    source: str
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest_path: str | Path,
+        model: ServedModel,
+        *,
+        column: str | None = None,
+        split: str | None = "test",
+        max_cases: int = 1000,
+    ) -> CaseGallery:
+        from medalign.data.manifest import read_manifest
+        from medalign.data.readers import read_image
+        from medalign.metrics import unit_rows
+
+        manifest = read_manifest(manifest_path)
+        if split:
+            if "split" not in manifest.table.columns or not (manifest.table["split"] == split).any():
+                raise ValueError(f"'{manifest_path}': no rows in split {split!r} for the similar-case gallery")
+            manifest = manifest.split(split)
+        columns = manifest.image_columns
+        column = column or (columns[0] if columns else None)
+        if column not in columns:
+            raise ValueError(f"'{manifest_path}': image column {column!r} not found; it has {columns}")
+        table = manifest.table.head(max_cases)
+        paths = [manifest.resolve(ref) for ref in table[column]]
+        embeddings = unit_rows(model.predictor.embed_image(paths))
+        captions = []
+        for _, row in table.iterrows():
+            label = next((f"{c}: {row[c]}" for c in manifest.label_columns if str(row[c])), "")
+            text = str(row["text"]) if "text" in table.columns else ""
+            captions.append(" · ".join(part for part in (label, text[:160]) if part))
+        thumbnails = []
+        for ref in paths:
+            array = read_image(ref).array.astype(np.float32)
+            scale = float(array.max()) or 1.0
+            thumbnails.append(png_base64(_display_image(array / scale, THUMBNAIL_SIDE)))
+        return cls(embeddings, [str(c) for c in table["case_id"]], captions, thumbnails, str(manifest_path))
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def nearest(self, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
+        from medalign.metrics import unit_rows
+
+        scores = self.embeddings @ unit_rows(embedding.reshape(1, -1))[0]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [
+            {
+                "case_id": self.case_ids[i],
+                "score": round(float(scores[i]), 4),
+                "caption": self.captions[i],
+                "thumbnail": self.thumbnails[i],
+            }
+            for i in order
+        ]
+
+
+@dataclass
+class DemoService:
+    """The demo's answers for one upload; thread-safe (one inference at a time, CPU-friendly)."""
+
+    models: list[ServedModel]
+    labels: list[str] | None = None
+    templates: str | None = None
+    gallery: CaseGallery | None = None
+    gallery_model: ServedModel | None = None
+    top_k: int = 5
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("the demo needs at least one bundle (--model)")
+
+    @classmethod
+    def from_bundles(
+        cls,
+        bundles: Sequence[str | Path],
+        *,
+        labels: Sequence[str] | None = None,
+        templates: str | None = None,
+        cases: str | Path | None = None,
+        cases_column: str | None = None,
+        cases_split: str | None = "test",
+        max_cases: int = 1000,
+    ) -> DemoService:
+        import medalign
+
+        models = [ServedModel(Path(b).name if Path(b).name != "bundle" else Path(b).parent.name, medalign.load(str(b))) for b in bundles]
+        service = cls(models, list(labels) if labels else None, templates)
+        if cases is not None:
+            service.gallery_model = service.first("embed")
+            if service.gallery_model is None:
+                raise ValueError("--cases needs a bundle that embeds single images (alignment, MAE or report)")
+            service.gallery = CaseGallery.from_manifest(
+                cases, service.gallery_model, column=cases_column, split=cases_split, max_cases=max_cases
+            )
+        return service
+
+    def first(self, capability: str) -> ServedModel | None:
+        return next((m for m in self.models if m.can(capability)), None)
+
+    def modalities(self) -> list[str]:
+        """Modality inputs the page offers: every multi-modality bundle's, in first-seen order."""
+        seen: list[str] = []
+        for model in self.models:
+            seen += [m for m in model.modalities if m not in seen]
+        return seen
+
+    def info(self) -> dict[str, Any]:
+        """What the page needs to draw its form: the bundles, their abilities, the inputs."""
+        capabilities = ("classify", "segment", "embed", "report", "risk")
+        return {
+            "models": [
+                {"name": m.name, "kind": m.kind, "can": [c for c in capabilities if m.can(c)], "modalities": m.modalities}
+                for m in self.models
+            ],
+            "modalities": self.modalities(),
+            "labels": self.labels or [],
+            "templates": self.templates,
+            "needs_prompt": any(m.needs_text for m in self.models if m.can("segment")),
+            "gallery": {"cases": len(self.gallery), "source": Path(self.gallery.source).name} if self.gallery else None,
+        }
+
+    # -- one request -------------------------------------------------------------------------
+
+    def analyse(
+        self,
+        images: Mapping[str, str],
+        prompt: str | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Every answer the served bundles can give for one case.
+
+        ``images`` maps ``"image"`` (a single-input scan) and/or modality names to readable refs
+        (the stored uploads). Failures of one capability go to ``notes``; a case none of the
+        bundles can read raises :class:`PredictorError`.
+        """
+        if not images:
+            raise PredictorError("upload an image")
+        prompt = (prompt or "").strip() or None
+        labels = [s.strip() for s in (labels or self.labels or []) if s.strip()] or None
+        single = images.get("image") or next(iter(images.values()))
+        modal = {k: v for k, v in images.items() if k != "image"}
+        result: dict[str, Any] = {"notes": [], "timings_ms": {}}
+        steps = (
+            ("classify", lambda: self._classify(single, modal, labels)),
+            ("segment", lambda: self._segment(single, modal, prompt)),
+            ("similar", lambda: self._similar(single)),
+            ("report", lambda: self._report(single)),
+            ("risk", lambda: self._risk(single, modal)),
+        )
+        with self._lock:
+            result["input"] = self._input_preview(single)
+            for name, step in steps:
+                start = time.perf_counter()
+                try:
+                    answer = step()
+                except (PredictorError, ValueError) as exc:  # this capability cannot use this input
+                    result["notes"].append(f"{name}: {exc}")
+                    continue
+                if answer is not None:
+                    result[name] = answer
+                    result["timings_ms"][name] = round(1000 * (time.perf_counter() - start), 1)
+        if not any(k in result for k in ("classify", "segment", "similar", "report", "risk")):
+            raise PredictorError("no served model could use this input: " + "; ".join(result["notes"]))
+        return result
+
+    def _input_preview(self, ref: str) -> dict[str, Any]:
+        from medalign.data.readers import read_image
+
+        data = read_image(ref)
+        array = data.array.astype(np.float32)
+        low, high = float(array.min()), float(array.max())
+        shown = (array - low) / (high - low) if high > low else np.zeros_like(array)
+        return {
+            "format": data.meta.get("format"),
+            "height": int(array.shape[0]),
+            "width": int(array.shape[1]),
+            "image": png_base64(_display_image(shown, OVERLAY_SIDE)),
+        }
+
+    def _case_input(self, model: ServedModel, single: str, modal: Mapping[str, str]) -> Any:
+        if not model.modalities:
+            return single
+        present = {k: v for k, v in modal.items() if k in model.modalities}
+        if not present:
+            if len(model.modalities) == 1:
+                return {model.modalities[0]: single}
+            raise PredictorError(f"{model.name} needs images for its modalities {model.modalities}")
+        return present
+
+    def _classify(self, single: str, modal: Mapping[str, str], labels: Sequence[str] | None) -> dict[str, Any] | None:
+        model = self.first("classify")
+        if model is None:
+            return None
+        if model.kind == "DualEncoder":
+            if not labels and not self.templates:
+                raise PredictorError("zero-shot diagnosis needs class labels (type them, or start with --labels)")
+            probs = model.predictor.classify(single, labels=labels, templates=self._templates_for(labels))[0]
+        else:
+            probs = model.predictor.classify(self._case_input(model, single, modal), labels=labels)[0]
+        ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+        return {
+            "model": model.name,
+            "zero_shot": model.kind == "DualEncoder",
+            "probabilities": {k: round(v, 4) for k, v in ranked},
+            "prediction": ranked[0][0],
+        }
+
+    def _templates_for(self, labels: Sequence[str] | None) -> str | None:
+        """The served template file when it knows every typed label, else plain-name prompts."""
+        if self.templates is None or not labels:
+            return self.templates
+        from medalign.zeroshot import load_templates
+
+        known = load_templates(self.templates).get("classes") or {}
+        return self.templates if set(labels) <= set(known) else None
+
+    def _segment(self, single: str, modal: Mapping[str, str], prompt: str | None) -> dict[str, Any] | None:
+        from medalign.inference import overlay
+
+        model = self.first("segment")
+        if model is None:
+            return None
+        if model.needs_text and not prompt:
+            raise PredictorError(f"{model.name} is text-guided: type what to segment")
+        case = self._case_input(model, single, modal)
+        probabilities = model.predictor.segment(case, text=prompt if model.needs_text else None)
+        mask = probabilities >= 0.5
+        shown = case if isinstance(case, str) else next(iter(case.values()))
+        image = overlay(prepare(shown, 1, None, model.predictor.normalisation)[None], mask)
+        image.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))
+        return {
+            "model": model.name,
+            "prompt": prompt if model.needs_text else None,
+            "foreground_fraction": round(float(mask.mean()), 4),
+            "overlay": png_base64(image),
+        }
+
+    def _similar(self, single: str) -> list[dict[str, Any]] | None:
+        if self.gallery is None or self.gallery_model is None:
+            return None
+        return self.gallery.nearest(self.gallery_model.predictor.embed_image(single)[0], self.top_k)
+
+    def _report(self, single: str) -> dict[str, Any] | None:
+        model = self.first("report")
+        return None if model is None else {"model": model.name, "text": model.predictor.report(single)}
+
+    def _risk(self, single: str, modal: Mapping[str, str]) -> dict[str, Any] | None:
+        model = self.first("risk")
+        if model is None:
+            return None
+        return {"model": model.name, **model.predictor.risk(self._case_input(model, single, modal))}
