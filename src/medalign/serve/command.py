@@ -44,6 +44,9 @@ def serve_command(
     max_cases: Annotated[int, typer.Option(help="Index at most this many cases.")] = 1000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted file, MiB.")] = 16.0,
     max_side: Annotated[int, typer.Option(help="Largest accepted image side, pixels.")] = 4096,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads for inference (1 is fastest for small models on a busy CPU).")
+    ] = None,
 ) -> None:
     """Start the web demo: upload a scan (and other modalities), type a prompt, see what the bundles say.
 
@@ -69,6 +72,10 @@ def serve_command(
     from medalign.serve.app import create_app
     from medalign.serve.service import DemoService
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     names = [part.strip() for item in labels or [] for part in item.split(",") if part.strip()]
     limits = UploadLimits(
         max_file_bytes=int(max_upload_mb * 2**20),
