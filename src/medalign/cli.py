@@ -286,11 +286,13 @@ def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> 
 
 
 def _write_metrics(metrics: dict[str, Any], out: Path | None) -> None:
-    text = json.dumps(metrics, indent=2, default=float)
+    """All of ``metrics`` to ``out``; the terminal gets them without per-case rows."""
+    from medalign.metrics import without_rows
+
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n", encoding="utf-8")
-    typer.echo(text)
+        out.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    typer.echo(json.dumps(without_rows(metrics), indent=2, default=float))
 
 
 @eval_app.command("zeroshot")
@@ -300,7 +302,9 @@ def eval_zeroshot(
     templates: Annotated[str, typer.Option(help="Template YAML or a shipped name (e.g. busi).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the metrics JSON here, with each case's class probabilities.")
+    ] = None,
 ) -> None:
     """Zero-shot classification with a prompt-template ensemble: ACC, balanced ACC, macro-F1, AUC.
 
