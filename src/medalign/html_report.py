@@ -7,9 +7,10 @@ external URL, so the file can be mailed, archived or opened on an offline machin
 
 Every number on the page is copied from the run's files, never recomputed (a recomputation
 could disagree with ``metrics.json``). The exceptions are pictures: learning curves, the
-confusion matrix and ROC curves are drawn from saved values, and segmentation overlays
-re-predict the best and worst cases (by the saved Dice) with the bundle, using the run's own
-preprocessing, because masks are not saved.
+confusion matrix and ROC curves are drawn from saved values (``per_case`` probability rows),
+segmentation overlays re-predict the best and worst cases (by the saved Dice) with the bundle,
+using the run's own preprocessing, because masks are not saved, and retrieval examples show
+their query images read from the run's manifest beside the saved top texts.
 """
 
 from __future__ import annotations
