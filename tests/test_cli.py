@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,16 +24,25 @@ def _class_folders(root: Path) -> Path:
     return root
 
 
-def test_every_command_has_help_with_examples() -> None:
-    for command in (
-        ["data", "validate"],
-        ["data", "import"],
-        ["data", "phantom"],
-        ["data", "split"],
-        ["quickstart"],
-    ):
-        result = runner.invoke(app, [*command, "--help"])
-        assert result.exit_code == 0 and "Example" in result.output, command
+def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every registered command and group, depth first, with the words that call it."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_command_has_a_description_an_example_and_helped_options() -> None:
+    commands = list(_commands(typer.main.get_command(app)))
+    assert {("data", "validate"), ("eval", "zeroshot"), ("predict", "masks"), ("export", "onnx")} <= {
+        p for p, _ in commands
+    }  # the walk reaches the sub-apps, including the ones registered from other modules
+    for path, command in commands:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Example" in result.output, f"`medalign {' '.join(path)} --help` shows no example"
+        assert len((command.help or "").split()) >= 5, f"`medalign {' '.join(path)}` has no description"
+        unhelped = [p.name for p in command.params if not getattr(p, "help", None)]
+        assert not unhelped, f"`medalign {' '.join(path)}`: no help for {unhelped}"
 
 
 def test_formats_lists_every_importer() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,21 @@ def clinical_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return run_training(config, echo=lambda *_: None)
 
 
+@pytest.fixture(scope="module")
+def align_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = load_config(
+        REPO / "configs" / "align" / "phantom.yaml",
+        [
+            f"out={tmp_path_factory.mktemp('runs') / 'align'}",
+            f"data.manifest={phantom}",
+            "model.name=align_tiny",
+            "model.overrides={in_channels: 2, image_size: 64}",
+            *FAST,
+        ],
+    )
+    return run_training(config, echo=lambda *_: None)
+
+
 def images(page: str) -> dict[str, bytes]:
     """alt text -> decoded PNG of every <img> (which must all be inline PNGs)."""
     tags = re.findall(r"<img [^>]*>", page)
@@ -125,6 +142,46 @@ def test_clinical_report_embeds_the_runs_figures(clinical_run: Path, tmp_path: P
         assert re.search(
             rf"<tr><td>{re.escape(name)}</td><td>[^<]*</td><td>{entry['row']['auc']:.4f}</td>", page
         )
+
+
+def test_alignment_report_has_zero_shot_roc_and_retrieval_examples(align_run: Path) -> None:
+    metrics = json.loads((align_run / "metrics.json").read_text())
+    zeroshot, examples = metrics["zeroshot"], metrics["retrieval"]["examples"]
+    # zero-shot saved one row per evaluated case, with every class's probability
+    assert len(zeroshot["per_case"]) == zeroshot["n"]
+    assert all(list(r["probs"]) == zeroshot["class_names"] for r in zeroshot["per_case"])
+    bundle = json.loads((align_run / "bundle" / "config.json").read_text())
+    assert "per_case" not in json.dumps(bundle) and "examples" not in bundle["metrics"]["retrieval"]
+
+    page = (align_run / "report.html").read_text(encoding="utf-8")  # written by the run itself
+    assert_self_contained(page)
+    pictures = images(page)
+    section = page.split("<h2>Classification: zeroshot</h2>")[1].split("<h2>")[0]
+    assert '<img alt="confusion"' in section and '<img alt="ROC curves"' in section
+    assert "No ROC curves" not in page
+    # four query thumbnails, each beside its saved top-3 texts with correct/incorrect marks
+    assert len(examples) == 4 and all(len(e["top"]) == 3 for e in examples)
+    for example in examples:
+        thumbnail = pictures[f"query {example['case_id']}"]
+        assert thumbnail.startswith(PNG_MAGIC)
+        for hit in example["top"]:
+            mark = "✓" if hit["correct"] else "✗"
+            assert f"<li>{mark} {html.escape(hit['text'])} ({fmt(hit['similarity'])})</li>" in page
+    assert "Thumbnails left out" not in page
+
+
+def test_retrieval_examples_without_the_manifest_keep_the_texts(align_run: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "run"
+    shutil.copytree(align_run, moved)
+    manifest = str(load_config(align_run / "config.yaml").data.manifest)
+    (moved / "config.yaml").write_text(
+        (moved / "config.yaml").read_text().replace(manifest, "/nowhere/m.csv")
+    )
+    page = write_html_report(moved).read_text(encoding="utf-8")
+    assert "Thumbnails left out: the run&#x27;s manifest (/nowhere/m.csv) is not available" in page
+    assert not any(alt.startswith("query ") for alt in images(page))
+    example = json.loads((moved / "metrics.json").read_text())["retrieval"]["examples"][0]
+    assert html.escape(example["top"][0]["text"]) in page
 
 
 def test_format_and_stored_values(tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ from medalign.metrics import (
     as_probabilities,
     bidirectional_retrieval,
     classification_metrics,
+    probability_rows,
     retrieval_metrics,
     retrieval_ranks,
     same_group_positives,
+    without_rows,
 )
 
 # ----------------------------------------------------------------------------- classification
@@ -115,6 +117,23 @@ def test_accepts_torch_and_rejects_bad_labels() -> None:
         classification_metrics([0, -1], np.array([[0.9, 0.1], [0.2, 0.8]]))
     with pytest.raises(ValueError, match="class names"):
         classification_metrics([0, 1], np.array([[0.9, 0.1], [0.2, 0.8]]), ["only one"])
+
+
+def test_probability_rows_keep_significant_digits_and_check_shapes() -> None:
+    probs = np.array([[1 - 3e-9, 3e-9], [0.1234567891, 0.8765432109]])
+    rows = probability_rows(["a", "b"], np.array([0, 1]), probs, ["neg", "pos"])
+    assert rows[0] == {"case_id": "a", "label": 0, "probs": {"neg": 1.0, "pos": 3e-9}}  # tiny p survives
+    assert rows[1]["probs"] == {"neg": 0.123457, "pos": 0.876543}
+    with pytest.raises(ValueError, match="do not match"):
+        probability_rows(["a"], [0, 1], probs, ["neg", "pos"])
+    with pytest.raises(ValueError, match="do not match"):
+        probability_rows(["a", "b"], [0, 1], probs, ["neg", "pos", "other"])
+
+
+def test_without_rows_drops_per_case_lists_at_any_depth() -> None:
+    metrics = {"auc": 0.5, "per_case": [1], "zeroshot": {"n": 2, "per_case": [2]}, "r": {"examples": [3]}}
+    assert without_rows(metrics) == {"auc": 0.5, "zeroshot": {"n": 2}, "r": {}}
+    assert metrics["zeroshot"]["per_case"] == [2]  # the input is not modified
 
 
 # ----------------------------------------------------------------------------- retrieval

@@ -54,6 +54,8 @@ def test_eval_commands_write_metrics(trained: tuple[Path, Path], tmp_path: Path)
     assert result.exit_code == 0, result.output
     zeroshot = json.loads((tmp_path / "z.json").read_text())
     assert zeroshot["class_names"] == ["normal", "benign", "malignant"] and 0 <= zeroshot["accuracy"] <= 1
+    assert len(zeroshot["per_case"]) == zeroshot["n"]  # the file keeps the rows ROC curves need ...
+    assert "per_case" not in result.output  # ... the terminal gets the summary
     result = runner.invoke(app, ["eval", "retrieval", *common])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.output)) == {"image_to_text", "text_to_image"}

@@ -12,16 +12,30 @@ import yaml
 app = typer.Typer(
     name="medalign",
     help="Multi-modal medical image analysis with contrastive learning. Add --debug to any command "
-    "to see a traceback instead of a one-line error.",
+    "to see a traceback instead of a one-line error; `medalign COMMAND --help` shows an example of "
+    "each command.\n\nExample (the whole path on the built-in phantom, CPU-friendly):\n\n"
+    "    medalign quickstart --out /tmp/qs",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Import, validate, split and inspect datasets (manifests).", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Import, validate, split and inspect datasets (manifests).\n\nExample:\n\n"
+    "    medalign data import busi ~/data/busi --out data/busi.csv",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
-eval_app = typer.Typer(help="Evaluate a trained bundle on a manifest split.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluate a trained bundle on a manifest split.\n\nExample:\n\n"
+    "    medalign eval zeroshot --model runs/busi/bundle --manifest busi.csv --templates busi",
+    no_args_is_help=True,
+)
 app.add_typer(eval_app, name="eval")
-predict_app = typer.Typer(help="Run a trained bundle on new images.", no_args_is_help=True)
+predict_app = typer.Typer(
+    help="Run a trained bundle on new images.\n\nExample:\n\n"
+    "    medalign predict masks --model runs/segment_kvasir/bundle new_frames/ --out preds/",
+    no_args_is_help=True,
+)
 app.add_typer(predict_app, name="predict")
 index_app = typer.Typer(help="Similar-case search: build an embedding index, search it.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -124,7 +138,12 @@ def data_import(
 
 @data_app.command("formats")
 def data_formats() -> None:
-    """List the dataset layouts `medalign data import` understands."""
+    """List the dataset layouts `medalign data import` understands, one per line with its description.
+
+    The first word of each line is the FORMAT argument of `medalign data import`. Example:
+
+        medalign data formats
+    """
     from medalign.data.importers import IMPORTERS
 
     for name in sorted(IMPORTERS):
@@ -186,7 +205,12 @@ def data_summary(
     manifest: Annotated[Path, typer.Argument(help="Manifest to describe.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Print counts of cases, patients, splits, modalities, labels, attributes and survival."""
+    """Print counts of cases, patients, splits, modalities, labels, attributes and survival.
+
+    With --json the same summary is printed as JSON, for scripts. Example:
+
+        medalign data summary data/busi.csv --json
+    """
     from medalign.data.manifest import format_summary, read_manifest, summarize
 
     summary = summarize(read_manifest(manifest))
@@ -258,7 +282,10 @@ def ablate(
     """Run a curriculum with stages skipped and tabulate the last stage's headline metrics.
 
     Chains share their common prefixes (Stage I is trained once); results go to
-    <out>/ablation.md and <out>/ablation.json. Recipe overrides work as in `train`.
+    <out>/ablation.md and <out>/ablation.json. Recipe overrides work as in `train`. Examples:
+
+        medalign ablate --config configs/curriculum/phantom.yaml
+        medalign ablate --config configs/curriculum/phantom.yaml --variants '1,2,3;3' --stage3.train.epochs 5
     """
     from medalign.config import ConfigError, parse_cli_overrides
     from medalign.curriculum import is_curriculum, load_curriculum, parse_stages, run_ablation
@@ -288,11 +315,13 @@ def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> 
 
 
 def _write_metrics(metrics: dict[str, Any], out: Path | None) -> None:
-    text = json.dumps(metrics, indent=2, default=float)
+    """All of ``metrics`` to ``out``; the terminal gets them without per-case rows."""
+    from medalign.metrics import without_rows
+
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n", encoding="utf-8")
-    typer.echo(text)
+        out.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    typer.echo(json.dumps(without_rows(metrics), indent=2, default=float))
 
 
 @eval_app.command("zeroshot")
@@ -302,7 +331,9 @@ def eval_zeroshot(
     templates: Annotated[str, typer.Option(help="Template YAML or a shipped name (e.g. busi).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the metrics JSON here, with each case's class probabilities.")
+    ] = None,
 ) -> None:
     """Zero-shot classification with a prompt-template ensemble: ACC, balanced ACC, macro-F1, AUC.
 

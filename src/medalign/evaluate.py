@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medalign.data.dataset import Collator, ManifestDataset, stack_modalities
-from medalign.metrics import bidirectional_retrieval, same_group_positives
+from medalign.metrics import bidirectional_retrieval, cosine_similarity, same_group_positives
 from medalign.probe import linear_probe
 from medalign.progress import progress
 from medalign.zeroshot import build_class_prompts, load_templates, resolve_classes, zero_shot_weights
@@ -106,8 +106,12 @@ def encode_texts(
 
 
 def zero_shot(model: Any, embeddings: SplitEmbeddings, templates: str) -> dict[str, Any]:
-    """Prompt-ensemble zero-shot classification; classes follow the manifest's class list."""
-    from medalign.metrics import classification_metrics
+    """Prompt-ensemble zero-shot classification; classes follow the manifest's class list.
+
+    Besides the metrics, ``per_case`` holds each labelled case's probabilities, so the run
+    report can draw ROC curves without re-embedding the split.
+    """
+    from medalign.metrics import classification_metrics, probability_rows
 
     spec = load_templates(templates)
     class_names = embeddings.classes
@@ -116,7 +120,12 @@ def zero_shot(model: Any, embeddings: SplitEmbeddings, templates: str) -> dict[s
     known = embeddings.labels >= 0
     logits = torch.from_numpy(embeddings.image[known]) @ weights.T * 100.0
     probs = torch.softmax(logits, dim=-1).numpy()
-    return classification_metrics(embeddings.labels[known], probs, class_names)
+    labels = embeddings.labels[known]
+    case_ids = [c for c, keep in zip(embeddings.case_ids, known, strict=True) if keep]
+    return {
+        **classification_metrics(labels, probs, class_names),
+        "per_case": probability_rows(case_ids, labels, probs, class_names),
+    }
 
 
 def retrieval(embeddings: SplitEmbeddings) -> dict[str, Any]:
@@ -125,6 +134,39 @@ def retrieval(embeddings: SplitEmbeddings) -> dict[str, Any]:
     texts = np.asarray(embeddings.texts, dtype=object)
     positives = same_group_positives(texts, texts)  # identical reports are all correct answers
     return bidirectional_retrieval(embeddings.image, embeddings.text, positives=positives)
+
+
+def retrieval_examples(embeddings: SplitEmbeddings, n_queries: int = 4, k: int = 3) -> list[dict[str, Any]]:
+    """For ``n_queries`` images spread evenly over the split, the ``k`` most similar texts.
+
+    Distinct texts are ranked (a report shared by ten cases appears once, not ten times) and one
+    counts as correct when it equals the query's own text, the rule R@K uses. Rows:
+    ``{"case_id", "text", "top": [{"text", "similarity", "correct"}]}`` for the run report.
+    """
+    if embeddings.text is None:
+        raise ValueError("retrieval needs text: the split has no 'text' column")
+    first: dict[str, int] = {}  # distinct text -> its first row
+    for i, text in enumerate(embeddings.texts):
+        first.setdefault(text, i)
+    gallery = list(first)
+    n = len(embeddings.texts)
+    queries = sorted({round(i * (n - 1) / max(n_queries - 1, 1)) for i in range(min(n_queries, n))})
+    similarity = cosine_similarity(embeddings.image[queries], embeddings.text[list(first.values())])
+    rows = []
+    for query, sims in zip(queries, similarity, strict=True):
+        own = embeddings.texts[query]
+        top = np.argsort(-sims, kind="stable")[:k]
+        rows.append(
+            {
+                "case_id": embeddings.case_ids[query],
+                "text": own,
+                "top": [
+                    {"text": gallery[j], "similarity": round(float(sims[j]), 4), "correct": gallery[j] == own}
+                    for j in top
+                ],
+            }
+        )
+    return rows
 
 
 def probe(

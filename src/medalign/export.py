@@ -575,7 +575,11 @@ class OnnxPredictor:
 # Command line (registered by medalign.cli as `medalign export`)
 # ---------------------------------------------------------------------------------------------
 
-export_app = typer.Typer(help="Export a trained bundle for other runtimes (ONNX).", no_args_is_help=True)
+export_app = typer.Typer(
+    help="Export a trained bundle for other runtimes (ONNX).\n\nExample:\n\n"
+    "    medalign export onnx --model runs/align/bundle --out exported/align",
+    no_args_is_help=True,
+)
 
 
 @export_app.command("onnx")

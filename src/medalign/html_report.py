@@ -7,9 +7,10 @@ external URL, so the file can be mailed, archived or opened on an offline machin
 
 Every number on the page is copied from the run's files, never recomputed (a recomputation
 could disagree with ``metrics.json``). The exceptions are pictures: learning curves, the
-confusion matrix and ROC curves are drawn from saved values, and segmentation overlays
-re-predict the best and worst cases (by the saved Dice) with the bundle, using the run's own
-preprocessing, because masks are not saved.
+confusion matrix and ROC curves are drawn from saved values (``per_case`` probability rows),
+segmentation overlays re-predict the best and worst cases (by the saved Dice) with the bundle,
+using the run's own preprocessing, because masks are not saved, and retrieval examples show
+their query images read from the run's manifest beside the saved top texts.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;pad
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .meta td{text-align:left}.note{color:#666;font-style:italic}pre{background:#f7f7f7;padding:1em;overflow:auto}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0}.examples td{text-align:left;vertical-align:top}
+.examples img{max-width:240px}
 details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
 """
 
@@ -122,6 +124,23 @@ def run_manifest_path(run_dir: Path, config: Any) -> Path | None:
 
     path = manifest_file(config, run_dir)
     return path if path is not None and path.is_file() else None
+
+
+def report_manifest(run: RunFiles) -> tuple[Path, Any]:
+    """The run's manifest as training saw it (one row per modality when ``data.modality_rows``)."""
+    from medalign.data.manifest import read_manifest
+    from medalign.run import modality_rows
+
+    config = run.config
+    path = run_manifest_path(run.run_dir, config)
+    if path is None:
+        raise FileNotFoundError(
+            f"the run's manifest ({config.data.manifest or 'data/phantom'}) is not available"
+        )
+    manifest = read_manifest(path)
+    if config.data.modality_rows:
+        manifest = modality_rows(manifest, config.data.modalities or manifest.image_columns)
+    return path, manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +383,14 @@ def _roc_png(per_case: list[dict[str, Any]], block: Mapping[str, Any]) -> bytes 
     return _png(figure)
 
 
+def _probability_rows(run: RunFiles, path: tuple[str, ...], block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The per-case rows behind a classification block: its own (zero-shot) or, for a clinical
+    run's diagnosis, the top-level rows it shares with the survival block."""
+    if isinstance(block.get("per_case"), list):
+        return block["per_case"]
+    return run.metrics.get("per_case", []) if path == ("diagnosis",) else []
+
+
 def _classification_sections(run: RunFiles, used: set[str]) -> str:
     out = ""
     for path, block in _walk(run.metrics):
@@ -382,7 +409,7 @@ def _classification_sections(run: RunFiles, used: set[str]) -> str:
         out += _img(
             _confusion_png(block["confusion_matrix"], classes, f"confusion matrix: {title}"), "confusion"
         )
-        roc = _roc_png(run.metrics.get("per_case", []), block) if path == ("diagnosis",) else None
+        roc = _roc_png(_probability_rows(run, path, block), block)
         if roc is not None:
             out += _img(roc, "ROC curves")
         else:
@@ -407,12 +434,77 @@ def _retrieval_sections(run: RunFiles) -> str:
                 header = ["direction", *ks, "median_rank", "mean_rank", "n_queries"]
                 rows = [[d, *(block[d].get(k) for k in header[1:])] for d in (first, second)]
                 out += f"<h2>Retrieval: {html.escape(_title(path, 'retrieval'))}</h2>" + _table(header, rows)
-    if out and run.config.task == "align":
-        out += _note(
-            "Query thumbnails with their top text matches are left out: the run saves R@K, "
-            "not per-query rankings, and re-ranking would recompute the numbers above."
-        )
+                if isinstance(block.get("examples"), list) and block["examples"]:
+                    out += _retrieval_examples(run, block["examples"])
     return out
+
+
+def _retrieval_examples(run: RunFiles, examples: list[dict[str, Any]]) -> str:
+    """Query thumbnails beside their saved top texts (the ranking is the run's, not redone here)."""
+    k = max(len(e["top"]) for e in examples)
+    out = f"<h3>Examples: top {k} texts for {len(examples)} query images</h3>"
+    try:
+        pictures = [
+            _img(png, f"query {e['case_id']}")
+            for e, png in zip(examples, query_thumbnails(run, examples), strict=True)
+        ]
+    except (OSError, ValueError, KeyError) as err:  # manifest or images not on this machine, ...
+        pictures = [""] * len(examples)
+        out += _note(f"Thumbnails left out: {err}")
+    rows = ""
+    for example, picture in zip(examples, pictures, strict=True):
+        ranked = "".join(
+            f"<li>{'✓' if t['correct'] else '✗'} {html.escape(t['text'])} ({fmt(t['similarity'])})</li>"
+            for t in example["top"]
+        )
+        rows += (
+            f"<tr><td>{picture}<br>{html.escape(example['case_id'])}</td>"
+            f"<td>{html.escape(example['text'])}</td><td><ol>{ranked}</ol></td></tr>"
+        )
+    out += f'<table class="examples"><tr><th>query image</th><th>its own text</th><th>retrieved (cosine)</th></tr>{rows}</table>'
+    return out + _note(
+        "Distinct texts of the split ranked by cosine similarity to the image; ✓ = the query's own "
+        "text (the R@K rule)."
+    )
+
+
+def query_thumbnails(run: RunFiles, examples: list[dict[str, Any]]) -> list[bytes]:
+    """One PNG per example: each of the case's image columns, read from the run's manifest."""
+    from medalign.data.readers import read_image
+    from medalign.run import image_columns
+
+    path, manifest = report_manifest(run)
+    keys = image_columns(run.config, manifest)
+    index = {c: i for i, c in enumerate(manifest.table["case_id"])}
+    pictures = []
+    for example in examples:
+        if example["case_id"] not in index:
+            raise KeyError(f"case {example['case_id']!r} of metrics.json is not in {path}")
+        figure = _figure(1.7 * len(keys), 1.9)
+        for i, key in enumerate(keys):
+            ax = figure.add_subplot(1, len(keys), i + 1)
+            cell = manifest.table.at[index[example["case_id"]], key]
+            if cell:
+                ax.imshow(_displayable(read_image(manifest.resolve(cell)).array), cmap="gray")
+            ax.set_title(key, fontsize=7)
+            ax.axis("off")
+        pictures.append(_png(figure))
+    return pictures
+
+
+def _displayable(array: Any) -> Any:
+    """A 2D grey or RGB picture of any image: the middle slice of a volume, RGB kept, else channel 0."""
+    import numpy as np
+
+    from medalign.data.transforms import to_channel_first
+
+    image = to_channel_first(array)
+    if image.ndim == 4:  # (C, D, H, W)
+        image = image[:, image.shape[1] // 2]
+    if image.shape[0] not in (3, 4):
+        return image[0]
+    rgb = np.moveaxis(image[:3], 0, -1).astype(np.float64)
+    return (rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-12)
 
 
 def _segmentation_section(run: RunFiles) -> str:
@@ -441,24 +533,10 @@ def segmentation_overlays(run: RunFiles, groups: list[tuple[str, list[dict[str, 
 
     from medalign.bundle import load_bundle
     from medalign.data.dataset import Collator
-    from medalign.data.manifest import read_manifest
-    from medalign.run import (
-        fusion_columns,
-        fusion_dataset,
-        image_columns,
-        modality_rows,
-        segmentation_dataset,
-    )
+    from medalign.run import fusion_columns, fusion_dataset, image_columns, segmentation_dataset
 
     config, split = run.config, run.metrics.get("split", run.config.eval.split)
-    path = run_manifest_path(run.run_dir, config)
-    if path is None:
-        raise FileNotFoundError(
-            f"the run's manifest ({config.data.manifest or 'data/phantom'}) is not available"
-        )
-    manifest = read_manifest(path)
-    if config.data.modality_rows:
-        manifest = modality_rows(manifest, config.data.modalities or manifest.image_columns)
+    path, manifest = report_manifest(run)
     model = load_bundle(run.run_dir / "bundle")
     fuse = config.task == "fuse"
     if fuse:

@@ -281,9 +281,10 @@ def fit_and_save(
     model.cpu().float().eval()
     metrics = evaluate(model)
     metrics["train"] = {"steps": state.step, "seconds": round(seconds, 1), "final": state.history[-1:]}
-    summary = {k: v for k, v in metrics.items() if k != "per_case"}
+    from medalign.metrics import without_rows
+
     extra = {
-        "metrics": summary,
+        "metrics": without_rows(metrics),
         "recipe": str(config.out),
         # what a Predictor must repeat to see images as training did
         "preprocess": {"normalisation": config.data.normalisation},
@@ -345,7 +346,7 @@ def evaluate_alignment(
     if ev_cfg.retrieval:
         test = embed(ev_cfg.split, ev_cfg.zeroshot_label if ev_cfg.zeroshot else None)
         if test.text is not None:
-            results["retrieval"] = ev.retrieval(test)
+            results["retrieval"] = {**ev.retrieval(test), "examples": ev.retrieval_examples(test)}
     if ev_cfg.probe:
         label = ev_cfg.probe_label
         results["probe"] = ev.probe(embed("train", label), embed("val", label), embed(ev_cfg.split, label))
@@ -513,7 +514,7 @@ def evaluate_fusion(
     import numpy as np
     import torch
 
-    from medalign.metrics import SegmentationMetrics, classification_metrics
+    from medalign.metrics import SegmentationMetrics, classification_metrics, without_rows
     from medalign.tasks.fuse import predict
 
     names = list(model.config.modalities)
@@ -565,7 +566,7 @@ def evaluate_fusion(
         if metrics is None:
             results["subsets"][key] = {"n_images": 0}
             continue
-        results["subsets"][key] = {k: v for k, v in metrics.items() if k != "per_case"}
+        results["subsets"][key] = without_rows(metrics)
         if key == keys[-1]:
             results.update(metrics)
     if not segment:

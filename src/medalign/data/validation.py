@@ -19,6 +19,7 @@ import pandas as pd
 
 from medalign.data.manifest import PLAIN_COLUMNS, SPLITS, Manifest, write_manifest
 from medalign.data.readers import ImageReadError, read_image
+from medalign.progress import progress
 
 BINARY_MASK_VALUES = frozenset({0, 1, 255})
 
@@ -283,7 +284,7 @@ def _inspect_all(refs: list[str], mask_refs: set[str], workers: int | None) -> d
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         infos = pool.map(lambda ref: _inspect(ref, ref in mask_refs), refs)
-        return dict(zip(refs, infos, strict=True))
+        return dict(zip(refs, progress(infos, desc="validate", unit="file", total=len(refs)), strict=True))
 
 
 def _inspect(ref: str, is_mask: bool) -> _ImageInfo:

@@ -416,17 +416,18 @@ def evaluate_clinical(
 
 
 def _per_case(predictions: dict[str, Any], classes: Sequence[str]) -> list[dict[str, Any]]:
-    rows = []
-    for i, case_id in enumerate(predictions["case_id"]):
-        row: dict[str, Any] = {"case_id": case_id}
-        if len(predictions["probs"]):
-            row["label"] = int(predictions["label"][i])
-            row["probs"] = {c: float(p) for c, p in zip(classes, predictions["probs"][i], strict=True)}
+    from medalign.metrics import probability_rows
+
+    rows: list[dict[str, Any]] = (
+        probability_rows(predictions["case_id"], predictions["label"], predictions["probs"], classes)
+        if len(predictions["probs"])
+        else [{"case_id": case_id} for case_id in predictions["case_id"]]
+    )
+    for i, row in enumerate(rows):
         if len(predictions["risk"]):
             row.update(
                 risk=float(predictions["risk"][i]),
                 time=float(predictions["time"][i]),
                 event=int(predictions["event"][i]),
             )
-        rows.append(row)
     return rows

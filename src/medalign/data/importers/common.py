@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medalign.data.importers.registry import DatasetImportError
 from medalign.data.readers import SUPPORTED_SUFFIXES
+from medalign.progress import progress
 
 IMAGE_SUFFIXES: tuple[str, ...] = SUPPORTED_SUFFIXES
 JPEG_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg")
@@ -69,7 +70,8 @@ def is_hidden(path: Path, root: Path) -> bool:
 def list_files(folder: Path, root: Path) -> tuple[list[Path], list[Path]]:
     """(image files, other files) below ``folder``, in natural order of their path under ``root``."""
     images, others = [], []
-    for path in sorted(folder.rglob("*"), key=lambda p: natural_key(p.relative_to(root).as_posix())):
+    paths = sorted(folder.rglob("*"), key=lambda p: natural_key(p.relative_to(root).as_posix()))
+    for path in progress(paths, desc=f"scan {folder.name}", unit="file"):
         if not path.is_file():
             continue
         (images if is_image(path) and not is_hidden(path, root) else others).append(path)

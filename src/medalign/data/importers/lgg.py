@@ -28,6 +28,7 @@ import pandas as pd
 
 from medalign.data.importers.registry import DatasetImportError, register_importer
 from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.progress import progress
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # lossless first
 CHANNELS: dict[str, int] = {"pre": 0, "flair": 1, "post": 2}
@@ -58,7 +59,8 @@ def import_lgg(
     unrecognised: list[str] = []
     orphan_masks: list[str] = []
     empty_folders: list[str] = []
-    for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in progress(folders, desc="scan patients", unit="folder"):
         slices, masks, other = _scan_folder(folder)
         if not slices and not masks:
             empty_folders.append(relative_ref(folder, src))

@@ -31,6 +31,7 @@ from PIL import Image
 
 from medalign.data.importers.registry import DatasetImportError, register_importer
 from medalign.data.manifest import SPLITS, ManifestMeta, new_table, relative_ref
+from medalign.progress import progress
 
 
 def _choose_npz(src: Path, npz: str | None) -> Path:
@@ -149,7 +150,9 @@ def import_medmnist(
             if "label" in columns and classes is None and len(labels):
                 max_label = max(max_label, int(labels.max()))
             width = max(5, len(str(len(images) - 1)))
-            for index, image in enumerate(images):
+            for index, image in progress(
+                enumerate(images), desc=f"extract {split}", unit="image", total=len(images)
+            ):
                 data, suffix = _encode(np.asarray(image), f"'{path}' {split}_images[{index}]")
                 file = out / f"{split}_{index:0{width}d}{suffix}"
                 _write_once(file, data)

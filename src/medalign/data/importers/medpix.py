@@ -30,6 +30,7 @@ import pandas as pd
 from medalign.data.importers.registry import DatasetImportError, register_importer
 from medalign.data.jsonio import read_json, read_jsonl
 from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.progress import progress
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # release format first: it names missing files
 SPLIT_NAMES: dict[str, str] = {"train": "train", "dev": "val", "val": "val", "test": "test"}
@@ -184,7 +185,7 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     """Stem -> file; when a stem exists in several formats the release's (PNG) wins."""
     found: dict[str, Path] = {}
     rank = {suffix: i for i, suffix in enumerate(IMAGE_SUFFIXES)}
-    for path in sorted(folder.iterdir()):
+    for path in progress(sorted(folder.iterdir()), desc=f"scan {folder.name}", unit="file"):
         suffix = path.suffix.lower()
         if not path.is_file() or suffix not in rank:
             continue
