@@ -192,3 +192,13 @@ def test_a_killed_worker_is_reported_with_the_batch_it_was_loading(tmp_path: Pat
     assert message.startswith("cannot load training batch 1 of epoch 1: DataLoader worker (pid")
     assert str([f"toy{i:02d}" for i in first_batch]) in message and "out of memory" in message
     assert "\n" not in message
+
+
+def test_an_unreadable_checkpoint_is_named_on_resume(tmp_path: Path) -> None:
+    train(tmp_path, steps=2, checkpoint_every=2)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated by a copy, not by the engine
+    with pytest.raises(
+        RuntimeError, match=rf"cannot resume: checkpoint {checkpoint} is unreadable .*delete it"
+    ):
+        train(tmp_path, steps=4, checkpoint_every=2, resume=True)
