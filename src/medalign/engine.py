@@ -12,8 +12,10 @@ Fabric leaves to the user and what medalign needs to be trustworthy:
   micro-batch is replayed so dropout draws the same mask in both passes.
 * **Exact resume**: the data order and each sample's augmentation are functions of
   (seed, epoch, position), not of worker state, and the checkpoint holds the step, the
-  position in the epoch, and the model, optimiser, scheduler and RNG states. Checkpoints are
-  written to a temporary file and renamed, so a kill during a write leaves the previous one.
+  position in the epoch, and the model, optimiser, scheduler and RNG states.
+* **Faults**: checkpoints are written to a temporary file, fsynced and renamed (then the folder
+  fsynced), so a kill or a full disk during a write leaves the previous one; a batch that
+  cannot be loaded, in a worker or not, ends the run with one line naming the sample and why.
 * Logs to CSV and TensorBoard, a progress bar, the resolved config beside the run.
 
 A task (``medalign.tasks``) provides ``training_step(batch)``; to use GradCache it also
@@ -27,6 +29,7 @@ import itertools
 import math
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +45,7 @@ from medalign.config import OptimConfig, TrainConfig
 
 KILL_AT_STEP_ENV = "MEDALIGN_KILL_AT_STEP"  # fault-injection hook used by the resume tests
 CHECKPOINT_NAME = "last.ckpt"
+PARTIAL_SUFFIX = ".tmp"  # a checkpoint being written; renamed into place once complete
 Batch = dict[str, Any]
 
 
@@ -241,6 +245,8 @@ class Engine:
         scheduler = build_scheduler(optimizer, self.optim, total_steps)
         task.model, optimizer = fabric.setup(task.model, optimizer)
         state = TrainState()
+        if fabric.global_rank == 0:
+            remove_partial_writes(self.checkpoint_path)
         if resume and self.checkpoint_path.is_file():
             state = self._load_checkpoint(task.model, optimizer, scheduler)
             fabric.print(f"resumed from {self.checkpoint_path} at step {state.step}")
@@ -259,30 +265,22 @@ class Engine:
                 # resumed run (which creates one more loader) would draw different dropout masks
                 generator=torch.Generator().manual_seed(cfg.seed * 7919 + state.epoch),
             )
-            for batch in loader:
-                logs = self._step(task, optimizer, scheduler, batch)
-                state.step += 1
-                state.batch_in_epoch += 1
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{logs['loss']:.4f}")
-                if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    logs |= {"lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
-                    fabric.log_dict({f"train/{k}": v for k, v in logs.items()}, step=state.step)
-                    state.history.append({"step": state.step, **logs})
-                if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
-                    self._save_checkpoint(task.model, optimizer, scheduler, state)
-                _maybe_kill(state.step)
-                if state.step >= total_steps:
-                    break
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if on_epoch_end is not None:
-                    metrics = on_epoch_end(state.epoch)
-                    fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
-                continue
-            break
+            failure = LoadingFailure(dataset, sampler, local_batch, state)
+            try:
+                finished = self._run_epoch(
+                    task, optimizer, scheduler, failure.guard(loader), state, total_steps, progress
+                )
+            except RuntimeError as err:  # a worker that dies mid-step is reported by a SIGCHLD handler
+                if isinstance(err, DataLoadingError) or not _worker_died(err):
+                    raise
+                raise failure.error(err, during_step=True) from err
+            if not finished:
+                break
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if on_epoch_end is not None:
+                metrics = on_epoch_end(state.epoch)
+                fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
         if progress is not None:
             progress.close()
         for logger in fabric.loggers:
@@ -301,6 +299,36 @@ class Engine:
         if dist.is_available() and dist.is_initialized():
             self.fabric.barrier()
             dist.destroy_process_group()
+
+    def _run_epoch(
+        self,
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        batches: Iterator[Batch],
+        state: TrainState,
+        total_steps: int,
+        progress: Any,
+    ) -> bool:
+        """Train on the epoch's remaining batches; False when ``total_steps`` ended it early."""
+        cfg = self.train
+        for batch in batches:
+            logs = self._step(task, optimizer, scheduler, batch)
+            state.step += 1
+            state.batch_in_epoch += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                logs |= {"lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
+                self.fabric.log_dict({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+                state.history.append({"step": state.step, **logs})
+            if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+                self._save_checkpoint(task.model, optimizer, scheduler, state)
+            _maybe_kill(state.step)
+            if state.step >= total_steps:
+                return False
+        return True
 
     def _step(
         self, task: Task, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch
@@ -390,18 +418,17 @@ class Engine:
             "history": state.history,
         }
         if self.fabric.global_rank == 0:
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.checkpoint_path.with_name(f"{CHECKPOINT_NAME}.{os.getpid()}.tmp")
-            try:
-                torch.save(payload, tmp)
-                os.replace(tmp, self.checkpoint_path)
-            except OSError as err:  # e.g. out of disk: keep the previous checkpoint, fail loudly
-                tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"cannot write checkpoint {self.checkpoint_path}: {err}") from err
+            write_checkpoint(self.checkpoint_path, payload)
         self.fabric.barrier()
 
     def _load_checkpoint(self, model: nn.Module, optimizer: Any, scheduler: Any) -> TrainState:
-        payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # written atomically, so only a copy or a failing disk truncates it
+            raise RuntimeError(
+                f"cannot resume: checkpoint {self.checkpoint_path} is unreadable ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:300]}); delete it to train from the start"
+            ) from err
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -411,6 +438,136 @@ class Engine:
         return TrainState(
             payload["step"], payload["epoch"], payload["batch_in_epoch"], list(payload["history"])
         )
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Save ``payload`` so that ``path`` holds either its old or its complete new bytes, whatever happens.
+
+    The payload goes to a temporary file beside ``path``, which is flushed and fsynced before
+    ``os.replace`` puts it in place; the folder is then fsynced so the rename survives a power
+    cut. A kill mid-write leaves only the temporary (removed by the next run, never read). A
+    failed write (ENOSPC: the disk is full) removes the temporary and raises a RuntimeError
+    naming ``path`` and the OS's reason; the previous checkpoint is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    recorder: _WriteRecorder | None = None
+    try:
+        with tmp.open("wb") as handle:
+            recorder = _WriteRecorder(handle)
+            torch.save(payload, recorder)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        reason = recorder.error if recorder is not None and recorder.error else err
+        raise RuntimeError(
+            f"cannot write checkpoint {path}: {reason}; the previous checkpoint is kept"
+        ) from reason
+    except BaseException:  # KeyboardInterrupt: no half-written file left behind either
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+class _WriteRecorder:
+    """A file's ``write`` that keeps the OSError it raised.
+
+    ``torch.save`` reports a failed write as an opaque RuntimeError ("unexpected pos ..."),
+    losing the OS's reason (ENOSPC, EIO, quota); this keeps it for the message.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def remove_partial_writes(path: Path) -> None:
+    """Delete temporaries of ``path`` that a killed process left behind (never read: only renamed)."""
+    for partial in path.parent.glob(f"{path.name}.*{PARTIAL_SUFFIX}"):
+        partial.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): the rename is all there is
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems refuse fsync on a directory; the data itself is synced
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class DataLoadingError(RuntimeError):
+    """A training batch could not be loaded; the message names the sample or the worker, and why."""
+
+
+WORKER_DIED = "DataLoader worker (pid"  # torch's message when a worker process exits or is killed
+_WORKER_RERAISED = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.")
+
+
+def _worker_died(err: BaseException) -> bool:
+    return WORKER_DIED in str(err)
+
+
+class LoadingFailure:
+    """Turns a failure to load one of an epoch's batches into a one-line :class:`DataLoadingError`.
+
+    A sample's own error raised in a worker reaches the main process as the worker's whole
+    traceback in one message; its last line (which names the case and file) is kept. A worker
+    that died (killed by the OS, often out of memory) leaves only its pid: the message adds the
+    cases of the batch being waited for, from the sampler's order.
+    """
+
+    def __init__(self, dataset: Any, sampler: ResumableSampler, batch_size: int, state: TrainState) -> None:
+        self.dataset, self.sampler, self.batch_size, self.state = dataset, sampler, batch_size, state
+
+    def guard(self, loader: Any) -> Iterator[Batch]:
+        """The loader's batches; an error while loading one is raised as a DataLoadingError."""
+        try:
+            yield from loader
+        except Exception as err:
+            raise self.error(err) from err
+
+    def error(self, err: BaseException, *, during_step: bool = False) -> DataLoadingError:
+        """``during_step``: raised while a batch trained, so the failed load is of a later one."""
+        pending = self.state.batch_in_epoch + int(during_step)
+        where = f"cannot load training batch {pending + 1} of epoch {self.state.epoch + 1}"
+        text = str(err).strip()
+        reraised = _WORKER_RERAISED.match(text)
+        if reraised:
+            kind, worker = reraised.groups()
+            last = text.splitlines()[-1]
+            message = re.sub(rf"^[\w.]*{kind}: ", "", last)
+            return DataLoadingError(f"{where} in DataLoader worker {worker}: {kind}: {message}")
+        if _worker_died(err):
+            return DataLoadingError(
+                f"{where}: {' '.join(text.split())} while it loaded {self.cases(pending)} or a later batch. "
+                "A worker killed by the system is usually out of memory: lower data.num_workers or "
+                "data.batch_size; data.num_workers=0 shows a failing sample's own error"
+            )
+        return DataLoadingError(f"{where}: {type(err).__name__}: {' '.join(text.split())}")
+
+    def cases(self, batch: int) -> str:
+        """The epoch's ``batch``: its case ids when the dataset knows them, else its indices."""
+        order = self.sampler._order()
+        first = batch * self.batch_size
+        indices = order[first : first + self.batch_size]
+        name = getattr(self.dataset, "case_id", None)
+        return f"cases {[name(i) for i in indices]}" if callable(name) else f"samples {indices}"
 
 
 def _python_rng_state() -> list[Any]:

@@ -93,6 +93,8 @@ def train(
     precision: str = "32-true",
     gathered: bool = False,
     devices: int = 1,
+    data: ToyData | None = None,
+    num_workers: int = 0,
 ):
     torch.manual_seed(0)
     model = ToyDualEncoder(dropout=0.0 if gathered else 0.1)  # dropout streams differ per rank
@@ -116,7 +118,9 @@ def train(
         out,
     )
     try:
-        state = engine.fit(task, ToyData(), collate, batch_size=batch_size, resume=resume)
+        state = engine.fit(
+            task, data or ToyData(), collate, batch_size=batch_size, resume=resume, num_workers=num_workers
+        )
     finally:
         if devices > 1:
             engine.close()

@@ -104,9 +104,16 @@ class ManifestDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
             self.set_random_state(seed)
-        with _plain_tensors():
-            arrays = self._preprocessed(index)
-            sample = self.augment(dict(arrays))
+        try:
+            with _plain_tensors():
+                arrays = self._preprocessed(index)
+                sample = self.augment(dict(arrays))
+        except SampleError:
+            raise
+        except Exception as err:  # a decoded file that preprocessing or augmentation rejects
+            raise SampleError(
+                f"{self._describe(index)}: {type(err).__name__}: {' '.join(str(err).split())}"
+            ) from err
         row = self.manifest.table.iloc[index]
         present = [k in arrays for k in self.image_keys]
         reference = next((sample[k] for k in self.image_keys if k in sample), None)
@@ -116,6 +123,16 @@ class ManifestDataset(Dataset):
         sample["modalities_present"] = torch.tensor(present, dtype=torch.bool)
         sample.update(self._row_fields(row))
         return sample
+
+    def case_id(self, index: int) -> str:
+        """The case at ``index`` (the engine names it when a DataLoader worker dies)."""
+        return str(self.manifest.table.iloc[index]["case_id"])
+
+    def _describe(self, index: int) -> str:
+        """``case 'x' (row 3), files [...]``: where a sample's error comes from."""
+        row = self.manifest.table.iloc[index]
+        files = [str(self.manifest.resolve(row[k])) for k in self.image_keys + self.mask_keys if row[k] != ""]
+        return f"case {row['case_id']!r} (row {index + 1}), files {files}"
 
     def _row_fields(self, row: Any) -> Sample:
         fields: Sample = {"case_id": row["case_id"], "text": row.get("text", "")}
