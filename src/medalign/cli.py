@@ -37,7 +37,11 @@ predict_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(predict_app, name="predict")
-index_app = typer.Typer(help="Similar-case search: build an embedding index, search it.", no_args_is_help=True)
+index_app = typer.Typer(
+    help="Similar-case search: build an embedding index of known cases, search it.\n\nExample:\n\n"
+    "    medalign index search --index indexes/medpix --image scan.png -k 5",
+    no_args_is_help=True,
+)
 app.add_typer(index_app, name="index")
 
 
