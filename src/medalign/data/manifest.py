@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from medalign.data.jsonio import read_jsonl
 
@@ -59,6 +60,32 @@ class ManifestMeta:
         meta = cls(**{k: v for k, v in data.items() if k in known})
         meta.extra.update({k: data[k] for k in unknown})
         return meta
+
+
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "root": str,
+    "classes": dict,
+    "text_only": bool,
+    "source": str,
+    "mask_threshold": (int, float, type(None)),
+    "description": str,
+    "extra": dict,
+}
+
+
+def _check_meta_types(data: Any) -> None:
+    """The sidecar is hand-editable JSON: check each field's type before anything trusts it."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    for key, kind in _META_TYPES.items():
+        value = data.get(key)
+        if key in data and (
+            not isinstance(value, kind) or (key == "mask_threshold" and isinstance(value, bool))
+        ):
+            raise TypeError(f"field '{key}' has the wrong type ({type(value).__name__}: {value!r})")
+    for column, names in data.get("classes", {}).items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"classes of column '{column}' must be a list of strings, got {names!r}")
 
 
 def _is_prefixed(column: str, prefix: str) -> bool:
@@ -180,24 +207,36 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"manifest '{path}' does not exist")
     try:
-        if suffix == ".csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        elif suffix == ".jsonl":
-            table = _read_jsonl(path)
-        else:
-            table = pd.read_parquet(path)
+        table = _read_table(path, suffix)
     except UnicodeDecodeError as err:
         raise ManifestError(f"manifest '{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
-    except (ValueError, pd.errors.ParserError, OSError) as err:
-        raise ManifestError(f"cannot parse manifest '{path}': {err}") from err
+    except (ValueError, KeyError, TypeError, pd.errors.ParserError, OSError, pa.ArrowException) as err:
+        # KeyError/TypeError: pandas trusting a corrupt 'pandas' metadata block in a Parquet footer
+        raise ManifestError(f"cannot parse manifest '{path}': {_describe(err)}") from err
     meta = ManifestMeta()
     sidecar = meta_path_for(path)
     if sidecar.is_file():
         try:
-            meta = ManifestMeta.from_dict(json.loads(sidecar.read_text(encoding="utf-8")))
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            _check_meta_types(data)  # a wrong type fails here, not deep in validation or training
+            meta = ManifestMeta.from_dict(data)
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
             raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
     return Manifest(table, base_dir=path.parent.resolve(), meta=meta)
+
+
+def _read_table(path: Path, suffix: str) -> pd.DataFrame:
+    """The bare table; Parquet is normalised here because Arrow decodes string cells lazily."""
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    return normalise_table(pd.read_parquet(path))
+
+
+def _describe(err: BaseException) -> str:
+    """``KeyError: 'name'`` rather than a bare ``'name'``: the type says what kind of damage it is."""
+    return str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -321,7 +360,10 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "modalities": manifest.modalities,
     }
     if "patient_id" in table.columns:
-        patients = table["patient_id"].where(table["patient_id"] != "", table["case_id"])
+        fallback = (
+            table["case_id"] if "case_id" in table.columns else ""
+        )  # validation reports a missing case_id
+        patients = table["patient_id"].where(table["patient_id"] != "", fallback)
         summary["patients"] = int(patients.nunique())
     if "split" in table.columns:
         summary["splits"] = {s: int((table["split"] == s).sum()) for s in SPLITS}
