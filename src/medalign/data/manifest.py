@@ -10,6 +10,7 @@ parsed where they are used, with errors that name the row.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -266,7 +267,12 @@ def write_manifest(
         meta.root = _relative_or_absolute(Path(root), path.parent)
     tmp = path.with_name(path.name + ".tmp")
     if suffix == ".csv":
-        table.to_csv(tmp, index=False, encoding="utf-8")
+        # csv quotes only cells holding the "\n" terminator, and readers split rows on a bare "\r"
+        # too: a report with a carriage return would become two rows unless every cell is quoted.
+        has_cr = any(table[c].str.contains("\r", regex=False).any() for c in table.columns)
+        table.to_csv(
+            tmp, index=False, encoding="utf-8", quoting=csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL
+        )
     elif suffix == ".jsonl":
         table.to_json(tmp, orient="records", lines=True, force_ascii=False)
     else:
@@ -316,7 +322,7 @@ def assign_splits(
     patients = table[patient_column] if patient_column in table.columns else table["case_id"]
     patients = patients.where(patients != "", table["case_id"])
     if stratify:
-        strata = table.groupby(patients)[stratify].agg(lambda s: s.value_counts().index[0])
+        strata = table.groupby(patients)[stratify].agg(_most_frequent)
     else:
         strata = pd.Series("", index=sorted(patients.unique()))
     assignment: dict[str, str] = {}
@@ -329,6 +335,12 @@ def assign_splits(
                 assignment[patient] = name
             order = order[chunk:]
     return patients.map(assignment).rename("split")
+
+
+def _most_frequent(values: pd.Series) -> str:
+    """The patient's stratum; a tie goes to the smallest value, not the first row, so row order never matters."""
+    counts = values.value_counts()
+    return str(min(counts.index[counts == counts.max()]))
 
 
 def _exact_counts(n: int, fractions: list[float]) -> list[int]:
@@ -364,7 +376,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
             table["case_id"] if "case_id" in table.columns else ""
         )  # validation reports a missing case_id
         patients = table["patient_id"].where(table["patient_id"] != "", fallback)
-        summary["patients"] = int(patients.nunique())
+        summary["patients"] = int(patients[patients != ""].nunique())
     if "split" in table.columns:
         summary["splits"] = {s: int((table["split"] == s).sum()) for s in SPLITS}
     summary["masks"] = {c: int((table[c] != "").sum()) for c in manifest.mask_columns}
