@@ -193,3 +193,10 @@ def test_stratified_split_ignores_row_order() -> None:
     forward = assign_splits(table, seed=0, stratify="label")
     backward = assign_splits(table.iloc[::-1], seed=0, stratify="label").sort_index()
     assert forward.tolist() == backward.tolist()
+
+
+def test_duplicate_column_names_are_named(tmp_path: Path) -> None:
+    """Found by benchmarks/fuzz.py: 'label' and ' label' became one name and crashed normalisation."""
+    (tmp_path / "m.csv").write_text("case_id,label, label\na,x,y\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m\.csv'.*duplicate column name\(s\) \['label'\]"):
+        read_manifest(tmp_path / "m.csv")

@@ -9,7 +9,7 @@ because a scan over thousands of files is only debuggable that way. Anything els
 field nobody checked) is a bug.
 
 This module lives in the package, not under ``tests/``, because two places use it: the hypothesis
-tests (``tests/data/test_fuzzing.py``, a few dozen mutated inputs per target in CI) and the
+tests (``tests/data/test_fuzz_properties.py``, a few dozen mutated inputs per target in CI) and the
 time-boxed fuzzer (``benchmarks/fuzz.py``, hundreds of thousands). Each :class:`Target` lays out
 a small valid case in a folder (the seed), names the one file the mutated bytes replace, and
 calls the public entry point on it; :func:`run_case` classifies what happened.

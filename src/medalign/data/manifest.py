@@ -174,6 +174,9 @@ def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
 
     out = table.copy()
     out.columns = [str(c).strip() for c in out.columns]
+    repeated = sorted({c for c in out.columns if list(out.columns).count(c) > 1})
+    if repeated:  # a second column of the same name would shadow the first in every lookup
+        raise ValueError(f"duplicate column name(s) {repeated} (after stripping spaces)")
     for column in out.columns:
         out[column] = [cell(v) for v in out[column].tolist()]
     return out.astype(object).reset_index(drop=True)
@@ -207,32 +210,35 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     suffix = _check_suffix(path)
     if not path.is_file():
         raise ManifestError(f"manifest '{path}' does not exist")
+    meta = _read_sidecar(meta_path_for(path))
     try:
-        table = _read_table(path, suffix)
+        # Building the Manifest normalises every cell, which is where Arrow decodes Parquet strings
+        # and where duplicate column names show up, so it belongs inside the try.
+        return Manifest(_read_table(path, suffix), base_dir=path.parent.resolve(), meta=meta)
     except UnicodeDecodeError as err:
         raise ManifestError(f"manifest '{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
     except (ValueError, KeyError, TypeError, pd.errors.ParserError, OSError, pa.ArrowException) as err:
         # KeyError/TypeError: pandas trusting a corrupt 'pandas' metadata block in a Parquet footer
         raise ManifestError(f"cannot parse manifest '{path}': {_describe(err)}") from err
-    meta = ManifestMeta()
-    sidecar = meta_path_for(path)
-    if sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-            _check_meta_types(data)  # a wrong type fails here, not deep in validation or training
-            meta = ManifestMeta.from_dict(data)
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
-            raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
-    return Manifest(table, base_dir=path.parent.resolve(), meta=meta)
+
+
+def _read_sidecar(sidecar: Path) -> ManifestMeta:
+    if not sidecar.is_file():
+        return ManifestMeta()
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        _check_meta_types(data)  # a wrong type fails here, not deep in validation or training
+        return ManifestMeta.from_dict(data)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
 
 
 def _read_table(path: Path, suffix: str) -> pd.DataFrame:
-    """The bare table; Parquet is normalised here because Arrow decodes string cells lazily."""
     if suffix == ".csv":
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     if suffix == ".jsonl":
         return _read_jsonl(path)
-    return normalise_table(pd.read_parquet(path))
+    return pd.read_parquet(path)
 
 
 def _describe(err: BaseException) -> str:
