@@ -128,3 +128,75 @@ def test_split_and_summary() -> None:
 def test_assign_splits_accepts_a_list_of_fractions() -> None:
     table = new_table([{"case_id": f"c{i}"} for i in range(10)])
     assert assign_splits(table, [0.8, 0.1, 0.1]).value_counts().to_dict() == {"train": 8, "val": 1, "test": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# Regressions found by benchmarks/fuzz.py and tests/data/test_fuzz_properties.py
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [
+        "[]",
+        '"text"',
+        '{"root": ["a"]}',
+        '{"classes": ["label"]}',
+        '{"classes": {"label": 5}}',
+        '{"classes": {"label": [{"a": 1}]}}',
+        '{"mask_threshold": "127"}',
+        '{"mask_threshold": true}',
+        '{"text_only": "no"}',
+        '{"extra": [1]}',
+    ],
+)
+def test_sidecar_with_wrong_types_is_named(tmp_path: Path, sidecar: str) -> None:
+    path = write_manifest(_table(), tmp_path / "m.csv")
+    meta_path_for(path).write_text(sidecar, encoding="utf-8")
+    with pytest.raises(
+        ManifestError, match=r"m\.meta\.json'.*wrong type|m\.meta\.json'.*classes|JSON object"
+    ):
+        read_manifest(path)
+
+
+def test_parquet_with_corrupt_pandas_metadata_is_named(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"case_id": ["a"]}).replace_schema_metadata({b"pandas": b'{"columns": [{"x": 1}]}'})
+    pq.write_table(table, tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"cannot parse manifest '.*m\.parquet'"):
+        read_manifest(tmp_path / "m.parquet")
+
+
+def test_csv_cell_with_carriage_return_round_trips(tmp_path: Path) -> None:
+    """The csv module quotes only the "\\n" terminator; a bare "\\r" used to split the row in two."""
+    table = new_table([{"case_id": "a", "text": "line one\rline two"}, {"case_id": "b", "text": "x"}])
+    back = read_manifest(write_manifest(table, tmp_path / "m.csv")).table
+    pd.testing.assert_frame_equal(back, table)
+
+
+def test_summarize_without_case_id_column() -> None:
+    manifest = Manifest(pd.DataFrame({"patient_id": ["p1", ""], "image": ["a.png", "b.png"]}))
+    assert summarize(manifest)["patients"] == 1
+
+
+def test_stratified_split_ignores_row_order() -> None:
+    """Patient p1 has one 'a' and one 'b' case: the tie used to go to whichever row came first."""
+    table = pd.DataFrame(
+        {
+            "case_id": [f"c{k}" for k in range(8)],
+            "patient_id": ["p1", "p1", "p2", "p3", "p4", "p5", "p6", "p7"],
+            "label": ["a", "b", "a", "a", "b", "b", "a", "b"],
+        }
+    )
+    forward = assign_splits(table, seed=0, stratify="label")
+    backward = assign_splits(table.iloc[::-1], seed=0, stratify="label").sort_index()
+    assert forward.tolist() == backward.tolist()
+
+
+def test_duplicate_column_names_are_named(tmp_path: Path) -> None:
+    """Found by benchmarks/fuzz.py: 'label' and ' label' became one name and crashed normalisation."""
+    (tmp_path / "m.csv").write_text("case_id,label, label\na,x,y\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m\.csv'.*duplicate column name\(s\) \['label'\]"):
+        read_manifest(tmp_path / "m.csv")

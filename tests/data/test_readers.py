@@ -559,3 +559,65 @@ def test_imagedata_validates_shape() -> None:
     assert ImageData(np.zeros((2, 3, 3)), (1, 1), {}).channels == 3
     with pytest.raises(ValueError, match="does not fit"):
         ImageData(np.zeros((2, 3, 4, 5, 6)), (1, 1, 1), {})
+
+
+# --------------------------------------------------------------------------------------------------
+# Regressions found by benchmarks/fuzz.py: damage must raise ImageReadError naming the file
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch(path: Path, old: bytes, new: bytes) -> Path:
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"0.5\\0.7", b"0.5\\0.!"),  # PixelSpacing that is no decimal string (converted lazily)
+        (b"-1024", b"\x011024"),  # RescaleIntercept likewise
+        (b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00C\x80"),  # Modality with an unknown VR
+        (b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.9\x00"),  # a UID that is no transfer syntax
+    ],
+)
+def test_dicom_malformed_elements_are_named(tmp_path: Path, old: bytes, new: bytes) -> None:
+    pixels = _gray(dtype=np.uint16)
+    path = _dicom(
+        tmp_path / "bad.dcm", pixels, PixelSpacing=[0.5, 0.7], RescaleSlope=2, RescaleIntercept=-1024
+    )
+    with pytest.raises(ImageReadError, match=r"bad\.dcm': (corrupt DICOM|cannot decode)"):
+        read_image(_patch(path, old, new))
+
+
+def test_nifti_nan_affine_is_named(tmp_path: Path) -> None:
+    path = _nifti(tmp_path / "nan.nii", np.zeros((4, 5, 3), np.int16), (1.0, 1.0, 2.0))
+    data = bytearray(path.read_bytes())
+    data[280:296] = np.full(4, np.nan, "<f4").tobytes()  # srow_x: the sform's first row
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"nan\.nii': not a valid NIfTI file"):
+        read_image(path)
+
+
+def test_npz_member_that_is_not_npy_is_named(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as archive:
+        archive.writestr("image", b"raw bytes, no .npy header")
+    with pytest.raises(ImageReadError, match=r"raw\.npz': NPZ member 'image' is not a \.npy array"):
+        read_image(tmp_path / "raw.npz")
+
+
+def test_png_size_field_that_exhausts_memory_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk length of ~2**31 makes Pillow allocate it; under a memory limit that is a MemoryError."""
+    from PIL import PngImagePlugin
+
+    def exhaust(self: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load_end", exhaust)
+    with pytest.raises(ImageReadError, match=r"big\.png': corrupt PNG data \(MemoryError\)"):
+        read_image(_png(tmp_path / "big.png", _gray()))

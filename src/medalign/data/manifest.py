@@ -10,6 +10,7 @@ parsed where they are used, with errors that name the row.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from medalign.data.jsonio import read_jsonl
 
@@ -59,6 +61,32 @@ class ManifestMeta:
         meta = cls(**{k: v for k, v in data.items() if k in known})
         meta.extra.update({k: data[k] for k in unknown})
         return meta
+
+
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "root": str,
+    "classes": dict,
+    "text_only": bool,
+    "source": str,
+    "mask_threshold": (int, float, type(None)),
+    "description": str,
+    "extra": dict,
+}
+
+
+def _check_meta_types(data: Any) -> None:
+    """The sidecar is hand-editable JSON: check each field's type before anything trusts it."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    for key, kind in _META_TYPES.items():
+        value = data.get(key)
+        if key in data and (
+            not isinstance(value, kind) or (key == "mask_threshold" and isinstance(value, bool))
+        ):
+            raise TypeError(f"field '{key}' has the wrong type ({type(value).__name__}: {value!r})")
+    for column, names in data.get("classes", {}).items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"classes of column '{column}' must be a list of strings, got {names!r}")
 
 
 def _is_prefixed(column: str, prefix: str) -> bool:
@@ -146,6 +174,9 @@ def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
 
     out = table.copy()
     out.columns = [str(c).strip() for c in out.columns]
+    repeated = sorted({c for c in out.columns if list(out.columns).count(c) > 1})
+    if repeated:  # a second column of the same name would shadow the first in every lookup
+        raise ValueError(f"duplicate column name(s) {repeated} (after stripping spaces)")
     for column in out.columns:
         out[column] = [cell(v) for v in out[column].tolist()]
     return out.astype(object).reset_index(drop=True)
@@ -179,25 +210,40 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     suffix = _check_suffix(path)
     if not path.is_file():
         raise ManifestError(f"manifest '{path}' does not exist")
+    meta = _read_sidecar(meta_path_for(path))
     try:
-        if suffix == ".csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        elif suffix == ".jsonl":
-            table = _read_jsonl(path)
-        else:
-            table = pd.read_parquet(path)
+        # Building the Manifest normalises every cell, which is where Arrow decodes Parquet strings
+        # and where duplicate column names show up, so it belongs inside the try.
+        return Manifest(_read_table(path, suffix), base_dir=path.parent.resolve(), meta=meta)
     except UnicodeDecodeError as err:
         raise ManifestError(f"manifest '{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
-    except (ValueError, pd.errors.ParserError, OSError) as err:
-        raise ManifestError(f"cannot parse manifest '{path}': {err}") from err
-    meta = ManifestMeta()
-    sidecar = meta_path_for(path)
-    if sidecar.is_file():
-        try:
-            meta = ManifestMeta.from_dict(json.loads(sidecar.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
-            raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
-    return Manifest(table, base_dir=path.parent.resolve(), meta=meta)
+    except (ValueError, KeyError, TypeError, pd.errors.ParserError, OSError, pa.ArrowException) as err:
+        # KeyError/TypeError: pandas trusting a corrupt 'pandas' metadata block in a Parquet footer
+        raise ManifestError(f"cannot parse manifest '{path}': {_describe(err)}") from err
+
+
+def _read_sidecar(sidecar: Path) -> ManifestMeta:
+    if not sidecar.is_file():
+        return ManifestMeta()
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        _check_meta_types(data)  # a wrong type fails here, not deep in validation or training
+        return ManifestMeta.from_dict(data)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
+
+
+def _read_table(path: Path, suffix: str) -> pd.DataFrame:
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    return pd.read_parquet(path)
+
+
+def _describe(err: BaseException) -> str:
+    """``KeyError: 'name'`` rather than a bare ``'name'``: the type says what kind of damage it is."""
+    return str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -227,7 +273,12 @@ def write_manifest(
         meta.root = _relative_or_absolute(Path(root), path.parent)
     tmp = path.with_name(path.name + ".tmp")
     if suffix == ".csv":
-        table.to_csv(tmp, index=False, encoding="utf-8")
+        # csv quotes only cells holding the "\n" terminator, and readers split rows on a bare "\r"
+        # too: a report with a carriage return would become two rows unless every cell is quoted.
+        has_cr = any(table[c].str.contains("\r", regex=False).any() for c in table.columns)
+        table.to_csv(
+            tmp, index=False, encoding="utf-8", quoting=csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL
+        )
     elif suffix == ".jsonl":
         table.to_json(tmp, orient="records", lines=True, force_ascii=False)
     else:
@@ -277,7 +328,7 @@ def assign_splits(
     patients = table[patient_column] if patient_column in table.columns else table["case_id"]
     patients = patients.where(patients != "", table["case_id"])
     if stratify:
-        strata = table.groupby(patients)[stratify].agg(lambda s: s.value_counts().index[0])
+        strata = table.groupby(patients)[stratify].agg(_most_frequent)
     else:
         strata = pd.Series("", index=sorted(patients.unique()))
     assignment: dict[str, str] = {}
@@ -290,6 +341,12 @@ def assign_splits(
                 assignment[patient] = name
             order = order[chunk:]
     return patients.map(assignment).rename("split")
+
+
+def _most_frequent(values: pd.Series) -> str:
+    """The patient's stratum; a tie goes to the smallest value, not the first row, so row order never matters."""
+    counts = values.value_counts()
+    return str(min(counts.index[counts == counts.max()]))
 
 
 def _exact_counts(n: int, fractions: list[float]) -> list[int]:
@@ -321,8 +378,11 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "modalities": manifest.modalities,
     }
     if "patient_id" in table.columns:
-        patients = table["patient_id"].where(table["patient_id"] != "", table["case_id"])
-        summary["patients"] = int(patients.nunique())
+        fallback = (
+            table["case_id"] if "case_id" in table.columns else ""
+        )  # validation reports a missing case_id
+        patients = table["patient_id"].where(table["patient_id"] != "", fallback)
+        summary["patients"] = int(patients[patients != ""].nunique())
     if "split" in table.columns:
         summary["splits"] = {s: int((table["split"] == s).sum()) for s in SPLITS}
     summary["masks"] = {c: int((table[c] != "").sum()) for c in manifest.mask_columns}

@@ -315,7 +315,8 @@ def _read_pillow(path: Path, expected: str) -> _Decoded:
             f"not a valid {label} image (Pillow cannot identify the content{_content_hint(path, expected)})"
         )
         raise ImageReadError.for_file(path, reason) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as exc:
+        # MemoryError: a chunk length field of ~2**31 makes Pillow allocate it before reading
         kind = "truncated" if "truncat" in str(exc).lower() else "corrupt"
         raise ImageReadError.for_file(path, f"{kind} {label} data ({_describe(exc)})") from exc
     meta: dict[str, Any] = {"format": detected, "mode": mode, "dtype": array.dtype.name}
@@ -515,7 +516,7 @@ def _dicom_pixels(ds: Any, path: Path) -> np.ndarray:
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:
-        if syntax is not None and syntax.is_compressed:
+        if syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed:
             hint = _DICOM_DECODER_HINTS.get(str(syntax), _DEFAULT_DECODER_HINT)
             reason = (
                 f"cannot decode pixel data with compressed transfer syntax '{syntax.name}' ({syntax}): "
@@ -590,12 +591,26 @@ def _dicom_spacing(ds: Any, is_3d: bool) -> tuple[tuple[float, ...], bool]:
 
 
 def _read_dicom(path: Path, *, apply_window: bool) -> _Decoded:
+    """Read the dataset, then interpret it; a malformed element surfaces only when it is used.
+
+    pydicom converts element values lazily, so an unknown VR, a decimal string like ``'0.7!'`` or a
+    bad UID raises from whichever attribute access touches it first, deep inside the modality
+    pipeline. All of those are a corrupt file, reported as such with the file name.
+    """
+    try:
+        return _interpret_dicom(_dcmread(path), path, apply_window=apply_window)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError.for_file(path, f"corrupt DICOM data element ({_describe(exc)})") from exc
+
+
+def _interpret_dicom(ds: Any, path: Path, *, apply_window: bool) -> _Decoded:
     """Decode pixels and apply the modality pipeline: rescale, then VOI window, then MONOCHROME1 flip.
 
     Windowing must happen before the flip because WindowCenter is defined on rescaled values.
     Only technical tags go into ``meta``: readers must never leak patient identity downstream.
     """
-    ds = _dcmread(path)
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
         raise ImageReadError.for_file(path, "DICOM dataset has no pixel data")
     raw = _dicom_pixels(ds, path)
@@ -660,6 +675,7 @@ def _read_nifti(path: Path, expected: str = "nifti") -> _Decoded:
         space_unit = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "mm"
         stored_dtype = np.dtype(img.get_data_dtype())
         affine = np.asarray(img.affine, dtype=np.float64)
+        codes = nib.aff2axcodes(affine)  # SVD of the affine: fails on NaN/Inf header fields
     except Exception as exc:
         reason = f"not a valid NIfTI file ({_describe(exc)}{_content_hint(path, 'nifti')})"
         raise ImageReadError.for_file(path, reason) from exc
@@ -686,7 +702,6 @@ def _read_nifti(path: Path, expected: str = "nifti") -> _Decoded:
     array = np.ascontiguousarray(data.transpose(order))
     unit = _NIFTI_UNIT_MM.get(space_unit or "unknown", 1.0)
     spacing = tuple(zooms[i] * unit if i < len(zooms) else 1.0 for i in reversed(range(spatial)))
-    codes = nib.aff2axcodes(affine)
     meta: dict[str, Any] = {
         "format": "nifti",
         "dtype": stored_dtype.name if not stored_dtype.names else "rgb",
@@ -753,6 +768,8 @@ def _read_npz(path: Path, expected: str = "npz") -> _Decoded:
             array = archive[key]
         except Exception as exc:
             raise ImageReadError.for_file(path, f"cannot load array {key!r} ({_describe(exc)})") from exc
+    if not isinstance(array, np.ndarray):  # NpzFile returns members not named *.npy as raw bytes
+        raise ImageReadError.for_file(path, f"NPZ member {key!r} is not a .npy array")
     dtype_name = array.dtype.name
     array, spacing = _layout_plain_array(array, path)
     return _Decoded(array, spacing, {"format": "npz", "dtype": dtype_name, "key": key})

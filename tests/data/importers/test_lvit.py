@@ -123,3 +123,16 @@ def test_lvit_real_monuseg_text(real_dataset) -> None:
     assert not manifest.meta.extra["images_without_text"] and not manifest.meta.extra["text_without_image"]
     problems = validate_manifest(manifest)
     assert not [p for p in problems if p.severity == "error"], problems[:5]
+
+
+def test_lvit_damaged_xlsx_is_named(tmp_path: Path) -> None:
+    """Found by benchmarks/fuzz.py: an unsupported zip compression method surfaced as NotImplementedError."""
+    xlsx = make_lvit(tmp_path) / "Train_Folder" / "Train_text.xlsx"
+    data = bytearray(xlsx.read_bytes())
+    at = data.find(b"PK\x01\x02")  # central directory: zipfile takes the compression method from here
+    while at != -1:
+        data[at + 10 : at + 12] = (99).to_bytes(2, "little")
+        at = data.find(b"PK\x01\x02", at + 4)
+    xlsx.write_bytes(bytes(data))
+    with pytest.raises(DatasetImportError, match=r"cannot read '.*Train_text\.xlsx': NotImplementedError"):
+        load_dataset("lvit", tmp_path)

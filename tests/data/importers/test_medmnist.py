@@ -110,3 +110,18 @@ def test_medmnist_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "e.npz", images=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(DatasetImportError, match="none of train_images"):
         load_dataset("medmnist", tmp_path, npz="e.npz")
+
+
+def test_medmnist_damaged_archives_are_named(tmp_path: Path) -> None:
+    """Found by benchmarks/fuzz.py: zipfile errors surfaced raw, and non-.npy members came back as bytes."""
+    import zipfile
+
+    data = _save_npz(tmp_path / "a.npz", (4, 4), SINGLE).read_bytes()
+    (tmp_path / "a.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetImportError, match=r"cannot read '.*a\.npz': BadZipFile"):
+        load_dataset("medmnist", tmp_path)
+    with zipfile.ZipFile(tmp_path / "a.npz", "w") as archive:
+        archive.writestr("train_images", b"raw")
+        archive.writestr("train_labels.npy", b"raw")
+    with pytest.raises(DatasetImportError, match=r"a\.npz': 'train_images' is not a \.npy array"):
+        load_dataset("medmnist", tmp_path)

@@ -111,3 +111,11 @@ def test_mmendocl_real_demo(real_dataset) -> None:
     assert table["split"].value_counts().to_dict() == {"train": 12, "test": 3, "val": 2}
     problems = validate_manifest(manifest)
     assert not [p for p in problems if p.severity == "error"], problems[:5]
+
+
+def test_mmendocl_clashing_case_ids_name_the_csv(tmp_path: Path) -> None:
+    """Found by benchmarks/fuzz.py: the clash error named two image paths but not the CSV listing them."""
+    make_endo(tmp_path, ["a b", "a_b"])
+    (tmp_path / "Training.csv").write_text("wli_path,nbi_path,label_path\n" + _line("a b") + _line("a_b"))
+    with pytest.raises(DatasetImportError, match=r"Training\.csv'.*same case_id 'imgs_a_b_1'"):
+        load_dataset("mmendocl", tmp_path)

@@ -120,12 +120,14 @@ def mask_threshold_for(masks: Iterable[Path]) -> float | None:
     return JPEG_MASK_THRESHOLD if any(split_suffix(m.name)[1] in JPEG_SUFFIXES for m in masks) else None
 
 
-def check_unique_ids(rows: list[dict[str, str]], what: str = "image") -> None:
+def check_unique_ids(rows: list[dict[str, str]], what: str = "image", source: str = "") -> None:
+    """``source`` names the listing the rows came from (a CSV), when the refs alone do not say it."""
     seen: dict[str, str] = {}
     for row in rows:
         case_id, ref = row["case_id"], row.get(what, "")
         if case_id in seen:
+            where = f"{source}: " if source else ""
             raise DatasetImportError(
-                f"'{seen[case_id]}' and '{ref}' map to the same case_id {case_id!r}; rename one of them"
+                f"{where}'{seen[case_id]}' and '{ref}' map to the same case_id {case_id!r}; rename one of them"
             )
         seen[case_id] = ref

@@ -23,7 +23,6 @@ text (``meta.extra["images_without_text"]``); a mask with neither image nor xlsx
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -63,8 +62,8 @@ def _read_text(path: Path, text_column: str) -> tuple[dict[str, dict[str, str]],
     """({key: {"text", "attr:...", "_name", "_row"}}, {xlsx column: attr column}, ignored columns)."""
     try:
         frame = pd.read_excel(path, dtype=str)
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
-        raise DatasetImportError(f"cannot read '{path}': {err}") from err
+    except Exception as err:  # openpyxl/zipfile/zlib/lxml each raise their own types on a damaged xlsx
+        raise DatasetImportError(f"cannot read '{path}': {type(err).__name__}: {err}") from err
     frame = frame.fillna("")
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in (IMAGE_COLUMN, text_column) if c not in frame.columns]

@@ -51,6 +51,17 @@ def _choose_npz(src: Path, npz: str | None) -> Path:
     return found[0]
 
 
+def _member(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """One array of the archive; members are decompressed only here, so damage surfaces here."""
+    try:
+        value = archive[key]
+    except Exception as err:
+        raise DatasetImportError(f"cannot read {key!r} from '{path}': {type(err).__name__}: {err}") from err
+    if not isinstance(value, np.ndarray):  # a member not named *.npy comes back as raw bytes
+        raise DatasetImportError(f"'{path}': {key!r} is not a .npy array")
+    return value
+
+
 def _encode(image: np.ndarray, where: str) -> tuple[bytes, str]:
     """(file bytes, suffix): PNG for 2D gray/RGB, npy for volumes (PNG cannot hold them)."""
     if image.ndim == 3 and image.shape[-1] == 1:
@@ -120,8 +131,10 @@ def import_medmnist(
     out = out if out.is_absolute() else src / out
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DatasetImportError(f"cannot read '{path}': {err}") from err
+    except Exception as err:  # zipfile raises BadZipFile, NotImplementedError, EOFError ... on damage
+        raise DatasetImportError(f"cannot read '{path}': {type(err).__name__}: {err}") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DatasetImportError(f"'{path}' holds a single .npy array, not an .npz archive")
     with archive:
         keys = set(archive.files)
         splits = [s for s in SPLITS if f"{s}_images" in keys]
@@ -136,7 +149,10 @@ def import_medmnist(
         for split in splits:
             if f"{split}_labels" not in keys:
                 raise DatasetImportError(f"'{path}' has {split}_images but no {split}_labels")
-            images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
+            images, labels = (
+                _member(archive, f"{split}_images", path),
+                _member(archive, f"{split}_labels", path),
+            )
             if len(images) != len(labels):
                 raise DatasetImportError(
                     f"'{path}': {split}_images has {len(images)} entries but {split}_labels has {len(labels)}"

@@ -141,7 +141,7 @@ def import_mmendocl(
     }
     rows = [{"case_id": ids[key], "patient_id": ids[key]} | record for key, record in cases.items()]
     rows.sort(key=lambda r: natural_key(r["case_id"]))
-    check_unique_ids(rows, "image:wli")
+    check_unique_ids(rows, "image:wli", source=", ".join(f"'{f}'" for f in files))
     table = new_table(rows)
     overlap = {ids[k]: v for k, v in listed_in.items() if len(v) > 1}
     if overlap or any(r["split"] == "" for r in rows):
