@@ -50,6 +50,8 @@ class ManifestMeta:
     source: str = ""
     mask_threshold: float | None = None
     description: str = ""
+    # Path cells must stay inside ``root`` unless this is true (see Manifest.outside_root).
+    allow_outside_root: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -108,11 +110,54 @@ class Manifest:
         return [c.split(":", 1)[1] if ":" in c else c for c in self.image_columns]
 
     def resolve(self, ref: str) -> str:
-        """Absolute form of a path cell, keeping any ``#selector`` suffix untouched."""
+        """Absolute form of a path cell, keeping any ``#selector`` suffix untouched.
+
+        Refuses a cell that points outside the root (``../../etc/passwd``, an absolute path
+        elsewhere) unless the sidecar sets ``allow_outside_root``: a manifest from someone else
+        must not be able to make training or prediction read arbitrary files of this machine.
+        """
         if not ref:
             raise ValueError("empty path cell")
+        if self.outside_root(ref):
+            raise ManifestError(
+                f"path {ref!r} points outside the manifest root '{self.root}'; set "
+                '"allow_outside_root": true in the manifest sidecar if the data really lives there'
+            )
         path = Path(ref)
         return str(path if path.is_absolute() else self.root / ref)
+
+    def outside_root(self, ref: str) -> bool:
+        """Whether a path cell leaves the root (lexically, after ``..``), and that is not allowed."""
+        if self.meta.allow_outside_root:
+            return False
+        root = self.root
+        target = Path(os.path.normpath(root / ref))  # an absolute ref replaces the root here
+        return target != root and root not in target.parents
+
+    def rows_outside_root(self, columns: Sequence[str] | None = None) -> list[tuple[int, str, str]]:
+        """``(row, column, cell)`` of every path cell outside the root (image and mask columns by default)."""
+        columns = list(columns) if columns is not None else self.image_columns + self.mask_columns
+        return [
+            (row, column, cell)
+            for column in columns
+            for row, cell in enumerate(self.table[column])
+            if cell and self.outside_root(cell)
+        ]
+
+    def require_inside_root(self, columns: Sequence[str] | None = None) -> None:
+        """Raise naming the rows whose paths leave the root, before any of them is read."""
+        outside = self.rows_outside_root(columns)
+        if outside:
+            ids = self.table["case_id"] if "case_id" in self.table.columns else [""] * len(self.table)
+            shown = "; ".join(
+                f"row {row + 1} (case_id={ids[row]}), column '{column}': {cell!r}"
+                for row, column, cell in outside[:5]
+            )
+            more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+            raise ManifestError(
+                f"{len(outside)} path cell(s) point outside the manifest root '{self.root}': {shown}{more}; "
+                'set "allow_outside_root": true in the manifest sidecar if the data really lives there'
+            )
 
     def subset(self, rows: pd.Series | np.ndarray | list[bool]) -> Manifest:
         return Manifest(
