@@ -10,6 +10,7 @@ parsed where they are used, with errors that name the row.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medalign.data.jsonio import read_jsonl
+from medalign.data.jsonio import read_jsonl, read_text
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
@@ -226,13 +227,13 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError(f"manifest '{path}' does not exist")
     try:
         if suffix == ".csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            table = read_csv_text(path, ManifestError)
         elif suffix == ".jsonl":
             table = _read_jsonl(path)
         else:
             table = pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise ManifestError(f"manifest '{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
+    except ManifestError:
+        raise
     except (ValueError, pd.errors.ParserError, OSError) as err:
         raise ManifestError(f"cannot parse manifest '{path}': {err}") from err
     meta = ManifestMeta()
@@ -243,6 +244,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
             raise ManifestError(f"cannot parse manifest sidecar '{sidecar}': {err}") from err
     return Manifest(table, base_dir=path.parent.resolve(), meta=meta)
+
+
+def read_csv_text(path: Path, error: type[Exception]) -> pd.DataFrame:
+    """A CSV as strings ("" for empty cells); bad UTF-8 is an ``error`` naming the line and byte."""
+    text = read_text(path, error=error)
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
