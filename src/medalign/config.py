@@ -342,7 +342,7 @@ def validate_ranges(config: RunConfig) -> None:
         (config.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (config.data.image_size is None or config.data.image_size >= 1, "data.image_size must be >= 1"),
-        (config.data.channels in (None, 1, 3), "data.channels must be 1 or 3"),
+        (config.data.channels is None or config.data.channels >= 1, "data.channels must be >= 1"),
         (config.data.text_max_length >= 1, "data.text_max_length must be >= 1"),
         (
             min(config.data.rotate_degrees, config.data.scale, config.data.translate) >= 0,

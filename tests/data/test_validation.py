@@ -19,11 +19,6 @@ def _png(path: Path, shape: tuple[int, int], value: int = 128) -> str:
     return path.name
 
 
-def _dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _five_problem_manifest(tmp_path: Path) -> Path:
     """Rows 2-6 each carry exactly one of the five problems the acceptance names."""
     for i in range(6):
@@ -123,8 +118,8 @@ def test_table_level_error_cannot_be_dropped(tmp_path: Path, drop: bool) -> None
 def test_bad_cells_are_reported_by_row_file_and_reason(tmp_path: Path) -> None:
     """Blank scans and empty text warn (training still runs); NaN pixels and paths that leave the
     root are errors; every message names the row and the file or reason."""
-    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(_dir(tmp_path / "data") / "ok.png")
     _png(tmp_path / "data" / "blank.png", (8, 8), value=0)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "data" / "ok.png")
     nan = np.ones((8, 8), np.float32)
     nan[0, 0] = np.nan
     np.save(tmp_path / "data" / "nan.npy", nan)

@@ -110,3 +110,14 @@ def test_medmnist_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "e.npz", images=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(DatasetImportError, match="none of train_images"):
         load_dataset("medmnist", tmp_path, npz="e.npz")
+
+
+def test_extract_dir_outside_the_source_is_allowed_explicitly(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    _save_npz(tmp_path / "src" / "pathmnist.npz", (6, 6), SINGLE)
+    inside = load_dataset("medmnist", tmp_path / "src")
+    assert not inside.meta.allow_outside_root
+    outside = load_dataset("medmnist", tmp_path / "src", extract_dir=str(tmp_path / "pngs"))
+    assert outside.table["image"].iloc[0] == "../pngs/train_00000.png"
+    assert outside.meta.allow_outside_root  # the user's option put the files there
+    assert not [p for p in validate_manifest(outside) if p.severity == "error"]
