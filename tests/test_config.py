@@ -68,3 +68,31 @@ def test_override_syntax_errors() -> None:
 )
 def test_every_shipped_recipe_loads_and_passes_range_checks(recipe: Path) -> None:
     validate_ranges(load_config(recipe))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-0.1", "optim.lr must be > 0"),
+        ("optim.lr=.nan", r"optim.lr: expected a finite number, got nan"),
+        ("optim.lr=inf", r"optim.lr: expected a finite number, got inf"),
+        ("optim.lr=fast", "optim.lr: expected float, got str 'fast'"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("train.epochs=1.5", "train.epochs: expected int, got float"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.batch_size='8'", "data.batch_size: expected int, got str"),
+        ("data.eval_batch_size=0", "data.eval_batch_size must be >= 1"),
+        ("data.image_size=0", "data.image_size must be >= 1"),
+        ("data.channels=0", "data.channels must be >= 1"),
+        ("data.rotate_degrees=-5", "data.rotate_degrees, data.scale and data.translate must be >= 0"),
+        ("optim.betas=[0.9, 1.0]", r"optim.betas must be two numbers in \[0, 1\)"),
+        ("optim.grad_clip=0", r"optim.grad_clip must be > 0 \(or null\)"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("seg_loss.dice_weight=-1", "seg_loss weights must be >= 0"),
+        ("optim.learning_rate=0.1", r"optim: unknown key\(s\) \['learning_rate'\]"),
+    ],
+)
+def test_each_bad_value_is_refused_naming_its_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_ranges(load_config(None, ["data.manifest=m.csv", override]))

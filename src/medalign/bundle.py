@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,39 @@ def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def is_pickle(path: Path) -> bool:
+    """Whether a file is (or holds) a pickle, judged by its name *and* its bytes.
+
+    A renamed pickle is as dangerous as one called ``.pt``: protocol 2-5 pickles start with
+    ``0x80`` and the protocol byte, and ``torch.save`` writes a zip whose members include
+    ``data.pkl``. Loading such a file can run arbitrary code, so the bundle is refused before
+    anything in it is read.
+    """
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return True
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if _is_safetensors(head, path.stat().st_size):
+        return False  # its 8-byte header length may well start with 0x80 0x02..0x05
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith(".pkl") for name in archive.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: a little-endian u64 JSON header length, then the header's opening brace."""
+    return len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") + 8 <= size
+
+
 def _refuse_pickles(directory: Path) -> None:
     pickles = sorted(
-        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and is_pickle(p)
     )
     if pickles:
         raise BundleError(

@@ -138,6 +138,12 @@ def data_import(
         raise _fail(f"import {format} from '{src}' failed: {err}") from err
     typer.echo(f"wrote {out}")
     typer.echo(format_summary(summarize(manifest)))
+    for key, value in manifest.meta.extra.items():  # the sidecar's lists (unpaired, ignored files...) by name
+        if isinstance(value, list) and value:
+            more = f", ... ({len(value)} in all)" if len(value) > 5 else ""
+            typer.echo(f"note: {key} ({len(value)}): {', '.join(map(str, value[:5]))}{more}")
+    if manifest.meta.allow_outside_root:
+        typer.echo("note: some paths lie outside the dataset folder; the sidecar sets allow_outside_root")
 
 
 @data_app.command("formats")

@@ -8,7 +8,9 @@ the run can be repeated exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -307,10 +309,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if hint in (int, float) and isinstance(value, bool):
@@ -337,7 +339,15 @@ def validate_ranges(config: RunConfig) -> None:
     """Range checks that types cannot express, before any data is touched."""
     checks = [
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (config.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.image_size is None or config.data.image_size >= 1, "data.image_size must be >= 1"),
+        (config.data.channels is None or config.data.channels >= 1, "data.channels must be >= 1"),
+        (config.data.text_max_length >= 1, "data.text_max_length must be >= 1"),
+        (
+            min(config.data.rotate_degrees, config.data.scale, config.data.translate) >= 0,
+            "data.rotate_degrees, data.scale and data.translate must be >= 0",
+        ),
         (0 < config.data.train_fraction <= 1, "data.train_fraction must be in (0, 1]"),
         (config.train.accumulate >= 1, "train.accumulate must be >= 1"),
         (
@@ -347,9 +357,24 @@ def validate_ranges(config: RunConfig) -> None:
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (config.train.max_steps is None or config.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (config.train.log_every >= 1, "train.log_every must be >= 1"),
+        (config.train.num_nodes >= 1, "train.num_nodes must be >= 1"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (
+            config.optim.grad_clip is None or config.optim.grad_clip > 0,
+            "optim.grad_clip must be > 0 (or null)",
+        ),
+        (
+            len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas),
+            "optim.betas must be two numbers in [0, 1)",
+        ),
         (config.loss.local_weight >= 0, "loss.local_weight must be >= 0"),
+        (
+            min(config.seg_loss.dice_weight, config.seg_loss.bce_weight, config.seg_loss.side_weight) >= 0,
+            "seg_loss weights must be >= 0",
+        ),
         (
             bool(config.data.manifest) or config.data.phantom is not None,
             "data.manifest or data.phantom is required",

@@ -158,3 +158,20 @@ def test_channels_option_and_batch_shape_error(tmp_path: Path) -> None:
         Collator()([mixed[0], mixed[1]])
     forced = ManifestDataset(manifest, DatasetConfig(preprocess=PreprocessConfig(size=(8, 8)), channels=3))
     assert Collator()([forced[0], forced[1]])["image"].shape == (2, 3, 8, 8)
+
+
+def test_blank_scans_load_finite_and_paths_outside_the_root_are_refused_up_front(
+    manifest: Manifest, tmp_path: Path
+) -> None:
+    from medalign.data.manifest import ManifestError
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "blank.png")
+    table = manifest.table.copy()
+    table.loc[0, "image:a"] = "blank.png"
+    for mode in ("dtype", "minmax", "zscore", "percentile"):  # no division by a zero range
+        config = DatasetConfig(preprocess=PreprocessConfig(size=(64, 64), normalisation=mode))
+        sample = ManifestDataset(Manifest(table, tmp_path, manifest.meta), config)[0]
+        assert torch.isfinite(sample["image:a"]).all() and float(sample["image:a"].abs().max()) == 0.0, mode
+    table.loc[2, "mask"] = "../../etc/passwd"
+    with pytest.raises(ManifestError, match=r"row 3 \(case_id=c2\), column 'mask': '\.\./\.\./etc/passwd'"):
+        ManifestDataset(Manifest(table, tmp_path, manifest.meta))

@@ -60,7 +60,7 @@ def test_read_jsonl_non_object_line(tmp_path: Path) -> None:
 def test_read_jsonl_bad_utf8_names_the_byte(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
-    with pytest.raises(ValueError, match=re.escape(f"'{path}' is not valid UTF-8 (byte 16)")):
+    with pytest.raises(ValueError, match=re.escape(f"'{path}' is not valid UTF-8 (line 2, byte 16)")):
         read_jsonl(path)
 
 

@@ -80,8 +80,36 @@ def test_unsupported_and_missing_manifest_errors(tmp_path: Path) -> None:
         read_manifest(tmp_path / "m.csv")
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"case_id,text\n1,\xff\xfe\n")
-    with pytest.raises(ManifestError, match="not valid UTF-8"):
+    with pytest.raises(ManifestError, match=rf"'{bad}' is not valid UTF-8 \(line 2, byte 15\)"):
         read_manifest(bad)
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_bytes(b'{"case_id": "a", "text": "caf\xe9"}\n')
+    with pytest.raises(ManifestError, match=rf"'{bad_jsonl}' is not valid UTF-8 \(line 1, byte 29\)"):
+        read_manifest(bad_jsonl)
+
+
+def test_paths_outside_the_root_are_refused_unless_the_sidecar_allows_them(tmp_path: Path) -> None:
+    table = new_table(
+        [
+            {"case_id": "in", "image": "sub/../a.png#slice=2"},
+            {"case_id": "up", "image": "../a.png"},
+            {"case_id": "abs", "image": "/etc/passwd"},
+        ]
+    )
+    path = write_manifest(table, tmp_path / "data" / "m.csv")
+    manifest = read_manifest(path)
+    root = (tmp_path / "data").resolve()
+    assert manifest.resolve("sub/../a.png#slice=2") == str(root / "sub/../a.png#slice=2")
+    assert manifest.rows_outside_root() == [(1, "image", "../a.png"), (2, "image", "/etc/passwd")]
+    with pytest.raises(ManifestError, match=r"path '/etc/passwd' points outside the manifest root"):
+        manifest.resolve("/etc/passwd")
+    with pytest.raises(ManifestError, match=r"2 path cell\(s\).*row 2 \(case_id=up\).*row 3 \(case_id=abs\)"):
+        manifest.require_inside_root()
+    sidecar = meta_path_for(path)
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "allow_outside_root": True}))
+    allowed = read_manifest(path)
+    assert allowed.meta.allow_outside_root and not allowed.rows_outside_root()
+    assert allowed.resolve("/etc/passwd") == "/etc/passwd"
 
 
 def test_assign_splits_is_patient_level_deterministic_and_order_free() -> None:

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, generate_uid
 
 from medalign.data.readers import (
+    DICOM_META_ALLOWLIST,
     SUPPORTED_SUFFIXES,
     ImageData,
     ImageNotFoundError,
@@ -254,6 +255,72 @@ def test_zero_byte_and_missing_file(tmp_path: Path) -> None:
         read_image(folder)
 
 
+def _truncated_jpeg(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:600])
+
+
+def _nan_tiff(path: Path) -> None:
+    tifffile.imwrite(path, np.array([[0.0, np.nan], [1.0, 2.0]], dtype=np.float32))
+
+
+def _inf_nifti(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.array([[[0.0], [np.inf]]], dtype=np.float32), np.eye(4)), str(path))
+
+
+def _truncated_dicom(path: Path) -> None:
+    _dicom(path, _gray(64, 64, dtype=np.uint16))
+    path.write_bytes(path.read_bytes()[:-4000])
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "reason"),
+    [
+        ("notes.png", lambda p: p.write_text("patient notes, not pixels\n" * 20), "not a valid PNG image"),
+        ("notes.jpg", lambda p: p.write_text("patient notes, not pixels\n" * 20), "not a valid JPEG image"),
+        ("cut.jpg", _truncated_jpeg, "truncated JPEG data"),
+        ("nan.tif", _nan_tiff, "contains 1 NaN/Inf pixels"),
+        ("inf.nii.gz", _inf_nifti, "contains 1 NaN/Inf pixels"),
+        ("cut.dcm", _truncated_dicom, "DICOM"),
+        ("broken.nii", lambda p: p.write_bytes(b"\x00" * 400), "not a valid NIfTI file"),
+        ("pickled.npy", lambda p: np.save(p, np.array([None]), allow_pickle=True), "not a valid NPY file"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "." in v else "",
+)
+def test_bad_files_name_the_file_and_the_reason(tmp_path: Path, name: str, write, reason: str) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read '{path}': ") and reason in message, message
+
+
+def test_png_bytes_named_jpg_still_load(tmp_path: Path) -> None:
+    arr = _gray(dtype=np.uint16, scale=300)
+    path = tmp_path / "scan.jpg"
+    Image.fromarray(arr).save(path, format="PNG")
+    img = read_image(path)
+    np.testing.assert_array_equal(img.array, arr)  # 16-bit kept, not squeezed into JPEG's 8 bits
+    assert (img.meta["format"], img.meta["suffix_format"], img.meta["format_mismatch"]) == (
+        "png",
+        "jpeg",
+        True,
+    )
+
+
+def test_float_and_16bit_pixels_are_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[-1024.5, 0.25], [3071.0, 1e6]], dtype=np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", values)
+    Image.fromarray(values).save(tmp_path / "f_as.tiff")  # Pillow mode 'F'
+    for name in ("f.tif", "f_as.tiff"):
+        img = read_image(tmp_path / name)
+        assert img.array.dtype == np.float32
+        np.testing.assert_array_equal(img.array, values)
+    wide = np.array([[0, 65535], [40000, 1]], dtype=np.uint16)
+    np.testing.assert_array_equal(read_image(_dicom(tmp_path / "w.dcm", wide)).array, wide)
+
+
 # --------------------------------------------------------------------------------------------------
 # TIFF
 # --------------------------------------------------------------------------------------------------
@@ -463,12 +530,30 @@ def test_dicom_compressed_without_decoder(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+IDENTIFYING_TAGS: dict[str, str] = {
+    "PatientAddress": "12 Secret Lane",
+    "OtherPatientIDs": "OTHER-4455",
+    "InstitutionName": "St Hidden Hospital",
+    "ReferringPhysicianName": "Dr^Whoknows",
+    "AccessionNumber": "ACC-778899",
+    "StudyDate": "20240229",
+    "StudyDescription": "Head of Jane",
+    "OperatorsName": "Tech^Person",
+}
+
+
 def test_dicom_never_leaks_patient_identity(tmp_path: Path) -> None:
-    img = read_image(_dicom(tmp_path / "p.dcm", _gray(), WindowCenter="10", WindowWidth="20"))
+    path = _dicom(tmp_path / "p.dcm", _gray(), WindowCenter="10", WindowWidth="20", **IDENTIFYING_TAGS)
+    img = read_image(path)
     text = f"{img} {img!r} {img.meta}"
-    for secret in (PATIENT_NAME, "Doe", PATIENT_ID, "19700101"):
+    for secret in (PATIENT_NAME, "Doe", PATIENT_ID, "19700101", *IDENTIFYING_TAGS.values()):
         assert secret not in text
     assert not any("patient" in key.lower() for key in img.meta)
+    derived = {"format", "dtype", "rescale", "inverted", "windowed", "transfer_syntax", "number_of_frames"}
+    derived |= {"spacing_unit", "window", "path", "is_3d", "format_mismatch"}
+    allowed = {key for key, _ in DICOM_META_ALLOWLIST.values()} | derived
+    assert set(img.meta) <= allowed, set(img.meta) - allowed
+    assert img.meta["rows"] == 12 and img.meta["bits_stored"] == 8 and img.meta["modality"] == "CT"
 
 
 def test_dicom_without_suffix_is_sniffed(tmp_path: Path) -> None:
@@ -525,6 +610,31 @@ def test_nifti_scaled_integers_become_float32(tmp_path: Path) -> None:
     assert out.array.dtype == np.float32 and out.meta["dtype"] == "int16"
     assert out.array.max() == pytest.approx(59 * 0.5 + 10)
     assert out.meta["orientation"] == "LAS"  # reported, data not reoriented
+
+
+def test_nifti_orientation_is_kept_as_stored_and_reported(tmp_path: Path) -> None:
+    """One anatomy stored three ways (RAS, x flipped = LAS, x/y swapped = ARS): the reader does not
+    reorient (documented), it reports the orientation, and canonicalising by it gives the same anatomy."""
+    anatomy = np.random.default_rng(3).random((4, 5, 6)).astype(np.float32)  # (X, Y, Z) in RAS
+    flip_x = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip_x[0, 3] = 3.0  # voxel i of the flipped file is voxel 3 - i of the RAS one: same world points
+    swap_xy = np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    stored = {
+        "ras": (anatomy, np.eye(4)),
+        "las": (anatomy[::-1].copy(), flip_x),
+        "ars": (anatomy.transpose(1, 0, 2).copy(), swap_xy),
+    }
+    reads = {}
+    for name, (data, affine) in stored.items():
+        nib.save(nib.Nifti1Image(data, affine), str(tmp_path / f"{name}.nii.gz"))
+        reads[name] = read_image(tmp_path / f"{name}.nii.gz#slice=2")  # slice 2 along the stored z
+    assert [r.meta["orientation"] for r in reads.values()] == ["RAS", "LAS", "ARS"]
+    ras = reads["ras"].array  # (Y, X) of z = 2
+    np.testing.assert_array_equal(reads["las"].array, ras[:, ::-1])  # as stored: x runs the other way
+    np.testing.assert_array_equal(reads["ars"].array, ras.T)  # as stored: x and y swapped
+    for name in ("las", "ars"):  # what a caller does with meta["orientation"] / meta["affine"]
+        canonical = nib.as_closest_canonical(nib.load(str(tmp_path / f"{name}.nii.gz")))
+        np.testing.assert_array_equal(np.asarray(canonical.dataobj)[:, :, 2].T, ras)
 
 
 def test_nifti_4d_rejected(tmp_path: Path) -> None:

@@ -113,3 +113,71 @@ def test_table_level_error_cannot_be_dropped(tmp_path: Path, drop: bool) -> None
     args = ["data", "validate", str(path)] + (["--drop-invalid"] if drop else [])
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
+
+
+def test_bad_cells_are_reported_by_row_file_and_reason(tmp_path: Path) -> None:
+    """Blank scans and empty text warn (training still runs); NaN pixels and paths that leave the
+    root are errors; every message names the row and the file or reason."""
+    _png(tmp_path / "data" / "blank.png", (8, 8), value=0)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "data" / "ok.png")
+    nan = np.ones((8, 8), np.float32)
+    nan[0, 0] = np.nan
+    np.save(tmp_path / "data" / "nan.npy", nan)
+    Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "elsewhere.png")
+    rows = [
+        {"case_id": "ok", "image": "ok.png", "text": "a lesion"},
+        {"case_id": "blank", "image": "blank.png", "text": "a lesion"},
+        {"case_id": "notext", "image": "ok.png", "text": ""},
+        {"case_id": "nan", "image": "nan.npy", "text": "x"},
+        {"case_id": "up", "image": "../elsewhere.png", "text": "x"},
+        {"case_id": "passwd", "image": "../../../../../../etc/passwd", "text": "x"},
+        {"case_id": "abs", "image": str(tmp_path / "elsewhere.png"), "text": "x"},
+    ]
+    manifest = Manifest(new_table(rows), tmp_path / "data")
+    found = {(p.case_id, p.severity): str(p) for p in validate_manifest(manifest)}
+    assert set(found) == {
+        ("blank", "warning"),
+        ("notext", "warning"),
+        ("nan", "error"),
+        ("up", "error"),
+        ("passwd", "error"),
+        ("abs", "error"),
+    }, found
+    assert (
+        "row 2 (case_id=blank)" in found["blank", "warning"]
+        and "every pixel is 0" in found["blank", "warning"]
+    )
+    assert "row 3" in found["notext", "warning"] and "empty text" in found["notext", "warning"]
+    assert "nan.npy" in found["nan", "error"] and "NaN/Inf" in found["nan", "error"]
+    for case in ("up", "passwd", "abs"):
+        assert (
+            "outside the manifest root" in found[case, "error"]
+            and "allow_outside_root" in found[case, "error"]
+        )
+    assert "'../../../../../../etc/passwd'" in found["passwd", "error"]
+    manifest.meta.allow_outside_root = True  # opt-in: data that lives elsewhere is read and checked
+    opted = {(p.case_id, p.severity) for p in errors(validate_manifest(manifest))}
+    assert opted == {("nan", "error"), ("passwd", "error")}  # /etc/passwd is now read: not an image
+
+
+def test_volumes_stored_in_another_orientation_are_flagged(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # not blank: no warning of its own
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
+    for name, affine in [("a", np.eye(4)), ("b", np.eye(4)), ("c", flipped)]:
+        nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / f"{name}.nii.gz"))
+    table = new_table([{"case_id": n, "image": f"{n}.nii.gz"} for n in "abc"])
+    problems = validate_manifest(Manifest(table, tmp_path))
+    assert [(p.case_id, p.severity) for p in problems] == [("c", "warning")]
+    assert "stored LAS while 2 other volume(s) are RAS" in problems[0].reason
+
+
+def test_shipped_importer_rows_stay_inside_their_root(tmp_path: Path) -> None:
+    from medalign.data.importers import import_dataset
+
+    for split, label in [("train", "a"), ("test", "b")]:
+        _png(tmp_path / "src" / split / label / "x.png", (8, 8))
+    written = import_dataset("folders", tmp_path / "src", tmp_path / "out" / "m.csv")
+    assert not written.meta.allow_outside_root and not written.rows_outside_root()
+    assert not errors(validate_manifest(written))

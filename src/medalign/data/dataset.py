@@ -69,6 +69,7 @@ class ManifestDataset(Dataset):
         if missing:
             raise KeyError(f"manifest has no column(s) {missing}; available: {self.manifest.image_columns}")
         self.mask_keys = [config.mask] if config.mask and config.mask in table.columns else []
+        self.manifest.require_inside_root(self.image_keys + self.mask_keys)
         self.label_key = config.label if config.label and config.label in table.columns else None
         self.classes = self.manifest.classes(self.label_key) if self.label_key else []
         self._class_index = {c: i for i, c in enumerate(self.classes)}

@@ -1,7 +1,8 @@
-"""Reading JSON and JSON-lines files with errors that name the file (and the line).
+"""Reading text, JSON and JSON-lines files with errors that name the file (and the line).
 
-Manifests and several importers read JSON; they share these two readers so that a missing file,
-bad UTF-8 or a broken line is reported the same way everywhere. ``error`` is the exception class
+Manifests and several importers read CSV, JSON and text lists; they share these readers so that a
+missing file, bad UTF-8 (with its line and byte offset) or a broken line is reported the same way
+everywhere. ``error`` is the exception class
 the caller's users expect (``ManifestError``, ``DatasetImportError``); it must accept one message.
 """
 
@@ -13,6 +14,28 @@ from pathlib import Path
 from typing import Any
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def read_text(path: Path, *, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of a file (a leading byte-order mark dropped); bad bytes name line and offset.
+
+    Decoding the whole file here, rather than inside a CSV parser, is what makes the offset the
+    file's own (pandas reports it relative to an internal chunk).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"'{path}' does not exist")
+    data = path.read_bytes()
+    skip = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = skip + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise error(f"'{path}' is not valid UTF-8 (line {line}, byte {offset}): {err.reason}") from err
 
 
 def read_json(path: Path, *, error: type[Exception] = ValueError, hint: str = "") -> Any:
@@ -32,13 +55,7 @@ def read_jsonl(path: Path, *, error: type[Exception] = ValueError) -> list[dict[
     Lines are split on newlines only (``\\n``, ``\\r\\n``, ``\\r``), not on every character
     ``str.splitlines`` treats as a break, since JSON strings may hold U+2028 unescaped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"'{path}' does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")  # whole-file decode: err.start is the file offset
-    except UnicodeDecodeError as err:
-        raise error(f"'{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
+    text = read_text(path, error=error)
     records = []
     for number, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():

@@ -11,6 +11,7 @@ parsed where they are used, with errors that name the row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from medalign.data.jsonio import read_jsonl
+from medalign.data.jsonio import read_jsonl, read_text
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
@@ -52,6 +53,8 @@ class ManifestMeta:
     source: str = ""
     mask_threshold: float | None = None
     description: str = ""
+    # Path cells must stay inside ``root`` unless this is true (see Manifest.outside_root).
+    allow_outside_root: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -136,11 +139,54 @@ class Manifest:
         return [c.split(":", 1)[1] if ":" in c else c for c in self.image_columns]
 
     def resolve(self, ref: str) -> str:
-        """Absolute form of a path cell, keeping any ``#selector`` suffix untouched."""
+        """Absolute form of a path cell, keeping any ``#selector`` suffix untouched.
+
+        Refuses a cell that points outside the root (``../../etc/passwd``, an absolute path
+        elsewhere) unless the sidecar sets ``allow_outside_root``: a manifest from someone else
+        must not be able to make training or prediction read arbitrary files of this machine.
+        """
         if not ref:
             raise ValueError("empty path cell")
+        if self.outside_root(ref):
+            raise ManifestError(
+                f"path {ref!r} points outside the manifest root '{self.root}'; set "
+                '"allow_outside_root": true in the manifest sidecar if the data really lives there'
+            )
         path = Path(ref)
         return str(path if path.is_absolute() else self.root / ref)
+
+    def outside_root(self, ref: str) -> bool:
+        """Whether a path cell leaves the root (lexically, after ``..``), and that is not allowed."""
+        if self.meta.allow_outside_root:
+            return False
+        root = self.root
+        target = Path(os.path.normpath(root / ref))  # an absolute ref replaces the root here
+        return target != root and root not in target.parents
+
+    def rows_outside_root(self, columns: Sequence[str] | None = None) -> list[tuple[int, str, str]]:
+        """``(row, column, cell)`` of every path cell outside the root (image and mask columns by default)."""
+        columns = list(columns) if columns is not None else self.image_columns + self.mask_columns
+        return [
+            (row, column, cell)
+            for column in columns
+            for row, cell in enumerate(self.table[column])
+            if cell and self.outside_root(cell)
+        ]
+
+    def require_inside_root(self, columns: Sequence[str] | None = None) -> None:
+        """Raise naming the rows whose paths leave the root, before any of them is read."""
+        outside = self.rows_outside_root(columns)
+        if outside:
+            ids = self.table["case_id"] if "case_id" in self.table.columns else [""] * len(self.table)
+            shown = "; ".join(
+                f"row {row + 1} (case_id={ids[row]}), column '{column}': {cell!r}"
+                for row, column, cell in outside[:5]
+            )
+            more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+            raise ManifestError(
+                f"{len(outside)} path cell(s) point outside the manifest root '{self.root}': {shown}{more}; "
+                'set "allow_outside_root": true in the manifest sidecar if the data really lives there'
+            )
 
     def subset(self, rows: pd.Series | np.ndarray | list[bool]) -> Manifest:
         return Manifest(
@@ -215,6 +261,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         # Building the Manifest normalises every cell, which is where Arrow decodes Parquet strings
         # and where duplicate column names show up, so it belongs inside the try.
         return Manifest(_read_table(path, suffix), base_dir=path.parent.resolve(), meta=meta)
+    except ManifestError:
+        raise
     except UnicodeDecodeError as err:
         raise ManifestError(f"manifest '{path}' is not valid UTF-8 (byte {err.start}): {err.reason}") from err
     except (ValueError, KeyError, TypeError, pd.errors.ParserError, OSError, pa.ArrowException) as err:
@@ -235,7 +283,7 @@ def _read_sidecar(sidecar: Path) -> ManifestMeta:
 
 def _read_table(path: Path, suffix: str) -> pd.DataFrame:
     if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        return read_csv_text(path, ManifestError)
     if suffix == ".jsonl":
         return _read_jsonl(path)
     return pd.read_parquet(path)
@@ -244,6 +292,12 @@ def _read_table(path: Path, suffix: str) -> pd.DataFrame:
 def _describe(err: BaseException) -> str:
     """``KeyError: 'name'`` rather than a bare ``'name'``: the type says what kind of damage it is."""
     return str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+
+
+def read_csv_text(path: Path, error: type[Exception]) -> pd.DataFrame:
+    """A CSV as strings ("" for empty cells); bad UTF-8 is an ``error`` naming the line and byte."""
+    text = read_text(path, error=error)
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:

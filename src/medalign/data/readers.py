@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 __all__ = [
+    "DICOM_META_ALLOWLIST",
     "SELECTOR_KEYS",
     "SUPPORTED_SUFFIXES",
     "ImageData",
@@ -442,6 +443,23 @@ _DICOM_DECODER_HINTS: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "pip install pylibjpeg pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle",
 }
+# The only DICOM attributes whose values reach ``meta`` (keyword -> (meta key, conversion)); spacing,
+# rescale, window, frames and the transfer syntax are read by the pixel pipeline itself. Nothing
+# that identifies a patient, study, institution or physician is ever copied (see _dicom_safe_tags).
+DICOM_META_ALLOWLIST: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "Modality": ("modality", str),
+    "PhotometricInterpretation": ("photometric", str),
+    "Rows": ("rows", int),
+    "Columns": ("columns", int),
+    "SamplesPerPixel": ("samples_per_pixel", int),
+    "BitsAllocated": ("bits_allocated", int),
+    "BitsStored": ("bits_stored", int),
+    "PixelRepresentation": ("pixel_representation", int),
+    "BodyPartExamined": ("body_part", str),
+    "ViewPosition": ("view_position", str),
+    "ImageOrientationPatient": ("image_orientation", lambda v: [float(x) for x in v]),
+    "SliceThickness": ("slice_thickness", float),
+}
 _DEFAULT_DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -635,10 +653,9 @@ def _interpret_dicom(ds: Any, path: Path, *, apply_window: bool) -> _Decoded:
         array = (1.0 - array).astype(np.float32) if windowed else _invert(array)
     spacing, physical = _dicom_spacing(ds, is_3d)
     meta: dict[str, Any] = {
+        **_dicom_safe_tags(ds),
         "format": "dicom",
         "dtype": raw.dtype.name,
-        "modality": str(ds.get("Modality", "") or ""),
-        "photometric": photometric,
         "rescale": rescale,
         "inverted": inverted,
         "windowed": windowed,
@@ -648,9 +665,22 @@ def _interpret_dicom(ds: Any, path: Path, *, apply_window: bool) -> _Decoded:
     }
     if window is not None:
         meta["window"] = window
-    if "BitsStored" in ds:
-        meta["bits_stored"] = int(ds.BitsStored)
     return _Decoded(array, spacing, meta)
+
+
+def _dicom_safe_tags(ds: Any) -> dict[str, Any]:
+    """The allowlisted technical attributes of a dataset, under their ``meta`` names.
+
+    Copying by allowlist (never "everything but patient tags") is what keeps identity out of
+    ``meta`` and thus out of logs, manifests, reports and exported files: a tag nobody thought
+    of (a private tag, an institution address) is simply never copied.
+    """
+    meta: dict[str, Any] = {}
+    for keyword, (key, convert) in DICOM_META_ALLOWLIST.items():
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            meta[key] = convert(value)
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class _ImageInfo:
     spatial_shape: tuple[int, ...] | None
     mask_values: tuple[int, ...] | None
     error: str | None
+    constant: float | None = None  # the single value of an image whose pixels are all equal
+    orientation: str | None = None  # NIfTI axis codes (e.g. "RAS"); None for other formats
 
 
 def validate_manifest(
@@ -69,6 +71,7 @@ def validate_manifest(
     problems += _check_labels(manifest)
     problems += _check_survival(table)
     problems += _check_required_cells(manifest, text_only)
+    problems += _check_paths(manifest)
     if check_images and not text_only:
         problems += _check_files(manifest, workers)
     return sorted(problems, key=lambda p: (p.row, p.column, p.reason))
@@ -209,14 +212,38 @@ def _check_required_cells(manifest: Manifest, text_only: bool) -> list[Problem]:
             problems.append(
                 Problem(row, _case(table, row), ",".join(images), "no image in any modality column")
             )
+    if "text" in table.columns and (table["text"] != "").any():
+        problems += [
+            Problem(row, _case(table, row), "text", "empty text (other rows have text)", "warning")
+            for row, value in enumerate(table["text"])
+            if value == ""
+        ]
     return problems
+
+
+def _check_paths(manifest: Manifest) -> list[Problem]:
+    """Path cells that leave the root are errors unless the sidecar allows it (see Manifest.resolve)."""
+    return [
+        Problem(
+            row,
+            _case(manifest.table, row),
+            column,
+            f"path {cell!r} points outside the manifest root '{manifest.root}'; set "
+            '"allow_outside_root": true in the sidecar if the data really lives there',
+        )
+        for row, column, cell in manifest.rows_outside_root()
+    ]
 
 
 def _check_files(manifest: Manifest, workers: int | None) -> list[Problem]:
     table = manifest.table
     images, masks = manifest.image_columns, manifest.mask_columns
-    refs = {manifest.resolve(v) for c in images + masks for v in table[c] if v != ""}
-    mask_refs = {manifest.resolve(v) for c in masks for v in table[c] if v != ""}
+
+    def readable(cell: str) -> bool:  # cells outside the root are reported by _check_paths, never read
+        return cell != "" and not manifest.outside_root(cell)
+
+    refs = {manifest.resolve(v) for c in images + masks for v in table[c] if readable(v)}
+    mask_refs = {manifest.resolve(v) for c in masks for v in table[c] if readable(v)}
     infos = _inspect_all(sorted(refs), mask_refs, workers)
     check_values = manifest.meta.mask_threshold is None
     problems: list[Problem] = []
@@ -225,7 +252,7 @@ def _check_files(manifest: Manifest, workers: int | None) -> list[Problem]:
         image_shapes: dict[str, tuple[int, ...]] = {}
         for column in images + masks:
             cell = table.at[row, column]
-            if cell == "":
+            if not readable(cell):
                 continue
             info = infos[manifest.resolve(cell)]
             if info.error:
@@ -234,12 +261,56 @@ def _check_files(manifest: Manifest, workers: int | None) -> list[Problem]:
             assert info.spatial_shape is not None
             if column in images:
                 image_shapes[column] = info.spatial_shape
+                problems += _image_warnings(row, case_id, column, cell, info)
                 continue
             problems += _mask_problems(row, case_id, column, cell, info, image_shapes, check_values)
         if len(set(image_shapes.values())) > 1:
             sizes = ", ".join(f"{c}={'x'.join(map(str, s))}" for c, s in image_shapes.items())
             problems.append(Problem(row, case_id, "", f"modalities differ in size ({sizes})", "warning"))
-    return problems
+    return problems + _orientation_warnings(manifest, infos)
+
+
+def _image_warnings(row: int, case_id: str, column: str, cell: str, info: _ImageInfo) -> list[Problem]:
+    """A blank (constant) scan usually means a failed export; it trains as noise, so say which row."""
+    if info.constant is None:
+        return []
+    return [
+        Problem(
+            row,
+            case_id,
+            column,
+            f"image '{cell}' is blank: every pixel is {info.constant:g} (a failed export?)",
+            "warning",
+        )
+    ]
+
+
+def _orientation_warnings(manifest: Manifest, infos: dict[str, _ImageInfo]) -> list[Problem]:
+    """NIfTI volumes are read as stored, so volumes stored in another orientation than most show mirrored anatomy."""
+    table, cells = manifest.table, []
+    for column in manifest.image_columns + manifest.mask_columns:
+        for row, cell in enumerate(table[column]):
+            info = infos.get(manifest.resolve(cell)) if cell and not manifest.outside_root(cell) else None
+            if info is not None and info.orientation:
+                cells.append((row, column, cell, info.orientation))
+    counts: dict[str, int] = {}
+    for *_, orientation in cells:
+        counts[orientation] = counts.get(orientation, 0) + 1
+    if len(counts) < 2:
+        return []
+    usual = max(sorted(counts), key=lambda o: counts[o])
+    return [
+        Problem(
+            row,
+            _case(table, row),
+            column,
+            f"volume '{cell}' is stored {orientation} while {counts[usual]} other volume(s) are {usual}; "
+            "volumes are read as stored, so its anatomy appears flipped/permuted relative to them",
+            "warning",
+        )
+        for row, column, cell, orientation in cells
+        if orientation != usual
+    ]
 
 
 def _mask_problems(
@@ -294,14 +365,16 @@ def _inspect(ref: str, is_mask: bool) -> _ImageInfo:
         return _ImageInfo(None, None, str(err))
     except Exception as err:  # an unexpected decoder failure is still a per-file problem, not a crash
         return _ImageInfo(None, None, f"cannot read '{ref}': {type(err).__name__}: {err}")
-    values = None
-    if is_mask:
-        array = image.array
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
-            values = (-1,)
-        else:
-            values = tuple(int(v) for v in np.unique(array)[:64])
-    return _ImageInfo(tuple(image.spatial_shape), values, None)
+    array = image.array
+    orientation = image.meta.get("orientation")
+    if not is_mask:
+        constant = float(array.flat[0]) if array.size and array.min() == array.max() else None
+        return _ImageInfo(tuple(image.spatial_shape), None, None, constant, orientation)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
+        values: tuple[int, ...] = (-1,)
+    else:
+        values = tuple(int(v) for v in np.unique(array)[:64])
+    return _ImageInfo(tuple(image.spatial_shape), values, None, orientation=orientation)
 
 
 def errors(problems: Iterable[Problem]) -> list[Problem]:

@@ -97,3 +97,81 @@ def test_folders_on_real_busi(real_dataset) -> None:
     assert (manifest.table["mask"] != "").all()
     problems = validate_manifest(manifest)
     assert not [p for p in problems if p.severity == "error"], problems[:5]
+
+
+# Identifying values of every kind the privacy rule names; none may appear in anything written or printed.
+IDENTITY: dict[str, str] = {
+    "PatientName": "Doe^Jane^Secret",
+    "PatientID": "PID-998877",
+    "PatientBirthDate": "19610203",
+    "PatientAddress": "12 Secret Lane",
+    "OtherPatientIDs": "OTHER-4455",
+    "InstitutionName": "St Hidden Hospital",
+    "ReferringPhysicianName": "Dr^Whoknows",
+    "AccessionNumber": "ACC-778899",
+    "StudyDate": "20240229",
+}
+
+
+def test_dicom_identity_reaches_no_written_file_and_no_output(tmp_path: Path, caplog) -> None:
+    """folders import -> validate -> predict masks / classify on DICOMs that carry patient identity."""
+    import logging
+
+    import torch
+    from pydicom import examples
+    from typer.testing import CliRunner
+
+    from medalign.bundle import save_bundle
+    from medalign.cli import app
+    from medalign.models import create_model
+
+    for label, shift in [("benign", 0), ("malignant", 50)]:
+        ds = examples.ct  # a real CT slice (128 x 128, int16, rescaled to HU)
+        for keyword, value in IDENTITY.items():
+            setattr(ds, keyword, value)
+        ds.PixelData = (ds.pixel_array + shift).astype(ds.pixel_array.dtype).tobytes()
+        (tmp_path / "src" / label).mkdir(parents=True)
+        ds.save_as(tmp_path / "src" / label / f"scan_{label}.dcm")
+    torch.manual_seed(0)
+    work = tmp_path / "work"
+    unet = save_bundle(create_model("unet", image_size=32, channels=[4, 8, 16]), work / "unet")
+    align = save_bundle(create_model("align_tiny", in_channels=1, image_size=32), work / "align")
+    src, manifest = str(tmp_path / "src"), str(work / "m.csv")
+    commands = [
+        ["data", "import", "folders", src, "--out", manifest],
+        ["data", "validate", manifest],
+        ["data", "summary", manifest],
+        ["predict", "masks", "--model", str(unet), src, "--out", str(work / "masks"), "--probabilities"],
+        [
+            "predict",
+            "classify",
+            "--model",
+            str(align),
+            src,
+            "--out",
+            str(work / "cls"),
+            "-l",
+            "benign",
+            "-l",
+            "x",
+        ],
+    ]
+    printed = []
+    with caplog.at_level(logging.DEBUG):
+        for args in commands:
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, (args, result.output)
+            printed.append(result.output + (result.stderr if result.stderr_bytes else ""))
+    written = [p for p in work.rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    assert {p.name for p in written} >= {
+        "m.csv",
+        "m.meta.json",
+        "results.csv",
+        "results.json",
+        "scan_benign.png",
+    }
+    secrets = [*IDENTITY.values(), "Doe", "Secret", "Whoknows", "Hidden Hospital", "19610203"]
+    for secret in secrets:
+        assert secret not in "\n".join(printed) + caplog.text, secret
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), (secret, path)

@@ -136,3 +136,21 @@ def test_lvit_damaged_xlsx_is_named(tmp_path: Path) -> None:
     xlsx.write_bytes(bytes(data))
     with pytest.raises(DatasetImportError, match=r"cannot read '.*Train_text\.xlsx': NotImplementedError"):
         load_dataset("lvit", tmp_path)
+
+
+def test_unpaired_images_and_text_rows_are_reported_by_name(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medalign.cli import app
+
+    out = tmp_path / "m.csv"
+    imported = CliRunner().invoke(
+        app, ["data", "import", "lvit", str(make_lvit(tmp_path / "src")), "--out", str(out)]
+    )
+    assert imported.exit_code == 0, imported.output
+    assert "note: images_without_text (1): Val_Folder/img/b2.png" in imported.output
+    assert "note: text_without_image (1): Val_Folder/Val_text.xlsx row 3" in imported.output
+    validated = CliRunner().invoke(app, ["data", "validate", str(out)])
+    assert validated.exit_code == 1
+    assert "warning: row 5 (case_id=b2), column 'text': empty text" in validated.output
+    assert "error: row 6 (case_id=b9), column 'image'" in validated.output and "b9.png" in validated.output

@@ -125,3 +125,14 @@ def test_medmnist_damaged_archives_are_named(tmp_path: Path) -> None:
         archive.writestr("train_labels.npy", b"raw")
     with pytest.raises(DatasetImportError, match=r"a\.npz': 'train_images' is not a \.npy array"):
         load_dataset("medmnist", tmp_path)
+
+
+def test_extract_dir_outside_the_source_is_allowed_explicitly(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    _save_npz(tmp_path / "src" / "pathmnist.npz", (6, 6), SINGLE)
+    inside = load_dataset("medmnist", tmp_path / "src")
+    assert not inside.meta.allow_outside_root
+    outside = load_dataset("medmnist", tmp_path / "src", extract_dir=str(tmp_path / "pngs"))
+    assert outside.table["image"].iloc[0] == "../pngs/train_00000.png"
+    assert outside.meta.allow_outside_root  # the user's option put the files there
+    assert not [p for p in validate_manifest(outside) if p.severity == "error"]

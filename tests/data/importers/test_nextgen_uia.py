@@ -165,3 +165,19 @@ def test_nextgen_on_real_busi_fold1(real_dataset) -> None:
     assert table.set_index("case_id")["split"].equals(busi.set_index("case_id")["split"])
     problems = validate_manifest(manifest)
     assert not [p for p in problems if p.severity == "error"], problems[:5]
+
+
+@pytest.mark.parametrize(
+    ("relative", "content", "where"),
+    [
+        ("classification/BUSI/labels.csv", b"b1.png,0\nb2.png,0\nm1\xe9.png,1\n", "line 3, byte 20"),
+        ("classification/BUSI/train.txt", b"b1.png\n\xffm1.png\n", "line 2, byte 7"),
+    ],
+)
+def test_non_utf8_lists_name_the_file_line_and_byte(
+    tmp_path: Path, relative: str, content: bytes, where: str
+) -> None:
+    make_release(tmp_path)
+    (tmp_path / relative).write_bytes(content)
+    with pytest.raises(DatasetImportError, match=rf"{relative}' is not valid UTF-8 \({where}\)"):
+        load_dataset("nextgen-uia", tmp_path, task="classification")

@@ -38,6 +38,7 @@ from medalign.data.importers.common import (
     strip_image_suffix,
 )
 from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.jsonio import read_text
 from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
 
 CLASSES: list[str] = ["benign", "malignant", "normal"]
@@ -59,7 +60,7 @@ def read_split_list(path: Path) -> list[tuple[int, str]]:
     """Non-empty lines of a split file with their 1-based line numbers (for error messages)."""
     if not path.is_file():
         raise DatasetImportError(f"split file '{path}' does not exist")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text(path, error=DatasetImportError).splitlines()
     return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from medalign.data.importers.registry import DatasetImportError, register_importer
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.data.manifest import ManifestMeta, assign_splits, new_table, read_csv_text, relative_ref
 from medalign.progress import progress
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # lossless first
@@ -134,8 +134,10 @@ def _read_clinical(path: Path) -> dict[str, dict[str, str]]:
             f"clinical table '{path}' does not exist; pass clinical=\"\" to import the images without labels"
         )
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        frame = read_csv_text(path, DatasetImportError)
+    except DatasetImportError:
+        raise
+    except (ValueError, pd.errors.ParserError) as err:
         raise DatasetImportError(f"cannot parse clinical table '{path}': {err}") from err
     frame.columns = [str(c).strip() for c in frame.columns]
     required = [PATIENT_COLUMN, *LABEL_SOURCES.values()]

@@ -35,7 +35,7 @@ from medalign.data.importers.common import (
     sanitize_id,
 )
 from medalign.data.importers.registry import DatasetImportError, register_importer
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.data.manifest import ManifestMeta, assign_splits, new_table, read_csv_text, relative_ref
 
 REQUIRED = ("wli_path", "nbi_path", "label_path")
 COLUMNS = {"wli_path": "image:wli", "nbi_path": "image:nbi", "label_path": "mask"}
@@ -66,8 +66,8 @@ def _cell_ref(value: str, csv_path: Path, src: Path) -> str:
 
 def _read(csv_path: Path, src: Path) -> list[dict[str, str]]:
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        frame = read_csv_text(csv_path, DatasetImportError)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DatasetImportError(f"cannot read '{csv_path}': {err}") from err
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in REQUIRED if c not in frame.columns]

@@ -40,6 +40,7 @@ observed labels). ``case_id`` is the stem made file-name safe, so BUSI ids match
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,7 @@ from medalign.data.importers.common import (
     strip_image_suffix,
 )
 from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.jsonio import read_text
 from medalign.data.manifest import SPLITS, ManifestMeta, new_table, relative_ref
 
 TASKS: tuple[str, ...] = ("segmentation", "classification")
@@ -72,28 +74,28 @@ _LEADING_WORD = re.compile(r"[A-Za-z]+")
 def read_labels_csv(path: Path, classes: Sequence[str] | None) -> dict[str, str]:
     """``{name without image suffix: label}``; integer labels become ``classes[i]`` when given."""
     labels: dict[str, str] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        for number, row in enumerate(csv.reader(handle), 1):
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < 2:
-                raise DatasetImportError(f"'{path}' line {number}: expected '<image>,<label>', got {row!r}")
-            name, value = row[0].strip(), row[1].strip()
-            if number == 1 and name.lower() in HEADER_NAMES and not value.lstrip("-").isdigit():
-                continue
-            if classes is not None and value.lstrip("-").isdigit():
-                index = int(value)
-                if not 0 <= index < len(classes):
-                    raise DatasetImportError(
-                        f"'{path}' line {number}: label {index} has no name in classes={list(classes)}"
-                    )
-                value = classes[index]
-            key = strip_image_suffix(name)
-            if key in labels and labels[key] != value:
+    text = read_text(path, error=DatasetImportError)
+    for number, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < 2:
+            raise DatasetImportError(f"'{path}' line {number}: expected '<image>,<label>', got {row!r}")
+        name, value = row[0].strip(), row[1].strip()
+        if number == 1 and name.lower() in HEADER_NAMES and not value.lstrip("-").isdigit():
+            continue
+        if classes is not None and value.lstrip("-").isdigit():
+            index = int(value)
+            if not 0 <= index < len(classes):
                 raise DatasetImportError(
-                    f"'{path}' line {number}: {name!r} is labelled {labels[key]!r} earlier and {value!r} here"
+                    f"'{path}' line {number}: label {index} has no name in classes={list(classes)}"
                 )
-            labels[key] = value
+            value = classes[index]
+        key = strip_image_suffix(name)
+        if key in labels and labels[key] != value:
+            raise DatasetImportError(
+                f"'{path}' line {number}: {name!r} is labelled {labels[key]!r} earlier and {value!r} here"
+            )
+        labels[key] = value
     return labels
 
 

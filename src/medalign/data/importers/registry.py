@@ -62,7 +62,12 @@ def load_dataset(name: str, src: str | os.PathLike, **options: Any) -> Manifest:
     table, meta = IMPORTERS[name].fn(src, **options)
     meta.source = meta.source or name
     meta.root = str(src.resolve())
-    return Manifest(table, base_dir=src.resolve(), meta=meta)
+    manifest = Manifest(table, base_dir=src.resolve(), meta=meta)
+    if manifest.rows_outside_root():
+        # Only an importer option (medmnist extract_dir, llava image_folder, ...) or the release's
+        # own file lists put files outside the dataset folder; the user asked for this import.
+        manifest.meta.allow_outside_root = True
+    return manifest
 
 
 def import_dataset(name: str, src: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Manifest:
