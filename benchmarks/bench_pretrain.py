@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -175,6 +176,42 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n", encoding="utf-8")
     print(f"wall {wall:.0f}s; written {RESULTS}")
+    if args.write:
+        write_section(rows, args)
+
+
+LABELS = {
+    "hybrid": "medalign hybrid (2 augmented views + InfoNCE on encoder embeddings)",
+    "plain": "medalign plain MAE (same model, 1 view, no contrastive term)",
+    "hf_vitmae": "HF `ViTMAEForPreTraining` (reference)",
+}
+
+
+def write_section(rows: list[dict], args: argparse.Namespace) -> None:
+    import benchlib
+
+    table = "\n".join(
+        f"| {LABELS[r['model']]} | {r['step_s_median']:.3f} | {r['images_per_s']:.2f} | {r['vs_hf']:.2f}x |"
+        for r in rows
+    )
+    body = (
+        f"One training step (forward + backward + AdamW step) on one fixed batch of {args.batch} random RGB "
+        f"images at {SIZE} px, ViT-S/16 encoder (384 wide, 12 layers, 6 heads, MLP 1536), MAE decoder 4 x 256 "
+        f"(8 heads), mask ratio {MASK_RATIO}, norm-pix loss; bf16 autocast on the CPU, 1 torch thread; "
+        f"{args.warmup} warm-up steps then {args.steps} timed steps with the three models alternating each "
+        f"round; images/s = {args.batch} / median step. Reference: Hugging Face `ViTMAEForPreTraining` with "
+        "the same encoder/decoder sizes and mask ratio, in the same run (per-step times in "
+        f"`benchmarks/results/bench_pretrain.json`). Machine: {benchlib.machine()}.\n\n"
+        "| model | step (s, median) | images/s | vs HF ViTMAE |\n|---|---|---|---|\n" + table + "\n\n"
+        "The hybrid step encodes and decodes two views of every image, so it costs about 2x a plain step "
+        "per input image."
+    )
+    benchlib.replace_section(
+        body,
+        "<!-- bench_pretrain:begin -->",
+        "<!-- bench_pretrain:end -->",
+        "## Stage I throughput: hybrid MAE vs a plain MAE step of the same ViT (`benchmarks/bench_pretrain.py`)",
+    )
 
 
 if __name__ == "__main__":
