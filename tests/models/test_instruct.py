@@ -113,7 +113,9 @@ def test_lora_trains_adapters_only_and_merges_for_the_bundle(tmp_path: Path) -> 
     loaded = load_bundle(tmp_path / "bundle")
     pixels = torch.rand(1, 1, 32, 32)
     turns = [{"from": "human", "value": f"{IMAGE_TOKEN} how many?"}]
-    assert loaded.generate([turns], pixels, max_new_tokens=4) == model.generate([turns], pixels, max_new_tokens=4)
+    assert loaded.generate([turns], pixels, max_new_tokens=4) == model.generate(
+        [turns], pixels, max_new_tokens=4
+    )
 
 
 def test_chat_streams_what_it_returns_and_cache_does_not_change_greedy(model: InstructModel) -> None:

@@ -182,7 +182,9 @@ class InstructModel(nn.Module):
     def has_lora(self) -> bool:
         return hasattr(self.lm, "peft_config")
 
-    def apply_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: Any = None) -> None:
+    def apply_lora(
+        self, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: Any = None
+    ) -> None:
         """Wrap the LM in peft LoRA adapters (``target_modules`` None: peft's default per model type)."""
         from peft import LoraConfig, get_peft_model
 
@@ -229,7 +231,9 @@ class InstructModel(nn.Module):
 
     # -- text ---------------------------------------------------------------------------------
 
-    def encode_conversation(self, turns: Sequence[Turn], *, generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def encode_conversation(
+        self, turns: Sequence[Turn], *, generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
         """``(ids, labels)`` of a conversation; labels are ``-100`` except on answers and their end.
 
         ``generation_prompt``: the turns end with a question and the ids end where the answer
@@ -243,7 +247,9 @@ class InstructModel(nn.Module):
         for i, turn in enumerate(turns):
             role = _role(turn, i)
             if role == "user":
-                piece = tok(DEFAULT_TEMPLATE[0] + turn["value"].strip(), add_special_tokens=False)["input_ids"]
+                piece = tok(DEFAULT_TEMPLATE[0] + turn["value"].strip(), add_special_tokens=False)[
+                    "input_ids"
+                ]
                 ids += piece
                 labels += [IGNORE] * len(piece)
             else:
@@ -257,7 +263,9 @@ class InstructModel(nn.Module):
             labels += [IGNORE] * len(prompt)
         return ids, labels
 
-    def _encode_with_template(self, turns: Sequence[Turn], generation_prompt: bool) -> tuple[list[int], list[int]]:
+    def _encode_with_template(
+        self, turns: Sequence[Turn], generation_prompt: bool
+    ) -> tuple[list[int], list[int]]:
         """Chat-template encoding: an answer's tokens are what its turn adds to the prompt before it."""
         tok = self._tokenizer
         messages = [{"role": _role(t, i), "content": t["value"]} for i, t in enumerate(turns)]
@@ -328,7 +336,9 @@ class InstructModel(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy over the answer tokens only (mean over them)."""
-        embeds, mask, labels = self.splice(input_ids, attention_mask, self.image_embeddings(pixel_values), labels)
+        embeds, mask, labels = self.splice(
+            input_ids, attention_mask, self.image_embeddings(pixel_values), labels
+        )
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
         targets = labels[:, 1:]
         if not (targets != IGNORE).any():  # every answer cut by max_length: no signal, no NaN
@@ -420,8 +430,12 @@ class InstructModel(nn.Module):
         mean, std = self.config.image_stats()
         vision = TowerConfig(self.config.vision.kind, None, self.vision.hf_config_dict())
         lm = {"model_type": self.lm.config.model_type, **_hf_config_dict(self.lm.config)}
-        text = TowerConfig("auto_text", tokenizer=self.config.text.tokenizer or self.config.lm_source or MINILM)
-        return self.config.replace(vision=vision, text=text, lm=lm, lm_source=None, image_mean=mean, image_std=std)
+        text = TowerConfig(
+            "auto_text", tokenizer=self.config.text.tokenizer or self.config.lm_source or MINILM
+        )
+        return self.config.replace(
+            vision=vision, text=text, lm=lm, lm_source=None, image_mean=mean, image_std=std
+        )
 
 
 def _role(turn: Turn, index: int) -> str:
@@ -431,7 +445,9 @@ def _role(turn: Turn, index: int) -> str:
         return "user"
     if speaker in ANSWER_ROLES:
         return "assistant"
-    raise ValueError(f"turn {index}: unknown speaker {turn.get('from')!r} (expected human/user or gpt/assistant)")
+    raise ValueError(
+        f"turn {index}: unknown speaker {turn.get('from')!r} (expected human/user or gpt/assistant)"
+    )
 
 
 def _pad(
