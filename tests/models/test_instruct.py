@@ -71,6 +71,11 @@ def test_loss_ignores_everything_but_answers(model: InstructModel) -> None:
     pixels = torch.rand(1, 1, 32, 32)
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     base = model(**batch, pixel_values=pixels, labels=torch.tensor([labels]))["loss"]
+    embeds, mask, spliced = model.splice(batch["input_ids"], batch["attention_mask"],
+                                         model.image_embeddings(pixels), torch.tensor([labels]))  # fmt: skip
+    logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, :-1]
+    full = torch.nn.functional.cross_entropy(logits, spliced[0, 1:], ignore_index=IGNORE)
+    assert torch.allclose(base, full, atol=1e-5)  # logits only at answer positions: the same loss
     no_answer = torch.full((1, len(ids)), IGNORE)
     assert model(**batch, pixel_values=pixels, labels=no_answer)["loss"] == 0
     other = [IGNORE if label == IGNORE else (label + 1) % 1000 for label in labels]
