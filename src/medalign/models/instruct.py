@@ -415,13 +415,10 @@ class InstructModel(nn.Module):
     ) -> str:
         """One answer about ``images`` (``[N, C, H, W]``, preprocessed); ``on_text`` gets it as it streams.
 
-        A question without ``<image>`` placeholders (and no history holding them) gets one per
-        image in front, LLaVA's convention.
+        Without ``<image>`` placeholders in the turns, one per image goes in front of the first
+        question (LLaVA's convention), so ``history`` can be kept as the user typed it.
         """
-        placed = sum(t["value"].count(IMAGE_TOKEN) for t in history) + question.count(IMAGE_TOKEN)
-        if placed == 0:
-            question = "\n".join([IMAGE_TOKEN] * len(images) + [question])
-        turns = [*history, {"from": "human", "value": question}]
+        turns = with_placeholders([*history, {"from": "human", "value": question}], len(images), "chat")
         streamer = _CallbackStreamer(self._tokenizer, on_text) if on_text is not None else None
         return self.generate([turns], images, streamer=streamer, **generation)[0]
 
@@ -443,6 +440,18 @@ class InstructModel(nn.Module):
         return self.config.replace(
             vision=vision, text=text, lm=lm, lm_source=None, image_mean=mean, image_std=std
         )
+
+
+def with_placeholders(turns: list[Turn], images: int, where: str) -> list[Turn]:
+    """The turns with one ``<image>`` per image: added in front of the first question when the
+    conversation has none (LLaVA's convention); any other count that differs is an error."""
+    placed = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if placed == images:
+        return turns
+    if placed == 0 and turns:
+        first = {**turns[0], "value": "\n".join([IMAGE_TOKEN] * images + [turns[0]["value"]])}
+        return [first, *turns[1:]]
+    raise ValueError(f"{where}: the conversation has {placed} {IMAGE_TOKEN} placeholders for {images} images")
 
 
 def _role(turn: Turn, index: int) -> str:

@@ -34,24 +34,12 @@ from medalign.config import RunConfig
 from medalign.data.conversations import conversation_rows, turns_of
 from medalign.data.dataset import Collator, Sample, dataset_for_model, stack_modalities
 from medalign.data.manifest import Manifest
-from medalign.models.instruct import IGNORE, IMAGE_TOKEN
+from medalign.models.instruct import IGNORE, IMAGE_TOKEN, with_placeholders
 from medalign.progress import progress
 from medalign.textmetrics import text_metrics
 
 ANSWERS_FILE = "answers.jsonl"
 UNTUNED_FILE = "untuned.json"
-
-
-def with_placeholders(turns: list[dict[str, str]], images: int, where: str) -> list[dict[str, str]]:
-    """The turns with one ``<image>`` per image: added in front of the first question when the
-    conversation has none (LLaVA's convention); any other count that differs is an error."""
-    placed = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-    if placed == images:
-        return turns
-    if placed == 0 and turns:
-        first = {**turns[0], "value": "\n".join([IMAGE_TOKEN] * images + [turns[0]["value"]])}
-        return [first, *turns[1:]]
-    raise ValueError(f"{where}: the conversation has {placed} {IMAGE_TOKEN} placeholders for {images} images")
 
 
 class InstructCollator:
@@ -94,7 +82,12 @@ class InstructCollator:
             return stack_modalities(batch, self.image_keys)
         present = batch["modalities_present"]
         return torch.stack(
-            [batch[key][row] for row in range(len(present)) for j, key in enumerate(self.image_keys) if present[row, j]]
+            [
+                batch[key][row]
+                for row in range(len(present))
+                for j, key in enumerate(self.image_keys)
+                if present[row, j]
+            ]
         )
 
 
@@ -132,7 +125,9 @@ def run_instruct(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     out, manifest = prepare_run(config)
     model = build_model(config)
     if not isinstance(model, InstructModel):
-        raise ValueError(f"task instruct needs an instruct model (instruct_tiny, ...), not {config.model.name!r}")
+        raise ValueError(
+            f"task instruct needs an instruct model (instruct_tiny, ...), not {config.model.name!r}"
+        )
     rows, summary = conversation_rows(manifest, config.instruct.conversations)
     image_keys = image_columns(config, rows)
     dataset = instruct_dataset(rows, model, config, image_keys, "train", augment=True)
@@ -173,7 +168,9 @@ def untuned_metrics(model: Any, rows: Manifest, config: RunConfig, image_keys: l
     path = out / UNTUNED_FILE
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    metrics = evaluate_instruct(model, rows, config, image_keys, config.eval.split, baselines=False, write=False)
+    metrics = evaluate_instruct(
+        model, rows, config, image_keys, config.eval.split, baselines=False, write=False
+    )
     path.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
     return metrics
 
@@ -215,7 +212,9 @@ def split_answers(
     if settings.max_eval_rows is not None and split == config.eval.split:
         dataset = torch.utils.data.Subset(dataset, range(min(settings.max_eval_rows, len(dataset))))
     collate = InstructCollator(model, image_keys, settings.images == "separate", first_turn_only=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.data.eval_batch_size, collate_fn=collate.base)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.data.eval_batch_size, collate_fn=collate.base
+    )
     out: dict[str, list[Any]] = defaultdict(list)
     model.eval()
     for batch in progress(loader, desc=f"answer {split}" if generate else f"embed {split}"):
@@ -226,7 +225,9 @@ def split_answers(
             full = turns_of(sample["attrs"]["conversation"], f"case {sample['case_id']!r}")
             out["case_id"].append(sample["case_id"])
             out["question"].append(normalise_answer(prompt[0]["value"].replace(IMAGE_TOKEN, "")))
-            out["reference"].append(next((t["value"] for t in full[1:] if t.get("from") in ("gpt", "assistant")), ""))
+            out["reference"].append(
+                next((t["value"] for t in full[1:] if t.get("from") in ("gpt", "assistant")), "")
+            )
             out["kind"].append(sample["attrs"].get("kind", "open"))
             options = sample["attrs"].get("options", "")
             out["options"].append(tuple(options.split("|")) if options else ())
@@ -240,7 +241,10 @@ def split_answers(
 
 
 def score_answers(
-    references: Sequence[str], answers: Sequence[str], kinds: Sequence[str], options: Sequence[tuple[str, ...]]
+    references: Sequence[str],
+    answers: Sequence[str],
+    kinds: Sequence[str],
+    options: Sequence[tuple[str, ...]],
 ) -> dict[str, Any]:
     """Closed-question accuracy (overall and per kind) and open-answer BLEU/ROUGE-L."""
     closed_right: dict[str, list[bool]] = defaultdict(list)
@@ -258,7 +262,9 @@ def score_answers(
         result["closed"] = {
             "n": len(every),
             "accuracy": sum(every) / len(every),
-            "per_kind": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(closed_right.items())},
+            "per_kind": {
+                k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(closed_right.items())
+            },
         }
     if open_refs:
         result["open"] = {"n": len(open_refs), **text_metrics(open_refs, open_answers)}
@@ -316,7 +322,12 @@ def evaluate_instruct(
         path = Path(config.out) / ANSWERS_FILE
         with path.open("w", encoding="utf-8", newline="\n") as handle:
             for i, case_id in enumerate(test["case_id"]):
-                row = {"case_id": case_id, "kind": kinds[i], "reference": refs[i], "generated": test["generated"][i]}
+                row = {
+                    "case_id": case_id,
+                    "kind": kinds[i],
+                    "reference": refs[i],
+                    "generated": test["generated"][i],
+                }
                 row["retrieved"] = retrieved[i] if retrieved is not None else None
                 handle.write(json.dumps(row) + "\n")
     return results
