@@ -146,3 +146,25 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_model(cases: Path, tmp
     assert expected.keys() == resumed.keys()
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_predictor_and_cli_chat_stream_the_answer(tuned: Path, cases: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medalign.cli import app
+    from medalign.predict import Predictor, PredictorError
+
+    images = {m: cases.parent / "images" / f"ph0000_{m}.png" for m in ("a", "b")}
+    predictor = Predictor.from_bundle(tuned / "bundle")
+    pieces: list[str] = []
+    answer = predictor.chat(images, "How many lesions are there?", stream=pieces.append, max_new_tokens=3)
+    assert "".join(pieces).strip() == answer
+    with pytest.raises(PredictorError, match="chat\\(\\) needs a instruct bundle"):
+        Predictor.from_bundle(tuned / "bundle").__class__(create_model("report_tiny")).chat(images["a"], "hi")
+    args = ["chat", "--model", str(tuned / "bundle"), "--image", str(images["a"]), "--image", str(images["b"]),
+            "--stack", "--max-new-tokens", "3"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--question", "How many lesions are there?"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == answer
+    two = CliRunner().invoke(app, args, input="How many lesions are there?\nWhich side?\n")
+    assert two.exit_code == 0 and len(two.output.strip().splitlines()) == 2
