@@ -14,8 +14,9 @@ from __future__ import annotations
 import sys
 import time
 
-import benchlib
 import torch
+
+import benchlib
 
 KINDS = ("count", "side", "zone", "diagnosis")
 

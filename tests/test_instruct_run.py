@@ -86,6 +86,18 @@ def test_lora_is_merged_into_the_bundle(cases: Path, tuned: Path, tmp_path: Path
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
 
 
+def test_shipped_recipe_stages_validate() -> None:
+    from medalign.config import validate_ranges
+    from medalign.curriculum import load_curriculum, stage_config
+
+    curriculum = load_curriculum(RECIPE)
+    stages = [stage_config(curriculum, [1]), stage_config(curriculum, [1, 2])]
+    for stage in stages:
+        validate_ranges(stage)
+    assert [s.instruct.stage for s in stages] == ["projector", "full"]
+    assert stages[1].model.init_from and stages[1].model.init_from.endswith("stages_1/bundle")
+
+
 def test_recipe_checks() -> None:
     with pytest.raises(ConfigError, match=r"instruct\.lora applies to stage full"):
         from medalign.config import validate_ranges
