@@ -13,6 +13,7 @@ from medalign.config import (
     save_config,
     validate_ranges,
 )
+from medalign.curriculum import is_curriculum
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def test_override_syntax_errors() -> None:
 # curricula chain recipes (their own loader; tests/test_recipes.py builds every stage)
 @pytest.mark.parametrize(
     "recipe",
-    sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "curriculum"),
+    sorted(p for p in (REPO / "configs").rglob("*.yaml") if not is_curriculum(p)),
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_every_shipped_recipe_loads_and_passes_range_checks(recipe: Path) -> None:

@@ -19,13 +19,14 @@ from typer.testing import CliRunner
 
 from medalign.cli import app
 from medalign.config import RunConfig, load_config, validate_ranges
+from medalign.curriculum import is_curriculum
 from medalign.models import DualEncoder, create_model
 from medalign.models.fusion import FUSION_MODELS
 from medalign.models.segmentation import SEGMENTATION_MODELS, ClipDecoder
 from medalign.run import build_model, run_training
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "curriculum")
+RECIPES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not is_curriculum(p))
 CURRICULA = sorted((REPO / "configs" / "curriculum").glob("*.yaml"))
 SEPARATE_INPUTS = ("pretrain", "clinical")  # every modality its own input of one shared tower
 BUNDLE_KINDS = {"pretrain": "pretrain", "clinical": "clinical", "report": "report"}

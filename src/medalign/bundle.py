@@ -38,6 +38,7 @@ BUILDERS: dict[str, str] = {
     "pretrain": "medalign.models.mae:build_mae_model",
     "clinical": "medalign.models.heads:build_clinical_model",
     "report": "medalign.models.report:build_report_model",
+    "instruct": "medalign.models.instruct:build_instruct_model",
 }
 
 
@@ -70,7 +71,7 @@ def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, An
     config = model.portable_config().to_dict()
     if config.get("text"):
         config["text"]["tokenizer"] = None  # set to the bundle's own tokenizer folder at load time
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = _unshared({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
@@ -89,6 +90,18 @@ def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, An
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def _unshared(state: dict[str, Any]) -> dict[str, Any]:
+    """Tied weights (an LM's input and output embeddings) as separate copies: safetensors refuses
+    tensors that share memory, and loading writes the same values into both again."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        pointer = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    return out
 
 
 def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:

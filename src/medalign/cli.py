@@ -706,6 +706,50 @@ def index_search(
         out.write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
 
+@app.command("chat")
+def chat(
+    model: Annotated[Path, typer.Option(help="Instruct bundle folder (task: instruct).")],
+    image: Annotated[list[Path], typer.Option(help="Image file; repeat for several images (or modalities with --stack).")],
+    question: Annotated[
+        str | None, typer.Option(help="One question; without it, questions are read line by line from stdin.")
+    ] = None,
+    stack: Annotated[
+        bool, typer.Option("--stack", help="The images are modalities of one image (channels, as trained).")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample (temperature, top-p) instead of greedy.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+) -> None:
+    """Ask an instruction-tuned model about images; the answer streams as it is generated.
+
+    Example:
+
+        medalign chat --model runs/instruct/phantom_tiny/stages_1-2/bundle \\
+            --image a.png --image b.png --stack --question "How many lesions are there?"
+    """
+    import sys
+
+    from medalign.predict import Predictor
+
+    predictor = Predictor.from_bundle(model)
+    images: Any = {str(i): path for i, path in enumerate(image)} if stack else list(image)
+    history: list[dict[str, str]] = []
+    questions = [question] if question is not None else (line.strip() for line in sys.stdin)
+    for asked in questions:
+        if not asked:
+            continue
+        try:
+            answer = predictor.chat(
+                images, asked, history, stream=lambda piece: typer.echo(piece, nl=False),
+                max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+            )  # fmt: skip
+        except ValueError as err:
+            raise _fail(str(err)) from err
+        typer.echo("")
+        history += [{"from": "human", "value": asked}, {"from": "gpt", "value": answer}]
+
+
 def _register_commands() -> None:
     """Commands whose modules own their Typer definitions (imports stay light: no onnx at import)."""
     from medalign.batch_predict import predict_classes, predict_masks

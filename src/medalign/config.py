@@ -153,6 +153,31 @@ class ReportConfig:
 
 
 @dataclass
+class InstructConfig:
+    """``task: instruct`` (visual instruction tuning): what trains, on which conversations, how it answers.
+
+    ``stage: projector`` is LLaVA's stage A (only the projector learns, on captions or reports);
+    ``stage: full`` is stage B (projector + LM, or projector + LoRA adapters when ``lora`` is
+    set: ``{r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}``).
+    """
+
+    stage: Literal["projector", "full"] = "full"
+    conversations: Literal["auto", "llava", "caption", "report", "phantom"] = "auto"
+    images: Literal["stack", "separate"] = "stack"  # modalities as channels of one image, or one image each
+    train_vision: bool = False
+    lora: dict[str, Any] = field(default_factory=dict)  # empty: full fine-tuning of the LM in stage full
+    gradient_checkpointing: bool = False
+    # evaluation on eval.split: the first answer of each conversation, decoded
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    max_eval_rows: int | None = None  # None: every row of the split
+    eval_untuned: bool = True  # also score the model as it starts (before this run's training)
+    retrieval_baseline: bool = True  # the answer of the nearest training image to the same question
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -192,7 +217,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["align", "segment", "fuse", "pretrain", "clinical", "report"] = "align"
+    task: Literal["align", "segment", "fuse", "pretrain", "clinical", "report", "instruct"] = "align"
     out: str = "runs/align"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +227,7 @@ class RunConfig:
     mae_loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)  # task: pretrain
     clinical_loss: ClinicalLossConfig = field(default_factory=ClinicalLossConfig)  # task: clinical
     report: ReportConfig = field(default_factory=ReportConfig)  # task: report
+    instruct: InstructConfig = field(default_factory=InstructConfig)  # task: instruct
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -387,6 +413,7 @@ def validate_ranges(config: RunConfig) -> None:
         *_pretrain_checks(config),
         *_clinical_checks(config),
         *_report_checks(config),
+        *_instruct_checks(config),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:
@@ -447,6 +474,27 @@ def _report_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (report.no_repeat_ngram_size >= 0, "report.no_repeat_ngram_size must be >= 0 (0 = off)"),
         (report.repetition_penalty > 0, "report.repetition_penalty must be > 0 (1.0 = off)"),
         (config.data.text_max_length >= 3, "data.text_max_length must be >= 3 (BOS, a word, EOS)"),
+    ]
+
+
+def _instruct_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Range checks of ``task: instruct``."""
+    if config.task != "instruct":
+        return []
+    settings = config.instruct
+    return [
+        (settings.max_new_tokens >= 1, "instruct.max_new_tokens must be >= 1"),
+        (settings.temperature > 0, "instruct.temperature must be > 0"),
+        (0 < settings.top_p <= 1, "instruct.top_p must be in (0, 1]"),
+        (settings.max_eval_rows is None or settings.max_eval_rows >= 1, "instruct.max_eval_rows must be >= 1"),
+        (
+            not (settings.lora and settings.stage == "projector"),
+            "instruct.lora applies to stage full (stage projector trains the projector only)",
+        ),
+        (
+            set(settings.lora) <= {"r", "alpha", "dropout", "target_modules"},
+            "instruct.lora keys are r, alpha, dropout, target_modules",
+        ),
     ]
 
 

@@ -59,6 +59,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "pretrain": ("embed_image", "retrieve (image to image)", "build_index"),
     "clinical": ("embed_image", "classify (diagnosis head)", "risk", "retrieve (image to image)"),
     "report": ("report", "embed_image", "retrieve (image to image)", "build_index"),
+    "instruct": ("chat", "embed_image", "retrieve (image to image)", "build_index"),
 }
 
 
@@ -288,7 +289,7 @@ class Predictor:
     def embed_image(self, images: Any) -> np.ndarray:
         """``[B, D]``: DualEncoder's normalised image embedding; MAE/report: pooled vision features;
         clinical: the fused features its heads read."""
-        self._require("embed_image", ("DualEncoder", "pretrain", "report", "clinical"))
+        self._require("embed_image", ("DualEncoder", "pretrain", "report", "clinical", "instruct"))
         model = self.model
         if self.kind == "clinical":
             batch = self._modality_batch(images, model.config.in_channels, model.config.image_size)
@@ -503,6 +504,36 @@ class Predictor:
                     repetition_penalty=settings["repetition_penalty"],
                 )
         return texts if isinstance(image, (list, tuple)) or len(texts) > 1 else texts[0]
+
+    # -- visual instruction tuning ---------------------------------------------------------------
+
+    def chat(
+        self,
+        images: Any,
+        question: str,
+        history: Sequence[dict[str, str]] = (),
+        *,
+        stream: Any = None,
+        max_new_tokens: int = 64,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+    ) -> str:
+        """The model's answer to ``question`` about ``images`` (one, a list: several images of one
+        conversation, or ``{modality: image}`` stacked as channels as in training).
+
+        ``history``: earlier turns (``{"from": "human"|"gpt", "value": ...}``); ``stream``: a
+        callable that receives the answer's text piece by piece as it is generated; ``sample``:
+        sampling with ``temperature`` / ``top_p`` instead of greedy decoding.
+        """
+        self._require("chat", ("instruct",))
+        pixels = self._single_input(images)
+        with torch.inference_mode():
+            return self.model.chat(
+                pixels, question, history, on_text=stream, max_new_tokens=max_new_tokens, do_sample=sample,
+                temperature=temperature, top_p=top_p, use_cache=use_cache,
+            )  # fmt: skip
 
     # -- clinical ---------------------------------------------------------------------------------
 

@@ -208,6 +208,10 @@ def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) 
         from medalign.tasks.report import run_report
 
         return run_report(config, resume=resume, echo=echo)
+    if config.task == "instruct":
+        from medalign.tasks.instruct import run_instruct
+
+        return run_instruct(config, resume=resume, echo=echo)
     return run_alignment(config, resume=resume, echo=echo)
 
 
@@ -257,8 +261,12 @@ def fit_and_save(
     *,
     resume: bool,
     echo: Any,
+    collate: Callable[[list[Any]], dict[str, Any]] | None = None,
 ) -> Path:
-    """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle."""
+    """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle.
+
+    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model).
+    """
     from medalign.bundle import save_bundle
     from medalign.engine import Engine
     from medalign.html_report import write_html_report
@@ -268,7 +276,7 @@ def fit_and_save(
     state = engine.fit(
         task,
         dataset,
-        Collator(model.tokenizer, max_length=config.data.text_max_length),
+        collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
         batch_size=config.data.batch_size,
         num_workers=config.data.num_workers,
         drop_last=config.data.drop_last,

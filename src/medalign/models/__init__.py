@@ -6,6 +6,7 @@ after ``import medalign.models``. A module that adds architectures must be impor
 
 from medalign.models import fusion as _fusion  # noqa: F401  (registers models)
 from medalign.models import heads as _heads  # noqa: F401  (registers models)
+from medalign.models import instruct as _instruct  # noqa: F401  (registers models)
 from medalign.models import mae as _mae  # noqa: F401  (registers models)
 from medalign.models import report as _report  # noqa: F401  (registers models)
 from medalign.models import segmentation as _segmentation  # noqa: F401  (registers models)

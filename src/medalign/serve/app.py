@@ -108,7 +108,7 @@ def create_app(
     @app.post("/api/analyse")
     async def analyse(request: Request) -> JSONResponse:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return error(415, "send multipart/form-data: files 'image' or 'image:<modality>', fields 'prompt', 'labels'")
+            return error(415, "send multipart/form-data: files 'image' or 'image:<modality>', fields 'prompt', 'labels', 'request'")
         stored: list[StoredUpload] = []
         try:
             parser = InMemoryParser(
@@ -124,15 +124,17 @@ def create_app(
                         raise UploadError(f"two files for {key!r}")
                     data = await value.read()
                     stored.append(store_upload(data, value.filename or key, key, upload_dir, limits))
-                elif key in ("prompt", "labels"):
+                elif key in ("prompt", "labels", "request"):
                     fields[key] = str(value)
                 else:
-                    raise UploadError(f"unexpected form field {key!r}; known: prompt, labels")
+                    raise UploadError(f"unexpected form field {key!r}; known: prompt, labels, request")
             if not stored:
                 return error(400, "no image: upload a file in the field 'image' (or 'image:<modality>')")
             images = {s.field.removeprefix("image:") if s.field != "image" else "image": s.ref for s in stored}
             labels = [x for x in fields.get("labels", "").split(",") if x.strip()] or None
-            result = await run_in_threadpool(service.analyse, images, fields.get("prompt"), labels)
+            result = await run_in_threadpool(
+                service.analyse, images, fields.get("prompt"), labels, fields.get("request")
+            )
             result["uploads"] = [
                 {"field": s.field, "name": s.filename, "format": s.format, "width": s.width, "height": s.height,
                  **({"slice": f"{s.depth // 2} of {s.depth}"} if s.depth else {})}

@@ -82,6 +82,8 @@ class ServedModel:
             return p.kind == "report"
         if capability == "risk":
             return p.kind == "clinical" and getattr(config, "survival", None) not in (None, "none")
+        if capability == "chat":
+            return p.kind == "instruct"
         raise ValueError(f"unknown capability {capability!r}")
 
     @property
@@ -166,6 +168,7 @@ class DemoService:
     gallery: CaseGallery | None = None
     gallery_model: ServedModel | None = None
     top_k: int = 5
+    router: Any = None  # medalign.routing.Router, built on the first typed request
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -209,7 +212,7 @@ class DemoService:
 
     def info(self) -> dict[str, Any]:
         """What the page needs to draw its form: the bundles, their abilities, the inputs."""
-        capabilities = ("classify", "segment", "embed", "report", "risk")
+        capabilities = ("classify", "segment", "embed", "report", "risk", "chat")
         return {
             "models": [
                 {"name": m.name, "kind": m.kind, "can": [c for c in capabilities if m.can(c)], "modalities": m.modalities}
@@ -229,27 +232,34 @@ class DemoService:
         images: Mapping[str, str],
         prompt: str | None = None,
         labels: Sequence[str] | None = None,
+        request: str | None = None,
     ) -> dict[str, Any]:
-        """Every answer the served bundles can give for one case.
+        """Every answer the served bundles can give for one case, or the one a request asks for.
 
         ``images`` maps ``"image"`` (a single-input scan) and/or modality names to readable refs
-        (the stored uploads). Failures of one capability go to ``notes``; a case none of the
-        bundles can read raises :class:`PredictorError`.
+        (the stored uploads). A typed ``request`` ("outline the lesion", "how many lesions?") is
+        routed (``medalign.routing``) to chat, segment, classify or risk and only that answer is
+        given; a request under the routing threshold, or routed to what no bundle serves, falls
+        back to every answer, with a note saying why. Failures of one capability go to ``notes``;
+        a case none of the bundles can read raises :class:`PredictorError`.
         """
         if not images:
             raise PredictorError("upload an image")
         prompt = (prompt or "").strip() or None
+        request = (request or "").strip() or None
         labels = [s.strip() for s in (labels or self.labels or []) if s.strip()] or None
         single = images.get("image") or next(iter(images.values()))
         modal = {k: v for k, v in images.items() if k != "image"}
         result: dict[str, Any] = {"notes": [], "timings_ms": {}}
-        steps = (
+        steps = [
             ("classify", lambda: self._classify(single, modal, labels)),
-            ("segment", lambda: self._segment(single, modal, prompt)),
+            ("segment", lambda: self._segment(single, modal, prompt or request)),
             ("similar", lambda: self._similar(single)),
             ("report", lambda: self._report(single)),
             ("risk", lambda: self._risk(single, modal)),
-        )
+        ]
+        if request is not None:
+            steps = self._routed(steps, request, result, lambda: self._chat(single, request))
         with self._lock:
             result["input"] = self._input_preview(single)
             for name, step in steps:
@@ -262,9 +272,28 @@ class DemoService:
                 if answer is not None:
                     result[name] = answer
                     result["timings_ms"][name] = round(1000 * (time.perf_counter() - start), 1)
-        if not any(k in result for k in ("classify", "segment", "similar", "report", "risk")):
+        if not any(k in result for k in ("classify", "segment", "similar", "report", "risk", "chat")):
             raise PredictorError("no served model could use this input: " + "; ".join(result["notes"]))
         return result
+
+    def _routed(self, steps: list[Any], request: str, result: dict[str, Any], chat: Any) -> list[Any]:
+        """The one step a request routes to (recorded in ``result["route"]``), else every step."""
+        from medalign.routing import Router
+
+        if self.router is None:
+            self.router = Router()
+        route = self.router.route(request)
+        result["route"] = route.to_dict()
+        if route.name is None:
+            result["notes"].append(
+                f"request: not understood (closest: {route.best}, similarity {route.score:.2f} < "
+                f"{self.router.threshold}); showing every answer"
+            )
+            return steps
+        if self.first(route.name) is None:
+            result["notes"].append(f"request: routed to {route.name}, which no served bundle does; showing every answer")
+            return steps
+        return [("chat", chat)] if route.name == "chat" else [s for s in steps if s[0] == route.name]
 
     def _input_preview(self, ref: str) -> dict[str, Any]:
         from medalign.data.readers import read_image
@@ -346,6 +375,11 @@ class DemoService:
     def _report(self, single: str) -> dict[str, Any] | None:
         model = self.first("report")
         return None if model is None else {"model": model.name, "text": model.predictor.report(single)}
+
+    def _chat(self, single: str, question: str) -> dict[str, Any] | None:
+        model = self.first("chat")
+        return None if model is None else {"model": model.name, "question": question,
+                                           "answer": model.predictor.chat(single, question)}  # fmt: skip
 
     def _risk(self, single: str, modal: Mapping[str, str]) -> dict[str, Any] | None:
         model = self.first("risk")
