@@ -127,3 +127,19 @@ def test_flip_only_draws_flip_every_key_and_leave_inputs_alone() -> None:
     plain = eval_augment(["image"], ["mask"])(data)
     plain["image"] += 1
     assert np.array_equal(data["image"], before["image"])
+
+
+def test_volume_gets_one_geometry_for_image_and_mask() -> None:
+    """(C, D, H, W): the same 3-D grid for both keys (rotation in the H-W plane, zoom/shift per axis)."""
+    volume = np.zeros((1, 6, 16, 16), np.float32)
+    volume[:, 1:4, 3:9, 9:14] = 1.0
+    augment = build_augment(["image"], ["mask"], _config(flip_axes=(2,), intensity_shift=0.0))
+    augment.set_random_state(0)
+    moved = 0
+    for _ in range(3):
+        out = augment({"image": volume, "mask": volume})
+        assert out["image"].shape == out["mask"].shape == (1, 6, 16, 16)
+        assert set(out["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert ((out["image"] > 0.5).float() != out["mask"]).float().mean() < 0.05  # same geometry
+        moved += int(not torch.equal(out["mask"], torch.from_numpy(volume)))
+    assert moved == 3
