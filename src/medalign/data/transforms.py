@@ -90,16 +90,11 @@ def normalise(
     return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
-class BinariseMask:
+def binarise_mask(array: np.ndarray, threshold: float) -> np.ndarray:
     """Mask -> {0, 1} float32; integer masks are first scaled by their storage type (255 -> 1)."""
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-
-    def __call__(self, array: np.ndarray) -> np.ndarray:
-        x = np.asarray(array)
-        scale = 255.0 if x.dtype == np.uint8 or (x.max() > 1 and x.max() <= 255) else max(float(x.max()), 1.0)
-        return (x.astype(np.float32) / scale > self.threshold).astype(np.float32)
+    x = np.asarray(array)
+    scale = 255.0 if x.dtype == np.uint8 or (x.max() > 1 and x.max() <= 255) else max(float(x.max()), 1.0)
+    return (x.astype(np.float32) / scale > threshold).astype(np.float32)
 
 
 def resize(array: np.ndarray, size: Sequence[int], mode: Literal["bilinear", "nearest"]) -> np.ndarray:
@@ -130,7 +125,6 @@ class Preprocess:
 
     def __init__(self, image_keys: Sequence[str], mask_keys: Sequence[str], config: PreprocessConfig) -> None:
         self.image_keys, self.mask_keys, self.config = list(image_keys), list(mask_keys), config
-        self.binarise = BinariseMask(config.mask_threshold)
 
     def __call__(self, data: Sample) -> Sample:
         out = dict(data)
@@ -146,7 +140,7 @@ class Preprocess:
         size = self.config.size
         if size is not None and x.dtype == np.uint8:  # binarising a uint8 mask is pointwise: order-free
             x = resize(x, size, "nearest")
-        x = self.binarise(x)
+        x = binarise_mask(x, self.config.mask_threshold)
         return x if size is None else resize(x, size, "nearest")
 
     def _image(self, x: np.ndarray) -> np.ndarray:
