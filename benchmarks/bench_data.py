@@ -6,7 +6,10 @@ binarise the mask, scale intensities to [0, 1], and apply one random affine (rot
 three run through the same ``torch.utils.data.DataLoader`` (batch 16, 2 workers), so the
 ratio measures the per-sample pipeline, not the loader. Rounds alternate between the
 pipelines so that load on a shared machine hits all of them alike; the median of the rounds
-is reported.
+is reported. Wall-clock throughput swings with the machine's load, so the CPU time the
+loader's processes spent per sample (workers, read from their rusage once they are joined,
+plus the main process) is reported beside it: the load-robust measure of the pipeline's work.
+The 1-minute load average before each round is recorded too.
 
     python benchmarks/bench_data.py [--data ../shared/data/kvasir-seg] [--rounds 3] [--write]
 
@@ -23,6 +26,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -134,11 +138,18 @@ def _loader(
     )
 
 
-def samples_per_second(loader: torch.utils.data.DataLoader) -> float:
+def measure(loader: torch.utils.data.DataLoader) -> tuple[float, float]:
+    """(samples per second, CPU milliseconds per sample over the workers and the main process)."""
+    children, main = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
     start, seen = time.perf_counter(), 0
-    for batch in loader:
+    iterator = iter(loader)
+    for batch in iterator:
         seen += len(batch["mask"])
-    return seen / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    iterator._shutdown_workers()  # joins the workers, so their CPU time lands in RUSAGE_CHILDREN
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime
+    return seen / wall, 1000 * (cpu + time.process_time() - main) / seen
 
 
 def main() -> None:
@@ -175,26 +186,37 @@ def main() -> None:
     }
     torch.set_num_threads(1)
     results: dict[str, list[float]] = {name: [] for name in pipelines}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in pipelines}
+    loads: list[float] = []
     for round_index in range(args.rounds):
         for name, build in pipelines.items():
-            rate = samples_per_second(build())
+            loads.append(os.getloadavg()[0])
+            rate, cpu = measure(build())
             results[name].append(rate)
-            print(f"round {round_index + 1}: {name}: {rate:.1f} samples/s", flush=True)
+            cpu_ms[name].append(cpu)
+            print(
+                f"round {round_index + 1}: {name}: {rate:.1f} samples/s, {cpu:.2f} CPU ms/sample "
+                f"(load {loads[-1]:.1f})",
+                flush=True,
+            )
     shutil.rmtree(cache_dir, ignore_errors=True)
     medians = {name: statistics.median(rates) for name, rates in results.items()}
-    ours_rate = medians["medalign ManifestDataset"]
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_ms.items()}
+    ours = "medalign ManifestDataset"
     rows = [
-        f"| {name} | {medians[name]:.1f} | {min(r):.1f}–{max(r):.1f} | {ours_rate / medians[name]:.2f} |"
+        f"| {name} | {medians[name]:.1f} | {min(r):.1f}–{max(r):.1f} | {medians[ours] / medians[name]:.2f} "
+        f"| {cpu_medians[name]:.2f} | {cpu_medians[name] / cpu_medians[ours]:.2f} |"
         for name, r in results.items()
     ]
     table = "\n".join(
         [
             f"Kvasir-SEG, {len(pairs)} image+mask pairs, 256x256, batch {BATCH}, {WORKERS} workers, "
             f"{args.rounds} rounds (median). Machine: {platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {dt.date.today().isoformat()}.",
+            f"torch {torch.__version__}, {dt.date.today().isoformat()}. Load average (1 min) before "
+            f"the rounds: {min(loads):.1f}–{max(loads):.1f}, median {statistics.median(loads):.1f}.",
             "",
-            "| pipeline | samples/s | range | medalign ÷ this |",
-            "|---|---|---|---|",
+            "| pipeline | samples/s | range | medalign ÷ this | CPU ms/sample | this ÷ medalign (CPU) |",
+            "|---|---|---|---|---|---|",
             *rows,
         ]
     )

