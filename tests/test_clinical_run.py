@@ -216,6 +216,9 @@ def test_eval_clinical_cli_reproduces_the_runs_metrics(cases, tmp_path):
     assert got["survival"]["c_index"] == pytest.approx(expected["survival"]["c_index"])
     assert got["diagnosis"]["auc"] == pytest.approx(expected["diagnosis"]["auc"])
     assert is_png(tmp_path / "ev" / KM_PNG)
+    page = (tmp_path / "ev" / "metrics.html").read_text(encoding="utf-8")  # the report beside it
+    assert f"wrote {tmp_path / 'ev' / 'metrics.html'}" in result.output
+    assert '<img alt="km_risk_groups.png"' in page and "<h2>Survival: survival</h2>" in page
     wrong = CliRunner().invoke(app, ["eval", "clinical", "--model", str(tmp_path / "nope"), "--manifest", str(cases)])
     assert wrong.exit_code != 0
 

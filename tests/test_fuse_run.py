@@ -86,8 +86,12 @@ def test_train_reports_every_subset_and_reloads(cases: Path, tmp_path: Path) -> 
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    *table, wrote = result.output.splitlines()[1:]
+    rows = {line.split()[0]: line.split() for line in table}
     assert set(rows) == {"a", "b", "a+b"} and rows["a+b"][1] == str(n_test)
+    assert wrote == f"wrote {tmp_path / 'm.html'}" and "<h2>Per modality subset</h2>" in (
+        tmp_path / "m.html"
+    ).read_text(encoding="utf-8")
     assert json.loads((tmp_path / "m.json").read_text())["subsets"] == metrics["subsets"]
     bad = CliRunner().invoke(
         app,

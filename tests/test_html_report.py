@@ -1,4 +1,5 @@
-"""``medalign.html_report``: one self-contained HTML page per run, built from the run's own files."""
+"""``medalign.html_report``: one self-contained HTML page per run, built from the run's own files,
+and per ``medalign eval --out FILE.json`` (``FILE.html``), built by the same sections."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from medalign.bundle import save_bundle
+from medalign.cli import app
 from medalign.config import load_config
 from medalign.data.phantom import PhantomConfig, generate_phantom
 from medalign.html_report import RunReportError, _stored_values, fmt, report_command, write_html_report
+from medalign.models import create_model
 from medalign.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,3 +221,71 @@ def test_cli_command(segment_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "r.html").is_file() and f"wrote {tmp_path / 'r.html'}" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_phantom(tmp_path_factory.mktemp("phantom"), PhantomConfig(n=16, size=64))
+
+
+def tiny_bundle(tmp_path: Path, name: str, **overrides: object) -> Path:
+    torch.manual_seed(0)
+    save_bundle(create_model(name, **overrides), tmp_path / "bundle")
+    return tmp_path / "bundle"
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_eval_zeroshot_writes_a_report_with_confusion_and_roc(small_phantom: Path, tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path, "align_tiny", in_channels=2, image_size=32)
+    out = tmp_path / "eval" / "zeroshot.json"
+    output = invoke("zeroshot", "--model", str(bundle), "--manifest", str(small_phantom),
+                    "--templates", "phantom_diagnosis", "--out", str(out))  # fmt: skip
+    page_path = out.with_suffix(".html")
+    assert f"wrote {page_path}" in output
+    page = page_path.read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert f"Evaluation of {bundle} on {small_phantom} (test)" in page
+    assert "<h1>medalign eval zeroshot</h1>" in page and "Learning curves" not in page
+    metrics = json.loads(out.read_text())
+    section = page.split("<h2>Classification: classification</h2>")[1].split("<h2>")[0]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert f"<td>{key}</td><td>{metrics[key]:.4f}</td>" in section
+    pictures = images(page)
+    assert {"confusion", "ROC curves"} <= set(pictures) and "No ROC curves" not in page
+    assert all(png.startswith(PNG_MAGIC) for png in pictures.values())
+    assert "<h2>Data</h2>" in page and "<td>cases</td><td>16</td>" in page  # summary of the eval's manifest
+    assert "templates: phantom_diagnosis" in page  # the command's arguments stand in for config.yaml
+
+
+def test_eval_segment_writes_a_report_with_overlays(small_phantom: Path, tmp_path: Path) -> None:
+    prompts = small_phantom.with_name("prompts.csv")
+    bundle = tiny_bundle(tmp_path, "unet", in_channels=2, image_size=64, channels=[4, 8, 16])
+    out = tmp_path / "segment.json"
+    output = invoke("segment", "--model", str(bundle), "--manifest", str(prompts), "--modality", "image:a",
+                    "--modality", "image:b", "--split", "val", "--out", str(out))  # fmt: skip
+    assert f"wrote {tmp_path / 'segment.html'}" in output
+    page = (tmp_path / "segment.html").read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert f"Evaluation of {bundle} on {prompts} (val)" in page
+    metrics = json.loads(out.read_text())
+    assert f"<td>dice</td><td>{metrics['dice']:.4f}</td>" in page
+    assert f"<td>n_images</td><td>{metrics['n_images']}</td>" in page
+    pictures = images(page)
+    assert "Overlays left out" not in page
+    overlays = {alt.split(":")[0] for alt in pictures if alt.startswith(("best", "worst"))}
+    assert overlays == {"best cases", "worst cases"}
+    assert all(png.startswith(PNG_MAGIC) for png in pictures.values())
+    # only the metrics file's own report: no stray figures, no learning curves
+    assert not re.search(r"<h2>(Other figures|Learning curves)</h2>", page)
+
+
+def test_eval_without_out_writes_no_report(small_phantom: Path, tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path, "align_tiny", in_channels=2, image_size=32)
+    output = invoke("retrieval", "--model", str(bundle), "--manifest", str(small_phantom))
+    assert "wrote" not in output and set(json.loads(output)) == {"image_to_text", "text_to_image"}
+    assert not list(tmp_path.glob("*.html"))

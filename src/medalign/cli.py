@@ -324,14 +324,39 @@ def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> 
     return loaded_model, loaded, ev.embed_split(loaded_model, dataset)
 
 
-def _write_metrics(metrics: dict[str, Any], out: Path | None) -> None:
-    """All of ``metrics`` to ``out``; the terminal gets them without per-case rows."""
+def _eval_config(task: str, manifest: Path, split: str) -> Any:
+    """The RunConfig an eval command stands for: it tells the shared code (and the HTML report)
+    which manifest, split and columns the evaluation used."""
+    from medalign.config import RunConfig
+
+    config = RunConfig(task=task)  # type: ignore[arg-type]
+    config.data.manifest, config.eval.split = str(manifest), split
+    return config
+
+
+def _write_metrics(metrics: dict[str, Any], out: Path | None, echo: bool = True) -> None:
+    """All of ``metrics`` to ``out``; the terminal gets them without per-case rows (``echo``)."""
     from medalign.metrics import without_rows
 
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    typer.echo(json.dumps(without_rows(metrics), indent=2, default=float))
+    if echo:
+        typer.echo(json.dumps(without_rows(metrics), indent=2, default=float))
+
+
+def _write_eval(
+    command: str, metrics: dict[str, Any], out: Path | None, model: Path, config: Any, echo: bool = True,
+    **options: Any,
+) -> None:
+    """The metrics JSON and, with ``--out FILE.json``, the self-contained ``FILE.html`` beside it."""
+    from medalign.html_report import write_eval_report
+
+    _write_metrics(metrics, out, echo)
+    if out:
+        arguments = {"command": f"eval {command}", "model": model, "manifest": config.data.manifest,
+                     "split": config.eval.split, **options}  # fmt: skip
+        typer.echo(f"wrote {write_eval_report(metrics, out, model, config, arguments)}")
 
 
 @eval_app.command("zeroshot")
@@ -354,7 +379,10 @@ def eval_zeroshot(
     from medalign import evaluate as ev
 
     loaded_model, _, embeddings = _eval_common(model, manifest, split, label)
-    _write_metrics(ev.zero_shot(loaded_model, embeddings, templates), out)
+    config = _eval_config("align", manifest, split)
+    config.eval.zeroshot, config.eval.zeroshot_label, config.data.label = templates, label, label
+    metrics = ev.zero_shot(loaded_model, embeddings, templates)
+    _write_eval("zeroshot", metrics, out, model, config, templates=templates, label=label)
 
 
 @eval_app.command("retrieval")
@@ -373,7 +401,8 @@ def eval_retrieval(
     from medalign import evaluate as ev
 
     _, _, embeddings = _eval_common(model, manifest, split, None)
-    _write_metrics(ev.retrieval(embeddings), out)
+    config = _eval_config("align", manifest, split)
+    _write_eval("retrieval", ev.retrieval(embeddings), out, model, config)
 
 
 @eval_app.command("probe")
@@ -398,7 +427,9 @@ def eval_probe(
         ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label))
         for s in ("train", "val")
     ]
-    _write_metrics(ev.probe(*train_val, test), out)
+    config = _eval_config("align", manifest, split)
+    config.eval.probe_label, config.data.label = label, label
+    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label)
 
 
 @eval_app.command("segment")
@@ -422,20 +453,19 @@ def eval_segment(
             --modality image:a --modality image:b --out metrics.json
     """
     from medalign.bundle import load_bundle
-    from medalign.config import RunConfig
     from medalign.data.manifest import read_manifest
     from medalign.run import evaluate_segmentation, image_columns
 
     loaded_model = load_bundle(model)
     loaded = read_manifest(manifest)
-    config = RunConfig(task="segment")
+    config = _eval_config("segment", manifest, split)
     config.data.mask, config.data.modalities = mask, list(modality) if modality else None
     try:
         keys = image_columns(config, loaded)
         metrics = evaluate_segmentation(loaded_model, loaded, config, keys, split)
     except (ValueError, KeyError) as err:
         raise _fail(str(err)) from err
-    _write_metrics(metrics, out)
+    _write_eval("segment", metrics, out, model, config, modality=keys, mask=mask)
 
 
 @eval_app.command("fuse")
@@ -461,7 +491,6 @@ def eval_fuse(
         medalign eval fuse --model runs/fuse_phantom/bundle --manifest phantom/manifest.csv
     """
     from medalign.bundle import load_bundle
-    from medalign.config import RunConfig
     from medalign.data.manifest import read_manifest
     from medalign.models.fusion import FusionModel
     from medalign.run import evaluate_fusion, fusion_columns
@@ -470,7 +499,7 @@ def eval_fuse(
     if not isinstance(loaded_model, FusionModel):
         raise _fail(f"'{model}' is not a fusion bundle; use medalign eval segment (or zeroshot, ...)")
     loaded = read_manifest(manifest)
-    config = RunConfig(task="fuse")
+    config = _eval_config("fuse", manifest, split)
     config.data.mask, config.data.label = mask, label
     config.data.modalities = list(modality) if modality else None
     try:
@@ -491,9 +520,7 @@ def eval_fuse(
         cells = [row.get(c) for c in columns]
         shown = "  ".join(f"{'-' if v is None else f'{v:.4f}':>17}" for v in cells)
         typer.echo(f"{key:<{width}}  {n:>5}  {shown}")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    _write_eval("fuse", metrics, out, model, config, echo=False, modality=keys, mask=mask, label=label)
 
 
 @eval_app.command("clinical")
@@ -517,7 +544,6 @@ def eval_clinical(
         medalign eval clinical --model runs/clinical_phantom/bundle --manifest phantom/manifest.csv --out eval_out
     """
     from medalign.bundle import load_bundle
-    from medalign.config import RunConfig
     from medalign.data.manifest import read_manifest
     from medalign.models.heads import ClinicalModel
     from medalign.run import fusion_columns
@@ -527,7 +553,7 @@ def eval_clinical(
     if not isinstance(loaded_model, ClinicalModel):
         raise _fail(f"'{model}' is not a clinical bundle (task: clinical)")
     loaded = read_manifest(manifest)
-    config = RunConfig(task="clinical")
+    config = _eval_config("clinical", manifest, split)
     config.data.label = label
     config.data.modalities = list(modality) if modality else None
     if out is not None:
@@ -553,8 +579,8 @@ def eval_clinical(
                 f"prognosis ({level}, n={s['n']}, events {s['n_events']}): C-index {s['c_index']:.4f}, "
                 f"mean td-AUC {s['td_auc']['mean']:.4f}, log-rank p (median risk split) {p}"
             )
-    if out is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    if out is not None:  # the report reads the figures evaluate_clinical wrote into the same folder
+        _write_eval("clinical", metrics, out / "metrics.json", model, config, echo=False, modality=keys, label=label)
 
 
 @predict_app.command("segment")

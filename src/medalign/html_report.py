@@ -4,6 +4,9 @@
 ``logs/metrics.csv``, ``bundle/config.json``, the PNGs beside them, ``reports.jsonl``) and
 renders ``report.html``: inline CSS, every image a base64 ``data:`` URI, no script and no
 external URL, so the file can be mailed, archived or opened on an offline machine.
+``write_eval_report`` renders the page of a ``medalign eval`` command (``FILE.html`` beside its
+``--out FILE.json``) with the same sections: its ``RunFiles`` is synthesised from the bundle,
+the manifest and the command's arguments instead of read from a run folder.
 
 Every number on the page is copied from the run's files, never recomputed (a recomputation
 could disagree with ``metrics.json``). The exceptions are pictures: learning curves, the
@@ -56,14 +59,25 @@ class RunReportError(ValueError):
 
 @dataclass
 class RunFiles:
-    """What a run folder holds, read once."""
+    """What a run folder holds, read once; or what an evaluation wrote (``evaluation`` set)."""
 
-    run_dir: Path
-    config: Any  # medalign.config.RunConfig
+    run_dir: Path  # the run folder, or the folder of an evaluation's metrics file (figures live here)
+    config: Any  # medalign.config.RunConfig (an evaluation's is synthesised from its arguments)
     config_text: str
     metrics: dict[str, Any]
     bundle: dict[str, Any] | None  # bundle/config.json, None when the run has no bundle
     curves: Any  # pandas DataFrame (step, key, value) of train/* rows, or None
+    metrics_file: Path | None = None  # default run_dir/metrics.json
+    bundle_dir: Path | None = None  # default run_dir/bundle
+    evaluation: dict[str, Any] | None = None  # a `medalign eval` command's arguments; None for a run
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.metrics_file or self.run_dir / "metrics.json"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.bundle_dir or self.run_dir / "bundle"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +118,32 @@ def read_run(run_dir: str | Path) -> RunFiles:
         bundle=bundle,
         curves=_read_curves(run_dir / "logs" / "metrics.csv"),
     )
+
+
+def read_eval(
+    metrics: dict[str, Any], metrics_file: Path, bundle_dir: Path, config: Any, arguments: dict[str, Any]
+) -> RunFiles:
+    """An evaluation as a report source: ``config`` carries the manifest (``data.manifest``), the
+    split (``eval.split``) and the columns the command used, so sections re-read data as it did."""
+    bundle_file = bundle_dir / "config.json"
+    bundle = json.loads(bundle_file.read_text(encoding="utf-8")) if bundle_file.is_file() else None
+    return RunFiles(
+        run_dir=metrics_file.parent,
+        config=config,
+        config_text=yaml_text(arguments),
+        metrics=metrics,
+        bundle=bundle,
+        curves=None,
+        metrics_file=metrics_file,
+        bundle_dir=bundle_dir,
+        evaluation=arguments,
+    )
+
+
+def yaml_text(values: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, sort_keys=False)
 
 
 def _read_curves(path: Path) -> Any:
@@ -221,10 +261,12 @@ def _title(path: tuple[str, ...], default: str) -> str:
 
 
 def _header(run: RunFiles) -> str:
+    if run.evaluation is not None:
+        return _eval_header(run, run.evaluation)
     from medalign import __version__
 
     config = run.config
-    written = dt.datetime.fromtimestamp((run.run_dir / "metrics.json").stat().st_mtime)
+    written = dt.datetime.fromtimestamp(run.metrics_path.stat().st_mtime)
     rows = [
         ["task", config.task],
         ["model", config.model.name],
@@ -242,17 +284,37 @@ def _header(run: RunFiles) -> str:
     )
 
 
-def _config_section(run: RunFiles) -> str:
-    out = "<h2>Configuration</h2>"
-    out += (
-        f"<details><summary>resolved config.yaml</summary><pre>{html.escape(run.config_text)}</pre></details>"
+def _eval_header(run: RunFiles, arguments: dict[str, Any]) -> str:
+    from medalign import __version__
+
+    split = run.metrics.get("split", run.config.eval.split)
+    written = dt.datetime.fromtimestamp(run.metrics_path.stat().st_mtime)
+    rows = [
+        ["command", f"medalign {arguments['command']}"],
+        ["bundle", str(run.bundle_path.resolve())],
+        ["manifest", str(Path(run.config.data.manifest).resolve())],
+        ["split", split],
+        ["metrics file", str(run.metrics_path.resolve())],
+        ["evaluated", written.strftime("%Y-%m-%d %H:%M")],
+        ["report written", dt.datetime.now().strftime("%Y-%m-%d %H:%M")],
+        ["medalign version", __version__],
+    ]
+    title = f"Evaluation of {run.bundle_path} on {run.config.data.manifest} ({split})"
+    return f"<h1>medalign {html.escape(arguments['command'])}</h1><p>{html.escape(title)}</p>" + _table(
+        ["", ""], rows, "meta"
     )
+
+
+def _config_section(run: RunFiles) -> str:
+    what = "resolved config.yaml" if run.evaluation is None else "evaluation arguments"
+    out = "<h2>Configuration</h2>"
+    out += f"<details><summary>{what}</summary><pre>{html.escape(run.config_text)}</pre></details>"
     if run.bundle is not None:
         model = run.bundle.get("model", {})
         rows = [["bundle kind", run.bundle.get("kind")]]
         rows += [[k, model[k]] for k in ("arch", "image_size", "in_channels", "modalities") if k in model]
         rows.append(
-            ["values in model.safetensors", _stored_values(run.run_dir / "bundle" / "model.safetensors")]
+            ["values in model.safetensors", _stored_values(run.bundle_path / "model.safetensors")]
         )
         out += _table(["model", ""], rows, "meta")
         out += (
@@ -260,7 +322,7 @@ def _config_section(run: RunFiles) -> str:
             f"<pre>{html.escape(json.dumps(model, indent=2))}</pre></details>"
         )
     else:
-        out += _note("This run has no bundle/ folder.")
+        out += _note(f"No bundle at {run.bundle_path}.")
     return out
 
 
@@ -315,6 +377,8 @@ def _data_section(run: RunFiles) -> str:
 
 
 def _curves_section(run: RunFiles) -> str:
+    if run.evaluation is not None:  # an evaluation trains nothing
+        return ""
     out = "<h2>Learning curves</h2>"
     if run.curves is None:
         return out + _note("logs/metrics.csv holds no train/* values.")
@@ -537,7 +601,7 @@ def segmentation_overlays(run: RunFiles, groups: list[tuple[str, list[dict[str, 
 
     config, split = run.config, run.metrics.get("split", run.config.eval.split)
     path, manifest = report_manifest(run)
-    model = load_bundle(run.run_dir / "bundle")
+    model = load_bundle(run.bundle_path)
     fuse = config.task == "fuse"
     if fuse:
         keys = fusion_columns(config, manifest, model)
@@ -670,6 +734,8 @@ def _pretrain_section(run: RunFiles) -> str:
 
 
 def _other_figures(run: RunFiles, used: set[str]) -> str:
+    if run.evaluation is not None:  # an --out folder may hold anyone's PNGs; metrics name the eval's own
+        return ""
     rest = sorted(p.name for p in run.run_dir.glob("*.png") if p.name not in used)
     if not rest:
         return ""
@@ -712,7 +778,8 @@ def build_html(run: RunFiles) -> str:
             _all_metrics(run),
         ]
     )
-    title = html.escape(f"medalign report: {run.run_dir.name}")
+    name = run.run_dir.name if run.evaluation is None else run.metrics_path.name
+    title = html.escape(f"medalign report: {name}")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{CSS}</style></head><body>{body}</body></html>\n"
@@ -725,6 +792,16 @@ def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Pat
     path = Path(out) if out is not None else run.run_dir / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_html(run), encoding="utf-8")
+    return path
+
+
+def write_eval_report(
+    metrics: dict[str, Any], metrics_file: Path, bundle_dir: Path, config: Any, arguments: dict[str, Any]
+) -> Path:
+    """Write ``metrics_file`` with ``.html``: the page of one ``medalign eval`` command; returns its path."""
+    path = metrics_file.with_suffix(".html")
+    page = build_html(read_eval(metrics, metrics_file, bundle_dir, config, arguments))
+    path.write_text(page, encoding="utf-8")
     return path
 
 
