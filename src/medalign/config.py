@@ -161,6 +161,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8  # AdamW's; larger makes steps on near-zero gradients proportional, not +-lr
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0

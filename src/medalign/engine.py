@@ -168,7 +168,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = {"lr": config.lr, "betas": tuple(config.betas)}
+    kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:
         # One fused kernel per step instead of about ten ops per tensor (on the CPU, where
         # torch's default is that per-tensor loop, the step takes a third of the time); same update.
@@ -266,6 +266,9 @@ class Engine:
         if steps_per_epoch == 0:
             raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch of {batch_size}")
         total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
+        # train() explicitly: models keep frozen towers in eval mode (no dropout) only through their
+        # train(), and a freshly built module is in train mode without having called it
+        task.model.train()
         optimizer = build_optimizer(task.model, self.optim)
         scheduler = build_scheduler(optimizer, self.optim, total_steps)
         task.model, optimizer = fabric.setup(task.model, optimizer)
