@@ -68,3 +68,35 @@ def test_modality_rows_and_nested_train_fractions(tmp_path: Path) -> None:
     assert len(small) == -(-n_train // 10) and len(half) == -(-n_train // 2) and len(full) == n_train
     assert small <= half <= full  # nested subsets
     assert train_patients(0.5, seed=1) != half  # the seed picks another subset
+
+
+def test_training_from_shards_matches_training_from_the_manifest(tmp_path: Path) -> None:
+    """One step on the whole train split (no augmentation): the same samples give the same loss."""
+    import torch
+
+    from medalign.config import load_config
+    from medalign.data.manifest import read_manifest
+    from medalign.data.phantom import PhantomConfig, generate_phantom
+    from medalign.data.shards import write_shards
+    from medalign.run import run_training
+
+    source = generate_phantom(tmp_path / "ph", PhantomConfig(n=16, size=64))
+    write_shards(read_manifest(source), tmp_path / "shards", 3)
+    n_train = len(read_manifest(source).split("train"))
+    repo = Path(__file__).resolve().parents[1]
+
+    def train(out: str, *extra: str) -> dict:
+        overrides = [
+            f"out={tmp_path / out}", f"data.manifest={source}", "data.phantom=null", "model.name=align_tiny",
+            "model.overrides={in_channels: 2, image_size: 64, freeze_text: true}", f"data.batch_size={n_train}",
+            "data.augment=false", "data.num_workers=0", "train.epochs=1", "train.precision=32-true",
+            "train.progress=false", "eval.zeroshot=null", "eval.retrieval=false", *extra,
+        ]  # fmt: skip
+        run = run_training(load_config(repo / "configs" / "align" / "phantom.yaml", overrides))
+        return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+    manifest, shards = train("manifest"), train("shards", f"data.shards={tmp_path / 'shards'}")
+    assert shards["step"] == manifest["step"] == 1
+    assert shards["history"][0]["loss"] == pytest.approx(manifest["history"][0]["loss"], rel=1e-5)  # the same samples in another order
+    for key, value in manifest["model"].items():
+        torch.testing.assert_close(shards["model"][key], value, rtol=1e-4, atol=1e-5)

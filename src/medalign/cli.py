@@ -210,6 +210,28 @@ def data_split(
     typer.echo(f"wrote {out}: " + ", ".join(f"{s}={int(counts.get(s, 0))}" for s in SPLITS))
 
 
+@data_app.command("shard")
+def data_shard(
+    manifest: Annotated[Path, typer.Argument(help="Manifest to shard.")],
+    out: Annotated[Path, typer.Option(help="New or empty folder for the shards and index.json.")],
+    shard_size: Annotated[int, typer.Option(help="Samples per shard (the last of each split has fewer).")] = 1000,
+) -> None:
+    """Write a manifest as WebDataset tar shards (one split per shard) plus index.json.
+
+    Training reads them with `data.shards: DIR` in a recipe. Example:
+
+        medalign data shard data/busi.csv --out data/busi_shards --shard-size 500
+    """
+    from medalign.data.manifest import ManifestError, read_manifest
+    from medalign.data.shards import ShardError, read_shard_index, shard_summary, write_shards
+
+    try:
+        index = write_shards(read_manifest(manifest), out, shard_size, source=manifest.name)
+    except (ManifestError, ShardError) as err:
+        raise _fail(str(err)) from err
+    typer.echo(f"wrote {index}: {shard_summary(read_shard_index(out))}")
+
+
 @data_app.command("summary")
 def data_summary(
     manifest: Annotated[Path, typer.Argument(help="Manifest to describe.")],

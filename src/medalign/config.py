@@ -63,6 +63,12 @@ class DataConfig:
     text_max_length: int = 77
     text_from_labels: str | None = None  # templates (file or shipped name) that write text from labels
     drop_last: bool = True
+    # a folder of tar shards (`medalign data shard`) that training reads its train split from;
+    # evaluation still reads data.manifest. shard_buffer: shuffle buffer in samples (0: none);
+    # resample: draw shards with replacement (multi-node runs with uneven shards)
+    shards: str | None = None
+    shard_buffer: int = 256
+    resample: bool = False
 
 
 @dataclass
@@ -182,6 +188,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8  # AdamW's; larger makes steps on near-zero gradients proportional, not +-lr
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
@@ -409,6 +416,8 @@ def validate_ranges(config: RunConfig) -> None:
             config.task != "segment" or bool(config.data.mask),
             "task segment needs data.mask (the mask column)",
         ),
+        (config.data.shard_buffer >= 0, "data.shard_buffer must be >= 0"),
+        *_shard_checks(config),
         *_fuse_checks(config),
         *_pretrain_checks(config),
         *_clinical_checks(config),
@@ -418,6 +427,21 @@ def validate_ranges(config: RunConfig) -> None:
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _shard_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Shards freeze the rows: options that rewrite the manifest's rows cannot apply to them."""
+    if not config.data.shards:
+        return []
+    rewrites = [
+        ("data.modality_rows", config.data.modality_rows),
+        ("data.train_fraction", config.data.train_fraction < 1),
+        ("data.text_from_labels", bool(config.data.text_from_labels)),
+    ]
+    return [
+        (not used, f"{name} rewrites manifest rows, which data.shards cannot; shard a manifest that has them")
+        for name, used in rewrites
+    ]
 
 
 def _fuse_checks(config: RunConfig) -> list[tuple[bool, str]]:

@@ -32,7 +32,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,6 +131,28 @@ class ResumableSampler(torch.utils.data.Sampler):
         return len(self._order()) - self.start
 
 
+def streamed_batches(
+    samples: Iterable[Any],
+    size: int,
+    collate: Callable[[list[Any]], Batch],
+    *,
+    skip: int = 0,
+    drop_last: bool = True,
+) -> Iterator[Batch]:
+    """Batches of a sample stream (a shard dataset's loader), after skipping ``skip`` samples.
+
+    Batching here rather than in the workers keeps every batch whole whatever the worker count
+    (a worker's last partial batch would otherwise give ranks different step counts), and
+    skipping by samples resumes mid-epoch: a shard stream's samples and augmentations do not
+    depend on where reading started.
+    """
+    stream = itertools.islice(iter(samples), skip, None)
+    while chunk := list(itertools.islice(stream, size)):
+        if len(chunk) < size and drop_last:
+            return
+        yield collate(chunk)
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -150,7 +172,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = {"lr": config.lr, "betas": tuple(config.betas)}
+    kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:
         # One fused kernel per step instead of about ten ops per tensor (on the CPU, where
         # torch's default is that per-tensor loop, the step takes a third of the time); same update.
@@ -234,13 +256,23 @@ class Engine:
                 f"{cfg.accumulate} micro-batches: it is the global contrastive batch"
             )
         local_batch = batch_size // fabric.world_size
-        sampler = ResumableSampler(
-            len(dataset), seed=cfg.seed, rank=fabric.global_rank, world_size=fabric.world_size
-        )
-        steps_per_epoch = len(sampler) // local_batch if drop_last else math.ceil(len(sampler) / local_batch)
+        streamed = isinstance(dataset, torch.utils.data.IterableDataset)
+        sampler = None
+        if streamed:  # shards: the dataset splits itself over ranks and workers
+            dataset.set_distributed(fabric.global_rank, fabric.world_size)
+            per_rank = len(dataset)
+        else:
+            sampler = ResumableSampler(
+                len(dataset), seed=cfg.seed, rank=fabric.global_rank, world_size=fabric.world_size
+            )
+            per_rank = len(sampler)
+        steps_per_epoch = per_rank // local_batch if drop_last else math.ceil(per_rank / local_batch)
         if steps_per_epoch == 0:
             raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch of {batch_size}")
         total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
+        # train() explicitly: models keep frozen towers in eval mode (no dropout) only through their
+        # train(), and a freshly built module is in train mode without having called it
+        task.model.train()
         optimizer = build_optimizer(task.model, self.optim)
         scheduler = build_scheduler(optimizer, self.optim, total_steps)
         task.model, optimizer = fabric.setup(task.model, optimizer)
@@ -252,19 +284,33 @@ class Engine:
             fabric.print(f"resumed from {self.checkpoint_path} at step {state.step}")
         progress = self._progress(total_steps, state.step)
         while state.step < total_steps and state.epoch < cfg.epochs:
-            sampler.set_epoch(state.epoch, start=state.batch_in_epoch * local_batch)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=local_batch,
-                sampler=sampler,
-                num_workers=num_workers,
-                collate_fn=collate,
-                drop_last=drop_last,
-                persistent_workers=False,
-                # its own generator: creating a loader must not draw from the global RNG, or a
-                # resumed run (which creates one more loader) would draw different dropout masks
-                generator=torch.Generator().manual_seed(cfg.seed * 7919 + state.epoch),
-            )
+            start = state.batch_in_epoch * local_batch
+            # its own generator: creating a loader must not draw from the global RNG, or a resumed
+            # run (which creates one more loader) would draw different dropout masks
+            generator = torch.Generator().manual_seed(cfg.seed * 7919 + state.epoch)
+            if sampler is None:  # a streamed (sharded) dataset: batches are formed after the workers
+                dataset.set_epoch(state.epoch)
+                loader = streamed_batches(
+                    torch.utils.data.DataLoader(
+                        dataset, batch_size=None, num_workers=num_workers, generator=generator
+                    ),
+                    local_batch,
+                    collate,
+                    skip=start,
+                    drop_last=drop_last,
+                )
+            else:
+                sampler.set_epoch(state.epoch, start=start)
+                loader = torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=local_batch,
+                    sampler=sampler,
+                    num_workers=num_workers,
+                    collate_fn=collate,
+                    drop_last=drop_last,
+                    persistent_workers=False,
+                    generator=generator,
+                )
             failure = LoadingFailure(dataset, sampler, local_batch, state)
             try:
                 finished = self._run_epoch(
@@ -532,7 +578,9 @@ class LoadingFailure:
     cases of the batch being waited for, from the sampler's order.
     """
 
-    def __init__(self, dataset: Any, sampler: ResumableSampler, batch_size: int, state: TrainState) -> None:
+    def __init__(
+        self, dataset: Any, sampler: ResumableSampler | None, batch_size: int, state: TrainState
+    ) -> None:
         self.dataset, self.sampler, self.batch_size, self.state = dataset, sampler, batch_size, state
 
     def guard(self, loader: Any) -> Iterator[Batch]:
@@ -563,6 +611,8 @@ class LoadingFailure:
 
     def cases(self, batch: int) -> str:
         """The epoch's ``batch``: its case ids when the dataset knows them, else its indices."""
+        if self.sampler is None:  # streamed from shards: no index order to look up
+            return f"batch {batch + 1} of the stream"
         order = self.sampler._order()
         first = batch * self.batch_size
         indices = order[first : first + self.batch_size]

@@ -251,6 +251,28 @@ def subsample_train(manifest: Manifest, fraction: float, seed: int) -> Manifest:
     return manifest.subset(~train | table["patient_id"].isin(keep))
 
 
+def training_source(config: RunConfig, dataset: ManifestDataset) -> Any:
+    """The train split as the recipe asks to read it: ``dataset`` itself, or the same from shards."""
+    if not config.data.shards:
+        return dataset
+    from medalign.data.shards import ShardDataset
+
+    shards = ShardDataset.like(
+        dataset,
+        config.data.shards,
+        "train",
+        seed=config.train.seed,
+        buffer=config.data.shard_buffer,
+        resample=config.data.resample,
+    )
+    if shards.total != len(dataset):
+        raise ValueError(
+            f"data.shards '{config.data.shards}' holds {shards.total} train samples but the manifest's "
+            f"train split has {len(dataset)}: shard the manifest the run reads (medalign data shard)"
+        )
+    return shards
+
+
 def fit_and_save(
     config: RunConfig,
     out: Path,
@@ -275,7 +297,7 @@ def fit_and_save(
     start = time.perf_counter()
     state = engine.fit(
         task,
-        dataset,
+        training_source(config, dataset),
         collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
         batch_size=config.data.batch_size,
         num_workers=config.data.num_workers,

@@ -731,3 +731,20 @@ def test_png_size_field_that_exhausts_memory_is_named(
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load_end", exhaust)
     with pytest.raises(ImageReadError, match=r"big\.png': corrupt PNG data \(MemoryError\)"):
         read_image(_png(tmp_path / "big.png", _gray()))
+
+
+def test_read_image_bytes_gives_read_images_array(tmp_path: Path) -> None:
+    """Tar shard members decode like the files they were copied from, content before suffix."""
+    from medalign.data.readers import ImageReadError, read_image, read_image_bytes
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "b.npy", rng.normal(size=(4, 9, 7)).astype(np.float32))
+    for name in ("a.png", "b.npy"):
+        path = tmp_path / name
+        got = read_image_bytes(path.read_bytes(), path.suffix, name=f"shard/{name}")
+        assert np.array_equal(got.array, read_image(path).array) and got.meta["path"] == f"shard/{name}"
+    as_jpeg = read_image_bytes((tmp_path / "a.png").read_bytes(), ".jpg")  # renamed: content decides
+    assert as_jpeg.meta["format"] == "png" and as_jpeg.meta["format_mismatch"]
+    with pytest.raises(ImageReadError, match=r"shard/x\.png.*not a valid PNG"):
+        read_image_bytes(b"not an image at all", ".png", name="shard/x.png")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medalign.data.manifest import Manifest
-from medalign.data.readers import ImageReadError, read_image
+from medalign.data.readers import ImageData, ImageReadError, read_image
 from medalign.data.transforms import (
     AugmentConfig,
     PreprocessConfig,
@@ -106,12 +106,25 @@ class ManifestDataset(Dataset):
         row = self.manifest.table.iloc[index]  # looked up once: pandas row access costs ~0.1 ms
         try:
             arrays = self._preprocessed(index, row)
-            sample = self.augment(dict(arrays))
         except SampleError:
             raise
-        except Exception as err:  # a decoded file that preprocessing or augmentation rejects
+        except Exception as err:  # a decoded file that preprocessing rejects
             raise SampleError(
                 f"{self._describe(index)}: {type(err).__name__}: {' '.join(str(err).split())}"
+            ) from err
+        return self.assemble(arrays, row, index)
+
+    def assemble(self, arrays: Sample, row: Mapping[str, Any], index: int) -> Sample:
+        """The sample of a row from its preprocessed arrays: augmentation, absent modalities, row fields.
+
+        Public so that a :class:`~medalign.data.shards.ShardDataset` builds its samples with
+        exactly this code from the same row read out of a shard.
+        """
+        try:
+            sample = self.augment(dict(arrays))
+        except Exception as err:  # arrays that augmentation rejects: name the case
+            raise SampleError(
+                f"case {row['case_id']!r} (row {index + 1}): {type(err).__name__}: {' '.join(str(err).split())}"
             ) from err
         present = [k in arrays for k in self.image_keys]
         reference = next((sample[k] for k in self.image_keys if k in sample), None)
@@ -132,13 +145,13 @@ class ManifestDataset(Dataset):
         files = [str(self.manifest.resolve(row[k])) for k in self.image_keys + self.mask_keys if row[k] != ""]
         return f"case {row['case_id']!r} (row {index + 1}), files {files}"
 
-    def _row_fields(self, row: Any) -> Sample:
+    def _row_fields(self, row: Mapping[str, Any]) -> Sample:
         fields: Sample = {"case_id": row["case_id"], "text": row.get("text", "")}
         if self.label_key:
             value = row[self.label_key]
             fields["label"] = self._class_index.get(value, -1) if value != "" else -1
         fields["attrs"] = {c.split(":", 1)[1]: row[c] for c in self.manifest.attr_columns}
-        if "time" in row.index and row["time"] != "":
+        if row.get("time", "") != "":
             fields["time"] = float(row["time"])
             fields["event"] = float(row["event"])
         return fields
@@ -151,8 +164,8 @@ class ManifestDataset(Dataset):
             with np.load(cache_file) as stored:
                 arrays = {k: stored[k] for k in stored.files}
         else:
-            arrays = self.preprocess(self._load(index, row))
-            arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+            raw = self.load_arrays(row, index, lambda _column, cell: read_image(self.manifest.resolve(cell)))
+            arrays = self.preprocessed(raw)
             if cache_file is not None:
                 tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")
                 np.savez(tmp, **arrays)
@@ -168,14 +181,25 @@ class ManifestDataset(Dataset):
         assert self._disk is not None
         return self._disk / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
 
-    def _load(self, index: int, row: Any) -> Sample:
+    def preprocessed(self, raw: Sample) -> Sample:
+        """Resizing and normalisation of :meth:`load_arrays`'s arrays, as float32 numpy arrays."""
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.preprocess(raw).items()}
+
+    def load_arrays(
+        self, row: Mapping[str, Any], index: int, read: Callable[[str, str], ImageData]
+    ) -> Sample:
+        """The row's images and masks, channels first; ``read(column, cell)`` gives a cell's image.
+
+        The manifest reads files; a shard reads the cell's bytes from the tar, so both apply
+        the same channel rules and raise the same errors (naming case, row and column).
+        """
         arrays: Sample = {}
         for key in self.image_keys + self.mask_keys:
             cell = row[key]
             if cell == "":
                 continue
             try:
-                array = to_channel_first(read_image(self.manifest.resolve(cell)).array)
+                array = to_channel_first(read(key, cell).array)
             except ImageReadError as err:
                 raise SampleError(
                     f"case {row['case_id']!r} (row {index + 1}), column '{key}': {err}"

@@ -18,8 +18,10 @@ Conventions shared by all formats:
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ __all__ = [
     "image_format",
     "parse_image_ref",
     "read_image",
+    "read_image_bytes",
+    "storage_suffix",
 ]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (
@@ -205,6 +209,12 @@ def image_format(path: Path) -> str:
     )
 
 
+def storage_suffix(path: Path) -> str:
+    """The suffix that names ``path``'s format, for a copy of its bytes (suffix-less DICOM -> ``.dcm``)."""
+    suffix = _suffix_of(Path(path))
+    return suffix if suffix in _SUFFIX_FORMATS else {"dicom": ".dcm"}[image_format(Path(path))]
+
+
 # How many leading bytes :func:`sniff_formats` needs (the NIfTI-1 magic ends at byte 348).
 SNIFF_BYTES = 352
 
@@ -255,9 +265,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _content_hint(path: Path, expected: str) -> str:
+def _content_hint(path: Path, expected: str, data: bytes | None = None) -> str:
     """Point at the real content when a decoder fails, since a renamed file is the usual cause."""
-    other = [fmt for fmt in _sniff_formats(path) if fmt != expected]
+    found = sniff_formats(data[:SNIFF_BYTES]) if data is not None else _sniff_formats(path)
+    other = [fmt for fmt in found if fmt != expected]
     return f"; the content looks like {other[0].upper()}" if other else ""
 
 
@@ -300,12 +311,13 @@ def _pil_to_array(img: Any) -> np.ndarray:
     return array
 
 
-def _read_pillow(path: Path, expected: str) -> _Decoded:
+def _read_pillow(path: Path, expected: str, data: bytes | None = None) -> _Decoded:
+    """Decode with Pillow from ``path``, or from ``data`` (in memory) with ``path`` naming it in errors."""
     from PIL import Image, UnidentifiedImageError
 
     label = expected.upper()
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()  # Image.open only parses the header; decoding is where truncation surfaces
             detected = _PIL_FORMATS.get(img.format or "", (img.format or "unknown").lower())
             mode = img.mode
@@ -313,7 +325,8 @@ def _read_pillow(path: Path, expected: str) -> _Decoded:
             array = _pil_to_array(img)
     except UnidentifiedImageError as exc:
         reason = (
-            f"not a valid {label} image (Pillow cannot identify the content{_content_hint(path, expected)})"
+            f"not a valid {label} image (Pillow cannot identify the content"
+            f"{_content_hint(path, expected, data)})"
         )
         raise ImageReadError.for_file(path, reason) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as exc:
@@ -922,7 +935,19 @@ def read_image(
     content = _sniff_formats(path)
     fmt = suffix_format if suffix_format in content or not content else content[0]
 
-    decoded = _load(path, fmt, apply_window)
+    return _finish(_load(path, fmt, apply_window), path, suffix_format, index, axis, channel, dtype)
+
+
+def _finish(
+    decoded: _Decoded,
+    path: Path,
+    suffix_format: str,
+    index: int | None = None,
+    axis: int = 0,
+    channel: int | None = None,
+    dtype: DTypeLike | None = None,
+) -> ImageData:
+    """Checks, selection and meta that every decoded image goes through, from a file or from bytes."""
     decoded.array = _check_dtype(decoded.array, path)
     _check_finite(decoded.array, path)
     if index is not None:
@@ -942,3 +967,31 @@ def read_image(
     if meta["format_mismatch"]:
         meta["suffix_format"] = suffix_format
     return ImageData(array=array, spacing=decoded.spacing, meta=meta)
+
+
+_PILLOW_FORMATS = ("png", "jpeg", "bmp")
+
+
+def read_image_bytes(data: bytes, suffix: str, *, name: str = "<bytes>") -> ImageData:
+    """:func:`read_image` for a file's bytes (a tar shard member), giving the identical array.
+
+    ``suffix`` (``".png"``, ``".nii.gz"``...) plays the file name's part and the content decides
+    the decoder, as for files. PNG/JPEG/BMP decode in memory; formats whose libraries want a
+    file (NIfTI, DICOM, TIFF, NumPy) go through a temporary file, so their rules stay in one place.
+    ``name`` stands for the file in error messages.
+    """
+    label = Path(name)
+    suffix_format = _SUFFIX_FORMATS.get(suffix.lower())
+    if suffix_format is None:
+        raise ImageReadError.for_file(label, f"unsupported file suffix {suffix!r}")
+    if not data:
+        raise ImageReadError.for_file(label, "file is empty (0 bytes)")
+    content = sniff_formats(data[:SNIFF_BYTES])
+    fmt = suffix_format if suffix_format in content or not content else content[0]
+    if fmt in _PILLOW_FORMATS:
+        return _finish(_read_pillow(label, fmt, data), label, suffix_format)
+    with tempfile.TemporaryDirectory(prefix="medalign-") as folder:
+        path = Path(folder) / f"image{suffix.lower()}"
+        path.write_bytes(data)
+        image = read_image(path)
+    return ImageData(image.array, image.spacing, {**image.meta, "path": name})

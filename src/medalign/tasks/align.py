@@ -26,6 +26,12 @@ class AlignTask:
         self.model = model
         self.image_keys = list(image_keys)
         self.use_tokens = loss.local_weight > 0
+        if not self.use_tokens:
+            # Without the local loss the token projections get no gradient; DDP refuses trainable
+            # parameters that take no part in the loss, and AdamW skips them anyway (grad None).
+            for name in ("image_token_proj", "text_token_proj"):
+                if hasattr(model, name):
+                    getattr(model, name).requires_grad_(False)
         self.use_labels = loss.soft_targets == "labels"
         self.criterion = ContrastiveLoss(
             kind=loss.kind, local_weight=loss.local_weight, soft_targets=loss.soft_targets
