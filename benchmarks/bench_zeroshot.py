@@ -104,15 +104,15 @@ def main() -> None:
         body = (
             f"{IMAGES} images (128 px RGB), 3 classes x {TEMPLATES} templates, batch {BATCH}, towers of the "
             "alignment-step benchmark with identical weights; median of "
-            f"{args.rounds} interleaved rounds. Reference: `CLIPModel` fp32 with every prompt in each forward "
-            "(the transformers zero-shot pipeline's way). medalign: `ZeroShotClassifier` (class embeddings "
+            f"{args.rounds} interleaved rounds. Reference: `CLIPModel` fp32 with every prompt encoded again in "
+            "each batch (the transformers zero-shot pipeline's way) and CLIP's class-mean ensemble. medalign: `ZeroShotClassifier` (class embeddings "
             f"once) + bf16 image embedding. Machine: {benchlib.machine()}.\n\n"
             "| setup | images/s | ÷ reference |\n|---|---|---|\n"
             f"| transformers CLIPModel, fp32, prompts per batch | {speed['reference']:.1f} | 1.00 |\n"
             f"| medalign zero-shot (bf16, cached class embeddings) | {speed['ours']:.1f} | "
             f"{speed['ours'] / speed['reference']:.2f} |\n\n"
             f"Predicted classes agree with the reference's on {100 * exact:.1f}% of the images for medalign in "
-            f"fp32 and {100 * agreement:.1f}% in bf16 (random weights: near-ties everywhere)."
+            f"fp32 and {100 * agreement:.1f}% in bf16 (bf16 rounding can flip near-ties)."
         )
         benchlib.write_section("throughput", body, script="bench_zeroshot", title="Zero-shot throughput")
 
