@@ -379,6 +379,7 @@ class InstructModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         use_cache: bool = True,
+        no_repeat_ngram_size: int = 0,
         streamer: Any = None,
     ) -> list[str]:
         """The assistant's next answer for each conversation (images in placeholder order)."""
@@ -397,6 +398,7 @@ class InstructModel(nn.Module):
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             use_cache=use_cache,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             streamer=streamer,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
