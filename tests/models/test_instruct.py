@@ -160,3 +160,9 @@ def test_no_repeat_ngram_guard_keeps_every_answer_token_distinct(model: Instruct
     assert len(ids) == len(set(ids))
     looping = model.tokenizer(model.chat(image, "describe", max_new_tokens=24), add_special_tokens=False)
     assert len(looping["input_ids"]) > len(set(looping["input_ids"]))
+
+
+def test_uncached_decoding_is_greedy_only(model: InstructModel) -> None:
+    """transformers re-enables its cache from inputs_embeds, so the uncached path is the model's own."""
+    with pytest.raises(ValueError, match="greedily only"):
+        model.chat(torch.rand(1, 1, 32, 32), "describe", max_new_tokens=4, use_cache=False, do_sample=True)
