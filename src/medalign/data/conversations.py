@@ -18,8 +18,7 @@ Sources (``conversation_rows(manifest, source)``):
   count, the side, whether each zone holds a lesion (yes/no) and the diagnosis. One row per
   question, which the row asks first (``attr:kind``/``attr:options`` describe it, evaluation
   asks only it); the case's other questions follow as further turns, so a training step
-  teaches six answers per image encoded (6x the answer supervision of one-question rows for
-  about 1.5x the step time on the phantom recipe).
+  teaches six answers per image encoded instead of one (the image is the step's main cost).
 """
 
 from __future__ import annotations
