@@ -91,11 +91,12 @@ def test_shipped_recipe_stages_validate() -> None:
     from medalign.curriculum import load_curriculum, stage_config
 
     curriculum = load_curriculum(RECIPE)
-    stages = [stage_config(curriculum, [1]), stage_config(curriculum, [1, 2])]
+    stages = [stage_config(curriculum, [1]), stage_config(curriculum, [1, 2]), stage_config(curriculum, [1, 2, 3])]
     for stage in stages:
         validate_ranges(stage)
-    assert [s.instruct.stage for s in stages] == ["projector", "full"]
-    assert stages[1].model.init_from and stages[1].model.init_from.endswith("stages_1/bundle")
+    assert [s.task for s in stages] == ["align", "instruct", "instruct"]  # the ViT is aligned first
+    assert [s.instruct.stage for s in stages[1:]] == ["projector", "full"]
+    assert stages[2].model.init_from and stages[2].model.init_from.endswith("stages_1-2/bundle")
 
 
 def test_recipe_checks() -> None:
@@ -142,7 +143,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_model(cases: Path, tmp
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
         if kill_at:
             env["MEDALIGN_KILL_AT_STEP"] = str(kill_at)
-        args = [sys.executable, "-m", "medalign.cli", "train", "--config", str(RECIPE), "--stages", "2",
+        args = [sys.executable, "-m", "medalign.cli", "train", "--config", str(RECIPE), "--stages", "3",
                 f"out={out}", f"data.manifest={cases}", "data.phantom=null", "data.batch_size=8",
                 "train.max_steps=5", "train.checkpoint_every=2", "train.progress=false",
                 "model.overrides.image_size=32", "instruct.eval_untuned=false", "instruct.max_eval_rows=4",
@@ -151,10 +152,10 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_model(cases: Path, tmp
 
     assert train(tmp_path / "straight") == 0
     assert train(tmp_path / "killed", kill_at=3) == -9
-    assert not (tmp_path / "killed" / "stages_2" / "bundle").exists()
+    assert not (tmp_path / "killed" / "stages_3" / "bundle").exists()
     assert train(tmp_path / "killed") == 0
-    expected = load_file(tmp_path / "straight" / "stages_2" / "bundle" / "model.safetensors")
-    resumed = load_file(tmp_path / "killed" / "stages_2" / "bundle" / "model.safetensors")
+    expected = load_file(tmp_path / "straight" / "stages_3" / "bundle" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "stages_3" / "bundle" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key

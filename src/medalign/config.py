@@ -178,6 +178,7 @@ class InstructConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
+    no_repeat_ngram_size: int = 0  # > 0: no token n-gram twice in an answer (long captions loop without it)
     max_eval_rows: int | None = None  # None: every row of the split
     eval_untuned: bool = True  # also score the model as it starts (before this run's training)
     retrieval_baseline: bool = True  # the answer of the nearest training image to the same question
@@ -508,6 +509,7 @@ def _instruct_checks(config: RunConfig) -> list[tuple[bool, str]]:
     settings = config.instruct
     return [
         (settings.max_new_tokens >= 1, "instruct.max_new_tokens must be >= 1"),
+        (settings.no_repeat_ngram_size >= 0, "instruct.no_repeat_ngram_size must be >= 0 (0 = off)"),
         (settings.temperature > 0, "instruct.temperature must be > 0"),
         (0 < settings.top_p <= 1, "instruct.top_p must be in (0, 1]"),
         (settings.max_eval_rows is None or settings.max_eval_rows >= 1, "instruct.max_eval_rows must be >= 1"),

@@ -31,8 +31,11 @@ def test_phantom_manifest_gives_one_row_per_question_in_the_case_split(tmp_path:
     first = rows.table[rows.table["case_id"].str.startswith("ph0000/")]
     assert set(first["split"]) == set(manifest.table.loc[manifest.table.case_id == "ph0000", "split"])
     assert set(first["attr:kind"]) == {"count", "side", "zone", "diagnosis"}
-    turns = turns_of(first.iloc[0]["attr:conversation"], "row")
-    assert [t["from"] for t in turns] == ["human", "gpt"]
+    conversations = [turns_of(c, "row") for c in first["attr:conversation"]]
+    assert all([t["from"] for t in turns] == ["human", "gpt"] * 6 for turns in conversations)
+    # each row asks its own question first, and the same six questions in all
+    assert len({turns[0]["value"] for turns in conversations}) == 6
+    assert len({frozenset(t["value"] for t in turns[::2]) for turns in conversations}) == 1
 
 
 def test_report_sections_become_questions_and_plain_text_a_caption() -> None:
@@ -45,7 +48,9 @@ def test_report_sections_become_questions_and_plain_text_a_caption() -> None:
 
 
 def test_llava_rows_keep_their_conversation_and_yes_no_is_closed() -> None:
-    closed = json.dumps([{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "Yes."}])
+    closed = json.dumps(
+        [{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "Yes."}]
+    )
     table = pd.DataFrame({"case_id": ["a"], "image": ["a.png"], "attr:conversation": [closed]})
     rows, _ = conversation_rows(Manifest(table, Path("."), ManifestMeta()), "auto")
     assert rows.table.iloc[0]["attr:kind"] == "closed" and rows.table.iloc[0]["attr:options"] == "yes|no"

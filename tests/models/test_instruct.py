@@ -150,3 +150,19 @@ def test_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="model_type"):
         InstructModelConfig(vision={"kind": "clip_vision"}, text={"kind": "auto_text"}, lm={})
     assert create_model("instruct_tiny", **SMALL).config.lm["model_type"] == "llama"  # lm overrides merge
+
+
+def test_no_repeat_ngram_guard_keeps_every_answer_token_distinct(model: InstructModel) -> None:
+    """The captions' loop guard reaches the LM: with n = 1 no token comes twice (a random LM repeats)."""
+    image = torch.rand(1, 1, 32, 32)
+    ids = model.tokenizer(model.chat(image, "describe", max_new_tokens=24, no_repeat_ngram_size=1),
+                          add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert len(ids) == len(set(ids))
+    looping = model.tokenizer(model.chat(image, "describe", max_new_tokens=24), add_special_tokens=False)
+    assert len(looping["input_ids"]) > len(set(looping["input_ids"]))
+
+
+def test_uncached_decoding_is_greedy_only(model: InstructModel) -> None:
+    """transformers re-enables its cache from inputs_embeds, so the uncached path is the model's own."""
+    with pytest.raises(ValueError, match="greedily only"):
+        model.chat(torch.rand(1, 1, 32, 32), "describe", max_new_tokens=4, use_cache=False, do_sample=True)

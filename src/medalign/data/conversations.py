@@ -15,7 +15,10 @@ Sources (``conversation_rows(manifest, source)``):
 * ``report``: each section of a report ("Findings: ...", "Impression: ...") as a question and
   its answer; a report without known headings becomes a caption;
 * ``phantom``: closed questions with known answers from the phantom's attributes: the lesion
-  count, the side, whether each zone holds a lesion (yes/no) and the diagnosis.
+  count, the side, whether each zone holds a lesion (yes/no) and the diagnosis. One row per
+  question, which the row asks first (``attr:kind``/``attr:options`` describe it, evaluation
+  asks only it); the case's other questions follow as further turns, so a training step
+  teaches six answers per image encoded instead of one (the image is the step's main cost).
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ def phantom_questions(attrs: dict[str, str], label: str) -> list[Question]:
         answer = "yes" if zone in zones else "no"
         questions.append(("zone", f"Is there a lesion in the {zone} zone?", answer, YES_NO))
     if label:
-        questions.append(("diagnosis", "What is the diagnosis: normal, benign or malignant?", label, DIAGNOSES))
+        questions.append(
+            ("diagnosis", "What is the diagnosis: normal, benign or malignant?", label, DIAGNOSES)
+        )
     return questions
 
 
@@ -73,8 +78,12 @@ def report_sections(text: str) -> list[tuple[str, str]]:
     return sections
 
 
-def _turns(question: str, answer: str) -> str:
-    return json.dumps([{"from": "human", "value": question}, {"from": "gpt", "value": answer}])
+def _turns(question: str, answer: str, *more: tuple[str, str]) -> str:
+    """LLaVA's JSON turns: the question and its answer, then any further (question, answer) pairs."""
+    pairs = [(question, answer), *more]
+    return json.dumps(
+        [turn for q, a in pairs for turn in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+    )
 
 
 def _caption(row: pd.Series) -> list[tuple[str, str, str]]:
@@ -93,11 +102,15 @@ def _phantom(row: pd.Series) -> list[tuple[str, str, str]]:
     attrs = {c.split(":", 1)[1]: str(row[c]) for c in row.index if c.startswith("attr:")}
     missing = [k for k in ("count", "side", "zone") if k not in attrs]
     if missing:
-        raise ValueError(f"case {row['case_id']!r}: phantom conversations need attr:{missing[0]} (a phantom manifest)")
-    return [
-        (kind, _turns(question, answer), "|".join(options))
-        for kind, question, answer, options in phantom_questions(attrs, str(row.get("label", "")))
-    ]
+        raise ValueError(
+            f"case {row['case_id']!r}: phantom conversations need attr:{missing[0]} (a phantom manifest)"
+        )
+    asked = phantom_questions(attrs, str(row.get("label", "")))
+    rows = []
+    for k, (kind, question, answer, options) in enumerate(asked):
+        others = [(q, a) for j, (_, q, a, _) in enumerate(asked) if j != k]
+        rows.append((kind, _turns(question, answer, *others), "|".join(options)))
+    return rows
 
 
 def _llava(row: pd.Series) -> list[tuple[str, str, str]]:

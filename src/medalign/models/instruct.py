@@ -379,30 +379,70 @@ class InstructModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         use_cache: bool = True,
+        no_repeat_ngram_size: int = 0,
         streamer: Any = None,
     ) -> list[str]:
-        """The assistant's next answer for each conversation (images in placeholder order)."""
+        """The assistant's next answer for each conversation (images in placeholder order).
+
+        ``use_cache=False`` decodes greedily with ``greedy_without_cache``: transformers' own
+        ``generate`` turns the KV cache back on whenever it starts from ``inputs_embeds``.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not use_cache and (do_sample or no_repeat_ngram_size or streamer is not None):
+            raise ValueError("use_cache=False decodes greedily only (no sampling, n-gram guard or streaming)")
         input_ids, attention_mask = self.prompt_batch(conversations)
         device = self.pixel_mean.device
         embeds, mask, _ = self.splice(
             input_ids.to(device), attention_mask.to(device), self.image_embeddings(pixel_values.to(device)),
             left_pad=True,
         )  # fmt: skip
+        if not use_cache:
+            out = self.greedy_without_cache(embeds.to(self.lm.dtype), mask, max_new_tokens)
+            return [t.strip() for t in self._tokenizer.batch_decode(out, skip_special_tokens=True)]
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         out = self.lm.generate(
             inputs_embeds=embeds.to(self.lm.dtype),
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            use_cache=use_cache,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             streamer=streamer,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
             **sampling,
         )
         return [t.strip() for t in self._tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def greedy_without_cache(
+        self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, stop_at_eos: bool = True
+    ) -> torch.Tensor:
+        """``[B, new]`` greedy token ids, the LM run over the whole sequence at every step.
+
+        The reference that shows what the KV cache saves (and that it changes no answer).
+        Positions follow the left-padded mask as in ``generate``; finished rows get padding.
+        """
+        table = self.lm.get_input_embeddings()
+        done = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            token = logits.argmax(-1).masked_fill(done, self.pad_id)
+            tokens.append(token)
+            done |= token == self.eos_id
+            if stop_at_eos and bool(done.all()):
+                break
+            embeds = torch.cat([embeds, table(token)[:, None].to(embeds.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        return torch.stack(tokens, dim=1)
 
     def chat(
         self,

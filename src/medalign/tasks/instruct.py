@@ -236,6 +236,7 @@ def split_answers(
             out["generated"] += model.generate(
                 prompts, pixels, max_new_tokens=settings.max_new_tokens, do_sample=settings.decoding == "sample",
                 temperature=settings.temperature, top_p=settings.top_p,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size,
             )  # fmt: skip
     return out
 
