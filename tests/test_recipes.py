@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not is_curriculum(p))
 CURRICULA = sorted((REPO / "configs" / "curriculum").glob("*.yaml"))
 SEPARATE_INPUTS = ("pretrain", "clinical")  # every modality its own input of one shared tower
-BUNDLE_KINDS = {"pretrain": "pretrain", "clinical": "clinical", "report": "report"}
+BUNDLE_KINDS = {"pretrain": "pretrain", "clinical": "clinical", "report": "report", "instruct": "instruct"}
 IMPORT_LINE = re.compile(r"^# Import first:\s+(medalign data import .+)$", re.MULTILINE)
 
 
