@@ -44,49 +44,47 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_phantom(tmp_path_factory.mktemp("phantom"), PhantomConfig(n=40, size=64))
 
 
+def trained(recipe: str, name: str, factory: pytest.TempPathFactory, *overrides: str) -> Path:
+    """One short run of a shipped recipe in a fresh folder."""
+    out = factory.mktemp("runs") / name
+    config = load_config(REPO / "configs" / recipe, [f"out={out}", *overrides, *FAST])
+    return run_training(config, echo=lambda *_: None)
+
+
 @pytest.fixture(scope="module")
 def segment_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = load_config(
-        REPO / "configs" / "segment" / "phantom_text.yaml",
-        [
-            f"out={tmp_path_factory.mktemp('runs') / 'segment'}",
-            f"data.manifest={phantom.with_name('prompts.csv')}",
-            "model.name=unet",
-            "model.overrides={in_channels: 2, image_size: 64, channels: [8, 16, 32, 64]}",
-            *FAST,
-        ],
+    return trained(
+        "segment/phantom_text.yaml",
+        "segment",
+        tmp_path_factory,
+        f"data.manifest={phantom.with_name('prompts.csv')}",
+        "model.name=unet",
+        "model.overrides={in_channels: 2, image_size: 64, channels: [8, 16, 32, 64]}",
     )
-    return run_training(config, echo=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
 def clinical_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = load_config(
-        REPO / "configs" / "clinical" / "phantom.yaml",
-        [
-            f"out={tmp_path_factory.mktemp('runs') / 'clinical'}",
-            f"data.manifest={phantom}",
-            "model.overrides.image_size=32",
-            "data.eval_batch_size=32",
-            *FAST,
-        ],
+    return trained(
+        "clinical/phantom.yaml",
+        "clinical",
+        tmp_path_factory,
+        f"data.manifest={phantom}",
+        "model.overrides.image_size=32",
+        "data.eval_batch_size=32",
     )
-    return run_training(config, echo=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
 def align_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = load_config(
-        REPO / "configs" / "align" / "phantom.yaml",
-        [
-            f"out={tmp_path_factory.mktemp('runs') / 'align'}",
-            f"data.manifest={phantom}",
-            "model.name=align_tiny",
-            "model.overrides={in_channels: 2, image_size: 64}",
-            *FAST,
-        ],
+    return trained(
+        "align/phantom.yaml",
+        "align",
+        tmp_path_factory,
+        f"data.manifest={phantom}",
+        "model.name=align_tiny",
+        "model.overrides={in_channels: 2, image_size: 64}",
     )
-    return run_training(config, echo=lambda *_: None)
 
 
 def images(page: str) -> dict[str, bytes]:
