@@ -43,6 +43,7 @@ SUITE: tuple[Bench, ...] = (
     Bench("data", ("bench_data.py",), "speed", ("kvasir-seg",)),
     Bench("align_step", ("bench_align_step.py",), "speed"),
     Bench("gradcache_memory", ("bench_gradcache_memory.py",), "speed"),
+    Bench("segment_step", ("bench_segment.py", "step"), "speed"),
     Bench("sliding", ("bench_segment.py", "sliding"), "speed"),
     Bench("moe", ("bench_moe.py",), "speed"),
     Bench("pretrain_step", ("bench_pretrain.py",), "speed"),

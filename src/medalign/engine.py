@@ -275,6 +275,8 @@ class Engine:
         task.model.train()
         optimizer = build_optimizer(task.model, self.optim)
         scheduler = build_scheduler(optimizer, self.optim, total_steps)
+        if cfg.compile:  # Fabric unwraps it, wraps the plain module (DDP, precision) and recompiles
+            task.model = torch.compile(task.model)
         task.model, optimizer = fabric.setup(task.model, optimizer)
         state = TrainState()
         if fabric.global_rank == 0:

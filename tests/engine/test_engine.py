@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medalign.engine import KILL_AT_STEP_ENV, ResumableSampler, split_batch
+from medalign.engine import CHECKPOINT_NAME, KILL_AT_STEP_ENV, ResumableSampler, split_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import ToyData, collate, train
@@ -154,3 +154,31 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     distributed = torch.load(ddp / "final.pt", weights_only=True)
     for key, value in expected.items():
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_matches_eager_and_resumes_from_plain_checkpoints(tmp_path: Path) -> None:
+    """train.compile changes how the forward runs, not what is learnt or what a checkpoint holds:
+    a compiled run killed midway resumes without compiling and ends where an eager run ends."""
+    eager, _ = train(tmp_path / "eager", steps=3, gathered=True)  # gathered: no dropout (its RNG differs)
+    compiled, _ = train(tmp_path / "compiled", steps=3, gathered=True, compile=True)
+    for key, value in _weights(eager).items():
+        torch.testing.assert_close(_weights(compiled)[key], value, rtol=1e-4, atol=1e-5)
+
+    env = {**os.environ, "PYTHONPATH": str(TOY.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run([sys.executable, str(TOY), str(reference), "--gathered"], check=True, env=env, timeout=300)
+    first = subprocess.run(
+        [sys.executable, str(TOY), str(killed), "--gathered", "--compile"],
+        env={**env, KILL_AT_STEP_ENV: "5"},
+        timeout=600,
+    )
+    assert first.returncode == -9
+    checkpoint = torch.load(killed / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
+    assert set(checkpoint["model"]) == set(_weights(eager))  # no "_orig_mod." prefixes
+    subprocess.run(
+        [sys.executable, str(TOY), str(killed), "--gathered", "--resume"], check=True, env=env, timeout=300
+    )
+    expected = torch.load(reference / "final.pt", weights_only=True)
+    resumed = torch.load(killed / "final.pt", weights_only=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5)

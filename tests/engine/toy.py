@@ -95,6 +95,7 @@ def train(
     devices: int = 1,
     data: ToyData | None = None,
     num_workers: int = 0,
+    compile: bool = False,
 ):
     torch.manual_seed(0)
     model = ToyDualEncoder(dropout=0.0 if gathered else 0.1)  # dropout streams differ per rank
@@ -113,6 +114,7 @@ def train(
             seed=3,
             devices=devices,
             strategy="ddp" if devices > 1 else "auto",
+            compile=compile,
         ),
         OptimConfig(lr=0.05, warmup_steps=2),
         out,
@@ -134,9 +136,15 @@ if __name__ == "__main__":
     parser.add_argument("--gathered", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     model, _ = train(
-        args.out, resume=args.resume, gathered=args.gathered, accumulate=args.accumulate, devices=args.devices
+        args.out,
+        resume=args.resume,
+        gathered=args.gathered,
+        accumulate=args.accumulate,
+        devices=args.devices,
+        compile=args.compile,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(model.state_dict(), args.out / "final.pt")
