@@ -9,8 +9,10 @@ next to the report decoder's numbers from BENCHMARKS.md (same split, size, epoch
 ``speed``: tokens/s of greedy generation with and without the KV cache on this CPU, for the
 tiny Llama and a larger random one (512 wide, 8 layers), 16 and 128 new tokens after one image;
 cached and uncached runs interleaved, medians, and the greedy answers compared.
+``seeds``: the phantom recipe trained whole with seeds 0, 1, 2; mean and spread (not run by default).
 
     python benchmarks/bench_instruct.py phantom medpix speed
+    python benchmarks/bench_instruct.py seeds
 """
 
 from __future__ import annotations
@@ -57,6 +59,56 @@ def phantom() -> str:
         f"{metrics['closed']['n']} questions about {metrics['closed']['n'] // 6} cases; stage B {train['steps']} "
         f"steps in {train['seconds']:.0f} s.\n\n" + "\n".join(rows)
     )
+
+
+SEEDS = (0, 1, 2)
+
+
+def seeds() -> str:
+    """The phantom recipe trained again with ``train.seed`` 0, 1, 2 (every stage's weights, order
+    and augmentation; the phantom and its split stay fixed): how much of the table is one seed."""
+    from medalign.curriculum import load_curriculum, metric, run_curriculum
+
+    columns = [("tuned", "closed.accuracy"), ("retrieval", "retrieval.closed.accuracy"),
+               *((kind, f"closed.per_kind.{kind}.accuracy") for kind in KINDS)]  # fmt: skip
+    rows = ["| seed | tuned (all closed) | retrieval | majority | " + " | ".join(KINDS) + " | train s |",
+            "|---|---|---|---|" + "---|" * (len(KINDS) + 1)]  # fmt: skip
+    values: dict[str, list[float]] = {name: [] for name, _ in columns}
+    majority = None
+    for seed in SEEDS:
+        curriculum = load_curriculum(benchlib.REPO / "configs/instruct/phantom_tiny.yaml", [
+            f"out={benchlib.RUNS / f'instruct_phantom_seed{seed}'}", f"train.seed={seed}",
+            "train.progress=false"])  # fmt: skip
+        run = run_curriculum(curriculum, list(curriculum.stages))[-1]
+        found = json.loads((run / "metrics.json").read_text())
+        for name, key in columns:
+            values[name].append(metric(found, key))
+        majority = metric(found, "majority.closed.accuracy")  # the training answers': seed-free
+        seconds = sum(json.loads((folder / "metrics.json").read_text())["train"]["seconds"]
+                      for folder in curriculum_folders(curriculum))  # fmt: skip
+        cells = " | ".join(f"{values[kind][-1]:.3f}" for kind in KINDS)
+        rows.append(f"| {seed} | **{values['tuned'][-1]:.3f}** | {values['retrieval'][-1]:.3f} | {majority:.3f} | "
+                    f"{cells} | {seconds:.0f} |")  # fmt: skip
+
+    def spread(name: str) -> str:
+        return f"{statistics.mean(values[name]):.3f} ± {statistics.stdev(values[name]):.3f}"
+
+    rows.append(
+        f"| mean ± sd | **{spread('tuned')}** | {spread('retrieval')} | {majority:.3f} | "
+        + " | ".join(spread(kind) for kind in KINDS)
+        + " | |"
+    )
+    return (
+        f"Machine: {benchlib.machine(', 1 thread', ', bf16-mixed')}. `configs/instruct/phantom_tiny.yaml` "
+        f"as written, whole curriculum (stages 1-3) per seed; test split, {len(SEEDS)} seeds.\n\n"
+        + "\n".join(rows)
+    )
+
+
+def curriculum_folders(curriculum: Any) -> list:
+    """Each stage's run folder of the full chain (stage 1, 1-2, 1-2-3)."""
+    chain = list(curriculum.stages)
+    return [curriculum.run_dir(chain[: i + 1]) for i in range(len(chain))]
 
 
 # the report-generation benchmark's MedPix protocol (benchmarks/bench_report.py): 64 px, 5 epochs,
@@ -185,8 +237,9 @@ def speed() -> str:
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["phantom", "medpix", "speed"]
     for part in chosen:
-        body = {"phantom": phantom, "medpix": medpix, "speed": speed}[part]()
+        body = {"phantom": phantom, "seeds": seeds, "medpix": medpix, "speed": speed}[part]()
         title = {"phantom": "Visual instruction tuning: phantom closed questions",
+                 "seeds": "Visual instruction tuning: phantom closed questions over seeds",
                  "medpix": "Visual instruction tuning: MedPix 2.0 captions",
                  "speed": "Visual instruction tuning: generation speed with and without the KV cache"}[part]  # fmt: skip
         benchlib.write_section(part, body, script="bench_instruct", title=title)
