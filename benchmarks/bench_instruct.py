@@ -30,6 +30,7 @@ import benchlib
 KINDS = ("count", "side", "zone", "diagnosis")
 SPEED_LENGTHS = (16, 128)
 SPEED_THREADS = (1,)
+PHANTOM_RECIPE = benchlib.REPO / "configs/instruct/phantom_tiny.yaml"
 
 
 def phantom() -> str:
@@ -41,7 +42,7 @@ def phantom() -> str:
     from medalign.curriculum import load_curriculum, run_curriculum
 
     given = os.environ.get("MEDALIGN_INSTRUCT_PHANTOM_RUN")
-    curriculum = load_curriculum(benchlib.REPO / "configs/instruct/phantom_tiny.yaml", [
+    curriculum = load_curriculum(PHANTOM_RECIPE, [
         f"out={given or benchlib.RUNS / 'instruct_phantom_tiny'}", "train.progress=false"])  # fmt: skip
     chain = list(curriculum.stages)
     run = curriculum.run_dir(chain) if given else run_curriculum(curriculum, chain)[-1]
@@ -76,16 +77,16 @@ def seeds() -> str:
     values: dict[str, list[float]] = {name: [] for name, _ in columns}
     majority = None
     for seed in SEEDS:
-        curriculum = load_curriculum(benchlib.REPO / "configs/instruct/phantom_tiny.yaml", [
+        curriculum = load_curriculum(PHANTOM_RECIPE, [
             f"out={benchlib.RUNS / f'instruct_phantom_seed{seed}'}", f"train.seed={seed}",
             "train.progress=false"])  # fmt: skip
-        run = run_curriculum(curriculum, list(curriculum.stages))[-1]
-        found = json.loads((run / "metrics.json").read_text())
+        stage_metrics = [json.loads((folder / "metrics.json").read_text())
+                         for folder in run_curriculum(curriculum, list(curriculum.stages))]  # fmt: skip
+        found = stage_metrics[-1]
         for name, key in columns:
             values[name].append(metric(found, key))
         majority = metric(found, "majority.closed.accuracy")  # the training answers': seed-free
-        seconds = sum(json.loads((folder / "metrics.json").read_text())["train"]["seconds"]
-                      for folder in curriculum_folders(curriculum))  # fmt: skip
+        seconds = sum(stage["train"]["seconds"] for stage in stage_metrics)
         cells = " | ".join(f"{values[kind][-1]:.3f}" for kind in KINDS)
         rows.append(f"| {seed} | **{values['tuned'][-1]:.3f}** | {values['retrieval'][-1]:.3f} | {majority:.3f} | "
                     f"{cells} | {seconds:.0f} |")  # fmt: skip
@@ -103,12 +104,6 @@ def seeds() -> str:
         f"as written, whole curriculum (stages 1-3) per seed; test split, {len(SEEDS)} seeds.\n\n"
         + "\n".join(rows)
     )
-
-
-def curriculum_folders(curriculum: Any) -> list:
-    """Each stage's run folder of the full chain (stage 1, 1-2, 1-2-3)."""
-    chain = list(curriculum.stages)
-    return [curriculum.run_dir(chain[: i + 1]) for i in range(len(chain))]
 
 
 # the report-generation benchmark's MedPix protocol (benchmarks/bench_report.py): 64 px, 5 epochs,
