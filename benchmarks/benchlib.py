@@ -1,5 +1,17 @@
 """Helpers the benchmark scripts share: where data and runs live, the machine line, cached training,
-and the marker-delimited sections of BENCHMARKS.md.
+results files, and the marker-delimited blocks of README.md and BENCHMARKS.md.
+
+Every number in README.md and BENCHMARKS.md is written by a script, never by hand. The protocol:
+
+* a benchmark run saves what it measured (numbers, protocol, machine, date) with
+  ``save_results(name, data)`` to ``benchmarks/results/<name>.json``, which is committed;
+* the script defines ``blocks() -> dict[str, str]``: marker name -> markdown, rendered from the
+  committed results files alone (``load_results``), so a block can be rebuilt without training;
+* ``write_blocks(script.blocks())`` puts each block between ``<!-- NAME:begin -->`` and
+  ``<!-- NAME:end -->`` in whichever of README.md / BENCHMARKS.md holds those markers;
+* ``python benchmarks/render_docs.py --check`` (run by the test suite) re-renders every block of
+  every ``bench_*.py`` and fails on any difference, so a number edited by hand, or a results file
+  changed without rewriting its block, fails CI.
 
 Scripts run as ``python benchmarks/<script>.py``, so ``benchmarks/`` is on ``sys.path`` and
 ``import benchlib`` works. ``medalign`` is imported inside the functions that need it: some scripts
@@ -24,6 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
 RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench"))
 BENCHMARKS = REPO / "BENCHMARKS.md"
+README = REPO / "README.md"
+DOCS = (README, BENCHMARKS)
+RESULTS = REPO / "benchmarks" / "results"
 STAMP = "bench_overrides.json"
 
 
@@ -110,3 +125,58 @@ def write_section(
     marker = f"{prefix or script}_{name}"
     heading = f"## {title} (`benchmarks/{script}.py {name}`)"
     replace_section(body, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->", heading, path)
+
+
+def results_path(name: str) -> Path:
+    return RESULTS / f"{name}.json"
+
+
+def save_results(name: str, data: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` (committed: the source every block is rendered from)."""
+    path = results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    return path
+
+
+def load_results(name: str) -> dict[str, Any]:
+    """The committed results of ``name``; a missing file is an error naming the script to run."""
+    path = results_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the benchmark that writes it")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def doc_blocks(docs: tuple[Path, ...] | None = None) -> dict[str, tuple[Path, str]]:
+    """Every marker block of the docs: name -> (file, content between the markers, stripped)."""
+    import re
+
+    found: dict[str, tuple[Path, str]] = {}
+    docs = DOCS if docs is None else docs
+    pattern = re.compile(r"<!-- ([\w.-]+):begin -->\n(.*?)<!-- \1:end -->", re.S)
+    for doc in docs:
+        for match in pattern.finditer(doc.read_text(encoding="utf-8")):
+            if match.group(1) in found:
+                raise ValueError(f"marker {match.group(1)!r} appears twice ({found[match.group(1)][0]}, {doc})")
+            found[match.group(1)] = (doc, match.group(2).strip("\n"))
+    return found
+
+
+def write_blocks(blocks: dict[str, str], docs: tuple[Path, ...] | None = None) -> None:
+    """Replace each named block in the doc that holds its markers; unknown names are an error."""
+    existing = doc_blocks(docs)
+    missing = sorted(set(blocks) - set(existing))
+    if missing:
+        names = [d.name for d in (DOCS if docs is None else docs)]
+        raise KeyError(f"no markers for {missing} in {names}: add them where the block belongs")
+    for name, body in blocks.items():
+        path = existing[name][0]
+        begin, end = _markers(name)
+        text = path.read_text(encoding="utf-8")
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        path.write_text(f"{head}{begin}\n{body.strip(chr(10))}\n{end}{tail}", encoding="utf-8")
