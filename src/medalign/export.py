@@ -584,8 +584,8 @@ export_app = typer.Typer(
 
 @export_app.command("onnx")
 def export_onnx_command(
-    model: Annotated[Path, typer.Option("--model", help="Bundle folder (a run's bundle/).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the .onnx files and export.json.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Bundle folder (a run's bundle/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .onnx files and export.json.")],
     part: Annotated[
         list[str] | None,
         typer.Option(
@@ -613,12 +613,10 @@ def export_onnx_command(
     """
     try:
         written = export_onnx(model, out, parts=part or None, opset=opset, image_size=image_size)
-    except ImportError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(1) from err
-    except ExportError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(1) from err
+    except (ImportError, ExportError) as err:
+        from medalign.cli_grammar import fail
+
+        raise fail(str(err)) from err
     manifest = json.loads(written["manifest"].read_text(encoding="utf-8"))
     for info in manifest["parts"].values():
         typer.echo(f"wrote {out / info['file']} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
