@@ -682,7 +682,7 @@ def index_build(
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Bundle that embeds the manifest's images (or texts).")] = None,
     manifest: Annotated[Path | None, typer.Option(help="Manifest of the cases to index.")] = None,
     column: Annotated[
-        str | None, typer.Option(help="Image column to embed, or 'text' (default: the first image column).")
+        str | None, typer.Option(help="Image column for a one-image bundle, or 'text' (default: the columns the bundle records).")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Index only this split (default: every row).")] = None,
     embeddings: Annotated[

@@ -278,10 +278,19 @@ def run_quickstart(
     """
     ctx = QuickstartContext(Path(out), n, seed, echo, max_steps, keep_checkpoints)
     ctx.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     for name, step in STEPS:
         echo(f"== {name}")
+        began = time.perf_counter()
         if not step(ctx):
             echo(f"quickstart step '{name}' failed")
             return 1
-    echo(f"quickstart finished; outputs in {ctx.out}")
+        echo(f"({name}: {time.perf_counter() - began:.0f} s)")
+    minutes = (time.perf_counter() - start) / 60
+    echo(f"quickstart finished in {minutes:.1f} min; outputs in {ctx.out} ({folder_megabytes(ctx.out):.0f} MB)")
     return 0
+
+
+def folder_megabytes(folder: Path) -> float:
+    """What a folder holds on disk, in MB (10^6 bytes): file sizes, as ``du --apparent-size`` counts."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) / 1e6
