@@ -146,7 +146,8 @@ def manifest_cases(
     except InputError as err:
         raise BatchInputError(f"'{path}': {err}") from None
     manifest.require_inside_root(keys)
-    names = [modality_name(k) for k in keys] if spec.layout not in ("single", "unrecorded") else [None]
+    one_image = spec.layout == "single" or (spec.layout == "unrecorded" and len(keys) == 1)
+    names: list[str | None] = [None] if one_image else [modality_name(k) for k in keys]
     cases = []
     for _, row in manifest.table.iterrows():
         pairs = [(n, str(manifest.resolve(row[k]))) for n, k in zip(names, keys, strict=True) if row[k] != ""]

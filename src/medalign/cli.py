@@ -894,9 +894,14 @@ def main(argv: list[str] | None = None) -> None:
     """
     import sys
 
-    import click
-
-    from medalign.cli_grammar import error_line, leaf_command, repeated_option
+    from medalign.cli_grammar import (
+        Abort,
+        ClickException,
+        NoArgsIsHelpError,
+        error_line,
+        leaf_command,
+        repeated_option,
+    )
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args
@@ -908,21 +913,20 @@ def main(argv: list[str] | None = None) -> None:
         if twice is not None:
             raise fail(f"option {twice} is given more than once; it takes one value (see --help)")
         code = root.main(args=args, prog_name="medalign", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as err:  # `medalign`, `medalign data`: the help
+    except NoArgsIsHelpError as err:  # `medalign`, `medalign data`: the help
         typer.echo(err.format_message())
         raise SystemExit(0) from None
     except typer.Exit as done:  # a command's own failure: its error line is printed
         raise SystemExit(done.exit_code) from None
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, Abort):
         typer.secho("interrupted", fg=typer.colors.RED, err=True)
         raise SystemExit(130) from None
     except Exception as err:
-        if debug and not isinstance(err, click.ClickException):
+        if debug and not isinstance(err, ClickException):
             raise
         typer.secho(error_line(err), fg=typer.colors.RED, err=True)
         raise SystemExit(1) from None
-    if isinstance(code, int) and code:
-        raise SystemExit(code)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,8 +21,20 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
-import click
 import typer
+
+try:  # the click typer runs on: newer typer vendors part of it (groups and options are typer's own)
+    from typer._click.core import Abort, Command
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
+except ImportError:  # pragma: no cover - typer releases that use the click package
+    from click.core import Command  # type: ignore[assignment]
+    from click.exceptions import (  # type: ignore[assignment]
+        Abort,
+        ClickException,
+        NoArgsIsHelpError,
+        NoSuchOption,
+        UsageError,
+    )
 
 # Words users reach for -> the option medalign uses for that thing.
 SYNONYMS: dict[str, str] = {
@@ -60,7 +72,7 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def suggestion(option: str, command: click.Command | None) -> str | None:
+def suggestion(option: str, command: Command | None) -> str | None:
     """The real option closest to an unknown ``option`` of ``command``: a synonym, else a close spelling."""
     if command is None:
         return None
@@ -72,11 +84,11 @@ def suggestion(option: str, command: click.Command | None) -> str | None:
     return close[0] if close else None
 
 
-def usage_message(err: click.UsageError) -> str:
+def usage_message(err: UsageError) -> str:
     """A usage error as one line, with the closest option and where to read more."""
     command = err.ctx.command if err.ctx is not None else None
     path = err.ctx.command_path if err.ctx is not None else "medalign"
-    if isinstance(err, click.NoSuchOption):
+    if isinstance(err, NoSuchOption):
         hint = suggestion(err.option_name, command)
         did_you_mean = f" (did you mean {hint}?)" if hint else ""
         return f"no such option {err.option_name} for `{path}`{did_you_mean}; see `{path} --help`"
@@ -84,20 +96,21 @@ def usage_message(err: click.UsageError) -> str:
     return f"{message[:1].lower()}{message[1:]} (`{path}`); see `{path} --help`"
 
 
-def leaf_command(root: click.Command, args: Sequence[str]) -> tuple[click.Command, list[str]]:
+def leaf_command(root: Command, args: Sequence[str]) -> tuple[Command, list[str]]:
     """The command ``args`` name (groups walked by their sub-command words) and the words after it."""
     command, rest = root, list(args)
-    while isinstance(command, click.Group) and rest and rest[0] in command.commands:
-        command, rest = command.commands[rest[0]], rest[1:]
+    while isinstance(getattr(command, "commands", None), dict) and rest and rest[0] in command.commands:
+        command, rest = command.commands[rest[0]], rest[1:]  # type: ignore[attr-defined]
     return command, rest
 
 
-def repeated_option(command: click.Command, args: Sequence[str]) -> str | None:
+def repeated_option(command: Command, args: Sequence[str]) -> str | None:
     """The first single-value option of ``command`` that ``args`` give more than once, by any of its names."""
     counts: dict[str, int] = {}
     names: dict[str, Any] = {}
     for param in command.params:
-        if isinstance(param, click.Option) and not param.multiple and not param.count and not param.is_flag:
+        single_value = not (getattr(param, "multiple", False) or getattr(param, "count", False) or getattr(param, "is_flag", False))
+        if param.param_type_name == "option" and single_value:
             for opt in param.opts:
                 names[opt] = param
     for arg in args:
@@ -113,8 +126,25 @@ def repeated_option(command: click.Command, args: Sequence[str]) -> str | None:
 
 def error_line(err: BaseException) -> str:
     """``error: ...`` for anything a command raised."""
-    if isinstance(err, click.UsageError):
+    if isinstance(err, UsageError):
         return f"error: {usage_message(err)}"
-    if isinstance(err, click.ClickException):
+    if isinstance(err, ClickException):
         return f"error: {one_line(err.format_message())}"
     return f"error: {type(err).__name__}: {one_line(str(err))} (add --debug for the traceback)"
+
+
+__all__ = [
+    "SYNONYMS",
+    "Abort",
+    "ClickException",
+    "NoArgsIsHelpError",
+    "NoSuchOption",
+    "UsageError",
+    "error_line",
+    "fail",
+    "leaf_command",
+    "one_line",
+    "repeated_option",
+    "suggestion",
+    "usage_message",
+]

@@ -16,9 +16,10 @@ Layouts (how the modalities reach the model):
   where the model was trained for missing modalities (``missing_allowed``);
 * ``any``: one image of any of the modalities at a time (trained on one row per modality,
   ``data.modality_rows``, or on the modalities as separate views);
-* ``unrecorded``: a bundle saved before inputs were recorded whose layout its config does not
-  tell (a single-tower model with several channels): a ``channels``-channel image, or
-  ``{modality: image}`` stacked in the given order; nothing is repeated into channels.
+* ``unrecorded``: a single-input model whose layout nothing tells (an old bundle with several
+  channels and no run config beside it, or a 2- or 4+-channel model saved without a record): a
+  ``channels``-channel image, or ``{modality: image}`` stacked in the given order; nothing is
+  repeated into channels.
 
 ``convert_channels`` is training's channel rule for each modality image
 (:func:`medalign.data.dataset.match_channels`: grey repeated to ``channels``, RGB averaged to
@@ -117,8 +118,8 @@ class InputSpec:
         if self.layout == "any":
             return f"one image of any of the modalities {', '.join(self.modalities)} at a time ({each}{rule})"
         return (
-            f"{each} per case (saved before bundles recorded their inputs): one {self.channels}-channel "
-            "image, or {modality: image} stacked in the given order"
+            f"{each} per case, layout not recorded: one {self.channels}-channel image, or "
+            "{modality: image} stacked as channels in the given order"
         )
 
     def _rule(self) -> str:
@@ -151,7 +152,7 @@ class InputSpec:
         if not isinstance(images, Mapping):
             return self._bare(images)
         given = [str(k) for k in images]
-        if not given:
+        if not given and self.layout not in ("stacked", "modalities"):
             raise self._error("no image was given")
         if self.layout == "unrecorded":
             return {str(k): v for k, v in images.items()}
@@ -165,7 +166,7 @@ class InputSpec:
                 raise self._error(f"{_list(list(named))} were given together; give one image at a time")
             return named
         missing = [m for m in self.modalities if m not in named]
-        if missing and not (self.layout == "modalities" and self.missing_allowed):
+        if missing and (not named or not (self.layout == "modalities" and self.missing_allowed)):
             raise self._error(f"{_list(missing)} {'is' if len(missing) == 1 else 'are'} missing")
         return {m: named[m] for m in self.modalities if m in named}
 
@@ -183,8 +184,8 @@ class InputSpec:
         position; otherwise the recorded columns must all be in ``available``.
         """
         if chosen:
-            wanted = 1 if self.layout in ("single", "unrecorded") else len(self.modalities)
-            if self.layout != "any" and len(chosen) != wanted:
+            wanted = 1 if self.layout == "single" else len(self.modalities)
+            if self.layout not in ("any", "unrecorded") and len(chosen) != wanted:
                 raise self._error(
                     f"{len(chosen)} column(s) {list(chosen)} were chosen for {wanted} modalit"
                     f"{'y' if wanted == 1 else 'ies'}; name one column per modality, in this order: "
@@ -197,8 +198,9 @@ class InputSpec:
         columns = list(self.columns)
         missing = [c for c in columns if c not in available]
         if missing:
-            if self.layout in ("single", "unrecorded") and len(available) == 1:
-                return list(available)  # the one image column, whatever its name
+            one_image = self.layout in ("single", "unrecorded")
+            if one_image and available and (len(available) == 1 or self.columns == (SINGLE_NAME,)):
+                return list(available[:1])  # the one (or, column name unrecorded, the first) image column
             raise self._error(
                 f"the manifest lacks column(s) {missing} (it has {list(available)}); "
                 "choose columns with --modality COL, one per modality in order"
@@ -249,16 +251,21 @@ def spec_for_training(
 def spec_for_model(model: Any, normalisation: str = "dtype") -> InputSpec:
     """What a model saved outside ``medalign train`` takes, from its own config.
 
-    Multi-input models name their modalities; a single-input model takes one image under
-    training's channel rule, as :func:`medalign.data.dataset.dataset_for_model` reads one image
-    column by default. ``medalign train`` records the real layout instead (stacked modalities).
+    Multi-input models name their modalities; a one- or three-channel model takes one image
+    under training's channel rule, as :func:`medalign.data.dataset.dataset_for_model` reads one
+    image column by default; other channel counts are stacked modalities of unknown names
+    (``unrecorded``). ``medalign train`` records the real layout instead.
     """
     config = model.config
     size = getattr(config, "image_size", None)
     if getattr(model, "bundle_kind", None) in ("fusion", "clinical"):
         return spec_for_training("", model, [], channels=_per_modality(config), image_size=size, normalisation=normalisation)
     channels = int(getattr(config, "in_channels", 1) or 1)
-    return InputSpec("single", (SINGLE_NAME,), channels, image_size=size, normalisation=normalisation)
+    if channels in (1, 3):  # grey, or colour (grey repeated to RGB, as the training default does)
+        return InputSpec("single", (SINGLE_NAME,), channels, image_size=size, normalisation=normalisation)
+    # 2 or 4+ channels are no image format: stacked modalities whose names the model does not know
+    return InputSpec("unrecorded", (SINGLE_NAME,), channels, convert_channels=False, image_size=size,
+                     normalisation=normalisation)  # fmt: skip
 
 
 def legacy_spec(model: Any, normalisation: str = "dtype") -> InputSpec:

@@ -282,7 +282,7 @@ class Predictor:
         if pixels.shape[1] != expected:
             raise PredictorError(
                 f"this bundle takes {self.inputs.describe()}; the images given have {pixels.shape[1]} "
-                f"channels in all, the model {expected}"
+                f"channel(s) in all, the model takes {expected}"
             )
         return pixels
 
