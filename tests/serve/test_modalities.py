@@ -47,7 +47,7 @@ def test_one_modality_is_refused_and_two_are_both_used(stacked_service, demo_fil
 
 
 def test_the_service_refuses_one_modality_from_python_too(stacked_service, demo_files) -> None:
-    with pytest.raises(PredictorError, match="no served model could use this input: classify: .*'b' is missing"):
+    with pytest.raises(PredictorError, match=r"no served model could use this input: classify: .*'b' is missing"):
         stacked_service.analyse({"a": str(demo_files["image"])})
     answer = stacked_service.analyse({"a": str(demo_files["image"]), "b": str(demo_files["image_b"]), "image": str(demo_files["image"])})
     assert "uploads not used by any answer: image" in answer["notes"]
