@@ -39,7 +39,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 STEP_LINE = re.compile(r"^== (\S+)$")
 STEP_TIME = re.compile(r"^\((\S+): (\d+) s\)$")
 SETUP_STEPS = ("phantom", "validate", "summary")  # data steps: their numbers are counts, not results
-NOT_RESULTS = ("trained ", "Using ", "Seed set", "INFO", "wrote ", "(")
+NOT_RESULTS = ("trained ", "Using ", "Seed set", "INFO", "wrote ", "(", "quickstart finished")
 
 
 class LoadSampler(threading.Thread):
@@ -47,14 +47,14 @@ class LoadSampler(threading.Thread):
 
     def __init__(self, every: float = 5.0) -> None:
         super().__init__(daemon=True)
-        self.every, self.samples, self._stop = every, [os.getloadavg()[0]], threading.Event()
+        self.every, self.samples, self._done = every, [os.getloadavg()[0]], threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.every):
+        while not self._done.wait(self.every):
             self.samples.append(os.getloadavg()[0])
 
     def stop(self) -> list[float]:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.samples
 
@@ -142,7 +142,9 @@ def result_lines(lines: list[str]) -> list[tuple[str, str]]:
         if match:
             step = match.group(1)
             continue
-        if step and step not in SETUP_STEPS and NUMBER.search(line) and not line.startswith(NOT_RESULTS):
+        if not step or step in SETUP_STEPS or line.startswith(NOT_RESULTS):
+            continue
+        if NUMBER.search(line) or line.startswith("|"):  # a result, or a row (header) of a printed table
             kept.append((step, line))
     return kept
 
