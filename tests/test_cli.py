@@ -152,3 +152,11 @@ def test_main_turns_errors_into_one_line_unless_debug(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as ok:
         main(["--help"])
     assert ok.value.code == 0 and "--debug" in capsys.readouterr().out
+
+
+def test_quickstart_keeps_checkpoints_only_when_asked(tmp_path: Path) -> None:
+    from medalign.quickstart import QuickstartContext
+
+    assert QuickstartContext(tmp_path, 8, 0, print).checkpoint_override == "train.keep_checkpoints=false"
+    assert QuickstartContext(tmp_path, 8, 0, print, keep_checkpoints=True).checkpoint_override == "train.keep_checkpoints=true"
+    assert "--keep-checkpoints" in runner.invoke(app, ["quickstart", "--help"]).output

@@ -727,7 +727,10 @@ def index_build(
 @index_app.command("search")
 def index_search(
     index: Annotated[Path, typer.Option(help="Index folder (medalign index build).")],
-    image: Annotated[list[Path] | None, typer.Option(help="Query image(s); repeat for several.")] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(help="Query image(s), repeat for several; one case of a several-modality bundle: --image a=F --image b=F."),
+    ] = None,
     text: Annotated[list[str] | None, typer.Option(help="Query text(s) (needs an alignment bundle).")] = None,
     queries: Annotated[Path | None, typer.Option(help="Precomputed [Q, D] query embeddings (.npy).")] = None,
     model: Annotated[
@@ -764,9 +767,16 @@ def index_search(
             raise fail("this index records no model: give --model to embed the queries")
         import medalign
 
+        from medalign.inputs import parse_image_options
+
         predictor = medalign.load(str(source))
         if image:
-            vectors, labels = predictor.embed_image([str(p) for p in image]), [str(p) for p in image]
+            try:
+                parsed = parse_image_options(image)
+                vectors = predictor.embed_image(parsed)
+            except ValueError as err:
+                raise fail(str(err)) from err
+            labels = [" ".join(f"{k}={v}" for k, v in parsed.items())] if isinstance(parsed, dict) else list(parsed)
         else:
             vectors, labels = predictor.embed_text(list(text or [])), list(text or [])
     result = found.search(vectors, k, backend=backend)
