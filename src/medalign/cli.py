@@ -766,7 +766,6 @@ def index_search(
         if source is None:
             raise fail("this index records no model: give --model to embed the queries")
         import medalign
-
         from medalign.inputs import parse_image_options
 
         predictor = medalign.load(str(source))
