@@ -189,7 +189,7 @@ def blocks() -> dict[str, str]:
     results = benchlib.load_results(NAME)
     runs = results["runs"]
     seeds = ", ".join(str(r["seed"]) for r in runs)
-    over = f"seeds {seeds}: mean ± std where they differ" if len(runs) > 1 else f"one seed ({seeds})"
+    over = f"seeds {seeds}: mean ± std where they differ" if len(runs) > 1 else f"one seed, {seeds}"
     lines = [result_lines(r["lines"]) for r in runs]
     rows, step = [], ""
     for index, (name, _) in enumerate(lines[0]):
@@ -215,7 +215,7 @@ def blocks() -> dict[str, str]:
             f"| wall time | {_spread(wall, _minutes)} ({over}) |",
             f"| per step | {steps} |",
             f"| written | {_spread(size, lambda v: f'{v:.0f} MB')} in {runs[0]['disk']['files']} files: "
-            + ", ".join(f"{k} {v:.0f} MB" for k, v in kinds.items() if v)
+            + ", ".join(f"{k} {v:.0f} MB" for k, v in kinds.items() if v >= 0.5)
             + " |",
             f"| machine | {results['machine']}; 1-min load average before {max(x['before'] for x in load):.2f}, "
             f"while running {statistics.fmean(x['mean'] for x in load):.2f} (max {max(x['max'] for x in load):.2f}) |",
