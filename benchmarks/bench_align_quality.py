@@ -29,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from medalign.data.run_manifest import load_run_manifest
+from medalign.tasks.columns import image_columns
 
 from benchlib import DATA, REPO, RUNS, machine, write_section
-from medalign import evaluate as ev
 from medalign.config import load_config
 from medalign.data.dataset import dataset_for_model
 from medalign.data.importers import load_dataset
 from medalign.data.manifest import Manifest, assign_splits, write_manifest
-from medalign.run import build_model, image_columns, load_run_manifest, run_training, texts_from_labels
+from medalign.evaluation import alignment as ev
+from medalign.pipeline.run import build_model, run_training
+from medalign.tasks.align import texts_from_labels
 
 TITLES = {
     "phantom": "Alignment on the phantom",

@@ -10,9 +10,9 @@ without bias to a 256-d space, a learnable temperature, and the symmetric InfoNC
   attention (SDPA), ``return_loss=True``, ``loss.backward()``, ``torch.optim.AdamW``,
   ``zero_grad()``: the plain PyTorch loop.
 * **medalign**: ``create_model("align_clip_b16", vision=..., text=...)`` with the same tower
-  configs, trained as ``medalign.engine.Engine`` trains it with the default precision
+  configs, trained as ``medalign.training.engine.Engine`` trains it with the default precision
   (``bf16-mixed``: CPU autocast to bfloat16 around the model's forward, embeddings back to
-  fp32), ``medalign.losses.clip_loss``, ``medalign.engine.build_optimizer`` (fused AdamW, no
+  fp32), ``medalign.losses.clip_loss``, ``medalign.training.engine.build_optimizer`` (fused AdamW, no
   decay on 1-D parameters), gradient clipping at 1.0 (``OptimConfig.grad_clip``), the
   scheduler step, ``zero_grad(set_to_none=True)``. The engine itself is not driven: its data
   loader, logging and checkpoints are not part of a step's cost.
@@ -45,9 +45,9 @@ from transformers import CLIPConfig, CLIPModel
 import benchlib
 from benchlib import replace_section
 from medalign.config import OptimConfig
-from medalign.engine import build_optimizer, build_scheduler
 from medalign.losses import clip_loss
 from medalign.models import DualEncoder, TowerConfig, create_model
+from medalign.training.engine import build_optimizer, build_scheduler
 
 SECTION_BEGIN, SECTION_END = "<!-- bench_align_step:begin -->", "<!-- bench_align_step:end -->"
 HEADING = "## Alignment training step (`benchmarks/bench_align_step.py`)"

@@ -1,4 +1,4 @@
-"""What a crash-safe checkpoint costs: ``medalign.engine.write_checkpoint`` against a plain save.
+"""What a crash-safe checkpoint costs: ``medalign.training.engine.write_checkpoint`` against a plain save.
 
 ``write_checkpoint`` streams ``torch.save`` through a Python file object (to keep the OS's
 reason when a write fails), fsyncs the file, renames it and fsyncs the folder. The reference
@@ -24,7 +24,7 @@ import torch
 
 import benchlib
 from benchlib import replace_section
-from medalign.engine import write_checkpoint
+from medalign.training.engine import write_checkpoint
 
 SECTION_BEGIN, SECTION_END = "<!-- bench_checkpoint:begin -->", "<!-- bench_checkpoint:end -->"
 HEADING = "## Crash-safe checkpoint writes (`benchmarks/bench_checkpoint.py`)"

@@ -44,7 +44,7 @@ from medalign.data.dataset import DatasetConfig, ManifestDataset
 from medalign.data.manifest import read_manifest
 from medalign.data.phantom import PhantomConfig, generate_phantom
 from medalign.data.transforms import PreprocessConfig
-from medalign.metrics import concordance_index
+from medalign.evaluation.metrics import concordance_index
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_clinical.json"
 LGG_KEYS = ["image:pre", "image:flair", "image:post"]

@@ -35,8 +35,8 @@ import benchlib
 from benchlib import REPO, RUNS, imported, train, write_section
 from medalign.bundle import save_bundle
 from medalign.config import load_config
-from medalign.curriculum import metric
-from medalign.run import build_model
+from medalign.pipeline.curriculum import metric
+from medalign.pipeline.run import build_model
 
 FRACTIONS = (0.1, 1.0)
 
@@ -150,13 +150,13 @@ def bench_label_efficiency(pretrain_epochs: int, steps: int) -> str:
 
 
 def bench_ablation(overrides: list[str]) -> str:
-    from medalign.curriculum import load_curriculum, run_ablation
+    from medalign.pipeline.curriculum import load_curriculum, run_ablation
 
     curriculum = load_curriculum(
         REPO / "configs" / "curriculum" / "phantom.yaml", [f"out={RUNS / 'curriculum_phantom'}", *overrides]
     )
     result = run_ablation(curriculum, echo=print)
-    from medalign.curriculum import ablation_markdown
+    from medalign.pipeline.curriculum import ablation_markdown
 
     return "\n".join(
         [

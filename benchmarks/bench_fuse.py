@@ -9,7 +9,7 @@ Each run lives in ``$MEDALIGN_BENCH_RUNS/<name>`` (default /tmp/medalign-bench);
 (``metrics.json`` written by the same overrides) is reused, an interrupted one resumes.
 
 Every model is trained once with modality dropout (the recipe's rate) and evaluated by
-``medalign.run.evaluate_fusion`` on every non-empty subset of modalities (the others hidden
+``medalign.tasks.fuse.evaluate_fusion`` on every non-empty subset of modalities (the others hidden
 through ``present``), so one model answers "how good with only these scans". The baselines
 (``fuse_early``: modalities stacked as channels; ``fuse_late``: one U-Net per modality, logits
 averaged over present modalities) get the same data, schedule, dropout and segmentation loss;
@@ -208,11 +208,12 @@ def bench_wli_nbi(epochs: int, size: int, folds: int) -> str:
 @torch.no_grad()
 def per_patient(out: Path) -> dict[str, dict[str, float]]:
     """Per-slice and per-patient Dice of every subset, re-predicted from the run's bundle (cached)."""
+    from medalign.tasks.columns import fusion_columns, modality_subsets
+
     from medalign.bundle import load_bundle
     from medalign.data.dataset import Collator
-    from medalign.metrics import _overlap_counts, _paired_batches
-    from medalign.run import fusion_columns, fusion_dataset, modality_subsets
-    from medalign.tasks.fuse import predict
+    from medalign.evaluation.metrics import _overlap_counts, _paired_batches
+    from medalign.tasks.fuse import fusion_dataset, predict
 
     cache = out / "bench_per_patient.json"
     if cache.is_file() and cache.stat().st_mtime >= (out / "metrics.json").stat().st_mtime:

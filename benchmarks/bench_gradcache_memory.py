@@ -1,6 +1,6 @@
 """Peak memory of one contrastive step over 1024 pairs: embedding cache (GradCache) vs plain backprop.
 
-Both modes run the real training path: ``medalign.engine.Engine.fit`` with ``AlignTask`` (CLIP
+Both modes run the real training path: ``medalign.training.engine.Engine.fit`` with ``AlignTask`` (CLIP
 loss) on a small CLIP-tower ``DualEncoder`` and an in-memory dataset of 1024 random image-text
 pairs, one optimiser step (``max_steps=1``) over a batch of all 1024.
 
@@ -129,9 +129,9 @@ def run_mode(mode: str, measure: str, precision: str, out: Path) -> dict[str, An
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from medalign.config import LossConfig, OptimConfig, TrainConfig
-    from medalign.engine import Engine
     from medalign.models import TowerConfig, create_model
     from medalign.tasks.align import AlignTask
+    from medalign.training.engine import Engine
 
     torch.manual_seed(0)
     model = create_model(

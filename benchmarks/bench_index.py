@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
-    from medalign.retrieval import EmbeddingIndex
+    from medalign.inference.case_index import EmbeddingIndex
 
     keys = embeddings(args.rows, args.dim)
     rng = np.random.default_rng(1)

@@ -39,7 +39,7 @@ def phantom() -> str:
     import json
     import os
 
-    from medalign.curriculum import load_curriculum, run_curriculum
+    from medalign.pipeline.curriculum import load_curriculum, run_curriculum
 
     given = os.environ.get("MEDALIGN_INSTRUCT_PHANTOM_RUN")
     curriculum = load_curriculum(PHANTOM_RECIPE, [
@@ -68,7 +68,7 @@ SEEDS = (0, 1, 2)
 def seeds() -> str:
     """The phantom recipe trained again with ``train.seed`` 0, 1, 2 (every stage's weights, order
     and augmentation; the phantom and its split stay fixed): how much of the table is one seed."""
-    from medalign.curriculum import load_curriculum, metric, run_curriculum
+    from medalign.pipeline.curriculum import load_curriculum, metric, run_curriculum
 
     columns = [("tuned", "closed.accuracy"), ("retrieval", "retrieval.closed.accuracy"),
                *((kind, f"closed.per_kind.{kind}.accuracy") for kind in KINDS)]  # fmt: skip
@@ -122,11 +122,12 @@ def medpix() -> str:
     3-gram guard (the same model: rows differ only in decoding)."""
     import dataclasses
 
+    from medalign.tasks.columns import image_columns
+
     from medalign.bundle import load_bundle
     from medalign.config import load_config
     from medalign.data.conversations import conversation_rows
     from medalign.data.manifest import read_manifest
-    from medalign.run import image_columns
     from medalign.tasks.instruct import evaluate_instruct
 
     manifest = benchlib.imported("medpix", "medpix", "medpix-2")

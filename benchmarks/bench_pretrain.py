@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from medalign.config import OptimConfig, PretrainLossConfig
-from medalign.engine import build_optimizer
 from medalign.models import create_model
 from medalign.tasks.pretrain import PretrainTask
+from medalign.training.engine import build_optimizer
 
 ENCODER = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536}
 DECODER = {"dim": 256, "depth": 4, "heads": 8}

@@ -17,7 +17,7 @@ Protocols (printed with the tables and stored in benchmarks/results/bench_report
   lesions (``medalign.tasks.report.finding_accuracy``).
 
 Every method is scored on the same test references with corpus BLEU-1..4 and mean ROUGE-L
-(``medalign.textmetrics``: lowercased, punctuation split, no smoothing). Baselines: *retrieval*
+(``medalign.evaluation.textmetrics``: lowercased, punctuation split, no smoothing). Baselines: *retrieval*
 = caption of the nearest training image by cosine similarity of the trained model's CLS
 embedding; *constant* = the most frequent training caption for every image. Beam: 3 beams,
 length penalty 1 (Hugging Face's stopping rule); greedy: argmax until EOS; both at most 64 new
@@ -47,13 +47,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from medalign.tasks.columns import image_columns
 
 from medalign.bundle import load_bundle
 from medalign.config import RunConfig, load_config
 from medalign.data.manifest import read_manifest
 from medalign.data.phantom import PhantomConfig, generate_phantom
-from medalign.run import image_columns
-from medalign.tasks.report import evaluate_report, run_report, with_text
+from medalign.pipeline.run import run_training
+from medalign.tasks.report import evaluate_report, with_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -76,10 +77,10 @@ COMMON = [
     "report.max_new_tokens=64",
     "report.beam_size=3",
     "report.length_penalty=1.0",
-    "report.no_repeat_ngram_size=0",  # run_report's own evaluation is the unguarded beam row
+    "report.no_repeat_ngram_size=0",  # run_training's own evaluation is the unguarded beam row
     "report.repetition_penalty=1.0",
 ]
-# row label -> ReportConfig fields; the first is what run_report evaluates after training
+# row label -> ReportConfig fields; the first is what run_training evaluates after training
 DECODINGS: dict[str, dict[str, Any]] = {
     "beam 3": {"decoding": "beam"},
     "greedy": {"decoding": "greedy"},
@@ -104,14 +105,14 @@ def train_and_score(config: RunConfig, reuse: bool) -> dict[str, Any]:
     out = Path(config.out)
     trained = not (reuse and (out / "bundle").is_dir() and (out / "metrics.json").is_file())
     if trained:
-        run_report(config, echo=print)
+        run_training(config, echo=print)
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     model = load_bundle(out / "bundle").eval()
     manifest, _ = with_text(read_manifest(config.data.manifest))
     keys = image_columns(config, manifest)
     decodings: dict[str, Any] = {}
     for i, (label, settings) in enumerate(DECODINGS.items()):
-        if i == 0 and trained:  # run_report just evaluated exactly this decoding
+        if i == 0 and trained:  # run_training just evaluated exactly this decoding
             decodings[label] = {k: v for k, v in metrics.items() if k not in ("train", "n_without_text")}
             continue
         variant = dataclasses.replace(

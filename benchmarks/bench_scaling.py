@@ -66,7 +66,7 @@ def index_folder(rows: int) -> Path:
     """The N-row index on disk (built once, in the parent): children only load it, so their peak
     memory is the search's, not the data generation's."""
     from bench_index import embeddings
-    from medalign.retrieval import EmbeddingIndex
+    from medalign.inference.case_index import EmbeddingIndex
 
     folder = benchlib.RUNS / "scaling" / f"index-{rows}"
     if not (folder / "index.json").is_file():
@@ -78,7 +78,7 @@ def search_point(side: str, rows: int, repeats: int) -> dict:
     import numpy as np
 
     from bench_index import numpy_reference
-    from medalign.retrieval import EmbeddingIndex
+    from medalign.inference.case_index import EmbeddingIndex
 
     index = EmbeddingIndex.load(index_folder(rows))  # memory-mapped
     queries = np.asarray(index.embeddings[:64]) + 0.05

@@ -25,7 +25,7 @@ Protocols (written into BENCHMARKS.md with the numbers):
 * phantom: the phantom's per-lesion prompts (one lesion of a case is the target); text-guided
   U-Net (phantom_text.yaml) vs the same data through an image-only U-Net and through C2FVL-style
   attributes (c2fvl_attributes.yaml).
-* sliding: one 1024x1024 image, U-Net trained at 224 px; ours = medalign.inference
+* sliding: one 1024x1024 image, U-Net trained at 224 px; ours = medalign.inference.sliding_window
   (Gaussian blending, 1 window per pass on CPU, inference mode, optionally bf16) vs MONAI's
   ``sliding_window_inference`` at its defaults (overlap 0.25, constant blending, 1 window per
   pass) under ``torch.no_grad``, same model and image, median of 5 runs each, interleaved.
@@ -237,7 +237,7 @@ def bench_phantom(epochs: int, seeds: int) -> str:
 def bench_sliding(repeats: int) -> str:
     from monai.inferers import sliding_window_inference
 
-    from medalign.inference import predict_probabilities
+    from medalign.inference.sliding_window import predict_probabilities
     from medalign.models import create_model
 
     torch.manual_seed(0)
@@ -305,8 +305,8 @@ class SegmentStep:
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], **how: Any) -> None:
         from medalign.config import OptimConfig, SegLossConfig
-        from medalign.engine import build_optimizer, build_scheduler
         from medalign.tasks.segment import SegmentTask
+        from medalign.training.engine import build_optimizer, build_scheduler
 
         self.how, self.batch = how, batch
         if how.get("reference"):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import benchlib
 from bench_align_step import BOS, EOS, PAD, TEXT_LENGTH, build_ours, build_reference
-from medalign.zeroshot import ZeroShotClassifier
+from medalign.evaluation.zeroshot import ZeroShotClassifier
 
 IMAGES, BATCH = 512, 64
 CLASSES = {"normal": 1, "benign": 2, "malignant": 3}

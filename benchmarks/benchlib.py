@@ -83,7 +83,7 @@ def train(
     from its checkpoint; different overrides start the run again.
     """
     from medalign.config import load_config
-    from medalign.run import run_training
+    from medalign.pipeline.run import run_training
 
     out = RUNS / run
     stamp, metrics_path = out / STAMP, out / "metrics.json"

@@ -13,7 +13,7 @@ from medalign.config import (
     save_config,
     validate_ranges,
 )
-from medalign.curriculum import is_curriculum
+from medalign.pipeline.curriculum import is_curriculum
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from medalign.predict import Predictor
+    from medalign.inference.predict import Predictor
 
 __version__ = "0.1.0"
 
 
 def load(name_or_path: str, **options: Any) -> Predictor:
-    """Load a model bundle (a local folder, or a hub id when online) as a :class:`~medalign.predict.Predictor`.
+    """Load a model bundle (a local folder, or a hub id when online) as a :class:`~medalign.inference.predict.Predictor`.
 
     ``options`` go to the Predictor (``batch_size``, ``normalisation``). The raw model is
     ``predictor.model``; other attributes and calls are forwarded to it, so code that used the
     model returned by earlier versions keeps working. ``medalign.bundle.load_bundle`` returns
     the raw model.
     """
-    from medalign.predict import Predictor
+    from medalign.inference.predict import Predictor
 
     return Predictor.from_bundle(name_or_path, **options)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from medalign.bundle import save_bundle
+from medalign.bundle.inputs import InputSpec
 from medalign.data.phantom import PhantomConfig, generate_phantom
-from medalign.inputs import InputSpec
 from medalign.models import create_model
 
 

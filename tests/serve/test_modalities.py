@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from medalign.predict import PredictorError
+from medalign.inference.predict import PredictorError
 from medalign.serve.app import create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")

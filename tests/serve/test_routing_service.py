@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from medalign.bundle import save_bundle
+from medalign.inference.routing import Router
 from medalign.models import create_model
-from medalign.routing import Router
 from medalign.serve.service import DemoService
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -236,7 +236,7 @@ def dataset_for_model(
     ``data`` (a recipe's ``data:`` section) can override size and channels and supplies the
     normalisation, cache and augmentation settings, so training and evaluation of a run
     preprocess alike; without it the model's own input description is used. A model loaded
-    from a bundle brings its input record (:mod:`medalign.inputs`): its columns are the default
+    from a bundle brings its input record (:mod:`medalign.bundle.inputs`): its columns are the default
     ``image_keys`` and its channels per modality and normalisation are used.
     """
     from medalign.config import DataConfig

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from medalign.predict import PredictorError
+from medalign.inference.predict import PredictorError
 from medalign.serve.service import DemoService
 from medalign.serve.uploads import StoredUpload, UploadError, UploadLimits, store_upload
 

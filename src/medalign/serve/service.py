@@ -8,7 +8,7 @@ has it; a capability no bundle has is simply absent from the answer, and one tha
 this input (a text-guided segmenter with no prompt, a fusion model missing its modalities) is
 listed in ``notes`` with the reason instead of failing the whole request.
 
-Each bundle records the images it takes (:mod:`medalign.inputs`): the page asks for one upload
+Each bundle records the images it takes (:mod:`medalign.bundle.inputs`): the page asks for one upload
 per modality the served bundles name (``image:<modality>``) and one plain ``image`` only when a
 bundle takes a single unnamed image. A bundle trained on *a* and *b* stacked never sees one
 upload repeated into both channels: without *b* it answers nothing and the note says what it
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from medalign.inputs import InputSpec, modality_name
-from medalign.predict import Predictor, PredictorError, prepare
+from medalign.bundle.inputs import InputSpec, modality_name
+from medalign.inference.predict import Predictor, PredictorError, prepare
 
 # Per capability, the bundle kinds that have it (the Predictor's CAPABILITIES, seen from the demo).
 _EMBEDDERS = ("DualEncoder", "pretrain", "report", "clinical")
@@ -164,7 +164,7 @@ class CaseGallery:
     ) -> CaseGallery:
         from medalign.data.manifest import read_manifest
         from medalign.data.readers import read_image
-        from medalign.metrics import unit_rows
+        from medalign.evaluation.metrics import unit_rows
 
         manifest = read_manifest(manifest_path)
         if split:
@@ -198,7 +198,7 @@ class CaseGallery:
         return len(self.case_ids)
 
     def nearest(self, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
-        from medalign.metrics import unit_rows
+        from medalign.evaluation.metrics import unit_rows
 
         scores = self.embeddings @ unit_rows(embedding.reshape(1, -1))[0]
         order = np.argsort(-scores, kind="stable")[:k]
@@ -223,7 +223,7 @@ class DemoService:
     gallery: CaseGallery | None = None
     gallery_model: ServedModel | None = None
     top_k: int = 5
-    router: Any = None  # medalign.routing.Router, built on the first typed request
+    router: Any = None  # medalign.inference.routing.Router, built on the first typed request
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -308,7 +308,7 @@ class DemoService:
 
         ``images`` maps ``"image"`` (a single-input scan) and/or modality names to readable refs
         (the stored uploads). A typed ``request`` ("outline the lesion", "how many lesions?") is
-        routed (``medalign.routing``) to chat, segment, classify or risk and only that answer is
+        routed (``medalign.inference.routing``) to chat, segment, classify or risk and only that answer is
         given; a request under the routing threshold, or routed to what no bundle serves, falls
         back to every answer, with a note saying why. Failures of one capability go to ``notes``;
         a case none of the bundles can read raises :class:`PredictorError`.
@@ -352,7 +352,7 @@ class DemoService:
 
     def _routed(self, steps: list[Any], request: str, result: dict[str, Any], chat: Any) -> list[Any]:
         """The one step a request routes to (recorded in ``result["route"]``), else every step."""
-        from medalign.routing import Router
+        from medalign.inference.routing import Router
 
         if self.router is None:
             self.router = Router()
@@ -407,13 +407,13 @@ class DemoService:
         """The served template file when it knows every typed label, else plain-name prompts."""
         if self.templates is None or not labels:
             return self.templates
-        from medalign.zeroshot import load_templates
+        from medalign.evaluation.zeroshot import load_templates
 
         known = load_templates(self.templates).get("classes") or {}
         return self.templates if set(labels) <= set(known) else None
 
     def _segment(self, uploads: Mapping[str, str], prompt: str | None) -> dict[str, Any] | None:
-        from medalign.inference import overlay
+        from medalign.inference.sliding_window import overlay
 
         model = self.first("segment")
         if model is None:

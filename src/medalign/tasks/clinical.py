@@ -8,7 +8,7 @@ or no event contributes a zero term with the graph kept.
 
 Evaluation on one split (``evaluate_clinical``):
 
-* diagnosis: ACC, balanced ACC, macro-F1, AUC (``medalign.metrics.classification_metrics``),
+* diagnosis: ACC, balanced ACC, macro-F1, AUC (``medalign.evaluation.metrics.classification_metrics``),
   top-label ECE (15 bins) and a reliability diagram (``reliability.png``);
 * survival: Harrell's C-index, the cumulative/dynamic AUC (IPCW, censoring distribution from
   the train split) at the 25/50/75% quantiles of the evaluated event times, and Kaplan-Meier
@@ -20,7 +20,7 @@ Evaluation on one split (``evaluate_clinical``):
   metric is repeated on one row per patient with the mean class probability and the mean risk
   of the patient's rows (label, time and event are the patient's, and must agree across rows);
 * with several modalities, the headline numbers (AUC, C-index) for every non-empty subset of
-  modalities, the others hidden through ``present`` (``medalign.run.evaluate_fusion`` style).
+  modalities, the others hidden through ``present`` (``medalign.tasks.fuse.evaluate_fusion`` style).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def clinical_dataset(
     config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
 ) -> ManifestDataset:
     """Every modality of each case at the model's size, ``in_channels`` channels per modality."""
-    from medalign.run import per_modality_data
+    from medalign.tasks.columns import per_modality_data
 
     label = config.data.label if model.config.num_classes else None
     return dataset_for_model(
@@ -133,7 +133,8 @@ def clinical_dataset(
 def run_clinical(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """``task: clinical``: a clinical model (``medalign.models.heads``) through the one engine."""
     from medalign.models.heads import ClinicalModel
-    from medalign.run import build_model, check_num_classes, fit_and_save, fusion_columns, prepare_run
+    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
+    from medalign.tasks.columns import check_num_classes, fusion_columns
 
     out, manifest = prepare_run(config)
     model = build_model(config)
@@ -224,7 +225,7 @@ def diagnosis_metrics(
     labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], figure: Path | None = None
 ) -> dict[str, Any]:
     """Classification metrics + ECE + reliability curve on the labelled rows; the diagram if asked."""
-    from medalign.metrics import classification_metrics, reliability_curve
+    from medalign.evaluation.metrics import classification_metrics, reliability_curve
 
     labelled = labels >= 0
     if not labelled.any():
@@ -234,7 +235,7 @@ def diagnosis_metrics(
     curve = reliability_curve(p, y, n_bins=15)
     result.update(ece=curve["ece"], reliability=curve, n_unlabelled=int((~labelled).sum()))
     if figure is not None:
-        from medalign.plots import reliability_diagram
+        from medalign.evaluation.plots import reliability_diagram
 
         reliability_diagram(curve, figure)
         result["figure"] = figure.name
@@ -249,7 +250,7 @@ def survival_metrics(
     figure: Path | None = None,
 ) -> dict[str, Any]:
     """C-index, td-AUC at event-time quartiles, median-split risk groups with KM + log-rank."""
-    from medalign.metrics import concordance_index, kaplan_meier, logrank_test, time_dependent_auc
+    from medalign.evaluation.metrics import concordance_index, kaplan_meier, logrank_test, time_dependent_auc
 
     result: dict[str, Any] = {"n": len(time), "n_events": int(event.sum())}
     detail = concordance_index(time, event, risk)
@@ -278,7 +279,7 @@ def survival_metrics(
         "logrank": logrank_test(time, event, np.where(high, "high", "low")) if len(groups) == 2 else None,
     }
     if figure is not None and groups:
-        from medalign.plots import kaplan_meier_plot
+        from medalign.evaluation.plots import kaplan_meier_plot
 
         logrank = result["risk_groups"]["logrank"]
         kaplan_meier_plot(groups, figure, logrank["p_value"] if logrank else None)
@@ -369,7 +370,7 @@ def evaluate_clinical(
     subsets: bool = True,
 ) -> dict[str, Any]:
     """Diagnosis and survival metrics on ``split`` (row and patient level), figures into ``out``."""
-    from medalign.run import modality_subsets
+    from medalign.tasks.columns import modality_subsets
 
     model.eval()
     dataset = clinical_dataset(config, manifest, model, image_keys, split, augment=False)
@@ -416,7 +417,7 @@ def evaluate_clinical(
 
 
 def _per_case(predictions: dict[str, Any], classes: Sequence[str]) -> list[dict[str, Any]]:
-    from medalign.metrics import probability_rows
+    from medalign.evaluation.metrics import probability_rows
 
     rows: list[dict[str, Any]] = (
         probability_rows(predictions["case_id"], predictions["label"], predictions["probs"], classes)

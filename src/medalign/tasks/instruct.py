@@ -10,7 +10,7 @@ Evaluation on ``eval.split`` asks each conversation's first question and decodes
 * **closed** questions (``attr:options`` lists the answers: yes/no, multiple choice, the
   phantom's count/side/zone/diagnosis) are scored by accuracy, overall and per ``attr:kind``;
   an answer counts as the option it names first (``choose``), none named is wrong;
-* **open** answers by corpus BLEU-1..4 and ROUGE-L (``medalign.textmetrics``).
+* **open** answers by corpus BLEU-1..4 and ROUGE-L (``medalign.evaluation.textmetrics``).
 
 Next to the model, scored the same way: the **majority** baseline (the most frequent training
 answer to the same question), the **retrieval** baseline (the answer that the nearest training
@@ -34,9 +34,9 @@ from medalign.config import RunConfig
 from medalign.data.conversations import conversation_rows, turns_of
 from medalign.data.dataset import Collator, Sample, dataset_for_model, stack_modalities
 from medalign.data.manifest import Manifest
+from medalign.evaluation.textmetrics import text_metrics
 from medalign.models.instruct import IGNORE, IMAGE_TOKEN, with_placeholders
 from medalign.progress import progress
-from medalign.textmetrics import text_metrics
 
 ANSWERS_FILE = "answers.jsonl"
 UNTUNED_FILE = "untuned.json"
@@ -120,7 +120,8 @@ def prepare_model(model: Any, config: RunConfig) -> None:
 def run_instruct(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """``task: instruct``: tune an ``InstructModel`` through the engine, then evaluate it."""
     from medalign.models.instruct import InstructModel
-    from medalign.run import build_model, fit_and_save, image_columns, prepare_run
+    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
+    from medalign.tasks.columns import image_columns
 
     out, manifest = prepare_run(config)
     model = build_model(config)

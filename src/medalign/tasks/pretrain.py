@@ -212,7 +212,7 @@ def pretrain_dataset(
     label: str | None = None,
 ) -> ManifestDataset:
     """A split with every column at the model's own channel count (modalities are separate images)."""
-    from medalign.run import per_modality_data
+    from medalign.tasks.columns import per_modality_data
 
     return dataset_for_model(
         manifest, model, split, label, image_keys, data=per_modality_data(config, model), augment=augment
@@ -222,7 +222,7 @@ def pretrain_dataset(
 def run_pretrain(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """``task: pretrain``: a hybrid MAE through the one engine, then evaluation and the bundle."""
     from medalign.models.mae import HybridMAE
-    from medalign.run import build_model, fit_and_save, prepare_run
+    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
 
     out, manifest = prepare_run(config)
     model = build_model(config)
@@ -291,7 +291,7 @@ def _eval_split(
 
 def view_retrieval(first: Tensor, second: Tensor) -> dict[str, Any]:
     """R@K and ranks of finding a case's other view among all second views (and back); mean R@1."""
-    from medalign.metrics import retrieval_metrics
+    from medalign.evaluation.metrics import retrieval_metrics
 
     if len(first) == 0:
         raise ValueError("view retrieval needs at least one case with both views")
@@ -329,9 +329,9 @@ def evaluate_pretrain(
       downstream model sees); ``retrieval_masked`` on the masked forward's embeddings (what the
       contrastive term trained);
     * ``probe`` (``eval.probe`` and the manifest has ``eval.probe_label``): linear probe
-      (``medalign.probe.linear_probe``) on ``encode()`` features, mean over a case's modalities.
+      (``medalign.evaluation.probe.linear_probe``) on ``encode()`` features, mean over a case's modalities.
     """
-    from medalign.probe import linear_probe
+    from medalign.evaluation.probe import linear_probe
 
     model.eval()
     split = config.eval.split

@@ -4,7 +4,7 @@ Training minimises the next-token cross-entropy of each case's ``text`` given it
 (``ReportGenerator.forward``). Evaluation on ``eval.split`` decodes a report per case with the
 recipe's ``report`` settings (decoding, beams, length penalty and the loop guards
 ``no_repeat_ngram_size`` / ``repetition_penalty``, all recorded in metrics.json) and scores it
-against the reference with corpus BLEU-1..4 and ROUGE-L (``medalign.textmetrics``), next to two
+against the reference with corpus BLEU-1..4 and ROUGE-L (``medalign.evaluation.textmetrics``), next to two
 baselines scored the same way:
 
 * **retrieval**: the report of the nearest *training* case by cosine similarity of
@@ -33,8 +33,8 @@ import torch
 from medalign.config import RunConfig
 from medalign.data.dataset import Collator, dataset_for_model, stack_modalities
 from medalign.data.manifest import Manifest
+from medalign.evaluation.textmetrics import text_metrics, tokenize
 from medalign.progress import progress
-from medalign.textmetrics import text_metrics, tokenize
 
 REPORTS_FILE = "reports.jsonl"
 
@@ -73,7 +73,8 @@ def with_text(manifest: Manifest) -> tuple[Manifest, dict[str, int]]:
 def run_report(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """``task: report``: train a ``ReportGenerator`` through the engine, then evaluate it."""
     from medalign.models.report import ReportGenerator
-    from medalign.run import build_model, fit_and_save, image_columns, prepare_run
+    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
+    from medalign.tasks.columns import image_columns
 
     out, manifest = prepare_run(config)
     manifest, dropped = with_text(manifest)

@@ -1,0 +1,1 @@
+"""Recipe -> trained bundle: the generic run, the curriculum of stages, the quickstart."""
