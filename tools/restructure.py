@@ -443,9 +443,35 @@ def split_module(plan: Split) -> bool:
 
 
 # ---------------------------------------------------------------------------------- rewrite
+# Old modules whose dotted path is now a package of the same name: only their own names move.
+SHADOWED = {"medalign.inference": ("medalign.inference.sliding_window",
+                                   ("SW_BATCH_SIZE", "predict_probabilities", "overlay", "save_mask"))}
+
+# Files that name old paths on purpose (the aliases and their tests).
+KEEP_OLD_PATHS = {"src/medalign/_aliases.py", "src/medalign/inference/__init__.py", "tests/test_aliases.py",
+                  "tools/restructure.py"}
+
+
+def rewrite_shadowed(text: str) -> str:
+    for old, (new, names) in SHADOWED.items():
+        alternatives = "|".join(names)
+        text = re.sub(rf"(?<![\w.]){re.escape(old)}\.({alternatives})\b", rf"{new}.\1", text)
+
+        def repl(match: re.Match[str], old: str = old, new: str = new, names: tuple[str, ...] = names) -> str:
+            items = [i.strip() for i in match.group(2).strip("()").replace("\n", " ").split(",") if i.strip()]
+            if items and all(i.split(" as ")[0].strip() in names for i in items):
+                return f"{match.group(1)}from {new} import {match.group(2)}"
+            return match.group(0)
+
+        text = re.sub(rf"^([ \t]*)from {re.escape(old)} import (\([^)]*\)|[^\n]*)", repl, text, flags=re.M)
+    return text
+
+
 def module_map() -> dict[str, str]:
     mapping = {}
     for old, new in MODULE_MOVES.items():
+        if dotted(f"{PKG}/{old}") in SHADOWED:
+            continue
         if Path(old).stem not in FACADES:
             mapping[dotted(f"{PKG}/{old}")] = dotted(f"{PKG}/{new}")
     mapping["medalign.metrics"] = "medalign.evaluation.metrics"
@@ -522,6 +548,11 @@ def rewrite_symbols(text: str) -> str:
     return text
 
 
+# (regex, replacement) for library modules below the root package: the root imports the
+# inference layer (``medalign.load``), so lower layers read the version from its own module.
+LIBRARY_REWRITES = [(re.compile(r"^(\s*)from medalign import __version__$", re.M), r"\1from medalign.version import __version__")]
+
+
 def fix_repo_depth(path: Path, text: str) -> str:
     depth = len(path.relative_to(ROOT).parts) - 1
     return re.sub(r"Path\(__file__\)\.resolve\(\)\.parents\[\d+\]", f"Path(__file__).resolve().parents[{depth}]", text)
@@ -532,12 +563,15 @@ def rewrite_all() -> None:
     changed = []
     for pattern in REWRITE_GLOBS:
         for path in sorted(ROOT.glob(pattern)):
-            if not path.is_file() or ".venv" in path.parts or path.name == "restructure.py":
+            if not path.is_file() or ".venv" in path.parts or str(path.relative_to(ROOT)) in KEEP_OLD_PATHS:
                 continue
             text = path.read_text(encoding="utf-8")
-            new = rewrite_symbols(rewrite_modules(text, mapping))
+            new = rewrite_symbols(rewrite_modules(rewrite_shadowed(text), mapping))
             if path.parts[len(ROOT.parts)] == "tests" and path.suffix == ".py":
                 new = fix_repo_depth(path, new)
+            if path.suffix == ".py" and path.parent != ROOT / PKG and (ROOT / PKG) in path.parents:
+                for pattern, replacement in LIBRARY_REWRITES:
+                    new = pattern.sub(replacement, new)
             if new != text:
                 path.write_text(new, encoding="utf-8")
                 changed.append(str(path.relative_to(ROOT)))

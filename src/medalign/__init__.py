@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from medalign import _aliases
+from medalign.version import __version__
+
 if TYPE_CHECKING:
     from medalign.inference.predict import Predictor
 
-__version__ = "0.1.0"
+_aliases.install()  # old flat import paths (medalign.pipeline.run, medalign.evaluation.metrics, ...) for one release
 
 
 def load(name_or_path: str, **options: Any) -> Predictor:

@@ -34,7 +34,7 @@ def write_model_card(bundle_dir: str | Path, model: Any, extra: Mapping[str, Any
 
 def model_card_text(model: Any, extra: Mapping[str, Any]) -> str:
     """The card's Markdown."""
-    from medalign import __version__
+    from medalign.version import __version__
 
     config = model.portable_config()
     record = config.to_dict()
@@ -138,10 +138,20 @@ def _data_summary(run: Any, extra: Mapping[str, Any]) -> dict[str, Any] | None:
     return summary
 
 
-def _flatten(tree: Any) -> dict[str, Any]:
-    """The card's scalars: ``html_report.flatten_scalars`` without per-case rows, subsets and bins."""
-    from medalign.bundle.model_card import flatten_scalars
+def flatten_scalars(tree: Any, skip: tuple[str, ...] = ("per_case",), prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and the ``skip`` keys are left out."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in skip or isinstance(value, list):
+            continue
+        out.update(flatten_scalars(value, skip, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
+
+def _flatten(tree: Any) -> dict[str, Any]:
+    """The card's scalars: :func:`flatten_scalars` without per-case rows, subsets and bins."""
     return flatten_scalars(tree, skip=("per_case", "subsets", "reliability"))
 
 

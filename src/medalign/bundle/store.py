@@ -71,8 +71,8 @@ def save_bundle(
     it. Without it the model's own config is recorded (one image for a single-input model;
     several channels are then never filled by repeating one image).
     """
-    from medalign import __version__
     from medalign.bundle.inputs import spec_for_model
+    from medalign.version import __version__
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")

@@ -387,8 +387,8 @@ def export_onnx(
     Runtime reproduced PyTorch within ``tolerance`` on inputs of another batch size (and text
     length) than the traced ones.
     """
-    from medalign import __version__
     from medalign.bundle import BundleError, load_bundle, read_bundle_config
+    from medalign.version import __version__
 
     _require_onnx()
 

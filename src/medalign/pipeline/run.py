@@ -1,4 +1,11 @@
-"""From a recipe to a trained, evaluated bundle: the body of ``medalign train``.
+"""From a recipe to a trained, evaluated bundle: the body of ``medalign train``, for every task.
+
+One pipeline: checks and the run folder (:func:`prepare_run`), the recipe's model
+(:func:`build_model`, started from ``model.init_from``), the task's
+:class:`~medalign.tasks.base.TrainingPlan` (the task registered under ``config.task`` says what
+the engine steps, on which split, and how the result is evaluated), then the engine, the
+evaluation, ``metrics.json``, the bundle and the HTML report (:func:`fit_and_save`). Nothing
+here names a task.
 
 A run folder holds ``config.yaml`` (the resolved recipe), ``checkpoints/last.ckpt`` (while it
 trains; a finished run drops it unless ``train.keep_checkpoints``), ``logs/metrics.csv``, ``tb/`` (TensorBoard), ``bundle/`` (the trained model) and
@@ -9,62 +16,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.seed import seed_everything
 
 from medalign.config import RunConfig, save_config, validate_ranges
-from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
-from medalign.data.manifest import Manifest, read_manifest
-from medalign.progress import progress
-
-
-def manifest_file(config: RunConfig, out: Path) -> Path | None:
-    """Where a run's manifest lives: ``data.manifest``, or the phantom generated into the run folder."""
-    if config.data.manifest:
-        return Path(config.data.manifest)
-    if config.data.phantom is None:
-        return None
-    name = "manifest.csv" if config.data.phantom.manifest == "cases" else "prompts.csv"
-    return out / "data" / "phantom" / name
-
-
-def load_run_manifest(config: RunConfig, out: Path) -> Manifest:
-    """The run's manifest, generating the phantom into the run folder when the recipe asks for it."""
-    path = manifest_file(config, out)
-    assert path is not None  # validate_ranges requires data.manifest or data.phantom
-    if not config.data.manifest:
-        from medalign.data.phantom import PhantomConfig, generate_phantom
-
-        source = config.data.phantom
-        generate_phantom(path.parent, PhantomConfig(n=source.n, seed=source.seed, size=source.size))
-    return read_manifest(path)
-
-
-def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifest:
-    """Fill empty text cells from the label with a prompt template (for datasets without reports).
-
-    The template of each case is fixed by its case_id, so runs are reproducible.
-    """
-    import zlib
-
-    from medalign.evaluation.zeroshot import build_class_prompts, load_templates, resolve_classes
-
-    spec = load_templates(templates)
-    classes = manifest.classes(label)
-    prompts = build_class_prompts(spec["templates"], resolve_classes(spec, classes))
-    by_class = dict(zip(classes, prompts, strict=True))
-    table = manifest.table.copy()
-    if "text" not in table.columns:
-        table["text"] = ""
-    for row, (case_id, value) in enumerate(zip(table["case_id"], table[label], strict=True)):
-        if table.at[row, "text"] == "" and value in by_class:
-            options = by_class[value]
-            table.at[row, "text"] = options[zlib.crc32(case_id.encode()) % len(options)]
-    return Manifest(table, manifest.base_dir, manifest.meta)
-
+from medalign.data.dataset import Collator, ManifestDataset
+from medalign.data.manifest import Manifest
+from medalign.data.run_manifest import load_run_manifest, modality_rows, subsample_train
+from medalign.tasks.base import TrainingPlan
 
 TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
 
@@ -149,70 +110,16 @@ def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, n
         raise ValueError(f"init_from '{init_from}': none of its weights fit model {name!r}")
 
 
-def modality_rows(manifest: Manifest, columns: list[str]) -> Manifest:
-    """One row per (case, modality) with the image in a single ``image`` column.
-
-    The case keeps its ``patient_id``, split, text and labels, so patient-level splits still
-    hold; ``case_id`` becomes ``<case>/<modality>`` and ``attr:modality`` names the source
-    column. A case without an image in a column has no row for it (nothing to learn from).
-    """
-    import pandas as pd
-
-    table = manifest.table
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"data.modalities {missing} are not columns of the manifest ({manifest.image_columns})")
-    keep = [c for c in table.columns if c not in manifest.image_columns]
-    parts = []
-    for column in columns:
-        part = table.loc[table[column] != "", keep].copy()
-        part["image"] = table.loc[table[column] != "", column]
-        part["case_id"] = part["case_id"] + "/" + column.split(":", 1)[-1]
-        part["attr:modality"] = column.split(":", 1)[-1]
-        parts.append(part)
-    rows = pd.concat(parts).sort_index(kind="stable").reset_index(drop=True)
-    return Manifest(rows, manifest.base_dir, manifest.meta)
-
-
-def image_columns(config: RunConfig, manifest: Manifest) -> list[str]:
-    """The recipe's modalities (stacked as channels when several), else the first image column."""
-    if config.data.modality_rows:
-        return ["image"]
-    if config.data.modalities:
-        missing = [m for m in config.data.modalities if m not in manifest.image_columns]
-        if missing:
-            raise ValueError(
-                f"data.modalities {missing} are not columns of the manifest ({manifest.image_columns})"
-            )
-        return list(config.data.modalities)
-    if not manifest.image_columns:
-        raise ValueError("the manifest has no image column")
-    return manifest.image_columns[:1]
-
-
 def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    """Dispatch on ``config.task``."""
-    if config.task == "segment":
-        return run_segmentation(config, resume=resume, echo=echo)
-    if config.task == "fuse":
-        return run_fusion(config, resume=resume, echo=echo)
-    if config.task == "pretrain":
-        from medalign.pipeline.run import run_training
+    """Train ``config.task`` end to end: run folder, manifest, model, the task's plan, engine, bundle."""
+    from medalign.tasks.base import get_task
 
-        return run_training(config, resume=resume, echo=echo)
-    if config.task == "clinical":
-        from medalign.pipeline.run import run_training
-
-        return run_training(config, resume=resume, echo=echo)
-    if config.task == "report":
-        from medalign.pipeline.run import run_training
-
-        return run_training(config, resume=resume, echo=echo)
-    if config.task == "instruct":
-        from medalign.pipeline.run import run_training
-
-        return run_training(config, resume=resume, echo=echo)
-    return run_alignment(config, resume=resume, echo=echo)
+    task = get_task(config.task)
+    out, manifest = prepare_run(config)
+    model = build_model(config)
+    task.check_model(model, config)
+    plan = task.plan(config, manifest, model, out, echo)
+    return fit_and_save(config, out, model, plan, resume=resume, echo=echo)
 
 
 def prepare_run(config: RunConfig) -> tuple[Path, Manifest]:
@@ -228,27 +135,6 @@ def prepare_run(config: RunConfig) -> tuple[Path, Manifest]:
     if config.data.train_fraction < 1:
         manifest = subsample_train(manifest, config.data.train_fraction, config.train.seed)
     return out, manifest
-
-
-def subsample_train(manifest: Manifest, fraction: float, seed: int) -> Manifest:
-    """Keep ``fraction`` of the train split's patients (at least one); other splits untouched.
-
-    Patients are ranked by a seeded hash of their id, so subsets are nested (10% inside 50%)
-    and independent of row order; a patient's rows stay together.
-    """
-    import hashlib
-    import math
-
-    table = manifest.table
-    if "split" not in table.columns:
-        raise ValueError("data.train_fraction needs a manifest with a 'split' column")
-    train = table["split"] == "train"
-    patients = sorted(
-        set(table.loc[train, "patient_id"]),
-        key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest(),
-    )
-    keep = set(patients[: max(1, math.ceil(fraction * len(patients)))])
-    return manifest.subset(~train | table["patient_id"].isin(keep))
 
 
 def training_source(config: RunConfig, dataset: ManifestDataset) -> Any:
@@ -274,20 +160,11 @@ def training_source(config: RunConfig, dataset: ManifestDataset) -> Any:
 
 
 def fit_and_save(
-    config: RunConfig,
-    out: Path,
-    model: Any,
-    task: Any,
-    dataset: ManifestDataset,
-    evaluate: Callable[[Any], dict[str, Any]],
-    *,
-    resume: bool,
-    echo: Any,
-    collate: Callable[[list[Any]], dict[str, Any]] | None = None,
+    config: RunConfig, out: Path, model: Any, plan: TrainingPlan, *, resume: bool, echo: Any
 ) -> Path:
-    """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle.
+    """Train ``plan`` through the engine, then (on rank 0) evaluate, write metrics.json and the bundle.
 
-    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model).
+    ``plan.collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model).
     """
     from medalign.bundle import save_bundle
     from medalign.reporting.html_report import write_html_report
@@ -300,11 +177,12 @@ def fit_and_save(
             f"to keep it); to train further, start a new run with model.init_from: {out / 'bundle'}"
         )
     start = time.perf_counter()
+    dataset = plan.dataset
     state = engine.fit(
-        task,
+        plan.step,
         training_source(config, dataset),
-        collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
-        batch_size=config.data.batch_size,
+        plan.collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
+        batch_size=plan.batch_size or config.data.batch_size,
         num_workers=config.data.num_workers,
         drop_last=config.data.drop_last,
         resume=resume,
@@ -314,7 +192,7 @@ def fit_and_save(
     if engine.fabric.global_rank != 0:
         return out
     model.cpu().float().eval()
-    metrics = evaluate(model)
+    metrics = plan.evaluate(model)
     metrics["train"] = {"steps": state.step, "seconds": round(seconds, 1), "final": state.history[-1:]}
     from medalign.evaluation.metrics import without_rows
 
@@ -355,279 +233,3 @@ def training_inputs(config: RunConfig, model: Any, dataset: ManifestDataset) -> 
     )
 
 
-def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.tasks.align import AlignTask
-
-    out, manifest = prepare_run(config)
-    if config.data.text_from_labels:
-        manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
-    model = build_model(config)
-    image_keys = image_columns(config, manifest)
-    if model.config.in_channels % len(image_keys):
-        raise ValueError(
-            f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
-        )
-    dataset = dataset_for_model(
-        manifest, model, "train", config.data.label, image_keys, data=config.data, augment=True
-    )
-    task = AlignTask(model, config.loss, image_keys=image_keys)
-    return fit_and_save(
-        config,
-        out,
-        model,
-        task,
-        dataset,
-        lambda m: evaluate_alignment(m, manifest, config, image_keys),
-        resume=resume,
-        echo=echo,
-    )
-
-
-def evaluate_alignment(
-    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str]
-) -> dict[str, Any]:
-    """Zero-shot / retrieval / probe on ``eval.split`` as the recipe asks; each split embedded once."""
-    from functools import cache
-
-    from medalign.evaluation import alignment as ev
-
-    ev_cfg = config.eval
-
-    @cache
-    def embed(split: str, label: str | None) -> ev.SplitEmbeddings:
-        label = label if label in manifest.table.columns else None
-        dataset = dataset_for_model(manifest, model, split, label, image_keys, data=config.data)
-        return ev.embed_split(model, dataset)
-
-    results: dict[str, Any] = {"split": ev_cfg.split}
-    if ev_cfg.zeroshot:
-        results["zeroshot"] = ev.zero_shot(model, embed(ev_cfg.split, ev_cfg.zeroshot_label), ev_cfg.zeroshot)
-    if ev_cfg.retrieval:
-        test = embed(ev_cfg.split, ev_cfg.zeroshot_label if ev_cfg.zeroshot else None)
-        if test.text is not None:
-            results["retrieval"] = {**ev.retrieval(test), "examples": ev.retrieval_examples(test)}
-    if ev_cfg.probe:
-        label = ev_cfg.probe_label
-        results["probe"] = ev.probe(embed("train", label), embed("val", label), embed(ev_cfg.split, label))
-    return results
-
-
-def segmentation_dataset(
-    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
-) -> ManifestDataset:
-    return dataset_for_model(
-        manifest, model, split, None, image_keys, mask=config.data.mask, data=config.data, augment=augment
-    )
-
-
-def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.tasks.segment import SegmentTask
-
-    out, manifest = prepare_run(config)
-    model = build_model(config)
-    image_keys = image_columns(config, manifest)
-    assert config.data.mask is not None  # validate_ranges checked it
-    dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
-    task = SegmentTask(model, config.seg_loss, image_keys, config.data.mask)
-    return fit_and_save(
-        config,
-        out,
-        model,
-        task,
-        dataset,
-        lambda m: evaluate_segmentation(m, manifest, config, image_keys, config.eval.split),
-        resume=resume,
-        echo=echo,
-    )
-
-
-def evaluate_segmentation(
-    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
-) -> dict[str, Any]:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split."""
-    import torch
-
-    from medalign.evaluation.metrics import SegmentationMetrics
-    from medalign.tasks.segment import predict_probabilities
-
-    dataset = segmentation_dataset(config, manifest, model, image_keys, split, augment=False)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.data.eval_batch_size,
-        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
-    )
-    metrics = SegmentationMetrics()
-    for batch in progress(loader, desc=f"evaluate {split}"):
-        metrics.update(
-            predict_probabilities(model, batch, image_keys),
-            batch[config.data.mask][:, 0].numpy(),
-            batch["case_id"],
-        )
-    return {"split": split, **metrics.aggregate()}
-
-
-def fusion_columns(config: RunConfig, manifest: Manifest, model: Any) -> list[str]:
-    """The image columns of a fusion model, position by position with ``model.config.modalities``.
-
-    ``data.modalities`` when the recipe names them, else ``image:<name>`` for every modality name.
-    """
-    names = list(model.config.modalities)
-    if config.data.modalities:
-        keys = image_columns(config, manifest)
-    else:
-        keys = [f"image:{name}" for name in names]
-        missing = [k for k in keys if k not in manifest.image_columns]
-        if missing:
-            raise ValueError(
-                f"the model's modalities {names} need columns {missing}, which the manifest lacks "
-                f"({manifest.image_columns}); set data.modalities to the columns to use, in model order"
-            )
-    if len(keys) != len(names):
-        raise ValueError(f"data.modalities {keys} must list one column per model modality {names}, in order")
-    return keys
-
-
-def per_modality_data(config: RunConfig, model: Any) -> Any:
-    """The recipe's data section for models that take each modality as its own input of one
-    tower (MAE, clinical): ``in_channels`` channels per modality, not the stacked total."""
-    import dataclasses
-
-    return dataclasses.replace(config.data, channels=config.data.channels or model.config.in_channels)
-
-
-def check_num_classes(dataset: ManifestDataset, num_classes: int, label: str | None) -> None:
-    """A classification head must have one output per class of the label column."""
-    if len(dataset.classes) != num_classes:
-        raise ValueError(
-            f"column {label!r} has {len(dataset.classes)} classes {dataset.classes}; "
-            f"set model.overrides.num_classes to {len(dataset.classes)}"
-        )
-
-
-def fusion_dataset(
-    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
-) -> ManifestDataset:
-    """Masks for a segmentation head, labels for a classification head; every modality of each case."""
-    segment = model.config.task_head == "segment"
-    return dataset_for_model(
-        manifest,
-        model,
-        split,
-        None if segment else config.data.label,
-        image_keys,
-        mask=config.data.mask if segment else None,
-        data=config.data,
-        augment=augment,
-    )
-
-
-def run_fusion(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    """``task: fuse``: a fusion model (``medalign.models.fusion``) through the one engine."""
-    from medalign.models.fusion import FusionModel
-    from medalign.tasks.fuse import FuseTask
-
-    out, manifest = prepare_run(config)
-    model = build_model(config)
-    if not isinstance(model, FusionModel):
-        raise ValueError(
-            f"task fuse needs a fusion model (fuse_adf, fuse_moe, ...), not {config.model.name!r}"
-        )
-    image_keys = fusion_columns(config, manifest, model)
-    dataset = fusion_dataset(config, manifest, model, image_keys, "train", augment=True)
-    if model.config.task_head == "classify":
-        check_num_classes(dataset, model.num_classes, config.data.label)
-    task = FuseTask(
-        model, config.fuse_loss, config.seg_loss, image_keys, config.data.mask, config.data.label or "label"
-    )
-    return fit_and_save(
-        config,
-        out,
-        model,
-        task,
-        dataset,
-        lambda m: evaluate_fusion(m, manifest, config, image_keys, config.eval.split),
-        resume=resume,
-        echo=echo,
-    )
-
-
-def modality_subsets(names: list[str]) -> list[tuple[int, ...]]:
-    """Every non-empty subset of modality indices: singles first, the full set last."""
-    import itertools
-
-    return [s for r in range(1, len(names) + 1) for s in itertools.combinations(range(len(names)), r)]
-
-
-def evaluate_fusion(
-    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
-) -> dict[str, Any]:
-    """The metric for every non-empty subset of modalities, keyed like ``"a"``, ``"b"``, ``"a+b"``.
-
-    Each subset hides the other modalities from the model (``present`` False), so one trained
-    model answers "how good is it with only these scans". A case is scored on a subset when it
-    has at least one of the subset's modalities. Segmentation: per-image Dice/IoU, pooled Dice,
-    HD95, NSD (``SegmentationMetrics``); classification: ACC, balanced ACC, macro-F1, AUC
-    (``classification_metrics``; cases without a label are left out and counted). The top
-    level repeats the full set's metrics (with per-case rows) so the run reads like any other.
-    """
-    import numpy as np
-    import torch
-
-    from medalign.evaluation.metrics import SegmentationMetrics, classification_metrics, without_rows
-    from medalign.tasks.fuse import predict
-
-    names = list(model.config.modalities)
-    segment = model.config.task_head == "segment"
-    dataset = fusion_dataset(config, manifest, model, image_keys, split, augment=False)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.data.eval_batch_size,
-        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
-    )
-    subsets = modality_subsets(names)
-    keys = ["+".join(names[i] for i in s) for s in subsets]
-    seg = {k: SegmentationMetrics() for k in keys}
-    scores: dict[str, list[Any]] = {k: [] for k in keys}
-    labels: dict[str, list[Any]] = {k: [] for k in keys}
-    unlabelled = 0
-    for batch in progress(loader, desc=f"evaluate {split}"):
-        available = batch["modalities_present"].bool()
-        if not segment:
-            unlabelled += int((batch["label"] < 0).sum())
-        for subset, key in zip(subsets, keys, strict=True):
-            chosen = torch.zeros(len(names), dtype=torch.bool)
-            chosen[list(subset)] = True
-            present = available & chosen
-            rows = present.any(dim=1) if segment else present.any(dim=1) & (batch["label"] >= 0)
-            if not rows.any():
-                continue
-            output = predict(model, batch, image_keys, present)[rows].cpu().numpy()
-            if segment:
-                ids = [c for c, keep in zip(batch["case_id"], rows.tolist(), strict=True) if keep]
-                seg[key].update(output, batch[config.data.mask][rows][:, 0].numpy(), ids)
-            else:
-                scores[key].append(output)
-                labels[key].append(batch["label"][rows].numpy())
-
-    results: dict[str, Any] = {"split": split, "modalities": names, "subsets": {}}
-    for key in keys:
-        if segment:
-            metrics = seg[key].aggregate() if len(seg[key]) else None
-        elif scores[key]:
-            metrics = classification_metrics(
-                np.concatenate(labels[key]),
-                np.concatenate(scores[key]),
-                dataset.classes,
-                scores_are="probabilities",
-            )
-        else:
-            metrics = None
-        if metrics is None:
-            results["subsets"][key] = {"n_images": 0}
-            continue
-        results["subsets"][key] = without_rows(metrics)
-        if key == keys[-1]:
-            results.update(metrics)
-    if not segment:
-        results["n_unlabelled"] = unlabelled
-    return results

@@ -30,6 +30,9 @@ from typing import Annotated, Any
 
 import typer
 
+from medalign.bundle.model_card import flatten_scalars
+from medalign.data.run_manifest import run_manifest_path
+
 REPORT_NAME = "report.html"
 OVERLAY_CASES = 3  # best and worst cases shown as segmentation overlays
 REPORT_EXAMPLES = 5  # reports.jsonl rows shown for report generation
@@ -158,14 +161,6 @@ def _read_curves(path: Path) -> Any:
     return table if len(table) else None
 
 
-def run_manifest_path(run_dir: Path, config: Any) -> Path | None:
-    """The manifest a run trained on, when it is still there (``run.manifest_file``)."""
-    from medalign.data.run_manifest import manifest_file
-
-    path = manifest_file(config, run_dir)
-    return path if path is not None and path.is_file() else None
-
-
 def report_manifest(run: RunFiles) -> tuple[Path, Any]:
     """The run's manifest as training saw it (one row per modality when ``data.modality_rows``)."""
     from medalign.data.manifest import read_manifest
@@ -263,7 +258,7 @@ def _title(path: tuple[str, ...], default: str) -> str:
 def _header(run: RunFiles) -> str:
     if run.evaluation is not None:
         return _eval_header(run, run.evaluation)
-    from medalign import __version__
+    from medalign.version import __version__
 
     config = run.config
     written = dt.datetime.fromtimestamp(run.metrics_path.stat().st_mtime)
@@ -285,7 +280,7 @@ def _header(run: RunFiles) -> str:
 
 
 def _eval_header(run: RunFiles, arguments: dict[str, Any]) -> str:
-    from medalign import __version__
+    from medalign.version import __version__
 
     split = run.metrics.get("split", run.config.eval.split)
     written = dt.datetime.fromtimestamp(run.metrics_path.stat().st_mtime)
@@ -664,18 +659,6 @@ def _subsets_section(run: RunFiles) -> str:
         + _note("Each row hides the other modalities from the model; the last row is the full set.")
         + _table(["modalities", *columns], rows)
     )
-
-
-def flatten_scalars(tree: Any, skip: tuple[str, ...] = ("per_case",), prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and the ``skip`` keys are left out."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key in skip or isinstance(value, list):
-            continue
-        out.update(flatten_scalars(value, skip, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _survival_sections(run: RunFiles, used: set[str]) -> str:

@@ -8,14 +8,18 @@ micro-batches (GradCache) and DDP sees every parameter used in ``forward``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from medalign.config import LossConfig
-from medalign.data.dataset import stack_modalities
+from medalign.config import LossConfig, RunConfig
+from medalign.data.dataset import dataset_for_model, stack_modalities
+from medalign.data.manifest import Manifest
 from medalign.losses import ContrastiveLoss
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import stacked_columns
 
 EMBEDDING_KEYS = ("image_embeds", "text_embeds", "logit_scale", "logit_bias")
 TOKEN_KEYS = ("image_tokens", "text_tokens")
@@ -58,3 +62,77 @@ class AlignTask:
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.loss_from_embeddings(self.embed(batch), batch)
+
+
+def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifest:
+    """Fill empty text cells from the label with a prompt template (for datasets without reports).
+
+    The template of each case is fixed by its case_id, so runs are reproducible.
+    """
+    import zlib
+
+    from medalign.evaluation.zeroshot import build_class_prompts, load_templates, resolve_classes
+
+    spec = load_templates(templates)
+    classes = manifest.classes(label)
+    prompts = build_class_prompts(spec["templates"], resolve_classes(spec, classes))
+    by_class = dict(zip(classes, prompts, strict=True))
+    table = manifest.table.copy()
+    if "text" not in table.columns:
+        table["text"] = ""
+    for row, (case_id, value) in enumerate(zip(table["case_id"], table[label], strict=True)):
+        if table.at[row, "text"] == "" and value in by_class:
+            options = by_class[value]
+            table.at[row, "text"] = options[zlib.crc32(case_id.encode()) % len(options)]
+    return Manifest(table, manifest.base_dir, manifest.meta)
+
+
+class Alignment(Task):
+    """``task: align``: a dual encoder on image-text pairs; zero-shot, retrieval and probe scores."""
+
+    name = "align"
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        if config.data.text_from_labels:
+            manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
+        image_keys = stacked_columns(config, manifest, model)
+        dataset = dataset_for_model(
+            manifest, model, "train", config.data.label, image_keys, data=config.data, augment=True
+        )
+        return TrainingPlan(
+            AlignTask(model, config.loss, image_keys=image_keys),
+            dataset,
+            lambda m: evaluate_alignment(m, manifest, config, image_keys),
+        )
+
+
+def evaluate_alignment(
+    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str]
+) -> dict[str, Any]:
+    """Zero-shot / retrieval / probe on ``eval.split`` as the recipe asks; each split embedded once."""
+    from functools import cache
+
+    from medalign.evaluation import alignment as ev
+
+    ev_cfg = config.eval
+
+    @cache
+    def embed(split: str, label: str | None) -> ev.SplitEmbeddings:
+        label = label if label in manifest.table.columns else None
+        dataset = dataset_for_model(manifest, model, split, label, image_keys, data=config.data)
+        return ev.embed_split(model, dataset)
+
+    results: dict[str, Any] = {"split": ev_cfg.split}
+    if ev_cfg.zeroshot:
+        results["zeroshot"] = ev.zero_shot(model, embed(ev_cfg.split, ev_cfg.zeroshot_label), ev_cfg.zeroshot)
+    if ev_cfg.retrieval:
+        test = embed(ev_cfg.split, ev_cfg.zeroshot_label if ev_cfg.zeroshot else None)
+        if test.text is not None:
+            results["retrieval"] = {**ev.retrieval(test), "examples": ev.retrieval_examples(test)}
+    if ev_cfg.probe:
+        label = ev_cfg.probe_label
+        results["probe"] = ev.probe(embed("train", label), embed("val", label), embed(ev_cfg.split, label))
+    return results
+
+
+register_task(Alignment())

@@ -39,6 +39,8 @@ from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest
 from medalign.losses import cox_partial_likelihood_loss, discrete_time_survival_loss
 from medalign.progress import progress
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import check_num_classes, fusion_columns, modality_subsets, per_modality_data
 from medalign.tasks.fuse import fusion_inputs
 
 RELIABILITY_PNG = "reliability.png"
@@ -122,7 +124,6 @@ def clinical_dataset(
     config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
 ) -> ManifestDataset:
     """Every modality of each case at the model's size, ``in_channels`` channels per modality."""
-    from medalign.tasks.columns import per_modality_data
 
     label = config.data.label if model.config.num_classes else None
     return dataset_for_model(
@@ -130,34 +131,28 @@ def clinical_dataset(
     )
 
 
-def run_clinical(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    """``task: clinical``: a clinical model (``medalign.models.heads``) through the one engine."""
-    from medalign.models.heads import ClinicalModel
-    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
-    from medalign.tasks.columns import check_num_classes, fusion_columns
+class Clinical(Task):
+    """``task: clinical``: a clinical model (``medalign.models.heads``): diagnosis and/or survival heads."""
 
-    out, manifest = prepare_run(config)
-    model = build_model(config)
-    if not isinstance(model, ClinicalModel):
-        raise ValueError(
-            f"task clinical needs a clinical model (clinical_tiny, ...), not {config.model.name!r}"
+    name = "clinical"
+    model_kind = "a clinical model (clinical_tiny, ...)"
+
+    def model_class(self) -> type:
+        from medalign.models.heads import ClinicalModel
+
+        return ClinicalModel
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        image_keys = fusion_columns(config, manifest, model)
+        check_clinical_data(model, manifest, config)
+        dataset = clinical_dataset(config, manifest, model, image_keys, "train", augment=True)
+        if model.config.num_classes:
+            check_num_classes(dataset, model.config.num_classes, config.data.label)
+        return TrainingPlan(
+            ClinicalTask(model, config.clinical_loss, image_keys),
+            dataset,
+            lambda m: evaluate_clinical(m, manifest, config, image_keys, config.eval.split, out=out),
         )
-    image_keys = fusion_columns(config, manifest, model)
-    check_clinical_data(model, manifest, config)
-    dataset = clinical_dataset(config, manifest, model, image_keys, "train", augment=True)
-    if model.config.num_classes:
-        check_num_classes(dataset, model.config.num_classes, config.data.label)
-    task = ClinicalTask(model, config.clinical_loss, image_keys)
-    return fit_and_save(
-        config,
-        out,
-        model,
-        task,
-        dataset,
-        lambda m: evaluate_clinical(m, manifest, config, image_keys, config.eval.split, out=out),
-        resume=resume,
-        echo=echo,
-    )
 
 
 def check_clinical_data(model: Any, manifest: Manifest, config: RunConfig) -> None:
@@ -370,7 +365,6 @@ def evaluate_clinical(
     subsets: bool = True,
 ) -> dict[str, Any]:
     """Diagnosis and survival metrics on ``split`` (row and patient level), figures into ``out``."""
-    from medalign.tasks.columns import modality_subsets
 
     model.eval()
     dataset = clinical_dataset(config, manifest, model, image_keys, split, augment=False)
@@ -432,3 +426,6 @@ def _per_case(predictions: dict[str, Any], classes: Sequence[str]) -> list[dict[
                 event=int(predictions["event"][i]),
             )
     return rows
+
+
+register_task(Clinical())

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medalign.config import FuseLossConfig, SegLossConfig
+from medalign.config import FuseLossConfig, RunConfig, SegLossConfig
+from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
+from medalign.data.manifest import Manifest
 from medalign.losses import (
     SegmentationLoss,
     disentangled_contrastive_loss,
@@ -32,6 +35,9 @@ from medalign.losses import (
     orthogonality_loss,
     similarity_loss,
 )
+from medalign.progress import progress
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import check_num_classes, fusion_columns, modality_subsets
 
 
 def fusion_inputs(
@@ -172,3 +178,121 @@ def predict(model: Any, batch: dict[str, Any], image_keys: Sequence[str], presen
     if model.config.task_head == "segment":
         return torch.sigmoid(logits[:, 0])
     return torch.softmax(logits, dim=1)
+
+
+def fusion_dataset(
+    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
+) -> ManifestDataset:
+    """Masks for a segmentation head, labels for a classification head; every modality of each case."""
+    segment = model.config.task_head == "segment"
+    return dataset_for_model(
+        manifest,
+        model,
+        split,
+        None if segment else config.data.label,
+        image_keys,
+        mask=config.data.mask if segment else None,
+        data=config.data,
+        augment=augment,
+    )
+
+
+class Fusion(Task):
+    """``task: fuse``: a fusion model (``medalign.models.fusion``) over several modalities of each case."""
+
+    name = "fuse"
+    model_kind = "a fusion model (fuse_adf, fuse_moe, ...)"
+
+    def model_class(self) -> type:
+        from medalign.models.fusion import FusionModel
+
+        return FusionModel
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        image_keys = fusion_columns(config, manifest, model)
+        dataset = fusion_dataset(config, manifest, model, image_keys, "train", augment=True)
+        if model.config.task_head == "classify":
+            check_num_classes(dataset, model.num_classes, config.data.label)
+        step = FuseTask(
+            model, config.fuse_loss, config.seg_loss, image_keys, config.data.mask, config.data.label or "label"
+        )
+        return TrainingPlan(
+            step, dataset, lambda m: evaluate_fusion(m, manifest, config, image_keys, config.eval.split)
+        )
+
+
+def evaluate_fusion(
+    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
+) -> dict[str, Any]:
+    """The metric for every non-empty subset of modalities, keyed like ``"a"``, ``"b"``, ``"a+b"``.
+
+    Each subset hides the other modalities from the model (``present`` False), so one trained
+    model answers "how good is it with only these scans". A case is scored on a subset when it
+    has at least one of the subset's modalities. Segmentation: per-image Dice/IoU, pooled Dice,
+    HD95, NSD (``SegmentationMetrics``); classification: ACC, balanced ACC, macro-F1, AUC
+    (``classification_metrics``; cases without a label are left out and counted). The top
+    level repeats the full set's metrics (with per-case rows) so the run reads like any other.
+    """
+    import numpy as np
+    import torch
+
+    from medalign.evaluation.metrics import SegmentationMetrics, classification_metrics, without_rows
+
+    names = list(model.config.modalities)
+    segment = model.config.task_head == "segment"
+    dataset = fusion_dataset(config, manifest, model, image_keys, split, augment=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.data.eval_batch_size,
+        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
+    )
+    subsets = modality_subsets(names)
+    keys = ["+".join(names[i] for i in s) for s in subsets]
+    seg = {k: SegmentationMetrics() for k in keys}
+    scores: dict[str, list[Any]] = {k: [] for k in keys}
+    labels: dict[str, list[Any]] = {k: [] for k in keys}
+    unlabelled = 0
+    for batch in progress(loader, desc=f"evaluate {split}"):
+        available = batch["modalities_present"].bool()
+        if not segment:
+            unlabelled += int((batch["label"] < 0).sum())
+        for subset, key in zip(subsets, keys, strict=True):
+            chosen = torch.zeros(len(names), dtype=torch.bool)
+            chosen[list(subset)] = True
+            present = available & chosen
+            rows = present.any(dim=1) if segment else present.any(dim=1) & (batch["label"] >= 0)
+            if not rows.any():
+                continue
+            output = predict(model, batch, image_keys, present)[rows].cpu().numpy()
+            if segment:
+                ids = [c for c, keep in zip(batch["case_id"], rows.tolist(), strict=True) if keep]
+                seg[key].update(output, batch[config.data.mask][rows][:, 0].numpy(), ids)
+            else:
+                scores[key].append(output)
+                labels[key].append(batch["label"][rows].numpy())
+
+    results: dict[str, Any] = {"split": split, "modalities": names, "subsets": {}}
+    for key in keys:
+        if segment:
+            metrics = seg[key].aggregate() if len(seg[key]) else None
+        elif scores[key]:
+            metrics = classification_metrics(
+                np.concatenate(labels[key]),
+                np.concatenate(scores[key]),
+                dataset.classes,
+                scores_are="probabilities",
+            )
+        else:
+            metrics = None
+        if metrics is None:
+            results["subsets"][key] = {"n_images": 0}
+            continue
+        results["subsets"][key] = without_rows(metrics)
+        if key == keys[-1]:
+            results.update(metrics)
+    if not segment:
+        results["n_unlabelled"] = unlabelled
+    return results
+
+
+register_task(Fusion())

@@ -37,6 +37,8 @@ from medalign.data.manifest import Manifest
 from medalign.evaluation.textmetrics import text_metrics
 from medalign.models.instruct import IGNORE, IMAGE_TOKEN, with_placeholders
 from medalign.progress import progress
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import image_columns
 
 ANSWERS_FILE = "answers.jsonl"
 UNTUNED_FILE = "untuned.json"
@@ -117,39 +119,37 @@ def prepare_model(model: Any, config: RunConfig) -> None:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def run_instruct(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    """``task: instruct``: tune an ``InstructModel`` through the engine, then evaluate it."""
-    from medalign.models.instruct import InstructModel
-    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
-    from medalign.tasks.columns import image_columns
+class InstructionTuning(Task):
+    """``task: instruct``: tune an ``InstructModel`` on conversations; answer accuracy and text metrics."""
 
-    out, manifest = prepare_run(config)
-    model = build_model(config)
-    if not isinstance(model, InstructModel):
-        raise ValueError(
-            f"task instruct needs an instruct model (instruct_tiny, ...), not {config.model.name!r}"
-        )
-    rows, summary = conversation_rows(manifest, config.instruct.conversations)
-    image_keys = image_columns(config, rows)
-    dataset = instruct_dataset(rows, model, config, image_keys, "train", augment=True)
-    if len(dataset) == 0:
-        raise ValueError("the manifest has no training conversation (split 'train')")
-    untuned = untuned_metrics(model, rows, config, image_keys, out) if config.instruct.eval_untuned else None
-    prepare_model(model, config)
+    name = "instruct"
+    model_kind = "an instruct model (instruct_tiny, ...)"
 
-    def evaluate(m: Any) -> dict[str, Any]:
-        m.merge_lora()  # the bundle is a plain model; answers are the same with LoRA folded in
-        metrics = evaluate_instruct(m, rows, config, image_keys, config.eval.split)
-        metrics["conversations"] = summary
-        if untuned is not None:
-            metrics["untuned"] = untuned
-        echo(headline(metrics))
-        return metrics
+    def model_class(self) -> type:
+        from medalign.models.instruct import InstructModel
 
-    collate = InstructCollator(model, image_keys, config.instruct.images == "separate")
-    return fit_and_save(
-        config, out, model, InstructTask(model), dataset, evaluate, resume=resume, echo=echo, collate=collate
-    )
+        return InstructModel
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        rows, summary = conversation_rows(manifest, config.instruct.conversations)
+        image_keys = image_columns(config, rows)
+        dataset = instruct_dataset(rows, model, config, image_keys, "train", augment=True)
+        if len(dataset) == 0:
+            raise ValueError("the manifest has no training conversation (split 'train')")
+        untuned = untuned_metrics(model, rows, config, image_keys, out) if config.instruct.eval_untuned else None
+        prepare_model(model, config)
+
+        def evaluate(m: Any) -> dict[str, Any]:
+            m.merge_lora()  # the bundle is a plain model; answers are the same with LoRA folded in
+            metrics = evaluate_instruct(m, rows, config, image_keys, config.eval.split)
+            metrics["conversations"] = summary
+            if untuned is not None:
+                metrics["untuned"] = untuned
+            echo(headline(metrics))
+            return metrics
+
+        collate = InstructCollator(model, image_keys, config.instruct.images == "separate")
+        return TrainingPlan(InstructTask(model), dataset, evaluate, collate=collate)
 
 
 def instruct_dataset(
@@ -333,3 +333,6 @@ def evaluate_instruct(
                 row["retrieved"] = retrieved[i] if retrieved is not None else None
                 handle.write(json.dumps(row) + "\n")
     return results
+
+
+register_task(InstructionTuning())

@@ -35,6 +35,8 @@ from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model
 from medalign.data.manifest import Manifest
 from medalign.losses import gather_with_grad
 from medalign.progress import progress
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import per_modality_data
 
 EVAL_MASK_SEED = 0  # the masks (and eval views) every evaluation draws, whatever the training seed
 EVAL_VIEW_SEED = 1
@@ -212,37 +214,31 @@ def pretrain_dataset(
     label: str | None = None,
 ) -> ManifestDataset:
     """A split with every column at the model's own channel count (modalities are separate images)."""
-    from medalign.tasks.columns import per_modality_data
 
     return dataset_for_model(
         manifest, model, split, label, image_keys, data=per_modality_data(config, model), augment=augment
     )
 
 
-def run_pretrain(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    """``task: pretrain``: a hybrid MAE through the one engine, then evaluation and the bundle."""
-    from medalign.models.mae import HybridMAE
-    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
+class Pretraining(Task):
+    """``task: pretrain`` (Stage I): a hybrid MAE; view retrieval and a linear probe of its features."""
 
-    out, manifest = prepare_run(config)
-    model = build_model(config)
-    if not isinstance(model, HybridMAE):
-        raise ValueError(
-            f"task pretrain needs a hybrid MAE (mae_tiny, mae_small, ...), not {config.model.name!r}"
+    name = "pretrain"
+    model_kind = "a hybrid MAE (mae_tiny, mae_small, ...)"
+
+    def model_class(self) -> type:
+        from medalign.models.mae import HybridMAE
+
+        return HybridMAE
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        image_keys = pretrain_columns(config, manifest)
+        dataset = pretrain_dataset(config, manifest, model, image_keys, "train", augment=True)
+        return TrainingPlan(
+            PretrainTask(model, config.mae_loss, image_keys),
+            dataset,
+            lambda m: evaluate_pretrain(m, manifest, config, image_keys),
         )
-    image_keys = pretrain_columns(config, manifest)
-    dataset = pretrain_dataset(config, manifest, model, image_keys, "train", augment=True)
-    task = PretrainTask(model, config.mae_loss, image_keys)
-    return fit_and_save(
-        config,
-        out,
-        model,
-        task,
-        dataset,
-        lambda m: evaluate_pretrain(m, manifest, config, image_keys),
-        resume=resume,
-        echo=echo,
-    )
 
 
 def _loader(dataset: ManifestDataset, config: RunConfig) -> torch.utils.data.DataLoader:
@@ -362,3 +358,6 @@ def evaluate_pretrain(
             splits[name] = (x[known].numpy(), index[y[known]].numpy())
         results["probe"] = linear_probe(*splits["train"], *splits["val"], *splits[split], class_names=classes)
     return results
+
+
+register_task(Pretraining())

@@ -35,6 +35,8 @@ from medalign.data.dataset import Collator, dataset_for_model, stack_modalities
 from medalign.data.manifest import Manifest
 from medalign.evaluation.textmetrics import text_metrics, tokenize
 from medalign.progress import progress
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import stacked_columns
 
 REPORTS_FILE = "reports.jsonl"
 
@@ -70,32 +72,29 @@ def with_text(manifest: Manifest) -> tuple[Manifest, dict[str, int]]:
     return Manifest(kept, manifest.base_dir, manifest.meta), dropped
 
 
-def run_report(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    """``task: report``: train a ``ReportGenerator`` through the engine, then evaluate it."""
-    from medalign.models.report import ReportGenerator
-    from medalign.pipeline.run import build_model, fit_and_save, prepare_run
-    from medalign.tasks.columns import image_columns
+class ReportGeneration(Task):
+    """``task: report``: a ``ReportGenerator`` on image-report pairs; text metrics and finding accuracy."""
 
-    out, manifest = prepare_run(config)
-    manifest, dropped = with_text(manifest)
-    model = build_model(config)
-    if not isinstance(model, ReportGenerator):
-        raise ValueError(f"task report needs a report model (report_tiny, ...), not {config.model.name!r}")
-    image_keys = image_columns(config, manifest)
-    if model.config.in_channels % len(image_keys):
-        raise ValueError(
-            f"model in_channels={model.config.in_channels} cannot hold {len(image_keys)} stacked modalities"
-        )
-    dataset = dataset_for_model(manifest, model, "train", None, image_keys, data=config.data, augment=True)
-    if len(dataset) == 0:
-        raise ValueError("the manifest has no training case with a report (split 'train', non-empty text)")
-    task = ReportTask(model, image_keys)
+    name = "report"
+    model_kind = "a report model (report_tiny, ...)"
 
-    def evaluate(m: Any) -> dict[str, Any]:
-        metrics = evaluate_report(m, manifest, config, image_keys, config.eval.split)
-        return {**metrics, "n_without_text": dropped}
+    def model_class(self) -> type:
+        from medalign.models.report import ReportGenerator
 
-    return fit_and_save(config, out, model, task, dataset, evaluate, resume=resume, echo=echo)
+        return ReportGenerator
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        manifest, dropped = with_text(manifest)
+        image_keys = stacked_columns(config, manifest, model)
+        dataset = dataset_for_model(manifest, model, "train", None, image_keys, data=config.data, augment=True)
+        if len(dataset) == 0:
+            raise ValueError("the manifest has no training case with a report (split 'train', non-empty text)")
+
+        def evaluate(m: Any) -> dict[str, Any]:
+            metrics = evaluate_report(m, manifest, config, image_keys, config.eval.split)
+            return {**metrics, "n_without_text": dropped}
+
+        return TrainingPlan(ReportTask(model, image_keys), dataset, evaluate)
 
 
 def _split_outputs(
@@ -301,3 +300,6 @@ def finding_accuracy(
         "diagnosis": diagnosis_right / labelled if labelled else None,
         "n_no_diagnosis": no_diagnosis,
     }
+
+
+register_task(ReportGeneration())

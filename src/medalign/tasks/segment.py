@@ -8,15 +8,20 @@ segment); an attribute-driven one receives its ``attr:*`` values as attribute to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from medalign.config import SegLossConfig
-from medalign.data.dataset import stack_modalities
+from medalign.config import RunConfig, SegLossConfig
+from medalign.data.dataset import Collator, ManifestDataset, dataset_for_model, stack_modalities
+from medalign.data.manifest import Manifest
 from medalign.losses import SegmentationLoss
+from medalign.progress import progress
+from medalign.tasks.base import Task, TrainingPlan, register_task
+from medalign.tasks.columns import image_columns
 
 
 def model_inputs(model: Any, batch: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
@@ -55,3 +60,54 @@ def predict_probabilities(model: Any, batch: dict[str, Any], image_keys: Sequenc
     """Foreground probabilities [B, H, W] (binary models)."""
     logits = model(**model_inputs(model, batch, image_keys))["logits"].float()
     return torch.sigmoid(logits[:, 0]).cpu().numpy()
+
+
+def segmentation_dataset(
+    config: RunConfig, manifest: Manifest, model: Any, image_keys: list[str], split: str, augment: bool
+) -> ManifestDataset:
+    return dataset_for_model(
+        manifest, model, split, None, image_keys, mask=config.data.mask, data=config.data, augment=augment
+    )
+
+
+class Segmentation(Task):
+    """``task: segment``: any segmentation model on image/mask pairs; Dice, IoU, HD95, NSD."""
+
+    name = "segment"
+
+    def plan(self, config: RunConfig, manifest: Manifest, model: Any, out: Path, echo: Any) -> TrainingPlan:
+        image_keys = image_columns(config, manifest)
+        assert config.data.mask is not None  # validate_ranges checked it
+        dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
+        return TrainingPlan(
+            SegmentTask(model, config.seg_loss, image_keys, config.data.mask),
+            dataset,
+            lambda m: evaluate_segmentation(m, manifest, config, image_keys, config.eval.split),
+        )
+
+
+def evaluate_segmentation(
+    model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
+) -> dict[str, Any]:
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split."""
+    import torch
+
+    from medalign.evaluation.metrics import SegmentationMetrics
+
+    dataset = segmentation_dataset(config, manifest, model, image_keys, split, augment=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.data.eval_batch_size,
+        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
+    )
+    metrics = SegmentationMetrics()
+    for batch in progress(loader, desc=f"evaluate {split}"):
+        metrics.update(
+            predict_probabilities(model, batch, image_keys),
+            batch[config.data.mask][:, 0].numpy(),
+            batch["case_id"],
+        )
+    return {"split": split, **metrics.aggregate()}
+
+
+register_task(Segmentation())
