@@ -553,9 +553,11 @@ def rewrite_symbols(text: str) -> str:
 LIBRARY_REWRITES = [(re.compile(r"^(\s*)from medalign import __version__$", re.M), r"\1from medalign.version import __version__")]
 
 
-def fix_repo_depth(path: Path, text: str) -> str:
+def fix_repo_depth(path: Path, text: str, lookahead: str = "") -> str:
+    """``Path(__file__).resolve().parents[N]`` that means the repository root, at the file's depth."""
     depth = len(path.relative_to(ROOT).parts) - 1
-    return re.sub(r"Path\(__file__\)\.resolve\(\)\.parents\[\d+\]", f"Path(__file__).resolve().parents[{depth}]", text)
+    return re.sub(rf"Path\(__file__\)\.resolve\(\)\.parents\[\d+\]{lookahead}",
+                  f"Path(__file__).resolve().parents[{depth}]", text)
 
 
 def rewrite_all() -> None:
@@ -569,6 +571,8 @@ def rewrite_all() -> None:
             new = rewrite_symbols(rewrite_modules(rewrite_shadowed(text), mapping))
             if path.parts[len(ROOT.parts)] == "tests" and path.suffix == ".py":
                 new = fix_repo_depth(path, new)
+            if path.suffix == ".py" and (ROOT / PKG) in path.parents:  # a source checkout's configs/
+                new = fix_repo_depth(path, new, lookahead=r'(?= / "configs")')
             if path.suffix == ".py" and path.parent != ROOT / PKG and (ROOT / PKG) in path.parents:
                 for pattern, replacement in LIBRARY_REWRITES:
                     new = pattern.sub(replacement, new)

@@ -79,7 +79,7 @@ def step_summary(ctx: QuickstartContext) -> bool:
 
 def recipe_path(name: str) -> Path:
     """A shipped recipe (``configs/<name>.yaml`` of the source checkout)."""
-    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[3] / "configs" / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"recipe {name!r} not found at {path}; run from a medalign source checkout")
     return path
