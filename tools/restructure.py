@@ -585,6 +585,54 @@ def rewrite_all() -> None:
     print(f"rewrote references in {len(changed)} files")
 
 
+# Modules allowed above 600 lines, with the reason written at their top (tests/test_layers.py checks).
+LONG_MODULE_MARK = "# Why one module:"
+REASONS: dict[str, str] = {
+    "inference/predict.py": "the Predictor is one public class whose methods share one preprocessing and\n"
+    "# batching path; splitting it would scatter a single API over files.",
+    "models/report.py": "one architecture (image encoder, text decoder, greedy/beam decoding) saved and\n"
+    "# loaded as one bundle kind; the decoder and its decoding share private state.",
+    "data/fuzzing.py": "the fuzz targets and their input generators form one harness shared by\n"
+    "# benchmarks/fuzz.py and the Hypothesis tests; every target is short.",
+    "inference/export.py": "ONNX export of every exportable part, each with its numerical check against\n"
+    "# PyTorch and the export manifest: one module per export format.",
+    "models/fusion.py": "the fusion family (align-disentangle-fuse, MoE cross-attention, modality dropout)\n"
+    "# shares one config and one forward skeleton.",
+    "data/phantom.py": "every image, mask, report, label and survival time of a synthetic case is\n"
+    "# drawn from one random state in one place, so the phantom stays consistent and reproducible.",
+    "training/engine.py": "the one training loop; accumulation, GradCache, checkpoints, resume and logging\n"
+    "# interleave inside one step and share the loop's state.",
+    "models/segmentation.py": "the segmentation family shares one config, one decoder and the side outputs\n"
+    "# the losses read.",
+    "models/text_guided.py": "the text-guided segmentation models share their language-vision fusion blocks\n"
+    "# and one config.",
+    "reporting/html_report.py": "one self-contained page: every section reads the same run files and uses the\n"
+    "# same HTML and figure helpers.",
+    "inference/batch_predict.py": "one command's path (read a folder or manifest, predict, write results and\n"
+    "# per-case failures) for masks and classes, which share every step but the model call.",
+    "data/readers.py": "one reader per image format behind a single read_image; the formats share\n"
+    "# selectors, sniffing and one error type.",
+    "data/importers/images.py": "the generic image-folder importer: layouts, label sources and checks of one\n"
+    "# command.",
+}
+
+
+def write_reasons() -> None:
+    for relative, reason in REASONS.items():
+        path = ROOT / PKG / relative
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if LONG_MODULE_MARK in text:
+            continue
+        tree = ast.parse(text)
+        end = tree.body[0].end_lineno if tree.body and isinstance(tree.body[0], ast.Expr) else 0
+        lines = text.splitlines(keepends=True)
+        lines.insert(end, f"\n{LONG_MODULE_MARK} {reason}\n")
+        path.write_text("".join(lines), encoding="utf-8")
+        print(f"reason written at the top of {relative}")
+
+
 def leftovers() -> None:
     """Top-level test files and src modules not placed anywhere: to add to the maps above."""
     flat_tests = [p.name for p in (ROOT / "tests").glob("test_*.py")]
@@ -607,6 +655,7 @@ def main() -> None:
         split_module(plan)
     ensure_packages()
     rewrite_all()
+    write_reasons()
     leftovers()
 
 

@@ -15,6 +15,9 @@ a small valid case in a folder (the seed), names the one file the mutated bytes 
 calls the public entry point on it; :func:`run_case` classifies what happened.
 """
 
+# Why one module: the fuzz targets and their input generators form one harness shared by
+# benchmarks/fuzz.py and the Hypothesis tests; every target is short.
+
 from __future__ import annotations
 
 import io

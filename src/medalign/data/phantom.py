@@ -94,6 +94,9 @@ Files written by :func:`generate_phantom` under ``out``
     ``attr:zone``, ``attr:type``, ``attr:size``), each with its ``.meta.json`` sidecar.
 """
 
+# Why one module: every image, mask, report, label and survival time of a synthetic case is
+# drawn from one random state in one place, so the phantom stays consistent and reproducible.
+
 from __future__ import annotations
 
 import json

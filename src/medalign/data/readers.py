@@ -16,6 +16,9 @@ Conventions shared by all formats:
   caller decides whether the stored orientation matters.
 """
 
+# Why one module: one reader per image format behind a single read_image; the formats share
+# selectors, sniffing and one error type.
+
 from __future__ import annotations
 
 import io

@@ -32,6 +32,9 @@ otherwise. Output paths mirror the inputs: a folder's files keep their relative 
     predict_app.command("classify")(predict_classes)
 """
 
+# Why one module: one command's path (read a folder or manifest, predict, write results and
+# per-case failures) for masks and classes, which share every step but the model call.
+
 from __future__ import annotations
 
 import csv

@@ -22,6 +22,9 @@ exporter PyTorch supports since 2.9; the TorchScript exporter is deprecated. Ins
 ``onnx`` extra: ``pip install -e ".[onnx]"``.
 """
 
+# Why one module: ONNX export of every exportable part, each with its numerical check against
+# PyTorch and the export manifest: one module per export format.
+
 from __future__ import annotations
 
 import json

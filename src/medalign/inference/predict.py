@@ -30,6 +30,9 @@ A plain ``str`` without an image suffix is text (for ``retrieve``). The raw mode
 the model keeps working.
 """
 
+# Why one module: the Predictor is one public class whose methods share one preprocessing and
+# batching path; splitting it would scatter a single API over files.
+
 from __future__ import annotations
 
 import os

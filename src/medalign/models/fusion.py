@@ -46,6 +46,9 @@ channels of *all* modalities together (the stacked convention of the data pipeli
 modality has ``in_channels // len(modalities)``.
 """
 
+# Why one module: the fusion family (align-disentangle-fuse, MoE cross-attention, modality dropout)
+# shares one config and one forward skeleton.
+
 from __future__ import annotations
 
 import itertools

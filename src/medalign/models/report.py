@@ -16,6 +16,9 @@ Sequences are ``BOS w1 .. wn EOS`` exactly as the tokenizer writes them (BERT: `
 so the ``input_ids`` the ``Collator`` makes are the decoder's targets with no re-tokenisation.
 """
 
+# Why one module: one architecture (image encoder, text decoder, greedy/beam decoding) saved and
+# loaded as one bundle kind; the decoder and its decoding share private state.
+
 from __future__ import annotations
 
 import re

@@ -15,6 +15,9 @@ text models have one. Side logits keep their own (coarser) resolution: the loss 
 compare them with the mask (upsample the logits or pool the mask), not the model.
 """
 
+# Why one module: the segmentation family shares one config, one decoder and the side outputs
+# the losses read.
+
 from __future__ import annotations
 
 import itertools

@@ -16,6 +16,9 @@ using the run's own preprocessing, because masks are not saved, and retrieval ex
 their query images read from the run's manifest beside the saved top texts.
 """
 
+# Why one module: one self-contained page: every section reads the same run files and uses the
+# same HTML and figure helpers.
+
 from __future__ import annotations
 
 import base64

@@ -23,6 +23,9 @@ provides ``embed(batch)`` (per-sample tensors, via the model's ``forward``) and
 ``loss_from_embeddings(embeddings, batch)``.
 """
 
+# Why one module: the one training loop; accumulation, GradCache, checkpoints, resume and logging
+# interleave inside one step and share the loop's state.
+
 from __future__ import annotations
 
 import itertools
