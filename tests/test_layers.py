@@ -46,6 +46,7 @@ def test_a_module_above_600_lines_says_why_at_its_top() -> None:
     unexplained = []
     for path in sorted((REPO / "src" / "medalign").rglob("*.py")):
         lines = path.read_text(encoding="utf-8").splitlines()
-        if len(lines) > 600 and not any(line.startswith("# Why one module:") for line in lines[:80]):
+        first_import = next((i for i, line in enumerate(lines) if line.startswith(("from ", "import "))), 0)
+        if len(lines) > 600 and not any(line.startswith("# Why one module:") for line in lines[:first_import]):
             unexplained.append(f"{path.relative_to(REPO)} ({len(lines)} lines)")
     assert unexplained == []
