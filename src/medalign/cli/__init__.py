@@ -6,11 +6,16 @@ One module per command group (``data``, ``train``, ``evaluate`` for ``eval``, ``
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
-from medalign.cli import chat, data, evaluate, index, predict, train  # noqa: F401  (registers the commands)
 from medalign.cli.app import app
 from medalign.cli_grammar import fail
+
+for _group in ("data", "train", "evaluate", "predict", "index", "chat"):  # each registers its commands, in this order (--help)
+    importlib.import_module(f"medalign.cli.{_group}")
+
 
 DEBUG_FLAG = "--debug"
 

@@ -39,7 +39,7 @@ def index_build(
     """
     import numpy as np
 
-    from medalign.inference.sliding_window import case_index as retrieval
+    from medalign.inference import case_index as retrieval
 
     dtype = "float16" if float16 else "float32"
     if embeddings is not None:
@@ -87,7 +87,7 @@ def index_search(
 
     import numpy as np
 
-    from medalign.inference.sliding_window import case_index as retrieval
+    from medalign.inference import case_index as retrieval
 
     found = retrieval.EmbeddingIndex.load(index)
     given = [name for name, value in (("--image", image), ("--text", text), ("--queries", queries)) if value]
