@@ -25,7 +25,7 @@ from medalign.config import RunConfig, save_config, validate_ranges
 from medalign.data.dataset import Collator, ManifestDataset
 from medalign.data.manifest import Manifest
 from medalign.data.run_manifest import load_run_manifest, modality_rows, subsample_train
-from medalign.tasks.base import TrainingPlan
+from medalign.tasks.base import TrainingPlan, get_task
 
 TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
 
@@ -112,8 +112,6 @@ def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, n
 
 def run_training(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
     """Train ``config.task`` end to end: run folder, manifest, model, the task's plan, engine, bundle."""
-    from medalign.tasks.base import get_task
-
     task = get_task(config.task)
     out, manifest = prepare_run(config)
     model = build_model(config)
@@ -202,7 +200,7 @@ def fit_and_save(
         # what a Predictor must repeat to see images as training did
         "preprocess": {"normalisation": config.data.normalisation},
     }
-    save_bundle(model, out / "bundle", extra=extra, inputs=training_inputs(config, model, dataset))
+    save_bundle(model, out / "bundle", extra=extra, inputs=training_inputs(config, model, dataset, plan.separate_images))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
     report = write_html_report(out)  # after metrics.json: it reads every file the run wrote
     if not config.train.keep_checkpoints:
@@ -211,7 +209,7 @@ def fit_and_save(
     return out
 
 
-def training_inputs(config: RunConfig, model: Any, dataset: ManifestDataset) -> Any:
+def training_inputs(config: RunConfig, model: Any, dataset: ManifestDataset, separate_images: bool = False) -> Any:
     """The bundle's input record: the columns, channels and preprocessing the train split was read with."""
     from medalign.bundle.inputs import spec_for_training
 
@@ -229,7 +227,7 @@ def training_inputs(config: RunConfig, model: Any, dataset: ManifestDataset) -> 
         image_size=int(size[0]) if size else getattr(model.config, "image_size", None),
         normalisation=config.data.normalisation,
         modality_rows=rows,
-        separate_images=config.task == "instruct" and config.instruct.images == "separate",
+        separate_images=separate_images,
     )
 
 

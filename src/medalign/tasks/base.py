@@ -32,6 +32,7 @@ class TrainingPlan:
     evaluate: Callable[[Any], dict[str, Any]]  # trained model -> metrics.json (on eval.split)
     collate: Callable[[list[Any]], dict[str, Any]] | None = None  # default: Collator of the model's tokenizer
     batch_size: int | None = None  # dataset items per batch (default data.batch_size)
+    separate_images: bool = False  # the bundle takes each image as its own input (instruct's "separate")
 
 
 class Task:

@@ -148,8 +148,9 @@ class InstructionTuning(Task):
             echo(headline(metrics))
             return metrics
 
-        collate = InstructCollator(model, image_keys, config.instruct.images == "separate")
-        return TrainingPlan(InstructTask(model), dataset, evaluate, collate=collate)
+        separate = config.instruct.images == "separate"
+        collate = InstructCollator(model, image_keys, separate)
+        return TrainingPlan(InstructTask(model), dataset, evaluate, collate=collate, separate_images=separate)
 
 
 def instruct_dataset(

@@ -13,7 +13,7 @@ simply contributes fewer images). The two views of the contrastive term are
 Loss = mean reconstruction over all views + ``contrastive_weight`` x symmetric InfoNCE between
 the two views' encoder embeddings at ``temperature`` (:func:`paired_infonce`).
 
-``run_pretrain`` trains through the engine and ``evaluate_pretrain`` scores the trained model on
+``Pretraining.plan`` sets up the run for the engine and ``evaluate_pretrain`` scores the trained model on
 ``eval.split``: reconstruction loss with a fixed mask seed, view-to-view retrieval, and
 optionally a linear probe on the encoder's features.
 """
