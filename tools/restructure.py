@@ -14,7 +14,9 @@ Run from the repository root: ``python tools/restructure.py``. It
    ``medalign.tasks.columns``) in src/, tests/, benchmarks/, configs/, docs and pyproject;
 4. points ``Path(__file__).resolve().parents[N]`` in tests at the repository root again.
 
-Everything is idempotent: a second run on a finished tree changes nothing.
+Everything is idempotent: a second run on a finished tree changes nothing. After
+``git merge main``, ``python tools/restructure.py --resolve-merge`` first settles the conflicts
+that a rule can settle (see :func:`resolve_merge`) and lists the ones left for a person.
 """
 
 from __future__ import annotations
@@ -649,7 +651,48 @@ def leftovers() -> None:
         print("WARNING: tests/engine still holds " + ", ".join(p.name for p in engine))
 
 
+# Files this branch changed by hand (not only by this script): their merge conflicts need a person.
+HAND_EDITED = {
+    "README.md", "pyproject.toml", ".gitignore", "src/medalign/__init__.py", "src/medalign/_aliases.py",
+    "src/medalign/pipeline/run.py", "src/medalign/reporting/html_report.py", "src/medalign/bundle/model_card.py",
+    "src/medalign/bundle/__init__.py", "src/medalign/inference/__init__.py", "src/medalign/data/run_manifest.py",
+}
+
+
+def resolve_merge() -> None:
+    """After ``git merge main``: settle the conflicts a rule can settle, list the rest.
+
+    * a module this script splits, edited on main (deleted here): main's version goes back to
+      its old path, and the split below runs on it;
+    * a file whose only changes here are this script's (moves, rewritten references): main's
+      content wins, and the rewrite below runs on it again;
+    * anything else (run.py's task code, the task modules, hand-edited files): left for a person.
+    """
+    status = git("status", "--porcelain")
+    split_sources = {plan.old for plan in SPLITS}
+    for line in status.splitlines():
+        code, path = line[:2], line[3:]
+        if code not in {"UU", "UD", "DU", "AA", "AU", "UA"}:
+            continue
+        hand = path in HAND_EDITED or path.startswith("src/medalign/tasks/")
+        if code == "UD" and path in split_sources:
+            git("checkout", "--theirs", "--", path)
+            git("add", path)
+            print(f"resolved {path}: main's version, to be split again")
+        elif code == "UU" and not hand:
+            git("checkout", "--theirs", "--", path)
+            git("add", path)
+            print(f"resolved {path}: main's content, references to be rewritten again")
+        elif code in {"AU", "UA", "AA"} and not hand:
+            git("add", path)
+            print(f"resolved {path}: added on one side, kept")
+        else:
+            print(f"BY HAND: {code} {path}")
+
+
 def main() -> None:
+    if "--resolve-merge" in sys.argv:
+        resolve_merge()
     for old, new in MODULE_MOVES.items():
         move(f"{PKG}/{old}", f"{PKG}/{new}")
     for old, new in TEST_MOVES.items():
