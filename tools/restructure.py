@@ -106,6 +106,7 @@ TEST_MOVES: dict[str, str] = {
     "tests/engine/toy.py": "tests/training/toy.py",
     "tests/engine/faulty_cli.py": "tests/training/faulty_cli.py",
     "tests/engine/test_rng.py": "tests/test_rng.py",  # medalign/rng.py stays at the top
+    "tests/training/test_rng.py": "tests/test_rng.py",  # (where git's directory rename puts it)
 }
 
 # ---------------------------------------------------------------------------- symbol moves
