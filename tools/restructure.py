@@ -671,15 +671,24 @@ def resolve_merge() -> None:
     """
     status = git("status", "--porcelain")
     split_sources = {plan.old for plan in SPLITS}
+    moved_sources = {f"{PKG}/{old}": f"{PKG}/{new}" for old, new in MODULE_MOVES.items()}
+    base = git("merge-base", "HEAD", "MERGE_HEAD").strip()
+    port = Path("/tmp/restructure-port")
     for line in status.splitlines():
         code, path = line[:2], line[3:]
         if code not in {"UU", "UD", "DU", "AA", "AU", "UA"}:
             continue
         hand = path in HAND_EDITED or path.startswith("src/medalign/tasks/")
-        if code == "UD" and path in split_sources:
+        if code in {"UD", "DU"} and path in split_sources:
             git("checkout", "--theirs", "--", path)
             git("add", path)
             print(f"resolved {path}: main's version, to be split again")
+        elif code in {"UD", "DU"} and path in moved_sources:  # moved and rewritten by hand here
+            port.mkdir(exist_ok=True)
+            diff = port / (Path(path).name + ".diff")
+            diff.write_text(git("diff", base, "MERGE_HEAD", "--", path), encoding="utf-8")
+            git("rm", "-q", "--", path)
+            print(f"BY HAND: port main's changes of {path} ({diff}) into {moved_sources[path]} and its pieces")
         elif code == "UU" and not hand:
             git("checkout", "--theirs", "--", path)
             git("add", path)
