@@ -61,7 +61,7 @@ def test_override_syntax_errors() -> None:
         parse_cli_overrides(["--lonely"])
 
 
-# curricula chain recipes (their own loader; tests/test_recipes.py builds every stage)
+# curricula chain recipes (their own loader; tests/project/test_recipes.py builds every stage)
 @pytest.mark.parametrize(
     "recipe",
     sorted(p for p in (REPO / "configs").rglob("*.yaml") if not is_curriculum(p)),

@@ -156,7 +156,7 @@ SPLITS = [
         package=f"{PKG}/losses",
         docstrings={
             "distributed": "The cross-rank gather every batch-contrastive loss depends on (open_clip's layout).\n\n"
-            "{OLD}",
+            "{OLD_BODY}",
             "contrastive": "Contrastive image-text losses: CLIP, SigLIP, DCL, soft targets and local token alignment.\n\n"
             "Conventions and the distributed recipe are in :mod:`medalign.losses.distributed`.",
             "segmentation": "Dense losses of the segment task: Dice, Dice+BCE/CE, focal, side-output consistency.",
@@ -180,7 +180,7 @@ SPLITS = [
         old=f"{PKG}/metrics.py",
         package=f"{PKG}/evaluation/metrics",
         docstrings={
-            "arrays": "{OLD}",
+            "arrays": "Array conversions every metric module shares, and the conventions of them all.\n\n{OLD_BODY}",
             "classification": "Classification metrics: accuracy, balanced accuracy, macro-F1, one-vs-rest AUC.",
             "rows": "Per-case rows of metric dicts: saved probabilities, and summaries without the rows.",
             "retrieval": "Retrieval metrics with expected ranks under random tie-breaking (R@K, median rank).",
@@ -401,7 +401,8 @@ def split_module(plan: Split) -> bool:
         for name in sorted(used - own):
             if name in defined:
                 needs.setdefault(defined[name], []).append(name)
-        doc = plan.docstrings[piece].replace("{OLD}", docstring)
+        body = docstring.split("\n\n", 1)[1] if "\n\n" in docstring else ""
+        doc = plan.docstrings[piece].replace("{OLD_BODY}", body).replace("{OLD}", docstring)
         out = [f'"""{doc}\n"""\n\n', "from __future__ import annotations\n\n"]
         out += [h if h.endswith("\n") else h + "\n" for h in _header_for(header, used)]
         for other in order:
@@ -575,6 +576,8 @@ def rewrite_all() -> None:
                 continue
             text = path.read_text(encoding="utf-8")
             new = rewrite_symbols(rewrite_modules(rewrite_shadowed(text), mapping))
+            for old_test, new_test in TEST_MOVES.items():  # test files named in prose and commands
+                new = re.sub(rf"(?<![\w/.]){re.escape(old_test)}(?!\w)", new_test, new)
             if path.parts[len(ROOT.parts)] == "tests" and path.suffix == ".py":
                 new = fix_repo_depth(path, new)
             if path.suffix == ".py" and (ROOT / PKG) in path.parents:  # a source checkout's configs/

@@ -1,7 +1,5 @@
 """The cross-rank gather every batch-contrastive loss depends on (open_clip's layout).
 
-Contrastive image-text losses, all in one place with the cross-rank gather they depend on.
-
 Everything here is plain torch so that a loss can be checked by hand, reused by any task,
 and imported without training dependencies (open_clip's layout).
 

@@ -14,7 +14,6 @@ from torch import Tensor
 # safe) and average over cases, so the loss scale does not depend on the batch size.
 
 
-
 def _survival_inputs(time: Tensor, event: Tensor, rows: int, what: str) -> tuple[Tensor, Tensor]:
     time, event = time.reshape(-1).float(), event.reshape(-1).float()
     if time.shape[0] != rows or event.shape[0] != rows:

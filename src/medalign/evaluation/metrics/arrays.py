@@ -1,11 +1,11 @@
-"""Evaluation math on plain arrays: classification, retrieval and segmentation.
+"""Array conversions every metric module shares, and the conventions of them all.
 
 Every function takes numpy arrays or torch tensors (any device, any float dtype) and returns a
 JSON-ready dict of Python scalars and lists, so results can be logged, compared across runs and
 written into a bundle without knowing which model produced them. Nothing here imports a model.
 
 Conventions fixed here (see "Metric semantics" in DESIGN.md) and tested in
-``tests/test_metrics_classification.py``:
+``tests/evaluation/metrics/test_classification.py``:
 
 Classification
     ``scores`` are [N, K] probabilities or logits; the prediction is the row argmax (identical

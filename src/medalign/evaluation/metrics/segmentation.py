@@ -12,7 +12,7 @@ from scipy import ndimage
 from medalign.evaluation.metrics.arrays import ArrayLike, to_numpy
 
 # ----------------------------------------------------------------------------- segmentation
-# Dice, IoU, HD95, NSD per DESIGN.md "Metric semantics"; tested in tests/test_metrics_segmentation.py.
+# Dice, IoU, HD95, NSD per DESIGN.md "Metric semantics"; tested in tests/evaluation/metrics/test_segmentation.py.
 #
 # Binary masks only: ``pred`` holds probabilities or a binary mask, ``target`` a binary mask, both
 # [N, H, W] or [N, 1, H, W] (hd95/nsd take one image of any dimensionality). The prediction is
