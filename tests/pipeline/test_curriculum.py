@@ -140,9 +140,9 @@ def test_a_killed_stage_resumes_and_matches_an_uninterrupted_chain(tmp_path: Pat
     def run(folder: Path, kill_at: int | None = None) -> subprocess.CompletedProcess[str]:
         folder.mkdir()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if kill_at:
-            env["MEDALIGN_KILL_AT_STEP"] = str(kill_at)
-        args = [sys.executable, "-m", "medalign.cli", "train", "--config", str(_write(folder, phantom)),
+        cli = [str(REPO / "tests" / "training" / "faulty_cli.py"), "kill-at-step", str(kill_at)] if kill_at else [
+            "-m", "medalign.cli"]  # fmt: skip
+        args = [sys.executable, *cli, "train", "--config", str(_write(folder, phantom)),
                 "--stages", "1,2"]  # fmt: skip
         return subprocess.run(args, env=env, timeout=600, capture_output=True, text=True)
 

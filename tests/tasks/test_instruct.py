@@ -141,9 +141,9 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_same_model(cases: Path, tmp
 
     def train(out: Path, kill_at: int | None = None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-        if kill_at:
-            env["MEDALIGN_KILL_AT_STEP"] = str(kill_at)
-        args = [sys.executable, "-m", "medalign.cli", "train", "--config", str(RECIPE), "--stages", "3",
+        cli = [str(REPO / "tests" / "training" / "faulty_cli.py"), "kill-at-step", str(kill_at)] if kill_at else [
+            "-m", "medalign.cli"]  # fmt: skip
+        args = [sys.executable, *cli, "train", "--config", str(RECIPE), "--stages", "3",
                 f"out={out}", f"data.manifest={cases}", "data.phantom=null", "data.batch_size=8",
                 "train.max_steps=5", "train.checkpoint_every=2", "train.progress=false",
                 "model.overrides.image_size=32", "instruct.eval_untuned=false", "instruct.max_eval_rows=4",

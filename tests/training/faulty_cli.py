@@ -1,7 +1,8 @@
 """The medalign CLI with one checkpoint write failing, for the fault tests.
 
 ``python faulty_cli.py FAULT N train --config ...`` runs ``medalign train ...`` with the Nth
-``torch.save`` (the Nth checkpoint: nothing else in a run uses it) failing as FAULT says:
+``torch.save`` (the Nth checkpoint: nothing else in a run uses it) failing as FAULT says, or
+(FAULT ``kill-at-step``) with the process SIGKILLed right after optimizer step N:
 
 * ``kill``: half of the checkpoint's bytes reach its temporary file, then the process is
   SIGKILLed, as by the OOM killer or a pre-empted node.
@@ -47,8 +48,34 @@ def faulty_save(fault: str, nth: int) -> Callable[..., Any]:
     return save
 
 
+def kill_at_step(step: int) -> Callable[[int], None]:
+    """An ``Engine.after_step`` hook that SIGKILLs the process after optimizer step ``step``."""
+
+    def hook(done: int) -> None:
+        if done == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def kill_engines_at(step: int) -> None:
+    """Every Engine this process creates gets :func:`kill_at_step` (the CLI builds its own)."""
+    from medalign.training.engine import Engine
+
+    init = Engine.__init__
+
+    def patched(self: Engine, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.after_step.append(kill_at_step(step))
+
+    Engine.__init__ = patched  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     from medalign.cli import main
 
-    torch.save = faulty_save(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[1] == "kill-at-step":
+        kill_engines_at(int(sys.argv[2]))
+    else:
+        torch.save = faulty_save(sys.argv[1], int(sys.argv[2]))
     main(sys.argv[3:])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medalign.training.engine import CHECKPOINT_NAME, KILL_AT_STEP_ENV, ResumableSampler, split_batch
+from medalign.training.engine import CHECKPOINT_NAME, ResumableSampler, split_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import ToyData, collate, train
@@ -45,7 +45,7 @@ def test_sigkill_then_resume_reaches_the_same_weights(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(TOY), str(reference)], check=True, env=env, timeout=300)
     killed = tmp_path / "killed"
     first = subprocess.run(
-        [sys.executable, str(TOY), str(killed)], env={**env, KILL_AT_STEP_ENV: "5"}, timeout=300
+        [sys.executable, str(TOY), str(killed), "--kill-at", "5"], env=env, timeout=300
     )
     assert first.returncode == -9  # SIGKILL after step 5; the last checkpoint is step 4
     assert not (killed / "final.pt").exists()
@@ -168,8 +168,8 @@ def test_compiled_training_matches_eager_and_resumes_from_plain_checkpoints(tmp_
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([sys.executable, str(TOY), str(reference), "--gathered"], check=True, env=env, timeout=300)
     first = subprocess.run(
-        [sys.executable, str(TOY), str(killed), "--gathered", "--compile"],
-        env={**env, KILL_AT_STEP_ENV: "5"},
+        [sys.executable, str(TOY), str(killed), "--gathered", "--compile", "--kill-at", "5"],
+        env=env,
         timeout=600,
     )
     assert first.returncode == -9

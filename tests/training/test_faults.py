@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from medalign.cli import main
 from medalign.data.manifest import read_manifest
 from medalign.data.phantom import PhantomConfig, generate_phantom
-from medalign.training.engine import KILL_AT_STEP_ENV, DataLoadingError, ResumableSampler
+from medalign.training.engine import DataLoadingError, ResumableSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faulty_cli import faulty_save
@@ -107,7 +107,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(
     kill_at = random.Random(f"{SEED}:{task}").randint(1, STEPS - 1)
     context = f"{task}: SIGKILL after step {kill_at} (random.Random('{SEED}:{task}'))"
     args = train_args(task, phantom, tmp_path)
-    killed = cli(args, env={KILL_AT_STEP_ENV: str(kill_at)})
+    killed = cli([str(FAULTY_CLI), "kill-at-step", str(kill_at), *args])
     assert killed.returncode == -9, f"{context}\n{killed.stderr[-2000:]}"
     assert not (tmp_path / "bundle").exists(), context
     resumed = cli([*args, "--resume"])

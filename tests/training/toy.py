@@ -2,7 +2,7 @@
 per-sample augmentation noise so that replaying RNG state and seeds actually matters.
 
 Run as a script (``python toy.py OUT [--steps N] [--resume]``) it trains and saves the final
-weights to OUT/final.pt; the resume test kills it midway with MEDALIGN_KILL_AT_STEP.
+weights to OUT/final.pt; the resume test kills it midway with ``--kill-at STEP``.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def train(
     data: ToyData | None = None,
     num_workers: int = 0,
     compile: bool = False,
+    kill_at: int | None = None,
 ):
     torch.manual_seed(0)
     model = ToyDualEncoder(dropout=0.0 if gathered else 0.1)  # dropout streams differ per rank
@@ -119,6 +120,10 @@ def train(
         OptimConfig(lr=0.05, warmup_steps=2),
         out,
     )
+    if kill_at is not None:
+        from faulty_cli import kill_at_step
+
+        engine.after_step.append(kill_at_step(kill_at))
     try:
         state = engine.fit(
             task, data or ToyData(), collate, batch_size=batch_size, resume=resume, num_workers=num_workers
@@ -137,6 +142,7 @@ if __name__ == "__main__":
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--kill-at", type=int, default=None, help="SIGKILL after this optimizer step")
     args = parser.parse_args()
     model, _ = train(
         args.out,
@@ -145,6 +151,7 @@ if __name__ == "__main__":
         accumulate=args.accumulate,
         devices=args.devices,
         compile=args.compile,
+        kill_at=args.kill_at,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(model.state_dict(), args.out / "final.pt")

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +46,6 @@ from torch import nn
 from medalign.config import OptimConfig, TrainConfig
 from medalign.training.param_groups import parameter_groups
 
-KILL_AT_STEP_ENV = "MEDALIGN_KILL_AT_STEP"  # fault-injection hook used by the resume tests
 CHECKPOINT_NAME = "last.ckpt"
 PARTIAL_SUFFIX = ".tmp"  # a checkpoint being written; renamed into place once complete
 Batch = dict[str, Any]
@@ -225,6 +223,9 @@ class Engine:
             )
             fabric.launch()
         self.fabric = fabric
+        # called with the step number after every optimizer step and its checkpoint; the loop
+        # itself has no test hooks (the resume tests append one that kills the process)
+        self.after_step: list[Callable[[int], None]] = []
         if train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -369,7 +370,8 @@ class Engine:
                 state.history.append({"step": state.step, **logs})
             if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
                 self._save_checkpoint(task.model, optimizer, scheduler, state)
-            _maybe_kill(state.step)
+            for hook in self.after_step:
+                hook(state.step)
             if state.step >= total_steps:
                 return False
         return True
@@ -651,12 +653,6 @@ def _numpy_rng_state() -> dict[str, Any]:
 def _restore_numpy_rng(state: dict[str, Any]) -> None:
     keys = state["keys"].numpy().astype(np.uint32)
     np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))
-
-
-def _maybe_kill(step: int) -> None:
-    target = os.environ.get(KILL_AT_STEP_ENV)
-    if target and int(target) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def elapsed(start: float) -> float:
