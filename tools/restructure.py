@@ -657,9 +657,14 @@ def leftovers() -> None:
 
 # Files this branch changed by hand (not only by this script): their merge conflicts need a person.
 HAND_EDITED = {
-    "README.md", "pyproject.toml", ".gitignore", "src/medalign/__init__.py", "src/medalign/_aliases.py",
+    "README.md", "pyproject.toml", ".gitignore", "docs/ARCHITECTURE.md",
+    "src/medalign/__init__.py", "src/medalign/_aliases.py", "src/medalign/version.py",
     "src/medalign/pipeline/run.py", "src/medalign/reporting/html_report.py", "src/medalign/bundle/model_card.py",
     "src/medalign/bundle/__init__.py", "src/medalign/inference/__init__.py", "src/medalign/data/run_manifest.py",
+    "src/medalign/training/engine.py",
+    "tests/training/faulty_cli.py", "tests/training/toy.py", "tests/training/test_engine.py",
+    "tests/training/test_faults.py", "tests/tasks/test_instruct.py", "tests/pipeline/test_curriculum.py",
+    "tests/tasks/test_base.py", "tests/test_layers.py", "tests/test_aliases.py",
 }
 
 
