@@ -51,7 +51,7 @@ def test_train_evaluate_bundle_reload(prompts: Path, tmp_path: Path, name: str, 
     import json
 
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"dice", "iou", "pooled_dice", "hd95", "hd95_undefined", "nsd", "per_case"} <= set(metrics)
+    assert {"dice", "iou", "pooled_dice", "hd95", "hd95_worst", "nsd", "per_case"} <= set(metrics)
     assert metrics["n_images"] == len(read_manifest(prompts).split("test"))
     loaded = medalign.load(str(run / "bundle"))
     assert loaded.needs_text == (name == "text_unet")
