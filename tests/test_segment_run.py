@@ -203,3 +203,27 @@ def test_init_from_refuses_a_bundle_of_the_other_kind(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"segmentation bundle, which cannot initialise 'align_tiny' \(DualEncoder\)"):
         build_model(align)
+
+
+def test_init_from_refuses_a_partial_load_unless_the_recipe_accepts_it() -> None:
+    """Weights of the model the bundle lacks (missing) and weights of the bundle the model has no
+    place for (unexpected) are listed and refused; init_from_partial: true loads what fits."""
+    from medalign.models import create_model
+    from medalign.run import load_matching_weights
+
+    model = create_model("unet", in_channels=2, image_size=64, channels=[4, 8, 16])
+    weights = dict(create_model("unet", in_channels=2, image_size=64, channels=[4, 8, 16]).state_dict())
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    weights["head.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"loads partially: 1 weights of the model are not in the bundle") as err:
+        load_matching_weights(model, weights, "seg", "unet")
+    assert dropped in str(err.value) and "head.extra.weight" in str(err.value)
+    assert "init_from_partial: true" in str(err.value)
+    before = model.state_dict()[dropped].clone()
+    loaded = load_matching_weights(model, weights, "seg", "unet", partial=True)
+    assert loaded.missing == (dropped,) and loaded.unexpected == ("head.extra.weight",)
+    torch.testing.assert_close(model.state_dict()[dropped], before)  # kept its fresh initialisation
+    for key, value in weights.items():
+        if key != "head.extra.weight":
+            torch.testing.assert_close(model.state_dict()[key], value)

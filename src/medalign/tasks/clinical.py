@@ -140,7 +140,7 @@ def run_clinical(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     from medalign.run import build_model, check_num_classes, fit_and_save, fusion_columns, prepare_run
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, ClinicalModel):
         raise ValueError(
             f"task clinical needs a clinical model (clinical_tiny, ...), not {config.model.name!r}"
