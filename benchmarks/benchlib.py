@@ -147,6 +147,26 @@ def load_results(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def rendered(renderers: dict[str, Callable[[dict[str, Any]], str]]) -> dict[str, str]:
+    """``blocks()`` of a script: marker -> markdown for every results file of the script that
+    exists (results file and marker share the name). A doc block whose results file is missing
+    is not rendered by anyone, which ``render_docs --check`` reports."""
+    return {name: render(load_results(name)) for name, render in renderers.items() if results_path(name).is_file()}
+
+
+def publish(name: str, results: dict[str, Any], render: Callable[[dict[str, Any]], str], heading: str) -> str:
+    """Save ``results`` as ``benchmarks/results/<name>.json`` and write its block, rendered from the
+    saved file (so what is written is exactly what ``render_docs --check`` re-renders). A block
+    without markers yet gets ``heading`` and markers appended to BENCHMARKS.md. Returns the block."""
+    save_results(name, results)
+    body = render(load_results(name))
+    begin, end = _markers(name)
+    if name not in doc_blocks():
+        replace_section(body, begin, end, heading)
+    write_blocks({name: body})
+    return body
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 

@@ -1,6 +1,6 @@
 """Rewrite (or ``--check``) every script-written block of README.md and BENCHMARKS.md.
 
-Each ``benchmarks/bench_*.py`` that defines ``blocks()`` renders its blocks from the committed
+Each ``benchmarks/bench_*.py`` (and ``fuzz.py``) that defines ``blocks()`` renders its blocks from the committed
 ``benchmarks/results/*.json`` files alone (see ``benchlib``); this script collects them all.
 
     python benchmarks/render_docs.py           # rewrite every block from the results files
@@ -16,11 +16,19 @@ from pathlib import Path
 
 import benchlib
 
+# Marker blocks that hold no measured numbers and so are written by no benchmark script.
+NOT_MEASURED = {
+    "quickstart": "the two install-and-test commands CI reads from the README",
+    "browser": "the command that installs the browser for the demo test",
+    "quickstart_numbers": "filled by benchmarks/bench_quickstart.py once it exists (issue 22)",
+}
+
 
 def all_blocks() -> dict[str, str]:
     """marker name -> rendered markdown, from every script that defines ``blocks()``."""
     blocks: dict[str, str] = {}
-    for script in sorted(Path(benchlib.REPO / "benchmarks").glob("bench_*.py")):
+    folder = Path(benchlib.REPO / "benchmarks")
+    for script in [*sorted(folder.glob("bench_*.py")), folder / "fuzz.py"]:
         module = importlib.import_module(script.stem)
         render = getattr(module, "blocks", None)
         if render is None:
@@ -33,10 +41,16 @@ def all_blocks() -> dict[str, str]:
 
 
 def differences() -> list[str]:
-    """One line per block whose committed text differs from its rendering (or has no markers)."""
+    """One line per block whose committed text differs from its rendering (or has no markers), and
+    per doc block that no script renders (its numbers would have no results file behind them)."""
     existing = benchlib.doc_blocks()
-    problems = []
-    for name, body in all_blocks().items():
+    rendered = all_blocks()
+    problems = [
+        f"{name} ({path.name}): no benchmark script renders it (no results file behind its numbers)"
+        for name, (path, _) in existing.items()
+        if name not in rendered and name not in NOT_MEASURED
+    ]
+    for name, body in rendered.items():
         if name not in existing:
             problems.append(f"{name}: rendered but no markers in README.md or BENCHMARKS.md")
         elif existing[name][1] != body.strip("\n"):
