@@ -25,9 +25,9 @@ from medalign.tasks.clinical import (
     KM_PNG,
     RELIABILITY_PNG,
     ClinicalTask,
+    SurvivalReference,
     evaluate_clinical,
     patient_rows,
-    SurvivalReference,
     run_clinical,
     survival_metrics,
 )
