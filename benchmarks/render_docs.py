@@ -22,6 +22,13 @@ NOT_MEASURED = {
     "browser": "the command that installs the browser for the demo test",
     "quickstart_numbers": "filled by benchmarks/bench_quickstart.py once it exists (issue 22)",
 }
+# Blocks whose script has not been converted to results files yet (owned by other work in
+# flight); listed so that they are not forgotten: remove an entry when its script defines blocks().
+AWAITING_CONVERSION = {
+    "bench_pretrain": "benchmarks/bench_pretrain.py (issue 20)",
+    "bench_curriculum_ablation": "benchmarks/bench_curriculum.py (issue 20)",
+    "bench_curriculum_label_efficiency": "benchmarks/bench_curriculum.py (issue 20)",
+}
 
 
 def all_blocks() -> dict[str, str]:
@@ -48,8 +55,9 @@ def differences() -> list[str]:
     problems = [
         f"{name} ({path.name}): no benchmark script renders it (no results file behind its numbers)"
         for name, (path, _) in existing.items()
-        if name not in rendered and name not in NOT_MEASURED
+        if name not in rendered and name not in NOT_MEASURED and name not in AWAITING_CONVERSION
     ]
+    problems += [f"{name}: listed as awaiting conversion but its script renders it now" for name in AWAITING_CONVERSION if name in rendered]
     for name, body in rendered.items():
         if name not in existing:
             problems.append(f"{name}: rendered but no markers in README.md or BENCHMARKS.md")
