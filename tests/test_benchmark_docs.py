@@ -52,3 +52,17 @@ def test_a_block_no_script_renders_is_caught(render_docs, tmp_path: Path, monkey
     assert render_docs.differences() == [
         "typed (DOC.md): no benchmark script renders it (no results file behind its numbers)"
     ]
+
+
+def test_publish_fills_a_pending_section(render_docs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section whose numbers were removed keeps a pending marker; the next run writes its block there."""
+    import benchlib
+
+    doc = tmp_path / "DOC.md"
+    doc.write_text("## X\n\nWritten by `x.py` (no current results file).\n\n<!-- demo:pending -->\n\n## Y\n")
+    monkeypatch.setattr(benchlib, "DOCS", (doc,))
+    monkeypatch.setattr(benchlib, "RESULTS", tmp_path / "results")
+    body = benchlib.publish("demo", {"value": 0.5}, lambda r: f"| v | {r['value']:.2f} |", "## unused")
+    assert body == "| v | 0.50 |"
+    assert doc.read_text() == "## X\n\nWritten by `x.py`.\n\n<!-- demo:begin -->\n| v | 0.50 |\n<!-- demo:end -->\n\n## Y\n"
+    assert benchlib.load_results("demo") == {"value": 0.5}
