@@ -43,7 +43,7 @@ SEEDS = (0, 1, 2)
 PHANTOM_VARIANTS: dict[str, tuple[list[int], list[str]]] = {
     "Stage 1 alignment, stage 3 for 6 epochs (the recipe)": ([1, 2, 3], []),
     "Stage 1 alignment, stage 3 for 3 epochs": ([1, 2, 3], ["stage3.train.epochs=3"]),
-    "no Stage 1 (ViT from scratch), stage 3 for 6 epochs": ([2, 3], []),
+    "no Stage 1: a random ViT trained in stage 3, 6 epochs": ([2, 3], ["stage3.instruct.train_vision=true"]),
 }
 GUARDS = (0, 2, 3, 4)  # MedPix: no_repeat_ngram_size candidates, chosen on dev
 MEDPIX_CRITERION, MEDPIX_CRITERION_NAME = "rouge_l", "ROUGE-L"
