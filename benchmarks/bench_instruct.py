@@ -157,7 +157,7 @@ def render_phantom(results: dict[str, Any]) -> str:
     lines = [
         "`configs/instruct/phantom_tiny.yaml` (480 cases, the phantom's patient-level split). Selection on val: "
         f"the recipe's choices below were compared on the val split ({n_val} questions, seed 0, closed-question "
-        "accuracy of the first answer, greedy); the best one was trained with seeds "
+        "accuracy of the first answer, greedy; a tie goes to the variant listed first, the recipe as written); the best one was trained with seeds "
         f"{', '.join(map(str, SEEDS))} and each seed's final model was scored once on the test split. "
         f"Machine: {results['machine']}.",
         "",
