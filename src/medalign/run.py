@@ -77,8 +77,8 @@ def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
     segmentation -> segmentation, ...) loads into the new model by weight name: a differing
     shape is an error, and so is a partial load (weights of the model the bundle lacks, or
     weights of the bundle the model has no place for, both listed) unless the recipe says
-    ``model.init_from_partial: true``; a half-loaded model must not train silently. A bundle of another kind hands over its towers: this is
-    how the curriculum chains Stage I (MAE) -> Stage II (alignment) -> Stage III (heads), and
+    ``model.init_from_partial: true``; a half-loaded model must not train silently. A bundle
+    of another kind hands over its towers: this is how the curriculum chains Stage I (MAE) -> Stage II (alignment) -> Stage III (heads), and
     how an aligned or pretrained encoder starts a ``clip_decoder`` (NextGen-UIA's path). The
     new model takes the source's tower architectures and input description
     (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
