@@ -13,13 +13,13 @@ The 1-minute load average before each round is recorded too.
 
     python benchmarks/bench_data.py [--data ../shared/data/kvasir-seg] [--rounds 3] [--write]
 
-The headline reference is MONAI at its best practical setting: ``Compose(..., lazy=True)``
-(lazy resampling, MONAI >= 1.2), which fuses the resize, the flips and the random affine into one
+The reference is MONAI at its best practical setting: ``Compose(..., lazy=True)`` (lazy
+resampling, MONAI >= 1.2), which fuses the resize, the flips and the random affine into one
 resampling per key, the optimisation medalign does by hand; the intensity scaling and the mask
 threshold, which are not lazy transforms, run after the spatial ones (they commute with them:
 linear scaling with bilinear resampling and zero padding, thresholding with nearest), so nothing
 forces an early resample. The same transforms in MONAI's default eager mode (a resampling per
-transform) are a secondary row. Another row shows medalign with its on-disk preprocessing cache
+transform) run too, and the headline ratio is against whichever MONAI setting was faster. Another row shows medalign with its on-disk preprocessing cache
 (decode, normalise and resize done once; only the random augmentation runs per epoch), measured
 after the cache was filled.
 
@@ -267,6 +267,8 @@ def render(results: dict[str, Any]) -> str:
     medians = {name: statistics.median(r) for name, r in rates.items()}
     cpu_medians = {name: statistics.median(v) for name, v in cpu.items()}
     loads = results["load_average"]
+    best = max((MONAI_LAZY, MONAI_EAGER), key=lambda name: medians[name])
+    other = MONAI_EAGER if best == MONAI_LAZY else MONAI_LAZY
     rows = [
         f"| {name} | {medians[name]:.1f} | {min(r):.1f}–{max(r):.1f} | {medians[OURS] / medians[name]:.2f} "
         f"| {cpu_medians[name]:.2f} | {cpu_medians[name] / cpu_medians[OURS]:.2f} |"
@@ -282,10 +284,10 @@ def render(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Headline: medalign's pipeline is {medians[OURS] / medians[MONAI_LAZY]:.2f}x the throughput of MONAI with "
-            f"lazy resampling ({cpu_medians[MONAI_LAZY] / cpu_medians[OURS]:.2f}x in CPU time per sample, which is "
-            f"steadier than wall clock on a shared machine). Secondary: against MONAI's eager default it is "
-            f"{medians[OURS] / medians[MONAI_EAGER]:.2f}x.",
+            f"Headline: medalign's pipeline is {medians[OURS] / medians[best]:.2f}x the throughput of MONAI at its "
+            f"faster setting in this run ({'lazy resampling' if best == MONAI_LAZY else 'eager transforms'}; "
+            f"{cpu_medians[best] / cpu_medians[OURS]:.2f}x in CPU time per sample, which is steadier than wall "
+            f"clock on a shared machine). The other MONAI setting: {medians[OURS] / medians[other]:.2f}x.",
         ]
     )
 
