@@ -3,7 +3,7 @@
 * batch size and image size: one alignment training step with the towers of
   ``bench_align_step.py`` (CLIP ViT 384 x 6, text 256 x 4), medalign's DualEncoder as the Engine
   trains it (bf16) vs ``transformers.CLIPModel`` under the same bf16 autocast with fused AdamW
-  (the reference, its default SDPA attention);
+  and eager attention (the reference; see ``REFERENCE_ATTENTION``);
 * dataset size: top-10 search for a batch of 64 queries over N x 512 embeddings, medalign's
   memory-mapped exact index vs NumPy's full product + argpartition.
 
@@ -30,6 +30,13 @@ from typing import Any
 import benchlib
 
 HERE = Path(__file__).resolve().parent
+# CLIPModel's attention in the reference: eager, the faster of its two implementations for a bf16
+# training step on a CPU in the alignment-step benchmark (bench_align_step.py times both)
+REFERENCE_ATTENTION = "eager"
+ATTENTION_NOTES = {
+    "sdpa": "its default SDPA attention",
+    "eager": "eager attention (the faster of its two in the alignment-step benchmark)",
+}
 BATCHES = (8, 16, 32, 64)
 SIZES = (64, 128, 192, 256)
 ROWS = (10_000, 100_000, 300_000, 1_000_000)
@@ -52,7 +59,7 @@ def align_point(side: str, batch: int, size: int, repeats: int) -> dict:
 
     bench_align_step.BATCH, bench_align_step.IMAGE_SIZE = batch, size
     torch.manual_seed(0)
-    reference = build_reference()
+    reference = build_reference(REFERENCE_ATTENTION)
     data = make_batch()
     trainer = ReferenceTrainer(reference, data) if side == "reference" else MedalignTrainer(build_ours(reference), data)
     if side != "reference":
@@ -161,7 +168,7 @@ def run(quick: bool) -> dict[str, Any]:
     xs = {"batch": list(batches), "image": list(sizes), "dataset": list(rows)}
     for name, (xlabel, time_label, _) in AXES.items():
         plot(name, xlabel, tuple(xs[name]), curves[name], time_label)
-    return {"xs": xs, "curves": curves, "machine": benchlib.machine()}
+    return {"xs": xs, "curves": curves, "reference_attention": REFERENCE_ATTENTION, "machine": benchlib.machine()}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -183,7 +190,8 @@ def render(results: dict[str, Any]) -> str:
         "Each point in a fresh process (peak RSS = `VmHWM`, model and data included); time = median of "
         "the timed repeats after a warm-up. Alignment step: towers of the alignment-step benchmark, batch "
         "sweep at 128 px, image sweep at batch 16, both sides under bf16 autocast (the reference: "
-        "`CLIPModel` with its default SDPA attention and fused AdamW). Search: top-10 for 64 queries over "
+        f"`CLIPModel` with {ATTENTION_NOTES[results.get('reference_attention', 'sdpa')]} and fused AdamW). "
+        "Search: top-10 for 64 queries over "
         f"N x 512 rows. Ratio = reference time / ours. Machine: {results['machine']}.\n\n"
         + "\n".join(lines)
         + "\n"
