@@ -20,7 +20,6 @@ import benchlib
 NOT_MEASURED = {
     "quickstart": "the two install-and-test commands CI reads from the README",
     "browser": "the command that installs the browser for the demo test",
-    "quickstart_numbers": "filled by benchmarks/bench_quickstart.py once it exists (issue 22)",
 }
 # Blocks whose script has not been converted to results files yet (owned by other work in
 # flight); listed so that they are not forgotten: remove an entry when its script defines blocks().
