@@ -224,7 +224,7 @@ def render_busi(results: dict[str, Any]) -> str:
     return "\n".join(
         [
             "BUSI, the 3 NextGen-UIA folds (benign + malignant; train on train k, evaluate on the held-out "
-            f"val k), 128 px grayscale for both models, {results['epochs']} epochs; per-image Dice / IoU, HD95 "
+            f"val k), 128 px grayscale for every model, {results['epochs']} epochs; per-image Dice / IoU, HD95 "
             "(pixels) and NSD (2 px tolerance), mean ± std over the folds. HD95 and NSD average every image: "
             "an image with an empty prediction (or a prediction where the ground truth is empty) scores the "
             f"worst value, HD95 = the image diagonal ({128 * 2**0.5:.0f} px at 128 px) and NSD 0; the worst-value column "
