@@ -76,6 +76,10 @@ class ConfigRecord:
         for name in self._towers:
             value = getattr(self, name)
             if isinstance(value, dict):
+                if "kind" not in value:  # a field whose default is no tower: only shipped weights imply one
+                    if efficientnet_variant(value.get("source")) is None:
+                        raise ValueError(f"tower {name!r} needs a kind (one of {VISION_KINDS + TEXT_KINDS}): {value}")
+                    value = {**value, "kind": "efficientnet_lite"}
                 value = TowerConfig.from_dict(value)
                 setattr(self, name, value)
             if value is None:
