@@ -51,12 +51,14 @@ import numpy as np
 import torch
 
 from benchlib import (
+    REAL_DATA_RUN,
     RUNS,
     carve_val,
     imported,
     load_results,
     machine,
     save_results,
+    slug,
     train,
     write_blocks,
     write_section,
@@ -124,8 +126,6 @@ def bench_monuseg(epochs: int, seeds: int) -> str:
 # Real data with pretrained encoders: choose on val, read test once (results files + blocks)
 # ---------------------------------------------------------------------------------------------
 
-# Every real-data run: one data worker (the other core is busy) and one decoded-image cache.
-RUN_DATA = ["data.num_workers=1", f"data.cache={RUNS / 'cache'}", "train.checkpoint_every=1000"]
 SEG_KEYS = ("dice", "iou", "dice_std", "pooled_dice", "hd95", "hd95_worst", "nsd", "n_images")
 
 
@@ -137,10 +137,6 @@ def numbers(metrics: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": metrics["train"]["seconds"],
         "train_steps": metrics["train"]["steps"],
     }
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -187,7 +183,7 @@ def bench_kvasir(epochs: int, select_epochs: int, size: int, seeds: int, scratch
     then train both models on all 900 and read the 100 test images once."""
     select = imported("kvasir_810_90_100", "kvasir", "kvasir-seg", fractions={"train": 0.81, "val": 0.09, "test": 0.1})
     final = imported("kvasir_900_100", "kvasir", "kvasir-seg", fractions={"train": 0.9, "test": 0.1})
-    common = [f"train.epochs={epochs}", f"model.overrides.image_size={size}", *RUN_DATA]
+    common = [f"train.epochs={epochs}", f"model.overrides.image_size={size}", *REAL_DATA_RUN]
     pilot = [f"train.epochs={select_epochs}", *common[1:]]
     scores, chosen = select_on_val("kvasir", "seg_kvasir_select", select, KVASIR_VARIANTS, pilot)
     models = {}
@@ -275,7 +271,7 @@ def bench_busi(epochs: int, select_epochs: int, size: int) -> None:
     held-out list once (the importer's ``val`` split of that fold)."""
     folds = {k: imported("busi", "busi", "busi", fold=k) for k in BUSI_FOLDS}
     select = carve_val(folds[1], "busi_fold1_select", 0.1, rename={"val": "test", "test": "normal"})
-    common = [f"train.epochs={epochs}", f"model.overrides.image_size={size}", *RUN_DATA]
+    common = [f"train.epochs={epochs}", f"model.overrides.image_size={size}", *REAL_DATA_RUN]
     pilot = [f"train.epochs={select_epochs}", *common[1:]]
     selection, chosen = {}, {}
     for key in ("pretrained", "clip"):

@@ -182,6 +182,16 @@ def write_blocks(blocks: dict[str, str], docs: tuple[Path, ...] | None = None) -
         path.write_text(f"{head}{begin}\n{body.strip(chr(10))}\n{end}{tail}", encoding="utf-8")
 
 
+# Every real-data training run of a benchmark: one data worker (the machine's other core is busy),
+# one cache of decoded, resized images shared by all runs, few checkpoints.
+REAL_DATA_RUN = ["data.num_workers=1", f"data.cache={RUNS / 'cache'}", "train.checkpoint_every=1000"]
+
+
+def slug(text: str) -> str:
+    """A run-folder-safe form of a variant's name (``encoder lr x0.1`` -> ``encoder_lr_x0_1``)."""
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
 def carve_val(source: Path, name: str, fraction: float, *, seed: int = 0, rename: dict[str, str] | None = None) -> Path:
     """A copy of a manifest whose ``val`` split is a seeded ``fraction`` of its train patients.
 
