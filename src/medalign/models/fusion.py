@@ -457,19 +457,12 @@ class FusionModel(SegmentationModel):
     ) -> tuple[Tensor, dict[str, Any], dict[str, Any]]:
         raise NotImplementedError
 
-    def _head(self, fused: list[Tensor]) -> Tensor:
-        """Segmentation: decode the fused pyramid (logits at the input's size); classification:
-        pooled bottleneck -> classes."""
+    def _head(self, fused: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """Segmentation: decode the fused pyramid, logits at the input's ``size`` (a tower's finest
+        map is coarser than the input); classification: pooled bottleneck -> classes."""
         if self.task_head == "segment":
-            size = fused[0].shape[-2] * self._finest_stride, fused[0].shape[-1] * self._finest_stride
             return upsample_to(self.decoder(fused), size)
         return self.classifier(_pool(fused[-1]))
-
-    @property
-    def _finest_stride(self) -> int:
-        """Stride of the encoder's finest map: 1 for the conv encoder, 2 for EfficientNet."""
-        first = self.encoder if hasattr(self, "encoder") else self.encoders[0]
-        return int(first.pyramid.strides[0]) if isinstance(first, TowerEncoder) else 1
 
     def _classifier(self) -> nn.Module:
         return nn.Sequential(nn.LayerNorm(self.widths[-1]), nn.Linear(self.widths[-1], self.config.num_classes))
@@ -536,7 +529,7 @@ class AdfFusion(FusionModel):
             "shared": [torch.cat(v, dim=1) for v in shared_vectors],
             "specific": [torch.cat(v, dim=1) for v in specific_vectors],
         }
-        return self._head(fused), features, {}
+        return self._head(fused, images[0].shape[-2:]), features, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,7 +657,8 @@ class MoeFusion(FusionModel):
             "multiscale": [[_pool(f) for f in features] for features in per_modality],
             "tokens": torch.stack(tokens, dim=1),
         }
-        return self._head([*skips, bottleneck]), features, {"balance_loss": torch.stack(balance).mean()}
+        logits = self._head([*skips, bottleneck], images[0].shape[-2:])
+        return logits, features, {"balance_loss": torch.stack(balance).mean()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +675,7 @@ class EarlyFusion(FusionModel):
         self._build_head()
 
     def _fuse(self, images, present, input_ids, attention_mask, text_present):  # type: ignore[override]
-        return self._head(self.encoder(torch.cat(images, dim=1))), {}, {}
+        return self._head(self.encoder(torch.cat(images, dim=1)), images[0].shape[-2:]), {}, {}
 
 
 class LateFusion(FusionModel):
