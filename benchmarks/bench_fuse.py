@@ -468,7 +468,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.bench == "lgg_pretrained":  # results file + blocks()
         bench_lgg_pretrained(args.epochs or 12, args.select_epochs or 6, args.size or 256)
-        body = blocks()["bench_fuse_lgg_pretrained"]
+        body = lgg_pretrained_block()
         print(body)
         if args.write:
             benchlib.write_blocks({"bench_fuse_lgg_pretrained": body})

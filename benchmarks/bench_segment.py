@@ -178,9 +178,10 @@ KVASIR_MODELS = {  # key -> (recipe, label)
 }
 
 
-def bench_kvasir(epochs: int, select_epochs: int, size: int, seeds: int, scratch_seeds: int) -> None:
+def bench_kvasir(epochs: int, select_epochs: int, size: int, seeds: list[int], scratch_seeds: list[int]) -> None:
     """Choose the encoder's learning rate on 90 val images (trained on 810 for ``select_epochs``),
-    then train both models on all 900 and read the 100 test images once."""
+    then train both models on all 900 (one run per seed listed; an empty list records the model
+    as not run) and read the 100 test images once."""
     select = imported("kvasir_810_90_100", "kvasir", "kvasir-seg", fractions={"train": 0.81, "val": 0.09, "test": 0.1})
     final = imported("kvasir_900_100", "kvasir", "kvasir-seg", fractions={"train": 0.9, "test": 0.1})
     common = [f"train.epochs={epochs}", f"model.overrides.image_size={size}", *REAL_DATA_RUN]
@@ -198,9 +199,10 @@ def bench_kvasir(epochs: int, select_epochs: int, size: int, seeds: int, scratch
                     folder="segment",
                 )
             )
-            for seed in range(seeds if key == "pretrained" else scratch_seeds)
+            for seed in (seeds if key == "pretrained" else scratch_seeds)
         ]
         models[key] = {"label": label, "recipe": recipe, "overrides": extra, "runs": runs}
+    seed_lists = {"pretrained": seeds, "scratch": scratch_seeds}
     save_results(
         "bench_segment_kvasir",
         {
@@ -216,6 +218,7 @@ def bench_kvasir(epochs: int, select_epochs: int, size: int, seeds: int, scratch
             },
             "selection": scores,
             "chosen": chosen,
+            "seeds": seed_lists,
             "models": models,
             "published": KVASIR_PUBLISHED,
         },
@@ -228,13 +231,17 @@ def kvasir_block() -> str:
     rows = []
     for model in r["models"].values():
         runs = model["runs"]
+        if not runs:
+            rows.append(f"| {model['label']} | not run | – | 0 | – |")
+            continue
         minutes = statistics.mean(x["train_seconds"] for x in runs) / 60
         rows.append(
             f"| {model['label']} | {mean_std([x['dice'] for x in runs], 1, 3)} | {mean_std([x['iou'] for x in runs], 1, 3)} "
             f"| {len(runs)} | {minutes:.0f} min |"
         )
     rows += [f"| {name} | {dice:.3f} | – | – | – |" for name, dice in r["published"].items()]
-    seeds = {len(m["runs"]) for m in r["models"].values()}
+    seeds = ", ".join(f"{key}: {', '.join(map(str, ids)) or 'none'}" for key, ids in r["seeds"].items())
+    longest = max(x["train_seconds"] for m in r["models"].values() for x in m["runs"]) / 60
     return "\n".join(
         [
             f"Kvasir-SEG with the PraNet split sizes: 900 train / {p['test']} test (the importer's seeded split; "
@@ -244,9 +251,8 @@ def kvasir_block() -> str:
             f"then every model trains on all 900 and the test images are read once. {p['size']} px (PraNet: 352), "
             f"{p['epochs']} epochs, batch 16, AdamW lr 1e-3 with cosine decay, Dice + BCE, flips / rotation / "
             f"scale / shift; per-image Dice and IoU averaged over the test images (fractions), mean ± std over "
-            f"seeds ({' and '.join(str(n) for n in sorted(seeds, reverse=True))} seeds: the from-scratch U-Net "
-            f"costs several times the pretrained one's step). Recipes configs/segment/kvasir.yaml and "
-            f"kvasir_unet.yaml. Machine: {r['machine']}.",
+            f"the seeds run ({seeds}; fewer than 3 seeds, or a model not run, is what the shared CPU allowed: "
+            f"one {p['epochs']}-epoch run takes about {longest:.0f} min there). Recipes configs/segment/kvasir.yaml and kvasir_unet.yaml. Machine: {r['machine']}.",
             "",
             "| model | Dice | IoU | seeds | train time / seed |",
             "|---|---|---|---|---|",
@@ -265,38 +271,47 @@ BUSI_MODELS = {  # key -> (recipe, label); the first two share the pretrained en
 BUSI_FOLDS = (1, 2, 3)
 
 
-def bench_busi(epochs: int, select_epochs: int, size: int) -> None:
-    """Choose each pretrained model's encoder learning rate on a val split carved from fold 1's
-    train list (10%, stratified by class), then train on each fold's train list and read its
-    held-out list once (the importer's ``val`` split of that fold)."""
-    folds = {k: imported("busi", "busi", "busi", fold=k) for k in BUSI_FOLDS}
-    select = carve_val(folds[1], "busi_fold1_select", 0.1, rename={"val": "test", "test": "normal"})
+def bench_busi(epochs: int, select_epochs: int, size: int, folds: list[int], keys: list[str]) -> None:
+    """Train the models ``keys`` on each fold's train list and read its held-out list once (the
+    importer's ``val`` split of that fold).
+
+    With ``select_epochs > 0`` each pretrained model's encoder learning rate is first chosen on a
+    val split carved from fold 1's train list (10%, stratified by class); with 0 the recipes'
+    setting is used as shipped (the encoder at the decoder's rate, chosen on Kvasir's and LGG's
+    val splits).
+    """
+    all_folds = {k: imported("busi", "busi", "busi", fold=k) for k in BUSI_FOLDS}
     common = [f"train.epochs={epochs}", f"model.overrides.image_size={size}", *REAL_DATA_RUN]
-    pilot = [f"train.epochs={select_epochs}", *common[1:]]
-    selection, chosen = {}, {}
-    for key in ("pretrained", "clip"):
-        recipe = BUSI_MODELS[key][0]
-        selection[key], chosen[key] = select_on_val(recipe, f"seg_busi_select_{key}", select, KVASIR_VARIANTS, pilot)
+    selection: dict[str, dict[str, dict[str, Any]]] = {}
+    chosen: dict[str, str] = {}
+    if select_epochs > 0:
+        select = carve_val(all_folds[1], "busi_fold1_select", 0.1, rename={"val": "test", "test": "normal"})
+        pilot = [f"train.epochs={select_epochs}", *common[1:]]
+        for key in ("pretrained", "clip"):
+            if key in keys:
+                recipe = BUSI_MODELS[key][0]
+                selection[key], chosen[key] = select_on_val(recipe, f"seg_busi_select_{key}", select, KVASIR_VARIANTS, pilot)
     models = {}
-    for key, (recipe, label) in BUSI_MODELS.items():
+    for key in keys:
+        recipe, label = BUSI_MODELS[key]
         extra = KVASIR_VARIANTS[chosen[key]] if key in chosen else []
         runs = [
             numbers(
                 train(
                     recipe,
                     f"seg_busi_{key}_fold{k}",
-                    [f"data.manifest={folds[k]}", "eval.split=val", *common, *extra],
+                    [f"data.manifest={all_folds[k]}", "eval.split=val", *common, *extra],
                     folder="segment",
                 )
             )
-            for k in BUSI_FOLDS
+            for k in folds
         ]
         models[key] = {"label": label, "recipe": recipe, "overrides": extra, "runs": runs}
     save_results(
         "bench_segment_busi",
         {
             "machine": machine(SHARED),
-            "protocol": {"size": size, "epochs": epochs, "select_epochs": select_epochs, "folds": list(BUSI_FOLDS)},
+            "protocol": {"size": size, "epochs": epochs, "select_epochs": select_epochs, "folds": folds},
             "selection": selection,
             "chosen": chosen,
             "models": models,
@@ -307,37 +322,63 @@ def bench_busi(epochs: int, select_epochs: int, size: int) -> None:
 def busi_block() -> str:
     r = load_results("bench_segment_busi")
     p = r["protocol"]
+    models = r["models"]
     rows = []
-    for model in r["models"].values():
-        runs = model["runs"]
+    for key, (_, label) in BUSI_MODELS.items():
+        if key not in models:
+            rows.append(f"| {label} | not run | – | – | – | – |")
+            continue
+        runs = models[key]["runs"]
         minutes = statistics.mean(x["train_seconds"] for x in runs) / 60
         rows.append(
-            f"| {model['label']} | {mean_std([x['dice'] for x in runs])} | {mean_std([x['iou'] for x in runs])} "
+            f"| {label} | {mean_std([x['dice'] for x in runs])} | {mean_std([x['iou'] for x in runs])} "
             f"| {mean_std([x['hd95'] for x in runs], 1)} | {sum(x['hd95_worst'] for x in runs)} "
             f"| {minutes:.0f} min |"
         )
-    n = r["models"]["pretrained"]["runs"][0]["n_images"]
-    titles = {"pretrained": "U-Net: encoder learning rate", "clip": "CLIP-feature decoder: encoder learning rate"}
-    selection = [
-        line
-        for key, title in titles.items()
-        for line in ("", *selection_table(title, r["selection"][key], r["chosen"][key]))
-    ]
+    n = "/".join(str(x["n_images"]) for x in next(iter(models.values()))["runs"])
+    folds = p["folds"]
+    which = "the 3 NextGen-UIA folds" if len(folds) == 3 else f"NextGen-UIA fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))} of 3"
+    spread = "mean ± std over the folds" if len(folds) > 1 else "one fold, one seed"
+    if p["select_epochs"] > 0:
+        titles = {"pretrained": "U-Net: encoder learning rate", "clip": "CLIP-feature decoder: encoder learning rate"}
+        choice = (
+            f"Selection: each pretrained model's encoder learning rate, on a val split of 10% of fold 1's train "
+            f"list (stratified by class; trained on the other 90% for {p['select_epochs']} epochs)."
+        )
+        selection = [
+            line
+            for key, title in titles.items()
+            if key in r["selection"]
+            for line in ("", *selection_table(title, r["selection"][key], r["chosen"][key]))
+        ]
+    else:
+        choice = (
+            "No selection on BUSI: the pretrained encoders train at the decoder's learning rate, the setting "
+            "chosen on Kvasir-SEG's and LGG's val splits (blocks above and below)."
+        )
+        selection = []
+    gap = []
+    if {"pretrained", "clip"} <= models.keys():
+        delta = [100 * (c["dice"] - u["dice"]) for c, u in zip(models["clip"]["runs"], models["pretrained"]["runs"], strict=True)]
+        gap = [
+            "",
+            f"CLIP-feature decoder minus U-Net on the same encoder: {statistics.mean(delta):+.1f} Dice points "
+            f"(target: within 5 points).",
+        ]
     return "\n".join(
         [
-            f"BUSI, the 3 NextGen-UIA folds (benign + malignant): train on fold k's train list, evaluate on its "
-            f"held-out list ({n} images each) once. Selection: each pretrained model's encoder learning rate, on a "
-            f"val split of 10% of fold 1's train list (stratified by class; trained on the other 90% for "
-            f"{p['select_epochs']} epochs). Grayscale at {p['size']} px (the EfficientNet stem's RGB kernels "
-            f"summed), {p['epochs']} epochs, batch 16, AdamW lr 1e-3 with cosine decay, Dice + BCE; per-image "
-            f"Dice / IoU % and HD95 (pixels at {p['size']} px) averaged over every image, mean ± std over the "
-            f"folds; an empty prediction (or a prediction on an empty mask) scores HD95 = the image diagonal "
-            f"and is counted in its own column. Recipes configs/segment/busi.yaml, clipseg_busi.yaml, "
-            f"busi_unet.yaml. Machine: {r['machine']}.",
+            f"BUSI, {which} (benign + malignant): train on fold k's train list, evaluate on its held-out list "
+            f"({n} images) once; {p['epochs']} epochs ({'recipes: 30; ' if p['epochs'] != 30 else ''}the CPU "
+            f"time box). {choice} Grayscale at {p['size']} px (the EfficientNet stem's RGB kernels summed), "
+            f"batch 16, AdamW lr 1e-3 with cosine decay, Dice + BCE; per-image Dice / IoU % and HD95 (pixels at "
+            f"{p['size']} px) averaged over every image, {spread}; an empty prediction (or a prediction on an "
+            f"empty mask) scores HD95 = the image diagonal and is counted in its own column. Recipes "
+            f"configs/segment/busi.yaml, clipseg_busi.yaml, busi_unet.yaml. Machine: {r['machine']}.",
             "",
             "| model | Dice % | IoU % | HD95 px | HD95 worst-value images | train time / fold |",
             "|---|---|---|---|---|---|",
             *rows,
+            *gap,
             *selection,
         ]
     )
@@ -575,6 +616,11 @@ TITLES = {
 }
 
 
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``""`` -> ``[]`` (a model not run)."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 REAL = {"busi", "kvasir"}  # results files + blocks(); the others write their section directly
 
 
@@ -585,7 +631,10 @@ def main() -> None:
     parser.add_argument("--select-epochs", type=int, default=None, help="kvasir, busi: epochs of the val runs")
     parser.add_argument("--size", type=int, default=None, help="kvasir, busi: image size")
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--scratch-seeds", type=int, default=None, help="kvasir: seeds of the from-scratch U-Net")
+    parser.add_argument("--seed-list", type=int_list, default=None, help="kvasir: the pretrained U-Net's seeds, e.g. 0,1,2")
+    parser.add_argument("--scratch-seeds", type=int_list, default=None, help="kvasir: the from-scratch U-Net's seeds ('' for none)")
+    parser.add_argument("--folds", type=int_list, default=None, help="busi: folds, e.g. 1,2,3")
+    parser.add_argument("--models", default=None, help=f"busi: models, comma-separated from {','.join(BUSI_MODELS)}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="step: alternating timed rounds")
     parser.add_argument("--steps", type=int, default=3, help="step: timed steps per round and setup")
@@ -594,11 +643,19 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     epochs = args.epochs
     if args.bench in REAL:
+        select_epochs = args.select_epochs
         if args.bench == "kvasir":
-            bench_kvasir(epochs or 20, args.select_epochs or 8, args.size or 256, args.seeds or 3, args.scratch_seeds or 1)
+            seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds or 3))
+            scratch = args.scratch_seeds if args.scratch_seeds is not None else [0]
+            bench_kvasir(epochs or 20, 8 if select_epochs is None else select_epochs, args.size or 256, seeds, scratch)
         else:
-            bench_busi(epochs or 30, args.select_epochs or 10, args.size or 256)
-        body = blocks()[f"bench_segment_{args.bench}"]
+            keys = args.models.split(",") if args.models else list(BUSI_MODELS)
+            unknown = sorted(set(keys) - set(BUSI_MODELS))
+            if unknown:
+                parser.error(f"unknown --models {unknown}; choose from {list(BUSI_MODELS)}")
+            folds = args.folds or list(BUSI_FOLDS)
+            bench_busi(epochs or 30, 10 if select_epochs is None else select_epochs, args.size or 256, folds, keys)
+        body = {"kvasir": kvasir_block, "busi": busi_block}[args.bench]()
         print(body)
         if args.write:
             write_blocks({f"bench_segment_{args.bench}": body})
