@@ -466,7 +466,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="override the schedule's image size")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--select-epochs", type=int, default=None, help="lgg_pretrained: epochs of the val runs")
-    parser.add_argument("--models", default=None, help=f"lgg_pretrained: models, from {','.join(LGG_MODELS)}")
+    parser.add_argument("--models", default=None, help=f"lgg_pretrained: models, from {','.join(LGG_MODELS)} ('' for the selection only)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the other core is busy, see the protocol)"
     )
@@ -475,7 +475,7 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     if args.bench == "lgg_pretrained":  # results file + blocks()
-        keys = args.models.split(",") if args.models else list(LGG_MODELS)
+        keys = [k for k in args.models.split(",") if k] if args.models is not None else list(LGG_MODELS)
         unknown = sorted(set(keys) - set(LGG_MODELS))
         if unknown:
             parser.error(f"unknown --models {unknown}; choose from {list(LGG_MODELS)}")

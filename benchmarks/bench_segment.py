@@ -649,10 +649,10 @@ def main() -> None:
             scratch = args.scratch_seeds if args.scratch_seeds is not None else [0]
             bench_kvasir(epochs or 20, 8 if select_epochs is None else select_epochs, args.size or 256, seeds, scratch)
         else:
-            keys = args.models.split(",") if args.models else list(BUSI_MODELS)
+            keys = [k for k in args.models.split(",") if k] if args.models is not None else list(BUSI_MODELS)
             unknown = sorted(set(keys) - set(BUSI_MODELS))
-            if unknown:
-                parser.error(f"unknown --models {unknown}; choose from {list(BUSI_MODELS)}")
+            if unknown or not keys:
+                parser.error(f"--models {args.models!r}: name one or more of {list(BUSI_MODELS)}")
             folds = args.folds or list(BUSI_FOLDS)
             bench_busi(epochs or 30, 10 if select_epochs is None else select_epochs, args.size or 256, folds, keys)
         body = {"kvasir": kvasir_block, "busi": busi_block}[args.bench]()
