@@ -97,9 +97,11 @@ def test_import_reports_bad_format_and_option(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "import", "nope", str(tmp_path), "--out", str(tmp_path / "m.csv")])
     assert result.exit_code == 1 and "unknown import format 'nope'" in result.output
     result = runner.invoke(
-        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "-o", "x"]
+        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "--sed", "1"]
     )
-    assert result.exit_code != 0
+    assert result.exit_code == 1
+    assert "unknown option --sed for the 'folders' importer; did you mean --seed?" in result.output
+    assert "valid options: --seed, --fractions, --force, --group-by, --group-regex" in result.output
 
 
 def test_quickstart_small(tmp_path: Path) -> None:

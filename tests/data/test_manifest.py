@@ -150,7 +150,11 @@ def test_split_and_summary() -> None:
     summary = summarize(manifest)
     assert summary["cases"] == 2 and summary["patients"] == 1
     assert summary["splits"] == {"train": 1, "val": 0, "test": 1}
-    assert summary["labels"] == {"label": {"NA": 1, "tumour": 1}}
+    # "NA" spells a missing label unless the sidecar declares it: counted apart, never a class
+    assert summary["labels"] == {"label": {"tumour": 1}} and summary["missing_labels"] == {"label": 1}
+    assert manifest.classes("label") == ["tumour"]
+    declared = summarize(Manifest(table, meta=ManifestMeta(classes={"label": ["NA", "tumour"]})))
+    assert declared["labels"] == {"label": {"NA": 1, "tumour": 1}} and declared["missing_labels"] == {"label": 0}
 
 
 def test_assign_splits_accepts_a_list_of_fractions() -> None:

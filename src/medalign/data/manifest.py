@@ -175,7 +175,10 @@ class Manifest:
         target = Path(os.path.normpath(root / _ref_path(ref)))  # an absolute ref replaces the root
         if target != root and root not in target.parents:
             return True
-        real_root, real = Path(self._realpath(str(root))), Path(self._real_file(target))
+        try:
+            real_root, real = Path(self._realpath(str(root))), Path(self._real_file(target))
+        except (OSError, ValueError):  # a NUL byte, a link loop: unreadable, and reading says so by name
+            return False
         return real != real_root and real_root not in real.parents
 
     def _realpath(self, folder: str) -> str:
