@@ -120,7 +120,7 @@ def test_medmnist_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetImportError, match="is already a file"):
         load_dataset("medmnist", tmp_path / "a.npz", out=out, npz="b.npz")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DatasetImportError, match="is not a .npz file"):
+    with pytest.raises(DatasetImportError, match=r"is not a \.npz file"):
         load_dataset("medmnist", tmp_path / "notes.txt", out=out)
     with pytest.raises(DatasetImportError, match="classes has 2 names"):
         load_dataset("medmnist", tmp_path, out=out, npz="a.npz", classes=["x", "y"])

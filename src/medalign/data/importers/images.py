@@ -300,7 +300,10 @@ def _join_labels(
         ident = _cell(row, id_index)
         key = match(ident) if ident else None
         if key is None:
-            ledger.skip("labels", f"{where} {ident!r}", "no image with this id" if ident else "empty id cell")
+            if ident:
+                ledger.skip("labels", f"{where} {ident!r}", "no image with this id")
+            else:
+                ledger.skip("labels", where, "empty id cell")
             continue
         if key in first:
             if row.cells != first[key].cells:
@@ -433,7 +436,8 @@ def import_images(
     if split_path is not None:
         _read_split_file(split_path, sheet, cases, match, ledger)
     split_given = bool(split_column or split_file)
-    rows = _rows(cases, label_names, src, ledger, split_given)
+    unsplit = "not in the split file" if split_file else "no split in the label table"
+    rows = _rows(cases, label_names, src, ledger, unsplit if split_given else "")
     table_out = new_table(rows)
     extra: dict[str, object] = {"label_columns": label_names} if label_names else {}
     if split_given:
@@ -497,17 +501,18 @@ def _pair_masks(
 
 
 def _rows(
-    cases: dict[str, _Case], label_names: list[str], src: Path, ledger: Ledger, split_given: bool
+    cases: dict[str, _Case], label_names: list[str], src: Path, ledger: Ledger, unsplit: str
 ) -> list[dict[str, str]]:
-    """Manifest rows, counting each input's use here, once: a case left out takes its parts along."""
+    """Manifest rows, counting each input's use here, once: a case left out takes its parts along.
+
+    ``unsplit`` is the reason for leaving out a case that got no split, when splits are given.
+    """
     rows = []
     with_masks = "masks" in ledger.inputs
     for key, case in sorted(cases.items(), key=lambda item: natural_key(item[0])):
         ref = relative_ref(case.image, src)
-        if not case.dropped and split_given and not case.split:
-            case.dropped = (
-                "no split: no row in the label table" if not case.label_row else "no split given for it"
-            )
+        if not case.dropped and unsplit and not case.split:
+            case.dropped = unsplit
         parts = [("masks", relative_ref(case.mask, src))] if case.mask is not None else []
         parts += [("labels", case.label_row)] if case.label_row else []
         parts += [("split", case.split_row)] if case.split_row else []
