@@ -193,6 +193,10 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
+    # learning rate per part of the model (medalign.param_groups): parameter-name prefix ->
+    # multiplier, e.g. {vision: 0.1}; and layer-wise decay inside a tower, e.g. {vision: 0.75}
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    layer_decay: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from medalign.config import OptimConfig, TrainConfig
+from medalign.param_groups import parameter_groups
 
 KILL_AT_STEP_ENV = "MEDALIGN_KILL_AT_STEP"  # fault-injection hook used by the resume tests
 CHECKPOINT_NAME = "last.ckpt"
@@ -162,16 +163,8 @@ class TrainState:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, logit scale/bias and other 1-D parameters."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "logit" in name else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW over ``medalign.param_groups``: no decay on 1-D parameters, per-part learning rates."""
+    groups = parameter_groups(model, config.lr, config.weight_decay, config.lr_multipliers, config.layer_decay)
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:
         # One fused kernel per step instead of about ten ops per tensor (on the CPU, where
