@@ -63,7 +63,7 @@ def data_validate(
         typer.Option("--drop-invalid", help="Write a cleaned manifest without the rows that have errors."),
     ] = False,
     out: Annotated[
-        Path | None, typer.Option(help="Cleaned manifest path (default: <stem>.clean<suffix>).")
+        Path | None, typer.Option("--out", "-o", help="Cleaned manifest path (default: <stem>.clean<suffix>).")
     ] = None,
     log: Annotated[
         Path | None, typer.Option(help="CSV log of dropped rows (default: <out>.dropped.csv).")
@@ -188,7 +188,7 @@ def data_formats(
 
 @data_app.command("phantom")
 def data_phantom(
-    out: Annotated[Path, typer.Option(help="Output folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     n: Annotated[int, typer.Option(help="Number of cases.")] = 240,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
@@ -261,7 +261,7 @@ def data_split(
 @data_app.command("shard")
 def data_shard(
     manifest: Annotated[Path, typer.Argument(help="Manifest to shard.")],
-    out: Annotated[Path, typer.Option(help="New or empty folder for the shards and index.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New or empty folder for the shards and index.json.")],
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the last of each split has fewer).")] = 1000,
 ) -> None:
     """Write a manifest as WebDataset tar shards (one split per shard) plus index.json.
