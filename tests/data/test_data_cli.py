@@ -19,11 +19,12 @@ def test_formats_prints_every_option_with_type_default_and_meaning() -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     for option in IMPORTERS["images"].all_options:
-        (line,) = [n for n, text in enumerate(lines) if text.startswith(f"  {option.flag}  ")]
+        (line,) = [n for n, text in enumerate(lines) if text.startswith(f"  {option.name}  ")]
         assert f"{option.type_label}; default: {option.default_label}" in lines[line]
         assert lines[line + 1].strip() == option.help
-    assert "  --header  one of auto|yes|no; default: auto" in lines
-    assert "  --recursive  flag (--recursive / --no-recursive); default: off" in lines
+    assert "  header  one of auto|yes|no; default: auto" in lines
+    assert "  recursive  true/false; default: false" in lines
+    assert "usage: medalign data import images SRC -o MANIFEST [-O name=value ...]" in lines
     misspelled = runner.invoke(app, ["data", "formats", "imags"])
     assert misspelled.exit_code == 1
     assert "unknown import format 'imags' (did you mean 'images'?)" in misspelled.output
@@ -39,12 +40,12 @@ def test_import_prints_the_accounting_and_warnings(tmp_path: Path, layouts) -> N
         str(src),
         "-o",
         str(out),
-        "--images",
-        "frames",
-        "--labels",
-        "scores.csv",
+        "-O",
+        "images=frames",
+        "--option",
+        "labels=scores.csv",
     ]
-    result = runner.invoke(app, [*args, "--label-columns", "3", "--seed", "3"])
+    result = runner.invoke(app, [*args, "-O", "label_columns=3", "-O", "seed=3"])
     assert result.exit_code == 0, result.output
     output = result.output
     assert "  image files in 'frames': 13, imported 12, not imported 1" in output
@@ -82,19 +83,20 @@ def test_import_errors_are_one_line(tmp_path: Path, layouts) -> None:
     src = layouts.colonoscopy(tmp_path / "cvc")
     out = str(tmp_path / "m.csv")
     cases = {
-        ("images", str(src), "-o", out, "--images", "Original", "--mask", "Ground Truth"): (
-            "unknown option --mask for the 'images' importer; did you mean --masks?"
+        ("images", str(src), "-o", out, "-O", "images=Original", "-O", "mask=Ground Truth"): (
+            "unknown option 'mask' for the 'images' importer; did you mean masks?"
         ),
-        ("images", "--images", "Original", str(src), "-o", out): "SRC comes before the importer options",
-        ("images", str(src), "-o", out, "--seed"): "option --seed needs a value (integer)",
-        ("images", str(src), "-o", out, "stray"): "unexpected argument 'stray'",
+        ("images", str(src), "-o", out, "-O", "seed"): "option 'seed' of the 'images' importer is not name=value",
+        ("images", str(src), "-o", out, "-O", "seed="): "option seed expects an integer, got ''",
+        ("images", str(src), "-o", out, "-O", "seed=1", "-O", "seed=2"): "option seed is given 2 times",
+        ("images", str(src), "-o", out, "-O", "recursive=maybe"): "option recursive expects yes/no",
         ("folders", str(src), "-o", out): "look like an image folder and its mask folder",
     }
     for args, message in cases.items():
         result = runner.invoke(app, ["data", "import", *args])
         assert result.exit_code == 1 and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
-    ok = runner.invoke(app, ["data", "import", "images", str(src), "-o", out, "--images", "Original",
-                             "--masks", "Ground Truth", "--recursive", "--fractions", "0.5,0.5,0"])  # fmt: skip
+    ok = runner.invoke(app, ["data", "import", "images", str(src), "-o", out, "-O", "images=Original",
+                             "-O", "masks=Ground Truth", "-O", "recursive=true", "-O", "fractions=0.5,0.5,0"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
     assert "splits: train=3, val=3, test=0" in ok.output and "rows written: 6" in ok.output

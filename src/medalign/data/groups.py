@@ -3,9 +3,9 @@
 A random split over frames leaks: near-identical frames of one patient or video sequence land
 in train and test, and test scores measure memory, not generalisation. The manifest's answer
 is ``patient_id``: :func:`medalign.data.manifest.assign_splits` keeps each patient in one
-split. This module fills it in from what a dataset has, a column (``--group-by``) or a
-pattern in the file name (``--group-regex``), and reports what still looks leaky:
-near-duplicate file stems (``seq1_frame003`` / ``seq1_frame004``) that sit in different splits
+split. This module fills it in from what a dataset has, a column (``--group-by``; ``-O
+group_by=`` on importers) or a pattern in the file name (``--group-regex``; ``-O group_regex=``),
+and reports what still looks leaky: near-duplicate file stems (``seq1_frame003`` / ``seq1_frame004``) that sit in different splits
 (:func:`near_duplicate_stems`) and groups that a release split spreads over several splits
 (:func:`groups_across_splits`).
 """
@@ -216,5 +216,6 @@ def format_near_duplicates(found: Sequence[NearDuplicates | str], limit: int = 5
     return (
         f"{len(found)} group(s) of near-duplicate file stems lie in more than one split: {shown}. "
         "If they are frames or slices of one patient or sequence, split by group with "
-        "--group-regex PATTERN or --group-by COLUMN (`medalign data split` and every importer take them)"
+        "`medalign data split --group-regex PATTERN` or `--group-by COLUMN` (every importer takes them as "
+        "-O group_regex=PATTERN / -O group_by=COLUMN)"
     )

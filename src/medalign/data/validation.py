@@ -354,7 +354,7 @@ def _masks_among_images(manifest: Manifest, infos: dict[str, _ImageInfo]) -> lis
             f"file stem with another image, e.g. "
             + ", ".join(f"'{mask}' ~ '{image}'" for mask, image in pairs[:3])
             + ": masks imported as images? Import an image folder with its mask folder with "
-            "`medalign data import images SRC --images DIR --masks DIR`",
+            "`medalign data import images SRC -o MANIFEST -O images=DIR -O masks=DIR`",
             "warning",
         )
         for column, pairs in flagged.items()

@@ -85,7 +85,7 @@ def test_a_mask_naming_rule_is_suggested_when_no_mask_matches(tmp_path: Path, la
     for n in range(1, 3):
         layouts.picture(tmp_path / "img" / f"p{n}.png", n)
         layouts.mask(tmp_path / "gt" / f"mask_p{n}_seg.png")
-    with pytest.raises(DatasetImportError, match=r"try --mask-prefix 'mask_' --mask-suffix '_seg'"):
+    with pytest.raises(DatasetImportError, match=r"try -O 'mask_prefix=mask_' -O 'mask_suffix=_seg'"):
         load_dataset("images", tmp_path, images="img", masks="gt")
     manifest = load_dataset(
         "images", tmp_path, images="img", masks="gt", mask_prefix="mask_", mask_suffix="_seg"
@@ -178,8 +178,8 @@ def test_header_map_drop_and_split_column(tmp_path: Path, layouts) -> None:
     assert "attr:fold" not in table.columns and "attr:patient_id" in table.columns
     report = accounted(manifest)
     assert reasons(report) == {
-        "label value '0' is in --drop-values": ["img/005.png"],
-        "its image is left out: label value '0' is in --drop-values": ["table.xlsx row 6"],
+        "label value '0' is in drop_values": ["img/005.png"],
+        "its image is left out: label value '0' is in drop_values": ["table.xlsx row 6"],
     }
     assert "first row read as the header (file, BI-RADS, fold, Patient ID)" in report["notes"][0]
     assert manifest.meta.extra["split_source"] == "column 'fold' of the label table"
@@ -223,12 +223,12 @@ def test_header_is_guessed_and_label_columns_are_asked_for(tmp_path: Path, layou
 def test_options_are_checked_with_the_nearest_name(tmp_path: Path, layouts) -> None:
     layouts.picture(tmp_path / "a.png", 1)
     with pytest.raises(
-        DatasetImportError, match=r"unknown option --mask for the 'images' importer; did you mean --masks\?"
+        DatasetImportError, match=r"unknown option 'mask' for the 'images' importer; did you mean masks\?"
     ):
         load_dataset("images", tmp_path, mask="m")
-    with pytest.raises(DatasetImportError, match="option --seed expects an integer, got 'x'"):
+    with pytest.raises(DatasetImportError, match="option seed expects an integer, got 'x'"):
         load_dataset("images", tmp_path, seed="x")
-    with pytest.raises(DatasetImportError, match="option --header must be one of auto, yes, no"):
+    with pytest.raises(DatasetImportError, match="option header must be one of auto, yes, no"):
         load_dataset("images", tmp_path, header="maybe")
     with pytest.raises(DatasetImportError, match="fractions must be >= 0 and sum to 1"):
         load_dataset("images", tmp_path, fractions=[0.5, 0.2, 0.2])

@@ -41,8 +41,8 @@ def test_an_option_of_another_importer_is_a_one_line_error(tmp_path: Path, layou
     with pytest.raises(DatasetImportError) as error:
         load_dataset("kvasir", tmp_path, images="images")  # the raw TypeError, now named
     assert str(error.value) == (
-        "unknown option --images for the 'kvasir' importer; valid options: --seed, --fractions, "
-        "--group-by, --group-regex"
+        "unknown option 'images' for the 'kvasir' importer; valid options: seed, fractions, "
+        "group_by, group_regex"
     )
     with pytest.raises(
         DatasetImportError, match=r"unknown import format 'kvasr' \(did you mean 'kvasir'\?\)"
@@ -112,8 +112,8 @@ def test_folders_refuses_an_image_folder_and_its_mask_folder(tmp_path: Path, lay
         "class folders 'Original' and 'Ground Truth' share 6 file stems and 'Ground Truth' holds masks"
         in message
     )
-    assert f"medalign data import images '{src}' --images 'Original' --masks 'Ground Truth'" in message
-    assert "--force" in message
+    assert f"medalign data import images '{src}' -o MANIFEST -O 'images=Original' -O 'masks=Ground Truth'" in message
+    assert "-O force=true" in message
     forced = load_dataset("folders", src, force=True)
     assert forced.meta.classes == {"label": ["Ground Truth", "Original"]}  # what the user asked for
 

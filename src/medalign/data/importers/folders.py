@@ -173,7 +173,7 @@ def _refuse_image_and_mask_folders(class_images: Mapping[Path, list[Path]], src:
         raise DatasetImportError(
             f"class folders '{relative_ref(images, src)}' and '{relative_ref(masks, src)}' share {len(shared)} "
             f"file stems and '{masks.name}' holds masks: they look like an image folder and its mask folder, "
-            f"not two classes. Import them with: medalign data import images '{src}' --images "
-            f"'{relative_ref(images, src)}' --masks '{relative_ref(masks, src)}' (or pass --force to "
-            "import the folders as classes anyway)"
+            f"not two classes. Import them with: medalign data import images '{src}' -o MANIFEST "
+            f"-O 'images={relative_ref(images, src)}' -O 'masks={relative_ref(masks, src)}' (or pass "
+            "-O force=true to import the folders as classes anyway)"
         )

@@ -4,28 +4,29 @@ For datasets no dedicated importer was written for (an ultrasound set with ``ima
 ``masks/`` and a header-less diagnosis table; a colonoscopy set with ``Original/`` and
 ``Ground Truth/``)::
 
-    medalign data import images SRC -o cases.csv --images Original --masks "Ground Truth"
-    medalign data import images SRC -o cases.csv --images imgs --labels diagnosis.xlsx \\
-        --header no --id-column 1 --label-columns 3 --group-by 2
+    medalign data import images SRC -o cases.csv -O images=Original -O "masks=Ground Truth"
+    medalign data import images SRC -o cases.csv -O images=imgs -O labels=diagnosis.xlsx \\
+        -O header=no -O id_column=1 -O label_columns=3 -O group_by=2
 
-Matching. An image's *key* is its path below ``--images`` without the suffix (``case7`` or,
-with ``--recursive``, ``patient3/case7``). A mask matches the image whose key is the mask's
-with ``--mask-prefix``/``--mask-suffix`` removed (``mask_case7.png`` with ``--mask-prefix
-mask_``). A label-table row matches by its id cell: the key, the key plus an image suffix, or
+(options are ``-O name=value``; here they are named without it). Matching. An image's *key*
+is its path below ``images`` without the suffix (``case7`` or, with ``recursive``,
+``patient3/case7``). A mask matches the image whose key is the mask's with
+``mask_prefix``/``mask_suffix`` removed (``mask_case7.png`` with ``mask_prefix=mask_``).
+A label-table row matches by its id cell: the key, the key plus an image suffix, or
 (recursive) the bare file stem when only one image has it.
 
-Label table (CSV, TSV, TXT or XLSX; ``--header auto|yes|no``): ``--id-column`` and
-``--label-columns`` name columns by header or by 1-based position. One label column becomes
-``label``; several become ``label:<name>``. ``--map-values`` renames values first (``1=benign``;
-``None=`` makes a value missing), then a row whose value is in ``--drop-values`` is left out
-with its image, and a value in ``--missing-values`` (default: the words tools write for a
+Label table (CSV, TSV, TXT or XLSX; ``header=auto|yes|no``): ``id_column`` and
+``label_columns`` name columns by header or by 1-based position. One label column becomes
+``label``; several become ``label:<name>``. ``map_values`` renames values first (``1=benign``;
+``None=`` makes a value missing), then a row whose value is in ``drop_values`` is left out
+with its image, and a value in ``missing_values`` (default: the words tools write for a
 missing value, ``None``, ``NA``, ``nan``, ...) is an empty, missing label: counted and listed,
-never a class. Other columns are kept as ``attr:<name>``, so ``--group-by <column>`` can make
+never a class. Other columns are kept as ``attr:<name>``, so ``group_by=<column>`` can make
 patients of them.
 
-Splits: ``--split-column`` (a column of the label table), ``--split-file`` (``<id>,<split>``
-lines), or the seeded patient-level splitter (``--fractions``, ``--seed``; stratified by the
-label when there is one). ``--group-by``/``--group-regex`` (every importer has them) redo that
+Splits: ``split_column`` (a column of the label table), ``split_file`` (``<id>,<split>``
+lines), or the seeded patient-level splitter (``fractions``, ``seed``; stratified by the
+label when there is one). ``group_by``/``group_regex`` (every importer has them) redo that
 split by patient.
 
 Nothing is dropped silently. Each input (image files, mask files, label rows, split-file rows)
@@ -137,7 +138,7 @@ def _scan(
     if subfolders:
         shown = ", ".join(sorted(subfolders)[:5]) + (", ..." if len(subfolders) > 5 else "")
         where = relative_ref(folder, src)
-        ledger.note(f"{len(subfolders)} subfolder(s) of '{where}' not searched: {shown} (pass --recursive)")
+        ledger.note(f"{len(subfolders)} subfolder(s) of '{where}' not searched: {shown} (pass -O recursive=true)")
     return found
 
 
@@ -174,17 +175,17 @@ def _index_masks(
 
 
 def _affix_hint(image_keys: Sequence[str], mask_keys: Sequence[str]) -> str:
-    """Suggest --mask-prefix/--mask-suffix from a mask name that contains an image name."""
+    """Suggest mask_prefix/mask_suffix from a mask name that contains an image name."""
     stems = sorted(image_keys, key=len, reverse=True)[:2000]
     for mask in mask_keys[:200]:
         for stem in stems:
             at = mask.find(stem)
             if at >= 0 and mask != stem:
                 prefix, suffix = mask[:at], mask[at + len(stem) :]
-                flags = " ".join(
-                    f"--mask-{n} {v!r}" for n, v in (("prefix", prefix), ("suffix", suffix)) if v
+                options = " ".join(
+                    f"-O 'mask_{n}={v}'" for n, v in (("prefix", prefix), ("suffix", suffix)) if v
                 )
-                return f"; mask {mask!r} looks like image {stem!r}: try {flags}"
+                return f"; mask {mask!r} looks like image {stem!r}: try {options}"
     return ""
 
 
@@ -246,27 +247,27 @@ def _read_label_table(
         ledger.note(
             f"label table '{path.name}': first row read as "
             + (f"the header ({', '.join(rows[0].cells)})" if has_header else "data (no header)")
-            + "; --header yes/no overrides"
+            + "; -O header=yes/no overrides"
         )
     else:
         has_header = header == "yes"
         if named and not has_header:
             raise DatasetImportError(
-                "columns are given by name, but --header no says the label table has none"
+                "columns are given by name, but header=no says the label table has none"
             )
     table = make_table(path, rows, has_header)
-    id_index = table.column(id_column, "--id-column")
-    split_index = table.column(split_column, "--split-column") if split_column else None
+    id_index = table.column(id_column, "id_column")
+    split_index = table.column(split_column, "split_column") if split_column else None
     taken = {id_index} | ({split_index} if split_index is not None else set())
     if label_columns:
-        label_indices = [table.column(c, "--label-columns") for c in label_columns]
+        label_indices = [table.column(c, "label_columns") for c in label_columns]
     else:
         label_indices = [i for i in range(table.width) if i not in taken]
         if len(label_indices) != 1:
             names = ", ".join(table.name(i) for i in range(table.width))
             raise DatasetImportError(
                 f"label table '{path.name}' has columns {names}: choose the label column(s) with "
-                "--label-columns (the other columns are kept as attr:<name>)"
+                "-O label_columns=... (the other columns are kept as attr:<name>)"
             )
     if len(label_indices) == 1:
         labels = {"label": label_indices[0]}
@@ -323,7 +324,7 @@ def _join_labels(
             raw = _cell(row, index)
             value = rules.mapping.get(raw, raw)
             if value in rules.drop:
-                case.dropped = f"{column} value {value!r} is in --drop-values"
+                case.dropped = f"{column} value {value!r} is in drop_values"
             case.labels[column] = "" if value in rules.missing else value
     for case in cases.values():
         if not case.label_row:
@@ -400,14 +401,14 @@ def import_images(
     if not src.is_dir():
         raise DatasetImportError(f"'{src}' is not a folder; the images importer reads a dataset folder")
     if split_column and split_file:
-        raise DatasetImportError("give --split-column or --split-file, not both")
+        raise DatasetImportError("give split_column or split_file, not both")
     if split_column and not labels:
-        raise DatasetImportError("--split-column names a column of the label table: give --labels too")
+        raise DatasetImportError("split_column names a column of the label table: give labels too")
     ledger = Ledger()
-    image_dir = _folder(src, images, "--images")
-    mask_dir = _folder(src, masks, "--masks") if masks is not None else None
+    image_dir = _folder(src, images, "images")
+    mask_dir = _folder(src, masks, "masks") if masks is not None else None
     if mask_dir is not None and os.path.realpath(mask_dir) == os.path.realpath(image_dir):
-        raise DatasetImportError("--images and --masks name the same folder")
+        raise DatasetImportError("the images and masks options name the same folder")
     label_path = _file(src, labels)
     split_path = _file(src, split_file)
     exclude = {os.path.realpath(p) for p in (mask_dir, label_path, split_path) if p is not None}

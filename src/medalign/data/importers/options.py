@@ -5,7 +5,7 @@ An importer is a function with keyword-only options; :func:`option_specs` turns 
 :class:`OptionSpec` objects. They serve three users with one definition:
 
 * ``medalign data formats FORMAT`` prints each option with type, default and meaning;
-* ``medalign data import FORMAT SRC --name value ...`` parses command-line words with them;
+* ``medalign data import FORMAT SRC -o OUT -O name=value ...`` parses the ``--option/-O`` values;
 * :func:`check_options` validates keyword arguments from Python, so a misspelled option is a
   one-line error naming the valid ones and the nearest match instead of a raw ``TypeError``.
 """
@@ -44,19 +44,15 @@ class OptionSpec:
     choices: tuple[str, ...] = ()
 
     @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
     def type_label(self) -> str:
         """What to type, as shown by ``data formats``."""
         labels = {
             "int": "integer",
             "float": "number",
             "str": "text",
-            "bool": f"flag ({self.flag} / --no-{self.flag[2:]})",
-            "list": "list (comma-separated, or repeat the option)",
-            "pairs": "KEY=VALUE pairs (comma-separated, or repeat the option)",
+            "bool": "true/false",
+            "list": "list (comma-separated, or repeat -O)",
+            "pairs": "KEY=VALUE pairs (comma-separated, or repeat -O)",
             "fractions": "train,val,test fractions (e.g. 0.8,0.1,0.1)",
         }
         if self.kind == "choice":
@@ -70,20 +66,22 @@ class OptionSpec:
         if self.default == "":
             return '""'
         if isinstance(self.default, bool):
-            return "on" if self.default else "off"
+            return "true" if self.default else "false"
         if isinstance(self.default, (list, tuple)):
             return ",".join(map(str, self.default)) or "none"
         return str(self.default)
 
     def parse(self, words: Sequence[str]) -> Any:
-        """Value from the command-line words given for this option (one per occurrence)."""
+        """Value from the command-line texts given for this option (one per ``-O name=...``)."""
         if self.kind in ("list", "pairs"):
-            items = [item.strip() for word in words for item in word.split(",")]
+            items = [item.strip() for word in words for item in word.strip().strip("[]").split(",")]
             if self.kind == "list":
                 return [item for item in items if item]
-            return dict(_pair(item, self.flag) for item in items if item)
+            return dict(_pair(item, self.name) for item in items if item)
         if len(words) > 1:
-            raise OptionError(f"option {self.flag} is given {len(words)} times; give it once")
+            raise OptionError(f"option {self.name} is given {len(words)} times; give it once")
+        if words[0] == "" and self.optional:
+            return None  # `-O name=` leaves an optional option unset
         return self.convert(words[0])
 
     def convert(self, value: Any) -> Any:
@@ -91,47 +89,47 @@ class OptionSpec:
         if value is None:
             if self.optional:
                 return None
-            raise OptionError(f"option {self.flag} cannot be empty ({self.type_label})")
+            raise OptionError(f"option {self.name} cannot be empty ({self.type_label})")
         kind = self.kind
         if kind in ("list", "pairs") and isinstance(value, str):
             return self.parse([value])
         if kind == "int":
-            return _integer(value, self.flag)
+            return _integer(value, self.name)
         if kind == "float":
-            return _number(value, self.flag)
+            return _number(value, self.name)
         if kind == "bool":
-            return _boolean(value, self.flag)
+            return _boolean(value, self.name)
         if kind in ("str", "choice"):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise OptionError(f"option {self.flag} expects {self.type_label}, got {value!r}")
+                raise OptionError(f"option {self.name} expects {self.type_label}, got {value!r}")
             text = str(value)
             if kind == "choice" and text not in self.choices:
                 raise OptionError(
-                    f"option {self.flag} must be one of {', '.join(self.choices)}, got {text!r}"
+                    f"option {self.name} must be one of {', '.join(self.choices)}, got {text!r}"
                     + _nearest(text, self.choices)
                 )
             return text
         if kind == "list":
             if not isinstance(value, (list, tuple)):
-                raise OptionError(f"option {self.flag} expects a list, got {value!r}")
+                raise OptionError(f"option {self.name} expects a list, got {value!r}")
             return [str(item) for item in value]
         if kind == "pairs":
             if not isinstance(value, Mapping):
-                raise OptionError(f"option {self.flag} expects KEY=VALUE pairs, got {value!r}")
+                raise OptionError(f"option {self.name} expects KEY=VALUE pairs, got {value!r}")
             return {str(k): "" if v is None else str(v) for k, v in value.items()}
-        return _fractions(value, self.flag)
+        return _fractions(value, self.name)
 
 
-def _pair(item: str, flag: str) -> tuple[str, str]:
+def _pair(item: str, name: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep:
-        raise OptionError(f"option {flag}: {item!r} is not KEY=VALUE (write KEY= to map a value to empty)")
+        raise OptionError(f"option {name}: {item!r} is not KEY=VALUE (write KEY= to map a value to empty)")
     return key.strip(), value.strip()
 
 
-def _integer(value: Any, flag: str) -> int:
+def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool):
-        raise OptionError(f"option {flag} expects an integer, got {value!r}")
+        raise OptionError(f"option {name} expects an integer, got {value!r}")
     try:
         number = float(value) if isinstance(value, str) and "." in value else value
         result = int(number)
@@ -139,19 +137,19 @@ def _integer(value: Any, flag: str) -> int:
             raise ValueError
         return result
     except (TypeError, ValueError):
-        raise OptionError(f"option {flag} expects an integer, got {value!r}") from None
+        raise OptionError(f"option {name} expects an integer, got {value!r}") from None
 
 
-def _number(value: Any, flag: str) -> float:
+def _number(value: Any, name: str) -> float:
     if isinstance(value, bool):
-        raise OptionError(f"option {flag} expects a number, got {value!r}")
+        raise OptionError(f"option {name} expects a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise OptionError(f"option {flag} expects a number, got {value!r}") from None
+        raise OptionError(f"option {name} expects a number, got {value!r}") from None
 
 
-def _boolean(value: Any, flag: str) -> bool:
+def _boolean(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -159,25 +157,25 @@ def _boolean(value: Any, flag: str) -> bool:
         return True
     if text in FALSE_WORDS:
         return False
-    raise OptionError(f"option {flag} expects yes/no (true/false), got {value!r}")
+    raise OptionError(f"option {name} expects yes/no (true/false), got {value!r}")
 
 
-def _fractions(value: Any, flag: str) -> dict[str, float]:
+def _fractions(value: Any, name: str) -> dict[str, float]:
     """``0.8,0.1,0.1``, ``[0.8, 0.1, 0.1]`` or ``train=0.8,val=0.1,test=0.1`` -> ``{split: fraction}``."""
     if isinstance(value, str):
         items = [item.strip() for item in value.strip("[] ").split(",") if item.strip()]
-        value = dict(_pair(item, flag) for item in items) if any("=" in item for item in items) else items
+        value = dict(_pair(item, name) for item in items) if any("=" in item for item in items) else items
     if isinstance(value, Mapping):
         unknown = sorted(set(map(str, value)) - set(SPLITS))
         if unknown:
-            raise OptionError(f"option {flag}: unknown split(s) {unknown}; splits are {', '.join(SPLITS)}")
-        fractions = {str(k): _number(v, flag) for k, v in value.items()}
+            raise OptionError(f"option {name}: unknown split(s) {unknown}; splits are {', '.join(SPLITS)}")
+        fractions = {str(k): _number(v, name) for k, v in value.items()}
     elif isinstance(value, (list, tuple)) and len(value) == len(SPLITS):
-        fractions = {split: _number(v, flag) for split, v in zip(SPLITS, value, strict=True)}
+        fractions = {split: _number(v, name) for split, v in zip(SPLITS, value, strict=True)}
     else:
-        raise OptionError(f"option {flag} expects three fractions for train,val,test, got {value!r}")
+        raise OptionError(f"option {name} expects three fractions for train,val,test, got {value!r}")
     if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
-        raise OptionError(f"option {flag}: fractions must be >= 0 and sum to 1, got {fractions}")
+        raise OptionError(f"option {name}: fractions must be >= 0 and sum to 1, got {fractions}")
     return fractions
 
 
@@ -230,11 +228,15 @@ def _nearest(name: str, candidates: Sequence[str]) -> str:
 
 def unknown_option_error(name: str, specs: Sequence[OptionSpec], what: str) -> OptionError:
     """One line naming the valid options and the nearest one; ``name`` as the user wrote it."""
-    flags = [s.flag for s in specs]
-    written = name if name.startswith("-") else "--" + name.replace("_", "-")
-    close = difflib.get_close_matches(written, flags, n=1, cutoff=0.5)
+    names = [s.name for s in specs]
+    close = difflib.get_close_matches(_option_key(name), names, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}? " if close else ""
-    return OptionError(f"unknown option {written} for {what}; {hint}valid options: {', '.join(flags)}")
+    return OptionError(f"unknown option {name!r} for {what}; {hint}valid options: {', '.join(names)}")
+
+
+def _option_key(name: str) -> str:
+    """``mask-prefix``, ``--mask-prefix`` and ``mask_prefix`` all name the option ``mask_prefix``."""
+    return name.strip().lstrip("-").replace("-", "_")
 
 
 def check_options(options: Mapping[str, Any], specs: Sequence[OptionSpec], what: str) -> dict[str, Any]:
@@ -242,57 +244,38 @@ def check_options(options: Mapping[str, Any], specs: Sequence[OptionSpec], what:
     by_name = {s.name: s for s in specs}
     checked = {}
     for name, value in options.items():
-        key = name.replace("-", "_")
+        key = _option_key(name)
         if key not in by_name:
             raise unknown_option_error(name, specs, what)
         checked[key] = by_name[key].convert(value)
     return checked
 
 
-def parse_option_words(words: Sequence[str], specs: Sequence[OptionSpec], what: str) -> dict[str, Any]:
-    """``--name value``, ``--name=value``, ``--flag`` / ``--no-flag`` words -> checked options."""
-    by_flag = {s.flag: s for s in specs}
-    by_flag |= {"--" + s.name: s for s in specs}
+def parse_option_pairs(pairs: Sequence[str], specs: Sequence[OptionSpec], what: str) -> dict[str, Any]:
+    """``name=value`` texts (one per ``--option/-O``) -> checked options.
+
+    A list or pairs option may be repeated (its values add up); any other option is given once.
+    ``name=`` leaves an optional option unset.
+    """
+    by_name = {s.name: s for s in specs}
     given: dict[str, list[str]] = {}
-    specs_given: dict[str, OptionSpec] = {}
-    index = 0
-    while index < len(words):
-        word = words[index]
-        index += 1
-        if not word.startswith("--") or word == "--":
-            raise OptionError(
-                f"unexpected argument {word!r}: options of {what} are written --name value after SRC"
-            )
-        flag, has_value, value = word.partition("=")
-        spec = by_flag.get(flag)
-        if spec is None and flag.startswith("--no-") and not has_value:
-            negated = by_flag.get("--" + flag[len("--no-") :])
-            if negated is not None and negated.kind == "bool":
-                given.setdefault(negated.name, []).append("false")
-                specs_given[negated.name] = negated
-                continue
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        spec = by_name.get(_option_key(name))
         if spec is None:
-            raise unknown_option_error(flag, specs, what)
-        if not has_value:
-            if spec.kind == "bool":
-                following = words[index].lower() if index < len(words) else ""
-                value = "true"
-                if following in TRUE_WORDS | FALSE_WORDS:
-                    value, index = following, index + 1
-            elif index < len(words):
-                value, index = words[index], index + 1
-            else:
-                raise OptionError(f"option {spec.flag} needs a value ({spec.type_label})")
+            raise unknown_option_error(name.strip(), specs, what)
+        if not sep:
+            example = "true" if spec.kind == "bool" else "VALUE"
+            raise OptionError(f"option {pair!r} of {what} is not name=value: write -O {spec.name}={example}")
         given.setdefault(spec.name, []).append(value)
-        specs_given[spec.name] = spec
-    return {name: specs_given[name].parse(values) for name, values in given.items()}
+    return {name: by_name[name].parse(values) for name, values in given.items()}
 
 
 def describe_options(specs: Sequence[OptionSpec]) -> list[str]:
-    """Lines for ``data formats FORMAT``: flag, type, default, then the meaning indented below."""
+    """Lines for ``data formats FORMAT``: name, type, default, then the meaning indented below."""
     lines = []
     for spec in specs:
-        lines.append(f"  {spec.flag}  {spec.type_label}; default: {spec.default_label}")
+        lines.append(f"  {spec.name}  {spec.type_label}; default: {spec.default_label}")
         lines.append(f"      {spec.help}")
     return lines
 

@@ -37,7 +37,7 @@ from medalign.data.importers.options import (
     OptionSpec,
     check_options,
     option_specs,
-    parse_option_words,
+    parse_option_pairs,
 )
 from medalign.data.manifest import Manifest, ManifestMeta, read_manifest, write_manifest
 
@@ -90,10 +90,10 @@ class ImporterSpec:
         except OptionError as err:
             raise DatasetImportError(str(err)) from err
 
-    def parse_words(self, words: list[str]) -> dict[str, Any]:
-        """Command-line words after SRC (``--masks masks --recursive``), checked."""
+    def parse_pairs(self, pairs: list[str]) -> dict[str, Any]:
+        """Command-line ``name=value`` texts (``-O masks=masks -O recursive=true``), checked."""
         try:
-            return parse_option_words(words, self.all_options, f"the {self.name!r} importer")
+            return parse_option_pairs(pairs, self.all_options, f"the {self.name!r} importer")
         except OptionError as err:
             raise DatasetImportError(str(err)) from err
 
