@@ -2,8 +2,9 @@
 
 A folder laid out as a user has it (``Original/`` and ``Ground Truth/``, here links to
 Kvasir-SEG's ``images/`` and ``masks/``) goes through the generic importer, validation and a
-short training run of the shipped recipe. Only sizes shrink (a subset of the imported rows, a
-narrow U-Net, two steps) so that the path is checked in seconds whenever the data is present.
+short training run of the shipped recipe, whose bundle then predicts a mask for one frame. Only
+sizes shrink (a subset of the imported rows, a narrow U-Net, two steps) so that the path is
+checked in seconds whenever the data is present.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def test_readme_own_data_walkthrough(real_dataset, tmp_path: Path, monkeypatch: 
     (tmp_path / "mydata" / "Ground Truth").symlink_to(kvasir.resolve() / "masks", target_is_directory=True)
     (tmp_path / "configs").symlink_to(REPO / "configs", target_is_directory=True)
     runner = CliRunner()
-    formats, imports, validate, summary, train = readme_commands()
+    formats, imports, validate, summary, train, predict = readme_commands()
 
-    assert "--masks  text; default: none" in runner.invoke(app, formats).output
+    assert "  masks  text; default: none" in runner.invoke(app, formats).output
     result = runner.invoke(app, imports)
     assert result.exit_code == 0, result.output
     assert "  image files in 'Original': 1000, imported 1000, not imported 0" in result.output
@@ -76,3 +77,6 @@ def test_readme_own_data_walkthrough(real_dataset, tmp_path: Path, monkeypatch: 
     assert (tmp_path / "runs" / "polyps" / "bundle").is_dir() and (
         tmp_path / "runs" / "polyps" / "metrics.json"
     ).is_file()
+    predicted = runner.invoke(app, predict)
+    assert predicted.exit_code == 0, predicted.output
+    assert len(list((tmp_path / "preds" / "polyps").glob("*.png"))) == 1
