@@ -229,7 +229,13 @@ def data_split(
 
         medalign data split frames.csv -o frames.split.csv --group-regex '^(?P<group>seq\\d+)_'
     """
-    from medalign.data.groups import GroupingError, format_near_duplicates, group_ids, near_duplicate_stems
+    from medalign.data.groups import (
+        GroupingError,
+        format_near_duplicates,
+        format_ungrouped,
+        group_ids,
+        near_duplicate_stems,
+    )
     from medalign.data.manifest import SPLITS, ManifestError, assign_splits, read_manifest, write_manifest
 
     try:
@@ -250,7 +256,7 @@ def data_split(
     patients = f" ({groups.nunique()} groups by {grouping.source})" if groups is not None else ""
     typer.echo(f"wrote {out}: " + ", ".join(f"{s}={int(counts.get(s, 0))}" for s in SPLITS) + patients)
     if groups is not None and grouping.ungrouped:
-        typer.echo(f"note: {len(grouping.ungrouped)} case(s) have no group and stay on their own")
+        typer.secho(f"warning: {format_ungrouped(grouping.source, grouping.ungrouped)}", fg=typer.colors.YELLOW)
     near = near_duplicate_stems(loaded.table if groups is None else loaded.table.assign(patient_id=groups.to_numpy()))
     if near:
         typer.secho(f"warning: {format_near_duplicates(near)}", fg=typer.colors.YELLOW)

@@ -1,7 +1,8 @@
 """Generated dataset layouts shared by the importer tests (a fixture: test modules import no test modules).
 
 Layouts as people have them: an ultrasound set (image folder + mask folder + header-less
-diagnosis table), a colonoscopy set (``Original/`` + ``Ground Truth/`` with GIF masks), and a
+diagnosis table), a colonoscopy set (``Original/`` + ``Ground Truth/`` with GIF masks), masks
+next to their images in patient folders (``P1/P1_3.png`` + ``P1/P1_3_mask.png``), and a
 deliberately tricky one (a header-less label table with rows for missing images, a ``None``
 category, a repeated row, an empty id, frames of one sequence with near-identical stems).
 """
@@ -54,6 +55,23 @@ class Layouts:
         for n in range(1, 7):
             Layouts.picture(root / "Original" / f"{n}.png", n)
             Layouts.mask(root / "Ground Truth" / f"{n}.gif")
+        return root
+
+    @staticmethod
+    def side_by_side(root: Path) -> Path:
+        """<patient>/<patient>_<slice>.png next to <patient>_<slice>_mask.png, as LGG and BUSI ship them.
+
+        P1_3 has no mask, P2_9_mask.png no image, and P2_1_mask_2.png (a second mask in BUSI's
+        style) is not named by the ``_mask`` rule.
+        """
+        for patient in (1, 2, 3):
+            for n in (1, 2, 3):
+                Layouts.picture(root / f"P{patient}" / f"P{patient}_{n}.png", 10 * patient + n)
+                if (patient, n) != (1, 3):
+                    Layouts.mask(root / f"P{patient}" / f"P{patient}_{n}_mask.png")
+        Layouts.mask(root / "P2" / "P2_9_mask.png")
+        Layouts.mask(root / "P2" / "P2_1_mask_2.png")
+        (root / "notes.txt").write_text("scanner B\n")
         return root
 
     @staticmethod

@@ -76,7 +76,10 @@ def test_import_prints_the_accounting_and_warnings(tmp_path: Path, layouts) -> N
         app, ["data", "split", str(out), "-o", str(tmp_path / "c.csv"), "--group-by", "2"]
     )
     assert by_column.exit_code == 0 and "groups by column 'attr:column2'" in by_column.output
-    assert "note: 3 case(s) have no group" in by_column.output
+    assert (
+        "warning: the column 'attr:column2' gives no group for 3 case(s); each stays a patient of its own: "
+        "seq1_f004, seq2_f004, seq3_f004" in by_column.output
+    )
 
 
 def test_import_errors_are_one_line(tmp_path: Path, layouts) -> None:

@@ -208,6 +208,16 @@ def groups_across_splits(table: pd.DataFrame, groups: pd.Series) -> dict[str, li
     return {str(group): splits for group, splits in spread.items() if len(splits) > 1}
 
 
+def format_ungrouped(source: str, cases: Sequence[str], limit: int = 5) -> str:
+    """One line for the cases a grouping gave no group: each stays a patient of its own.
+
+    A pattern that matches only some file names is the usual cause, and it would leave those
+    cases free to land next to their own frames in another split, so it is a warning.
+    """
+    shown = ", ".join(cases[:limit]) + (", ..." if len(cases) > limit else "")
+    return f"the {source} gives no group for {len(cases)} case(s); each stays a patient of its own: {shown}"
+
+
 def format_near_duplicates(found: Sequence[NearDuplicates | str], limit: int = 5) -> str:
     """One line: how many groups, the first few, and what to do about it."""
     shown = "; ".join(map(str, found[:limit])) + (

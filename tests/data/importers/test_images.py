@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from medalign.data.importers import DatasetImportError, import_dataset, load_dataset
+from medalign.data.importers.registry import import_warnings
 from medalign.data.manifest import Manifest, summarize
 from medalign.data.validation import errors, validate_manifest
 
@@ -81,6 +82,52 @@ def test_original_and_ground_truth_folders_with_gif_masks(tmp_path: Path, layout
     assert not problems, problems  # the GIF masks are read (first frame), binary, the right size
 
 
+def test_masks_next_to_their_images_are_told_apart_by_the_naming_rule(tmp_path: Path, layouts) -> None:
+    src = layouts.side_by_side(tmp_path / "lgg_like")
+    manifest = load_dataset(
+        "images", src, masks=".", mask_suffix="_mask", recursive=True, group_regex=r"^(P\d+)_"
+    )
+    table = manifest.table.set_index("case_id")
+    assert len(table) == 10 and table.loc["P1_P1_2", "mask"] == "P1/P1_2_mask.png"
+    assert table.loc["P1_P1_3", "mask"] == "" and table.loc["P2_P2_1_mask_2", "mask"] == ""
+    assert not table.index.str.endswith("_mask").any()  # no mask became an image
+    assert table.groupby("patient_id")["split"].nunique().max() == 1 and table["patient_id"].nunique() == 3
+    report = accounted(manifest)
+    assert [(e["input"], e["items"], e["imported"]) for e in report["inputs"]] == [
+        ("image files in '.'", 11, 10),
+        ("mask files (<stem>_mask) in '.'", 9, 8),
+    ]
+    assert reasons(report) == {
+        "not an image file (by its suffix)": ["notes.txt"],
+        "no image with this stem": ["P2/P2_9_mask.png"],
+    }
+    assert reasons(report, "incomplete", "case_id") == {"no mask": ["P1_P1_3", "P2_P2_1_mask_2"]}
+    assert any("not named <stem>_mask; imported as images: P2/P2_1_mask_2.png" in n for n in report["notes"])
+
+
+def test_one_folder_for_images_and_masks_needs_a_naming_rule(tmp_path: Path, layouts) -> None:
+    src = layouts.side_by_side(tmp_path / "lgg_like")
+    with pytest.raises(DatasetImportError, match="name the same folder: give mask_prefix or mask_suffix"):
+        load_dataset("images", src, masks=".", recursive=True)
+
+
+@pytest.mark.realdata
+def test_lgg_release_with_masks_beside_images_grouped_by_patient(real_dataset, tmp_path: Path) -> None:
+    """The LGG release as a user has it, through the generic importer: 110 patients kept whole."""
+    src = real_dataset("lgg_mri")
+    manifest = load_dataset(
+        "images", src, masks=".", mask_suffix="_mask", recursive=True, group_regex=r"^(TCGA_[A-Z0-9]+_[A-Z0-9]+)_"
+    )
+    report = accounted(manifest)
+    assert [(e["items"], e["imported"]) for e in report["inputs"]] == [(1375, 1373), (1373, 1373)]
+    assert reasons(report) == {"not an image file (by its suffix)": ["data.csv", "README.md"]}
+    table = manifest.table
+    assert (table["mask"] != "").all() and table["patient_id"].nunique() == 110
+    assert table.groupby("patient_id")["split"].nunique().max() == 1
+    assert "near_duplicate_stems_across_splits" not in manifest.meta.extra
+    assert "ungrouped_cases" not in manifest.meta.extra["groups"]
+
+
 def test_a_mask_naming_rule_is_suggested_when_no_mask_matches(tmp_path: Path, layouts) -> None:
     for n in range(1, 3):
         layouts.picture(tmp_path / "img" / f"p{n}.png", n)
@@ -138,6 +185,8 @@ def test_tricky_frames_grouped_by_regex_or_column_stay_together(tmp_path: Path, 
     grouped = by_column.table[by_column.table["attr:column2"] != ""]
     assert grouped.groupby("attr:column2")["split"].nunique().max() == 1
     assert by_column.meta.extra["groups"]["ungrouped_cases"] == ["seq1_f004", "seq2_f004", "seq3_f004"]
+    (ungrouped,) = [line for line in import_warnings(by_column.meta) if "no group" in line]
+    assert ungrouped.startswith("the column 'attr:column2' gives no group for 3 case(s)")
 
 
 def test_two_images_with_one_stem_are_an_error(tmp_path: Path, layouts) -> None:

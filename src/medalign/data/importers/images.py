@@ -12,6 +12,8 @@ For datasets no dedicated importer was written for (an ultrasound set with ``ima
 is its path below ``images`` without the suffix (``case7`` or, with ``recursive``,
 ``patient3/case7``). A mask matches the image whose key is the mask's with
 ``mask_prefix``/``mask_suffix`` removed (``mask_case7.png`` with ``mask_prefix=mask_``).
+``masks`` may name the image folder itself when masks lie next to their images
+(``case7.png`` beside ``case7_mask.png``): a file named by the rule is then a mask.
 A label-table row matches by its id cell: the key, the key plus an image suffix, or
 (recursive) the bare file stem when only one image has it.
 
@@ -65,10 +67,12 @@ from medalign.data.importers.tables import Table, TableRow, looks_like_header, m
 from medalign.data.manifest import MISSING_LABELS, ManifestMeta, new_table, relative_ref
 
 MISSING_WORDS: tuple[str, ...] = tuple(sorted(MISSING_LABELS - {""}))
+SHOWN_NAMES = 5  # file names shown in a note before "..."
 
 OPTIONS: dict[str, str] = {
     "images": "folder of the images, relative to SRC or absolute (default: SRC itself)",
-    "masks": "folder of the masks, matched to images by file stem (relative to SRC or absolute)",
+    "masks": "folder of the masks, matched to images by file stem (relative to SRC or absolute); "
+    "the image folder itself when masks lie next to their images (then mask_prefix/mask_suffix tell them apart)",
     "recursive": "also search subfolders of the image and mask folders (keys keep the subfolder)",
     "mask_prefix": "text before the image stem in a mask's name, e.g. mask_ for mask_case7.png",
     "mask_suffix": "text after the image stem in a mask's name, e.g. _mask for case7_mask.png",
@@ -113,10 +117,11 @@ def _key(path: Path, folder: Path) -> str:
     return relative_ref(path.parent / split_suffix(path.name)[0], folder)
 
 
-def _scan(
-    folder: Path, recursive: bool, exclude: set[str], src: Path, ledger: Ledger, what: str
-) -> list[Path]:
-    """Image files of ``folder``; every other file in it is skipped with its reason."""
+def _list_files(folder: Path, recursive: bool, exclude: set[str], src: Path, ledger: Ledger) -> list[Path]:
+    """Every file of ``folder`` (and, ``recursive``, of its subfolders) in natural order.
+
+    Subfolders that are not searched are noted, so a forgotten ``recursive`` shows.
+    """
     files: list[Path] = []
     subfolders: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -128,18 +133,82 @@ def _scan(
         dirnames[:] = kept
         files += [here / name for name in filenames if os.path.realpath(here / name) not in exclude]
     files.sort(key=lambda p: natural_key(p.relative_to(folder).as_posix()))
-    found = [p for p in files if is_image(p) and not _hidden(p, folder)]
-    ledger.add_input(what, f"{what[:-1]} files in '{relative_ref(folder, src)}'", len(files))
+    if subfolders:
+        shown = ", ".join(sorted(subfolders)[:5]) + (", ..." if len(subfolders) > 5 else "")
+        where = relative_ref(folder, src)
+        ledger.note(
+            f"{len(subfolders)} subfolder(s) of '{where}' not searched: {shown} (pass -O recursive=true)"
+        )
+    return files
+
+
+def _image_files(
+    files: list[Path], folder: Path, src: Path, ledger: Ledger, what: str, label: str
+) -> list[Path]:
+    """The image files among ``files``, declared as input ``what``; every other file is skipped with its reason."""
+    ledger.add_input(what, label, len(files))
     for path in files:
         if _hidden(path, folder):
             ledger.skip(what, relative_ref(path, src), "hidden file")
         elif not is_image(path):
             ledger.skip(what, relative_ref(path, src), "not an image file (by its suffix)")
-    if subfolders:
-        shown = ", ".join(sorted(subfolders)[:5]) + (", ..." if len(subfolders) > 5 else "")
-        where = relative_ref(folder, src)
-        ledger.note(f"{len(subfolders)} subfolder(s) of '{where}' not searched: {shown} (pass -O recursive=true)")
-    return found
+    return [p for p in files if is_image(p) and not _hidden(p, folder)]
+
+
+def _scan(
+    folder: Path, recursive: bool, exclude: set[str], src: Path, ledger: Ledger, what: str
+) -> list[Path]:
+    """Image files of ``folder``, which holds only ``what`` (images or masks)."""
+    files = _list_files(folder, recursive, exclude, src, ledger)
+    return _image_files(
+        files, folder, src, ledger, what, f"{what[:-1]} files in '{relative_ref(folder, src)}'"
+    )
+
+
+def _mask_core(path: Path, folder: Path, prefix: str, suffix: str) -> str | None:
+    """The image key a file named ``<prefix><image stem><suffix>`` belongs to, else None."""
+    parent, _, stem = _key(path, folder).rpartition("/")
+    if not (stem.startswith(prefix) and stem.endswith(suffix) and len(stem) > len(prefix) + len(suffix)):
+        return None
+    core = stem[len(prefix) : len(stem) - len(suffix)]
+    return f"{parent}/{core}" if parent else core
+
+
+def _scan_shared(
+    folder: Path, recursive: bool, exclude: set[str], prefix: str, suffix: str, src: Path, ledger: Ledger
+) -> tuple[list[Path], list[Path]]:
+    """(image files, mask files) of one folder that holds both (``case7.png`` next to ``case7_mask.png``).
+
+    A file named by the mask rule is a mask, even without its image (then it is listed as a mask
+    without image, never imported as an image). Images whose name holds the rule's text
+    elsewhere (``case7_mask_2.png`` for ``_mask``) stay images, and the import says so.
+    """
+    if not (prefix or suffix):
+        raise DatasetImportError(
+            "the images and masks options name the same folder: give mask_prefix or mask_suffix to tell "
+            "the masks from the images (e.g. -O mask_suffix=_mask for case7.png next to case7_mask.png)"
+        )
+    files = _list_files(folder, recursive, exclude, src, ledger)
+    named = {p for p in files if _mask_core(p, folder, prefix, suffix) is not None}
+    where = relative_ref(folder, src)
+    images = _image_files(
+        [p for p in files if p not in named], folder, src, ledger, "images", f"image files in '{where}'"
+    )
+    rule = f"{prefix}<stem>{suffix}"
+    masks = _image_files(
+        [p for p in files if p in named], folder, src, ledger, "masks", f"mask files ({rule}) in '{where}'"
+    )
+    lookalike = [
+        p for p in images if any(t and t in _key(p, folder).rpartition("/")[2] for t in (prefix, suffix))
+    ]
+    if lookalike:
+        shown = ", ".join(relative_ref(p, src) for p in lookalike[:SHOWN_NAMES])
+        more = ", ..." if len(lookalike) > SHOWN_NAMES else ""
+        ledger.note(
+            f"{len(lookalike)} file(s) hold the mask rule's text but are not named {rule}; imported as "
+            f"images: {shown}{more}"
+        )
+    return images, masks
 
 
 def _hidden(path: Path, folder: Path) -> bool:
@@ -161,13 +230,10 @@ def _index_masks(
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in files:
-        relative = _key(path, folder)
-        parent, _, stem = relative.rpartition("/")
-        if not (stem.startswith(prefix) and stem.endswith(suffix) and len(stem) > len(prefix) + len(suffix)):
+        key = _mask_core(path, folder, prefix, suffix)
+        if key is None:
             ledger.skip("masks", relative_ref(path, src), f"name is not {prefix}<image stem>{suffix}")
             continue
-        core = stem[len(prefix) : len(stem) - len(suffix)]
-        key = f"{parent}/{core}" if parent else core
         if key in found:
             raise DatasetImportError(f"two masks for the image {key!r}: '{found[key]}' and '{path}'")
         found[key] = path
@@ -252,9 +318,7 @@ def _read_label_table(
     else:
         has_header = header == "yes"
         if named and not has_header:
-            raise DatasetImportError(
-                "columns are given by name, but header=no says the label table has none"
-            )
+            raise DatasetImportError("columns are given by name, but header=no says the label table has none")
     table = make_table(path, rows, has_header)
     id_index = table.column(id_column, "id_column")
     split_index = table.column(split_column, "split_column") if split_column else None
@@ -312,7 +376,9 @@ def _join_labels(
                     f"'{table.path}' {where}: {ident!r} is described again with other values than on "
                     f"{table.where(first[key])}"
                 )
-            ledger.skip("labels", f"{where} {ident!r} (= {table.where(first[key])})", "repeats an earlier row")
+            ledger.skip(
+                "labels", f"{where} {ident!r} (= {table.where(first[key])})", "repeats an earlier row"
+            )
             continue
         first[key] = row
         case = cases[key]
@@ -407,17 +473,26 @@ def import_images(
     ledger = Ledger()
     image_dir = _folder(src, images, "images")
     mask_dir = _folder(src, masks, "masks") if masks is not None else None
-    if mask_dir is not None and os.path.realpath(mask_dir) == os.path.realpath(image_dir):
-        raise DatasetImportError("the images and masks options name the same folder")
+    shared = mask_dir is not None and os.path.realpath(mask_dir) == os.path.realpath(image_dir)
     label_path = _file(src, labels)
     split_path = _file(src, split_file)
-    exclude = {os.path.realpath(p) for p in (mask_dir, label_path, split_path) if p is not None}
-    image_index = _index_images(_scan(image_dir, recursive, exclude, src, ledger, "images"), image_dir)
+    exclude = {os.path.realpath(p) for p in (label_path, split_path) if p is not None}
+    mask_files: list[Path] = []
+    if shared:
+        image_files, mask_files = _scan_shared(
+            image_dir, recursive, exclude, mask_prefix, mask_suffix, src, ledger
+        )
+    else:
+        exclude |= {os.path.realpath(mask_dir)} if mask_dir is not None else set()
+        image_files = _scan(image_dir, recursive, exclude, src, ledger, "images")
+    image_index = _index_images(image_files, image_dir)
     if not image_index:
         raise DatasetImportError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in '{image_dir}'")
     cases = {key: _Case(key, path) for key, path in image_index.items()}
     if mask_dir is not None:
-        _pair_masks(cases, mask_dir, recursive, exclude, mask_prefix, mask_suffix, src, ledger)
+        if not shared:
+            mask_files = _scan(mask_dir, recursive, exclude, src, ledger, "masks")
+        _pair_masks(cases, mask_files, mask_dir, mask_prefix, mask_suffix, src, ledger)
     match = _IdMatcher(list(cases))
     label_names: list[str] = []
     if label_path is not None:
@@ -479,15 +554,13 @@ def _file(src: Path, value: str | None) -> Path | None:
 
 def _pair_masks(
     cases: dict[str, _Case],
+    files: list[Path],
     mask_dir: Path,
-    recursive: bool,
-    exclude: set[str],
     prefix: str,
     suffix: str,
     src: Path,
     ledger: Ledger,
 ) -> None:
-    files = _scan(mask_dir, recursive, exclude, src, ledger, "masks")
     masks = _index_masks(files, mask_dir, prefix, suffix, src, ledger)
     if masks and not any(key in cases for key in masks):
         raise DatasetImportError(

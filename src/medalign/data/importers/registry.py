@@ -28,6 +28,7 @@ from medalign.data.groups import (
     GroupingError,
     SeededSplit,
     format_near_duplicates,
+    format_ungrouped,
     group_ids,
     groups_across_splits,
     near_duplicate_stems,
@@ -219,6 +220,9 @@ def import_warnings(meta: ManifestMeta) -> list[str]:
     near = meta.extra.get("near_duplicate_stems_across_splits")
     if near:
         lines.append(format_near_duplicates(near))
+    groups = meta.extra.get("groups")
+    if isinstance(groups, Mapping) and groups.get("ungrouped_cases"):
+        lines.append(format_ungrouped(str(groups["source"]), list(groups["ungrouped_cases"])))
     spread = meta.extra.get("groups_across_splits")
     if spread:
         shown = ", ".join(f"{g} ({'/'.join(s)})" for g, s in list(spread.items())[:5])
