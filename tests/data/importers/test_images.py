@@ -234,6 +234,28 @@ def test_header_map_drop_and_split_column(tmp_path: Path, layouts) -> None:
     assert manifest.meta.extra["split_source"] == "column 'fold' of the label table"
 
 
+def test_several_label_columns_each_keep_their_classes_and_missing_values(tmp_path: Path, layouts) -> None:
+    for n in range(1, 5):
+        layouts.picture(tmp_path / f"us{n}.png", n)
+    (tmp_path / "labels.tsv").write_text(
+        "id\tBI-RADS\tPathology\tsite\nus1\t3\tbenign\tA\nus2\tNone\tmalignant\tB\nus3\t5\tNA\tA\n"
+    )
+    manifest = load_dataset("images", tmp_path, labels="labels.tsv", label_columns=["BI-RADS", "3"])
+    table = manifest.table.set_index("case_id")
+    assert [c for c in table.columns if c.startswith(("label", "attr"))] == [
+        "label:bi-rads", "label:pathology", "attr:site",
+    ]  # fmt: skip
+    assert manifest.meta.classes == {"label:bi-rads": ["3", "5"], "label:pathology": ["benign", "malignant"]}
+    assert table["label:pathology"].tolist() == ["benign", "malignant", "", ""]
+    summary = summarize(manifest)
+    assert summary["missing_labels"] == {"label:bi-rads": 2, "label:pathology": 2}
+    assert reasons(accounted(manifest), "incomplete", "case_id") == {
+        "missing label:bi-rads": ["us2"],
+        "missing label:pathology": ["us3"],
+        "no row in the label table": ["us4"],
+    }
+
+
 def test_split_file_and_images_it_does_not_list(tmp_path: Path, layouts) -> None:
     for n in range(1, 5):
         layouts.picture(tmp_path / f"x{n}.png", n)
