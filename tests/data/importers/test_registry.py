@@ -84,7 +84,9 @@ def test_a_release_split_that_separates_a_group_is_reported(tmp_path: Path, layo
     assert manifest.meta.extra["groups_across_splits"] == {"seq1": ["test", "train"]}
     assert manifest.table["split"].tolist().count("test") == 2  # the release split is kept as released
     assert import_warnings(manifest.meta) == [
-        "the release split puts 1 group(s) in several splits: seq1 (test/train)"
+        "the regex '^(seq\\d+)_' on the file names of 'image' gives no group for 2 case(s); each stays a "
+        "patient of its own: test_normal_othertest, train_normal_othertrain",
+        "the release split puts 1 group(s) in several splits: seq1 (test/train)",
     ]
 
 
