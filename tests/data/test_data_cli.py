@@ -66,7 +66,7 @@ def test_import_prints_the_accounting_and_warnings(tmp_path: Path, layouts) -> N
         app, ["data", "split", str(out), "-o", str(tmp_path / "g.csv"), "--group-regex", "^(seq\\d+)_"]
     )
     assert grouped.exit_code == 0, grouped.output
-    assert "(3 groups by regex '^(seq\\\\d+)_' on the file names of 'image')" in grouped.output
+    assert "(3 groups by regex '^(seq\\d+)_' on the file names of 'image')" in grouped.output
     assert "warning" not in grouped.output
     table = read_manifest(tmp_path / "g.csv").table
     assert table.assign(seq=table["case_id"].str[:4]).groupby("seq")["split"].nunique().max() == 1

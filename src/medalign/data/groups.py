@@ -96,7 +96,7 @@ def group_ids(
             pattern = re.compile(group_regex)
         except re.error as err:
             raise GroupingError(
-                f"group regex {group_regex!r} is not a valid regular expression: {err}"
+                f"group regex '{group_regex}' is not a valid regular expression: {err}"
             ) from err
         image = first_image_column(table)
         if image is None:
@@ -104,7 +104,7 @@ def group_ids(
         values = pd.Series(
             [_match(pattern, file_stem(ref)) if ref else "" for ref in table[image]], index=table.index
         )
-        source = f"regex {group_regex!r} on the file names of {image!r}"
+        source = f"regex '{group_regex}' on the file names of {image!r}"
     ungrouped = [str(case) for case, value in zip(ids, values, strict=True) if value == ""]
     if len(ungrouped) == len(table) and len(table):
         raise GroupingError(f"the {source} gives no group for any row (e.g. case_id {ids.iloc[0]!r})")

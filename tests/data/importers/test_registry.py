@@ -60,11 +60,11 @@ def test_grouping_redoes_a_seeded_split_by_patient(tmp_path: Path, layouts) -> N
     assert table["patient_id"].tolist() == ["0"] * 10 + ["1"] * 2
     assert table.groupby("patient_id")["split"].nunique().max() == 1
     assert grouped.meta.extra["groups"] == {
-        "source": "regex 'id(?P<group>\\\\d)' on the file names of 'image'",
+        "source": "regex 'id(?P<group>\\d)' on the file names of 'image'",
         "groups": 2,
     }
     assert grouped.meta.extra["split_source"].endswith(
-        "by regex 'id(?P<group>\\\\d)' on the file names of 'image'"
+        "by regex 'id(?P<group>\\d)' on the file names of 'image'"
     )
     assert grouped.meta.extra["importer"]["options"] == {"group_regex": r"id(?P<group>\d)"}
     with pytest.raises(DatasetImportError, match="no column 'patient' to group by"):
