@@ -120,6 +120,18 @@ def test_folders_refuses_an_image_folder_and_its_mask_folder(tmp_path: Path, lay
     assert forced.meta.classes == {"label": ["Ground Truth", "Original"]}  # what the user asked for
 
 
+def test_folders_refuses_a_folder_of_stem_mask_files_with_the_images_command(tmp_path: Path, layouts) -> None:
+    src = layouts.ultrasound(tmp_path / "us")
+    (src / "diagnosis.csv").unlink()
+    with pytest.raises(DatasetImportError) as refused:
+        load_dataset("folders", src, force=True)  # no force makes masks without images into a class
+    assert str(refused.value) == (
+        "class folder 'masks' holds only <stem>_mask files: it is a mask folder, not a class. Import images "
+        f"and masks with: medalign data import images '{src}' -o MANIFEST -O 'images=images' -O 'masks=masks' "
+        "-O mask_suffix=_mask"
+    )
+
+
 def test_folders_with_shared_stems_but_no_masks_are_classes(tmp_path: Path, layouts) -> None:
     """Numbered files in each class folder (cat/1.png, dog/1.png) are a common, legitimate layout."""
     for label, offset in (("cat", 0), ("dog", 10)):

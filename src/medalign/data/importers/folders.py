@@ -44,6 +44,7 @@ from medalign.data.groups import SeededSplit
 from medalign.data.importers.common import (
     DEFAULT_FRACTIONS,
     IMAGE_SUFFIXES,
+    MASK_STEM,
     SPLIT_ALIASES,
     check_unique_ids,
     list_files,
@@ -104,6 +105,7 @@ def import_folders(
                 continue
             images, others = list_files(class_dir, src)
             ignored += others
+            _refuse_a_mask_folder(class_dir, images, class_dirs, src)
             pairs = pair_masks(images)
             if not pairs:
                 empty.append(relative_ref(class_dir, src))
@@ -155,6 +157,31 @@ def _mask_like(files: list[Path]) -> bool:
         return all(looks_like_mask(read_image(path).array) for path in files[:SAMPLED_FILES])
     except ImageReadError:
         return False
+
+
+def _mask_stems(files: list[Path]) -> set[str]:
+    """Image stems that the ``<stem>_mask`` files among ``files`` name."""
+    found = (MASK_STEM.match(split_suffix(p.name)[0]) for p in files)
+    return {match["stem"] for match in found if match}
+
+
+def _refuse_a_mask_folder(folder: Path, files: list[Path], class_dirs: list[Path], src: Path) -> None:
+    """Refuse a "class" folder that holds only ``<stem>_mask`` files: it is the mask folder of another.
+
+    Its masks have no images beside them, so ``folders`` could not pair them anyway; the message
+    gives the ``images`` command, with the sibling folder holding most of their stems as images.
+    """
+    if not files or any(MASK_STEM.match(split_suffix(p.name)[0]) is None for p in files):
+        return
+    stems = _mask_stems(files)
+    siblings = {d: len(stems & {split_suffix(p.name)[0] for p in d.iterdir()}) for d in class_dirs if d != folder}
+    best = max(siblings, key=lambda d: siblings[d], default=None)
+    images = relative_ref(best, src) if best is not None and siblings[best] else "IMAGE_FOLDER"
+    raise DatasetImportError(
+        f"class folder '{relative_ref(folder, src)}' holds only <stem>_mask files: it is a mask folder, not a "
+        f"class. Import images and masks with: medalign data import images '{src}' -o MANIFEST "
+        f"-O 'images={images}' -O 'masks={relative_ref(folder, src)}' -O mask_suffix=_mask"
+    )
 
 
 def _refuse_image_and_mask_folders(class_images: Mapping[Path, list[Path]], src: Path) -> None:
