@@ -256,6 +256,20 @@ def test_several_label_columns_each_keep_their_classes_and_missing_values(tmp_pa
     }
 
 
+def test_table_ids_that_are_paths_match_by_their_end(tmp_path: Path, layouts) -> None:
+    src = layouts.side_by_side(tmp_path / "lgg_like")
+    (src / "grades.csv").write_text(
+        "path,grade\nlgg_like/P1/P1_1.png,2\nC:\\scans\\P2\\P2_2.png,3\nP3_3,2\nP9/P1_2.png,4\nP1/P9_1.png,4\n"
+    )
+    manifest = load_dataset(
+        "images", src, masks=".", mask_suffix="_mask", recursive=True, labels="grades.csv", label_columns=["grade"]
+    )
+    labelled = manifest.table[manifest.table["label"] != ""].set_index("case_id")["label"].to_dict()
+    # P9/P1_2.png: the folder part differs but P1_2 names one image only, so it is that image
+    assert labelled == {"P1_P1_1": "2", "P1_P1_2": "4", "P2_P2_2": "3", "P3_P3_3": "2"}
+    assert reasons(accounted(manifest))["no image with this id"] == ["grades.csv line 6 'P1/P9_1.png'"]
+
+
 def test_split_file_and_images_it_does_not_list(tmp_path: Path, layouts) -> None:
     for n in range(1, 5):
         layouts.picture(tmp_path / f"x{n}.png", n)

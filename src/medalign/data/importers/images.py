@@ -14,8 +14,9 @@ is its path below ``images`` without the suffix (``case7`` or, with ``recursive`
 ``mask_prefix``/``mask_suffix`` removed (``mask_case7.png`` with ``mask_prefix=mask_``).
 ``masks`` may name the image folder itself when masks lie next to their images
 (``case7.png`` beside ``case7_mask.png``): a file named by the rule is then a mask.
-A label-table row matches by its id cell: the key, the key plus an image suffix, or
-(recursive) the bare file stem when only one image has it.
+A label-table row matches by its id cell: the key, the key plus an image suffix, a path that
+ends in one of them (``images/case7.png``), or (recursive) the bare file stem when only one
+image has it.
 
 Label table (CSV, TSV, TXT or XLSX; ``header=auto|yes|no``): ``id_column`` and
 ``label_columns`` name columns by header or by 1-based position. One label column becomes
@@ -256,7 +257,11 @@ def _affix_hint(image_keys: Sequence[str], mask_keys: Sequence[str]) -> str:
 
 
 class _IdMatcher:
-    """Finds the image key a table id names: the key, the key with a suffix, or a unique bare stem."""
+    """Finds the image key a table id names: the key, the key with a suffix, or a unique bare stem.
+
+    Tables often hold paths (``images/case7.png``, ``D:\\scans\\case7.png``): the id's trailing
+    path components are tried too, longest first, so the folder part never has to match.
+    """
 
     def __init__(self, keys: Sequence[str]) -> None:
         self.keys = set(keys)
@@ -268,10 +273,12 @@ class _IdMatcher:
     def __call__(self, ident: str) -> str | None:
         ident = ident.replace("\\", "/").removeprefix("./")
         for candidate in (ident, strip_image_suffix(ident)):
-            if candidate in self.keys:
-                return candidate
-            if candidate in self.unique_stems:
-                return self.unique_stems[candidate]
+            parts = candidate.split("/")
+            for tail in ("/".join(parts[start:]) for start in range(len(parts))):
+                if tail in self.keys:
+                    return tail
+            if parts[-1] in self.unique_stems:
+                return self.unique_stems[parts[-1]]
         return None
 
     def known(self, ident: str) -> bool:
