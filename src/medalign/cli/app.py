@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(
     help="Import, validate, split and inspect datasets (manifests).\n\nExample:\n\n"
-    "    medalign data import busi ~/data/busi --out data/busi.csv",
+    "    medalign data import busi ~/data/busi -o data/busi.csv",
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")

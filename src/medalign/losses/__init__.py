@@ -7,6 +7,9 @@ without training dependencies.
 from __future__ import annotations
 
 from medalign.losses.contrastive import (
+    GLORIA_TEMPERATURE_AGGREGATION,
+    GLORIA_TEMPERATURE_ATTENTION,
+    GLORIA_TEMPERATURE_SCORES,
     LOSS_KINDS,
     SOFT_TARGET_MODES,
     ContrastiveLoss,
@@ -46,6 +49,9 @@ from medalign.losses.survival import (
 )
 
 __all__ = [
+    "GLORIA_TEMPERATURE_AGGREGATION",
+    "GLORIA_TEMPERATURE_ATTENTION",
+    "GLORIA_TEMPERATURE_SCORES",
     "LOSS_KINDS",
     "MMD_BANDWIDTHS",
     "SEGMENTATION_LOSS_KINDS",

@@ -41,6 +41,7 @@ from medalign.evaluation.metrics.segmentation import (
     hd95,
     nsd,
     pooled_dice,
+    worst_surface_distance,
 )
 from medalign.evaluation.metrics.survival import (
     concordance_index,
@@ -78,4 +79,5 @@ __all__ = [
     "to_numpy",
     "unit_rows",
     "without_rows",
+    "worst_surface_distance",
 ]
