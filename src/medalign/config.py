@@ -193,13 +193,10 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
-    # Fine-tuning a transferred vision tower (model.init_from; medalign.engine.tower_lr_scale):
-    # layer i of the tower's L layers trains at lr * layer_decay ** (L - i), its input embedding at
-    # lr * layer_decay ** (L + 1), everything else at lr (1 = one learning rate for all) ...
-    layer_decay: float = 1.0
-    # ... and the tower stays fixed for the first N steps while the new heads learn on its
-    # features, then warms up over warmup_steps (0 = trained from the first step)
-    tower_frozen_steps: int = 0
+    # learning rate per part of the model (medalign.param_groups): parameter-name prefix ->
+    # multiplier, e.g. {vision: 0.1}; and layer-wise decay inside a tower, e.g. {vision: 0.75}
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    layer_decay: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -406,8 +403,6 @@ def validate_ranges(config: RunConfig) -> None:
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-        (0 < config.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"),
-        (config.optim.tower_frozen_steps >= 0, "optim.tower_frozen_steps must be >= 0"),
         (
             config.optim.grad_clip is None or config.optim.grad_clip > 0,
             "optim.grad_clip must be > 0 (or null)",

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from medalign.config import OptimConfig, TrainConfig
+from medalign.param_groups import parameter_groups
 
 KILL_AT_STEP_ENV = "MEDALIGN_KILL_AT_STEP"  # fault-injection hook used by the resume tests
 CHECKPOINT_NAME = "last.ckpt"
@@ -161,57 +162,9 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-TOWER_PREFIX = "vision."
-_LAYER_INDEX = re.compile(r"\.(?:layers?|_blocks)\.(\d+)\.")
-_INPUT_SIDE = ("embed", "pre_layrnorm", "_conv_stem", "_bn0")
-
-
-def tower_lr_scale(names: list[str], layer_decay: float) -> dict[str, float]:
-    """Learning-rate multiplier of every parameter name under layer-wise decay (BEiT / MAE fine-tuning).
-
-    Parameters of the vision tower (``vision.``) with a block index (``layers.i``, ``layer.i``,
-    ``_blocks.i``) of L blocks get ``layer_decay ** (L - i)``; the tower's input side
-    (patch/position embeddings, pre-norm, CNN stem) ``layer_decay ** (L + 1)``; its output norms
-    and every other parameter (heads, projections, fusion) 1. So the layers nearest the input,
-    which transfer the most general features, move the least.
-    """
-    index = {n: int(m.group(1)) for n in names if n.startswith(TOWER_PREFIX) and (m := _LAYER_INDEX.search(n))}
-    depth = max(index.values(), default=-1) + 1
-    scales = {}
-    for name in names:
-        if name in index:
-            scales[name] = layer_decay ** (depth - index[name])
-        elif name.startswith(TOWER_PREFIX) and any(part in name for part in _INPUT_SIDE):
-            scales[name] = layer_decay ** (depth + 1)
-        else:
-            scales[name] = 1.0
-    return scales
-
-
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, logit scale/bias and other 1-D parameters.
-
-    One group per (weight decay, learning-rate multiplier, tower or not): ``lr_scale`` holds
-    the layer-wise multiplier (``tower_lr_scale``) and ``tower`` marks the vision tower's
-    groups for ``optim.tower_frozen_steps`` (``build_scheduler``).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = tower_lr_scale([n for n, _ in named], config.layer_decay)
-    grouped: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
-    for name, param in named:
-        decays = not (param.ndim < 2 or "logit" in name)
-        tower = config.tower_frozen_steps > 0 and name.startswith(TOWER_PREFIX)
-        grouped.setdefault((decays, scales[name], tower), []).append(param)
-    groups = [
-        {
-            "params": params,
-            "weight_decay": config.weight_decay if decays else 0.0,
-            "lr": config.lr * scale,
-            "lr_scale": scale,
-            "tower": tower,
-        }
-        for (decays, scale, tower), params in grouped.items()
-    ]
+    """AdamW over ``medalign.param_groups``: no decay on 1-D parameters, per-part learning rates."""
+    groups = parameter_groups(model, config.lr, config.weight_decay, config.lr_multipliers, config.layer_decay)
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:
         # One fused kernel per step instead of about ten ops per tensor (on the CPU, where
@@ -222,12 +175,6 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
-    """Linear warm-up then cosine (or constant) decay of every group's learning rate.
-
-    With ``tower_frozen_steps`` N the vision tower's groups stay at 0 for N steps and then warm
-    up over ``warmup_steps`` from there, joining the common schedule.
-    """
-
     def factor(step: int) -> float:
         if config.warmup_steps and step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -236,16 +183,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
         progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def tower_factor(step: int) -> float:
-        frozen = config.tower_frozen_steps
-        if step < frozen:
-            return 0.0
-        if config.warmup_steps and step < frozen + config.warmup_steps:
-            return min(factor(step), (step - frozen + 1) / config.warmup_steps)
-        return factor(step)
-
-    lambdas = [tower_factor if group.get("tower") else factor for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
@@ -423,7 +361,7 @@ class Engine:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                logs |= {"lr": max(scheduler.get_last_lr()), "epoch": state.epoch}
+                logs |= {"lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
                 self.fabric.log_dict({f"train/{k}": v for k, v in logs.items()}, step=state.step)
                 state.history.append({"step": state.step, **logs})
             if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
