@@ -184,9 +184,10 @@ def test_curriculum_stages_build_on_one_encoder(path: Path) -> None:
             commands = IMPORT_LINE.findall(path.read_text(encoding="utf-8"))
             assert any(f"--out {config.data.manifest}" in c for c in commands), path.name
         model = build_architecture(config)  # standalone: the chain's init_from does not exist yet
+        channels = model.vision.model.config.num_channels  # one tower input (late fusion stacks several)
         towers.append(
             (model.config.vision.kind, model.vision.hf_config_dict()["hidden_size"], model.config.image_size,
-             model.config.in_channels, model.vision.patch_size, model.vision.model.config.num_hidden_layers)
+             channels, model.vision.patch_size, model.vision.model.config.num_hidden_layers)
         )  # fmt: skip
     assert len(set(towers)) == 1, towers
     tasks = [stage_config(curriculum, stages[: i + 1]).task for i in range(len(stages))]

@@ -129,6 +129,10 @@ class PretrainLossConfig:
     contrastive_weight: float = 0.1
     temperature: float = 0.1
     views: Literal["augment", "modalities"] = "augment"
+    # which embeddings the contrastive term compares: those of the masked forward (no extra pass)
+    # or the encoder's on the whole, unmasked views (one more pass per view; CMAE-style), which
+    # trains the features a downstream model reads (medalign.tasks.pretrain)
+    contrast_on: Literal["masked", "full"] = "masked"
     # views: augment -- each view is a random resized crop keeping this fraction of the image area
     # or more (aspect 3/4..4/3), a random left-right flip and a contrast/brightness jitter of +-this.
     crop_min_scale: float = 0.35
