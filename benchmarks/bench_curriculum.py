@@ -281,9 +281,9 @@ def investigate(curriculum: Any, label: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- quickstart
 
 
-def quickstart_seed(seed: int, before: bool) -> dict[str, Any]:
-    """The quickstart's curriculum step for one seed (its phantom, its overrides), chains side by side."""
-    from medalign.curriculum import load_curriculum, run_curriculum
+def quickstart_curriculum(seed: int, before: bool) -> Any:
+    """The curriculum as the quickstart's step builds it for one seed (its phantom, its overrides)."""
+    from medalign.curriculum import load_curriculum
     from medalign.data.phantom import PhantomConfig, generate_phantom
     from medalign.quickstart import QuickstartContext, curriculum_overrides
 
@@ -294,10 +294,18 @@ def quickstart_seed(seed: int, before: bool) -> dict[str, Any]:
     ctx = QuickstartContext(folder, 480, seed, print, artifacts={"manifest": manifest})
     name = "before" if before else "after"
     overrides = [*curriculum_overrides(ctx), f"out={folder / name}", "train.progress=false", *(BEFORE if before else [])]
-    curriculum = load_curriculum(PHANTOM, overrides)
+    return load_curriculum(PHANTOM, overrides)
+
+
+def quickstart_seed(seed: int, before: bool) -> dict[str, Any]:
+    """The quickstart's curriculum step for one seed, chains side by side (plus 2-3 after the fix)."""
+    from medalign.curriculum import run_curriculum
+
+    curriculum = quickstart_curriculum(seed, before)
+    name = "before" if before else "after"
     start = time.perf_counter()
     chains = {}
-    for chain in QUICKSTART_CHAINS:
+    for chain in QUICKSTART_CHAINS if before else [*QUICKSTART_CHAINS, [2, 3]]:
         last = run_curriculum(curriculum, chain, echo=lambda *_: None)[-1]
         chains["-".join(map(str, chain))] = stage3_summary(read_metrics(last))
     result = {
