@@ -1,7 +1,7 @@
 """Does each curriculum stage pay? The HiCur-NPC chain on the phantom (quickstart and benchmark
 scale) and on LGG, why the old chain did not pay, and Stage I's label efficiency.
 
-    python benchmarks/bench_curriculum.py quickstart [--seeds 3]   # the quickstart's curriculum step, old and new
+    python benchmarks/bench_curriculum.py quickstart [--seeds 3] [--before-seeds 1]  # the quickstart's step (and the old one)
     python benchmarks/bench_curriculum.py ablation [--seeds 3]     # configs/curriculum/phantom.yaml as shipped
     python benchmarks/bench_curriculum.py lgg [--seeds 3]          # configs/curriculum/lgg.yaml: chain vs Stage III alone
     python benchmarks/bench_curriculum.py label_efficiency [--write]
@@ -332,15 +332,18 @@ def standalone_alignment(seed: int) -> dict[str, Any]:
     return stage2_summary(read_metrics(run))
 
 
-def bench_quickstart(seeds: int) -> dict[str, Any]:
+def bench_quickstart(seeds: int, before_seeds: int) -> dict[str, Any]:
     from medalign.quickstart import CURRICULUM_EPOCHS
 
-    runs = {name: [quickstart_seed(s, name == "before") for s in range(seeds)] for name in ("after", "before")}
+    runs = {
+        "after": [quickstart_seed(s, before=False) for s in range(seeds)],
+        "before": [quickstart_seed(s, before=True) for s in range(before_seeds)],
+    }
     return {
         "protocol": (
             "medalign quickstart's curriculum step (480-case phantom of the seed, 64 px, test split of "
-            "71 cases), seeds 0..N-1 as `--seed` (data and training); 'after' = today's step, 'before' = "
-            "the step before issue 20; standalone = the quickstart's alignment step"
+            "71 cases), seeds 0..N-1 as `--seed` (data and training); 'after' = today's step plus the "
+            "2-3 chain, 'before' = the step before issue 20; standalone = the quickstart's alignment step"
         ),
         "epochs": {str(k): v for k, v in CURRICULUM_EPOCHS.items()},
         "before_overrides": BEFORE,
@@ -493,6 +496,7 @@ def chain_table(runs: list[dict[str, Any]], chains: Sequence[str]) -> list[str]:
 def quickstart_blocks(data: dict[str, Any]) -> dict[str, str]:
     after, before = data["runs"]["after"], data["runs"]["before"]
     n = len(data["seeds"])
+    seeds = f"{n} seeds, mean ± sample std" if n > 1 else "one seed (0)"
     standalone = spread([r["zeroshot_accuracy"] for r in data["standalone_alignment"]])
 
     def stage_lines(runs: list[dict[str, Any]]) -> list[str]:
@@ -506,24 +510,27 @@ def quickstart_blocks(data: dict[str, Any]) -> dict[str, str]:
         ]
 
     body = [
-        f"Protocol: {data['protocol']}; {n} seeds, mean ± sample std. Epochs per stage: "
+        f"Protocol: {data['protocol']}; {seeds}. Epochs per stage: "
         + ", ".join(f"Stage {k}: {v}" for k, v in data["epochs"].items())
         + f". Machine: {data['machine']}.",
         "",
-        "**After** (the quickstart as shipped):",
+        "**After** (the quickstart as shipped, and the 2-3 chain it does not run):",
         "",
-        *chain_table(after, ["1-2-3", "1-3", "3"]),
+        *chain_table(after, ["1-2-3", "2-3", "1-3", "3"]),
         "",
         *stage_lines(after),
-        "",
-        "**Before** (the chain before issue 20, same seeds):",
-        "",
-        *chain_table(before, ["1-2-3", "1-3", "3"]),
-        "",
-        *stage_lines(before),
     ]
+    if before:
+        body += [
+            "",
+            f"**Before** (the chain before issue 20, seeds 0–{len(before) - 1}):",
+            "",
+            *chain_table(before, ["1-2-3", "1-3", "3"]),
+            "",
+            *stage_lines(before),
+        ]
     readme = [
-        f"Over seeds 0–{n - 1} (`--seed`, mean ± std; BENCHMARKS.md has the protocol) the step prints:",
+        f"Over {seeds} (`--seed`; BENCHMARKS.md has the protocol) the step's Stage III table reads:",
         "",
         *chain_table(after, ["1-2-3", "1-3", "3"]),
     ]
@@ -545,15 +552,15 @@ def audit_lines(investigation: dict[str, Any]) -> list[str]:
 
 def diagnosis_block(data: dict[str, Any]) -> str:
     after = data["runs"]["after"][0]["investigation"]
-    before = data["runs"]["before"][0]["investigation"]
+    before = data["runs"]["before"][0]["investigation"] if data["runs"]["before"] else None
+    investigated = [inv for inv in (before, after) if inv]
     lines = [
         "What each transfer starts with (seed 0; every tensor of the child model compared by name and value "
         "with the parent bundle, after `build_model` as the run calls it):",
         "",
         "| chain | transfer | parent tower tensors loaded | child tensors equal to the parent's | child's new tensors (by module) | parent's tensors not used |",
         "|---|---|---|---|---|---|",
-        *audit_lines(before),
-        *audit_lines(after),
+        *(line for inv in investigated for line in audit_lines(inv)),
         "",
         "Stage III optimiser and how far it moves the tower it was given (‖W_end − W_start‖ / ‖W_start‖, seed 0):",
         "",
@@ -562,7 +569,7 @@ def diagnosis_block(data: dict[str, Any]) -> str:
         + " |",
         "|---|---|---|---|---|---|---|" + "---|" * 4,
     ]
-    for inv in (before, after):
+    for inv in investigated:
         o, d = inv["stage3_optim"], inv["stage3_tower_drift"]
         lines.append(
             f"| {inv['chain']} | {o['lr']:g} | {o['warmup_steps']} | {o['lr_multipliers'] or '—'} | "
@@ -571,14 +578,20 @@ def diagnosis_block(data: dict[str, Any]) -> str:
             + " |"
         )
     untrained = after["untrained_stage1"]
-    s1 = {name: data["runs"][name][0]["stage1"] for name in ("before", "after")}
+    trained = {name: runs[0]["stage1"] for name, runs in data["runs"].items() if runs}
+    contrastive, spread_ = after["stage1_contrastive"], after["feature_spread"]
+
+    def both(key: str) -> str:
+        return ", ".join(f"{s[key]:.3f} {name}" for name, s in [("untrained", untrained), *trained.items()])
+
     lines += [
         "",
-        "Stage I's encoder against the same MAE before any step (seed 0, test split): a→b view retrieval R@1 "
-        f"{untrained['retrieval_r1']:.3f} untrained, {s1['before']['retrieval_r1']:.3f} before, "
-        f"{s1['after']['retrieval_r1']:.3f} after (chance {untrained['retrieval_chance']:.3f}); diagnosis linear "
-        f"probe balanced accuracy {untrained['probe_balanced_accuracy']:.3f} untrained, "
-        f"{s1['before']['probe_balanced_accuracy']:.3f} before, {s1['after']['probe_balanced_accuracy']:.3f} after.",
+        f"Stage I's encoder against the same MAE before any step (seed 0, test split): a→b view retrieval R@1 "
+        f"{both('retrieval_r1')} (chance {untrained['retrieval_chance']:.3f}); diagnosis linear probe balanced "
+        f"accuracy {both('probe_balanced_accuracy')}. Its logged InfoNCE went from {contrastive['first']:.3f} to "
+        f"{contrastive['last']:.3f} (ln batch = {contrastive['chance']:.3f}: no information about which case a "
+        f"view comes from); the pooled feature's spread across 64 test images, relative to its mean magnitude, is "
+        f"{spread_['untrained']['relative']:.3f} untrained and {spread_['stage1']['relative']:.3f} after Stage I.",
     ]
     return "\n".join(lines)
 
@@ -631,13 +644,18 @@ PARTS = ("quickstart", "ablation", "lgg")
 
 
 def blocks() -> dict[str, str]:
-    """Every block this script writes, from the committed results files alone."""
+    """Every block this script writes, from the committed results files alone.
+
+    A part renders once its results file is committed (each is a long run on 2 cores:
+    ``python benchmarks/bench_curriculum.py quickstart|ablation|lgg --seeds 3``)."""
     out: dict[str, str] = {}
-    quickstart = benchlib.load_results("bench_curriculum_quickstart")
-    out.update(quickstart_blocks(quickstart))
-    out["bench_curriculum_diagnosis"] = diagnosis_block(quickstart)
-    out["bench_curriculum_ablation"] = ablation_block(benchlib.load_results("bench_curriculum_ablation"))
-    out["bench_curriculum_lgg"] = lgg_block(benchlib.load_results("bench_curriculum_lgg"))
+    if benchlib.results_path("bench_curriculum_quickstart").is_file():
+        quickstart = benchlib.load_results("bench_curriculum_quickstart")
+        out.update(quickstart_blocks(quickstart))
+        out["bench_curriculum_diagnosis"] = diagnosis_block(quickstart)
+    for part, render in (("ablation", ablation_block), ("lgg", lgg_block)):
+        if benchlib.results_path(f"bench_curriculum_{part}").is_file():
+            out[f"bench_curriculum_{part}"] = render(benchlib.load_results(f"bench_curriculum_{part}"))
     return out
 
 
@@ -752,6 +770,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", choices=[*PARTS, "label_efficiency"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--before-seeds", type=int, default=0, help="quickstart: seeds of the pre-issue-20 chain too")
     parser.add_argument("--pretrain-epochs", type=int, default=30, help="label_efficiency")
     parser.add_argument("--steps", type=int, default=400, help="label_efficiency: downstream optimiser steps per run")
     parser.add_argument("--write", action="store_true", help="label_efficiency: write its section")
@@ -767,7 +786,10 @@ def main() -> None:
             )  # fmt: skip
         return
     start = time.perf_counter()
-    data = {"quickstart": bench_quickstart, "ablation": bench_ablation, "lgg": bench_lgg}[args.bench](args.seeds)
+    if args.bench == "quickstart":
+        data = bench_quickstart(args.seeds, args.before_seeds)
+    else:
+        data = {"ablation": bench_ablation, "lgg": bench_lgg}[args.bench](args.seeds)
     data["date"] = time.strftime("%Y-%m-%d")
     data["total_seconds"] = round(time.perf_counter() - start, 1)
     path = benchlib.save_results(f"bench_curriculum_{args.bench}", data)

@@ -214,10 +214,8 @@ def test_the_phantom_chain_is_reproducible_from_its_seed(tmp_path: Path) -> None
     for attempt in ("first", "second"):
         run = _cli("train", "--config", str(config), "--stages", "1,2,3", "--out", str(tmp_path / attempt), *tiny)
         assert run.returncode == 0, run.stderr[-2000:]
-        metrics.append(
-            {stage: json.loads((tmp_path / attempt / stage / "metrics.json").read_text())
-             for stage in ("stages_1", "stages_1-2", "stages_1-2-3")}  # fmt: skip
-        )
+        stages = ("stages_1", "stages_1-2", "stages_1-2-3")
+        metrics.append({stage: json.loads((tmp_path / attempt / stage / "metrics.json").read_text()) for stage in stages})
     for stage, first in metrics[0].items():
         second = metrics[1][stage]
         first.pop("train"), second.pop("train")  # wall-clock seconds differ
