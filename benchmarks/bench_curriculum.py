@@ -127,11 +127,11 @@ def stage3_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def spread(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and sample std (n - 1) over seeds, the values kept."""
+    """Mean and sample std (n - 1) over seeds, the values kept; one value has no std (None)."""
     floats = [float(v) for v in values if v is not None]
     return {
         "mean": statistics.fmean(floats) if floats else None,
-        "std": statistics.stdev(floats) if len(floats) > 1 else 0.0,
+        "std": statistics.stdev(floats) if len(floats) > 1 else None,
         "values": list(values),
     }
 
@@ -478,6 +478,8 @@ def bench_lgg(seeds: int) -> dict[str, Any]:
 def _pm(stats: dict[str, Any], digits: int = 3) -> str:
     if stats["mean"] is None:
         return "—"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
@@ -558,7 +560,7 @@ def diagnosis_block(data: dict[str, Any]) -> str:
         "What each transfer starts with (seed 0; every tensor of the child model compared by name and value "
         "with the parent bundle, after `build_model` as the run calls it):",
         "",
-        "| chain | transfer | parent tower tensors loaded | child tensors equal to the parent's | child's new tensors (by module) | parent's tensors not used |",
+        "| chain | transfer | parent tower tensors loaded | child tensors equal to the parent's | child's tensors not from the parent (by module) | parent's tensors not used |",
         "|---|---|---|---|---|---|",
         *(line for inv in investigated for line in audit_lines(inv)),
         "",
