@@ -62,7 +62,11 @@ IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db"})
 @register_importer(
     "lgg",
     "LGG brain MRI (Buda et al.): pre/FLAIR/post channels as modalities, FLAIR masks, data.csv labels",
-    {"clinical": 'per-patient clinical CSV in SRC ("" imports images and masks without labels)', **seeded_split_help()},
+    {
+        "clinical": 'per-patient clinical CSV in SRC ("" imports images and masks without labels)',
+        "record_text": "true: a text column with the patient's data.csv record (never death or grade) for alignment",
+        **seeded_split_help(),
+    },
 )
 def import_lgg(
     src: Path,
