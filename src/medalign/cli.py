@@ -560,7 +560,7 @@ def eval_segment(
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 (undefined cases listed) and NSD.
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 and NSD over every image.
 
     Example:
 
