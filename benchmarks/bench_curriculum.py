@@ -649,7 +649,9 @@ def blocks() -> dict[str, str]:
     """Every block this script writes, from the committed results files alone.
 
     A part renders once its results file is committed (each is a long run on 2 cores:
-    ``python benchmarks/bench_curriculum.py quickstart|ablation|lgg --seeds 3``)."""
+    ``python benchmarks/bench_curriculum.py quickstart|ablation|lgg --seeds 3``); its markers
+    go into the docs with it (quickstart: ``readme_curriculum_quickstart`` in README.md,
+    ``bench_curriculum_quickstart`` and ``bench_curriculum_diagnosis`` in BENCHMARKS.md)."""
     out: dict[str, str] = {}
     if benchlib.results_path("bench_curriculum_quickstart").is_file():
         quickstart = benchlib.load_results("bench_curriculum_quickstart")
