@@ -613,7 +613,12 @@ def predict_segment(
     ],
     out: Annotated[Path, typer.Option(help="Mask to write (.png, or .nii/.nii.gz).")],
     text: Annotated[
-        str | None, typer.Option(help="Prompt naming what to segment (text-guided models).")
+        str | None,
+        typer.Option(help="Prompt naming what to segment (text-guided models; '' = no prompt)."),
+    ] = None,
+    attribute: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VALUE finding of an attribute-guided model (C2FVL); repeat per attribute."),
     ] = None,
     overlay_path: Annotated[Path | None, typer.Option("--overlay", help="Also write an overlay PNG.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
@@ -622,7 +627,8 @@ def predict_segment(
         bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")
     ] = False,
 ) -> None:
-    """Segment one image of any size (sliding windows at the training size).
+    """Segment one image of any size (sliding windows at the training size; a prompt-guided
+    model sees the whole image at its training size, as ``medalign eval segment`` does).
 
     Example:
 
@@ -634,8 +640,13 @@ def predict_segment(
 
     loaded = load_bundle(model)
     try:
+        findings = _parse_attributes(attribute) if attribute else None
+        if findings is not None and not getattr(loaded, "takes_attributes", False):
+            raise ValueError(f"this {loaded.config.arch} model takes no attributes")
         pixels = load_input(image, loaded.config.in_channels)
-        probabilities = predict_probabilities(loaded, pixels, text=text, flip_tta=tta, bf16=bf16)
+        probabilities = predict_probabilities(
+            loaded, pixels, text=text, attributes=findings, flip_tta=tta, bf16=bf16
+        )
     except ValueError as err:
         raise _fail(str(err)) from err
     mask = probabilities > threshold
@@ -643,6 +654,17 @@ def predict_segment(
     if overlay_path:
         overlay(pixels, mask).save(overlay_path)
     typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size}")
+
+
+def _parse_attributes(pairs: list[str]) -> dict[str, str]:
+    """``["side=left", "zone=lower"]`` -> ``{"side": "left", "zone": "lower"}``."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--attribute {pair!r} is not NAME=VALUE")
+        found[name.strip()] = value.strip()
+    return found
 
 
 @index_app.command("build")

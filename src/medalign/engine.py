@@ -162,15 +162,30 @@ class TrainState:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, logit scale/bias and other 1-D parameters."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases, norms, logit scale/bias and other 1-D parameters.
+
+    ``config.lr_scales`` multiplies the learning rate of the parameters whose name starts with
+    a prefix (the longest matching prefix wins); a prefix that matches no trainable parameter
+    is an error, so a misspelt name cannot silently train everything at the base rate.
+    """
+    prefixes = sorted(config.lr_scales, key=len, reverse=True)
+    used: set[str] = set()
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "logit" in name else decay).append(param)
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        scale = 1.0
+        if prefix is not None:
+            used.add(prefix)
+            scale = config.lr_scales[prefix]
+        buckets.setdefault((param.ndim < 2 or "logit" in name, scale), []).append(param)
+    unused = sorted(set(prefixes) - used)
+    if unused:
+        raise ValueError(f"optim.lr_scales prefixes {unused} match no trainable parameter of the model")
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": 0.0 if exempt else config.weight_decay, "lr": config.lr * scale}
+        for (exempt, scale), params in sorted(buckets.items(), key=lambda item: item[0])
     ]
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:

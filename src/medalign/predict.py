@@ -378,21 +378,32 @@ class Predictor:
 
     # -- segmentation -----------------------------------------------------------------------------
 
-    def segment(self, image: Any, text: str | Sequence[str] | None = None, *, overlap: float = 0.25) -> Any:
+    def segment(
+        self,
+        image: Any,
+        text: str | Sequence[str] | None = None,
+        *,
+        attributes: dict[str, str] | Sequence[dict[str, str]] | None = None,
+        overlap: float = 0.25,
+    ) -> Any:
         """Foreground probability map ``[H, W]`` at the source image's size (a list: one per image).
 
         Images of any size work: sliding windows of the training size (``medalign.inference``).
-        ``text`` is the prompt of a text-guided model (one per image for a list). Fusion bundles
-        take a dict ``{modality: image}``; modalities left out are treated as missing.
+        ``text`` is the prompt of a text-guided model, ``attributes`` the findings of an
+        attribute-guided one (``{"side": "left", "zone": "lower"}``); each is one per image for
+        a list. A prompt-guided model sees the whole image at its training size, as ``medalign
+        eval segment`` does, and the empty prompt ``""`` asks it for what it predicts without
+        one. Fusion bundles take a dict ``{modality: image}``; modalities left out are treated
+        as missing.
         """
         self._require("segment", ("segmentation", "fusion"))
         if self.kind == "fusion" and self.model.config.task_head != "segment":
             raise PredictorError("this fusion bundle has a classification head; use classify()")
-        needs_text = bool(getattr(self.model, "needs_text", False))
-        if text is not None and not needs_text:
-            raise PredictorError(
-                f"this {self.model.config.arch} model is not text-guided; call it without text"
-            )
+        arch = self.model.config.arch
+        if text is not None and not getattr(self.model, "needs_text", False):
+            raise PredictorError(f"this {arch} model is not text-guided; call it without text")
+        if attributes is not None and not getattr(self.model, "takes_attributes", False):
+            raise PredictorError(f"this {arch} model takes no attributes; call it without them")
         if isinstance(image, Mapping):
             lists = {name: image_list(value) for name, value in image.items()}
             if len({len(v) for v in lists.values()}) != 1:
@@ -406,10 +417,20 @@ class Predictor:
         texts = [text] * len(cases) if text is None or isinstance(text, str) else list(text)
         if len(texts) != len(cases):
             raise PredictorError(f"{len(texts)} prompts for {len(cases)} images")
-        maps = [self._segment_one(case, prompt, overlap) for case, prompt in zip(cases, texts, strict=True)]
+        findings = (
+            [attributes] * len(cases) if attributes is None or isinstance(attributes, Mapping) else list(attributes)
+        )
+        if len(findings) != len(cases):
+            raise PredictorError(f"{len(findings)} attribute sets for {len(cases)} images")
+        maps = [
+            self._segment_one(case, prompt, found, overlap)
+            for case, prompt, found in zip(cases, texts, findings, strict=True)
+        ]
         return maps[0] if single else maps
 
-    def _segment_one(self, image: Any, text: str | None, overlap: float) -> np.ndarray:
+    def _segment_one(
+        self, image: Any, text: str | None, attributes: dict[str, str] | None, overlap: float
+    ) -> np.ndarray:
         from medalign.inference import predict_probabilities
 
         model: nn.Module = self.model
@@ -425,7 +446,7 @@ class Predictor:
             pixels = torch.cat(list(batch.values()), dim=1)
         else:
             pixels = self._single_input_native(image)
-        return predict_probabilities(model, pixels, text=text, overlap=overlap)
+        return predict_probabilities(model, pixels, text=text, attributes=attributes, overlap=overlap)
 
     def _single_input_native(self, image: Any) -> torch.Tensor:
         """``[1, C, H, W]`` at the source size (no resize) for the sliding-window inferer."""

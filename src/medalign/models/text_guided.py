@@ -1,0 +1,549 @@
+"""Text-guided segmentation (LViT / C2FVL): the prompt decides which structure is the target.
+
+``TextGuidedSegmenter`` (registry names ``text_guided`` and, for recipes written before it,
+``text_unet``) is a U-Net whose encoder and decoder exchange information with the prompt's
+word features at several scales. The design answers one question: how can a model be made
+unable to ignore its text? What it takes, each measured on the phantom's lesion prompts
+(BENCHMARKS.md, "Text-guided segmentation"):
+
+* **Words, not a sentence vector.** The frozen MiniLM mean-pooled embeddings of "... right
+  lower zone" and "... left lower zone" have cosine 0.985: a pooled vector hides the one word
+  that matters. Every fusion block attends to the projected *token* features.
+* **Positions on the image side.** Prompts name places ("left", "lower zone"); an image
+  position can only match such a word if it knows where it is. Image features entering a fusion
+  block get a fixed 2D sinusoidal encoding of their position as a fraction of the image side
+  (so it means the same at every scale and resolution), mixed by a learned linear layer.
+* **Interaction at several scales, both ways.** Encoder stages (LViT's two branches): image
+  positions attend to the words (text -> image) and the words attend back to the image
+  (image -> text), so the word features carry on to deeper stages informed by what the image
+  shows. Decoder stages (GuideDecoder-style): image positions attend to the updated words.
+  Each text -> image update is a position-wise FiLM (``x * (1 + scale) + shift``), so the
+  prompt can suppress a structure as well as add to it; a learned null token lets a position
+  attend to nothing.
+* **A text tower that can adapt**: ``text_trainable_layers`` unfreezes the top transformer
+  layers of the pretrained tower (give them their own learning rate with
+  ``optim.lr_scales: {"text.": 0.1}``).
+* **C2FVL's structured attributes** as an alternative (or additional) context: one learned
+  embedding per (attribute, value), unknown values masked out.
+
+With neither text nor attributes the same network is the image-only control of a
+comparison (``text=None``): the fusion blocks are not built and nothing else changes.
+
+``LegacyTextUNet`` is the former ``text_unet`` (FiLM from the pooled text plus cross-attention
+without positions, three decoder stages). It is kept only so that bundles saved with it still
+load (their config says ``arch: text_unet``); new models cannot be built from it by name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medalign.models.registry import register_model
+from medalign.models.segmentation import (
+    ConvBlock,
+    SegmentationModel,
+    _apply_film,
+    _film,
+    _SegConfig,
+    register_segmentation_arch,
+)
+from medalign.models.towers import MINILM_TEXT, TowerConfig, build_text_tower
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_attributes(vocab: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    if vocab is None:
+        return None
+    vocab = {str(k): [str(v) for v in vs] for k, vs in vocab.items()}
+    empty = [k for k, vs in vocab.items() if not vs]
+    if empty:
+        raise ValueError(f"attributes without values: {empty}")
+    return vocab
+
+
+@dataclass
+class TextGuidedConfig(_SegConfig):
+    """A text-guided U-Net; see the module docstring for what each part is for.
+
+    Scales count 2x downsamplings: encoder stage ``i`` works at stride ``2**i`` (0 = full
+    resolution, ``depth`` = the bottleneck); decoder stage ``s`` outputs stride ``2**(depth-1-s)``.
+    """
+
+    arch: str = "text_guided"
+    text: TowerConfig | None = field(default_factory=lambda: MINILM_TEXT.replace())
+    # C2FVL's structured findings, e.g. {"side": ["left", "right"], "zone": [...]}: column i of
+    # ``attributes`` indexes the values of the i-th key (negative = unknown, masked out).
+    attributes_vocab: dict[str, list[str]] | None = None
+    base_width: int = 32  # encoder widths base * (1, 2, 4, ..., 2**depth)
+    depth: int = 4  # number of 2x downsamplings
+    context_dim: int = 128  # width of the word/attribute tokens and of the attention
+    num_heads: int = 4
+    encoder_fusion: list[int] = field(default_factory=lambda: [2, 3, 4])  # encoder stages (strides 4, 8, 16)
+    decoder_fusion: list[int] = field(default_factory=lambda: [0, 1, 2])  # decoder stages, 0 = coarsest
+    positional: bool = True  # 2D sinusoidal positions on the image side of every fusion block
+    text_trainable_layers: int = 0  # top layers of the text tower that train (-1: all, 0: frozen)
+    side_outputs: bool = False  # C2FVL's coarse-to-fine deep supervision
+    max_text_length: int = 64
+
+    _towers: ClassVar[tuple[str, ...]] = ("text",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.attributes_vocab = _check_attributes(self.attributes_vocab)
+        self.encoder_fusion = sorted({int(s) for s in self.encoder_fusion})
+        self.decoder_fusion = sorted({int(s) for s in self.decoder_fusion})
+        if any(not 0 <= s <= self.depth for s in self.encoder_fusion):
+            raise ValueError(
+                f"encoder_fusion stages must lie in [0, {self.depth}], got {self.encoder_fusion}"
+            )
+        if any(not 0 <= s < self.depth for s in self.decoder_fusion):
+            raise ValueError(
+                f"decoder_fusion stages must lie in [0, {self.depth}), got {self.decoder_fusion}"
+            )
+        if self.context_dim % self.num_heads or self.context_dim % 4:
+            raise ValueError(
+                f"context_dim {self.context_dim} must be divisible by num_heads {self.num_heads} and by 4"
+            )
+        if self.image_size % 2**self.depth:
+            raise ValueError(f"image_size must be divisible by 2**depth = {2**self.depth}")
+        if self.text_trainable_layers < -1:
+            raise ValueError(f"text_trainable_layers must be >= -1, got {self.text_trainable_layers}")
+
+    @property
+    def conditioned(self) -> bool:
+        """False for the image-only control (no text tower and no attributes)."""
+        return self.text is not None or bool(self.attributes_vocab)
+
+
+@dataclass
+class LegacyTextUNetConfig(_SegConfig):
+    """The former ``text_unet`` config, read from bundles saved before ``text_guided``."""
+
+    arch: str = "text_unet"
+    text: TowerConfig | None = field(default_factory=lambda: MINILM_TEXT.replace())
+    attributes_vocab: dict[str, list[str]] | None = None
+    base_width: int = 32
+    depth: int = 4
+    context_dim: int = 128
+    num_heads: int = 4
+    fuse_scales: list[int] = field(default_factory=lambda: [0, 1, 2])
+    side_outputs: bool = False
+    freeze_text: bool = True
+    max_text_length: int = 64
+
+    _towers: ClassVar[tuple[str, ...]] = ("text",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.text is None and not self.attributes_vocab:
+            raise ValueError("text_unet needs a text tower, attributes_vocab, or both")
+        self.attributes_vocab = _check_attributes(self.attributes_vocab)
+        self.fuse_scales = sorted({int(s) for s in self.fuse_scales})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+FILM_INIT = float(__import__("os").environ.get("FILM_INIT", "0.1"))
+
+
+def sinusoidal_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
+    """``[height * width, dim]`` sin/cos features of each pixel's (y, x) as a fraction of the side.
+
+    A quarter of the channels per (axis, sin|cos); frequencies from 0.5 cycle per image (whose
+    cosine runs monotonically from one border to the other, so "left" and "right" differ in
+    sign) up to ``dim / 8`` cycles. Fractions, not pixel indices: the encoding of "the right
+    lower part" is the same at every scale of the network and at every input resolution.
+    """
+    n = dim // 4
+    freqs = 0.5 * torch.logspace(0, math.log10(max(dim / 4, 1.0)), n, device=device)
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    ay = math.pi * ys[:, None] * freqs  # [H, n]
+    ax = math.pi * xs[:, None] * freqs  # [W, n]
+    fy = torch.cat([ay.sin(), ay.cos()], dim=-1)[:, None, :].expand(height, width, 2 * n)
+    fx = torch.cat([ax.sin(), ax.cos()], dim=-1)[None, :, :].expand(height, width, 2 * n)
+    return torch.cat([fy, fx], dim=-1).reshape(height * width, 4 * n)
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on ``[B, N, D]`` inputs; ``mask`` [B, M] keeps keys."""
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (query, key, value))
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class TextImageFusion(nn.Module):
+    """One exchange between a feature map and the context tokens.
+
+    text -> image: every position (its feature plus its 2D position encoding) attends to the
+    tokens and a learned null token; the result gives a position-wise scale and shift of the
+    feature map. image -> text (``update_text``): every token attends to the positions and is
+    updated by a residual MLP, so later blocks read words that have seen the image.
+    """
+
+    def __init__(self, channels: int, dim: int, heads: int, *, positional: bool, update_text: bool) -> None:
+        super().__init__()
+        self.heads, self.positional = heads, positional
+        self.norm = nn.GroupNorm(1, channels)
+        self.image_in = nn.Linear(channels, dim)
+        self.position = nn.Linear(dim, dim) if positional else None
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.null = nn.Parameter(torch.zeros(1, 1, dim))
+        self.to_film = nn.Linear(dim, 2 * channels)
+        with torch.no_grad():  # start near the identity: the prompt's effect grows as it is learned
+            self.to_film.weight.mul_(FILM_INIT)
+            self.to_film.bias.zero_()
+        self.text_block: nn.ModuleDict | None = None
+        if update_text:
+            self.text_block = nn.ModuleDict(
+                {
+                    "norm": nn.LayerNorm(dim),
+                    "q": nn.Linear(dim, dim),
+                    "kv": nn.Linear(dim, 2 * dim),
+                    "out": nn.Linear(dim, dim),
+                    "mlp": nn.Sequential(
+                        nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+                    ),
+                }
+            )
+            for last in (self.text_block["out"], self.text_block["mlp"][-1]):  # residuals start at zero:
+                nn.init.zeros_(last.weight)  # the words reach later blocks unchanged until the image
+                nn.init.zeros_(last.bias)  # has something useful to add to them
+
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.shape
+        image = self.image_in(self.norm(x).flatten(2).transpose(1, 2))  # [B, HW, D]
+        if self.position is not None:
+            image = image + self.position(sinusoidal_2d(h, w, image.shape[-1], x.device).to(image.dtype))
+        keys = torch.cat([self.null.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
+        valid = torch.cat([mask.new_ones(b, 1), mask], dim=1)
+        k, v = self.kv(keys).chunk(2, dim=-1)
+        read = _attend(self.q(image), k, v, self.heads, valid)  # [B, HW, D]
+        scale, shift = self.to_film(read).transpose(1, 2).reshape(b, 2 * c, h, w).chunk(2, dim=1)
+        x = x * (1 + scale) + shift
+        if self.text_block is not None:
+            t = self.text_block
+            k, v = t["kv"](image).chunk(2, dim=-1)
+            tokens = tokens + t["out"](_attend(t["q"](t["norm"](tokens)), k, v, self.heads, None))
+            tokens = tokens + t["mlp"](tokens)
+        return x, tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class ContextEncoder(nn.Module):
+    """Prompt words and/or attribute values -> ``(tokens [B, L, D], valid [B, L])``."""
+
+    def __init__(
+        self,
+        text: TowerConfig | None,
+        attributes_vocab: dict[str, list[str]] | None,
+        dim: int,
+        owner: SegmentationModel,
+    ) -> None:
+        super().__init__()
+        self.text = build_text_tower(text) if text is not None else None
+        self.text_proj = nn.Linear(self.text.hidden_size, dim) if self.text is not None else None
+        vocab = attributes_vocab or {}
+        self.attr_names = list(vocab)
+        sizes = [len(v) for v in vocab.values()]
+        self.attr_embed = nn.Embedding(sum(sizes), dim) if sizes else None
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.register_buffer("attr_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("attr_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
+        self.norm = nn.LayerNorm(dim)
+        self._owner = [owner]  # for its error messages' arch name; a list keeps it out of the module tree
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        attributes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        arch = self._owner[0].config.arch
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if input_ids is not None:
+            if self.text is None or self.text_proj is None:
+                raise ValueError(f"this {arch} model has no text tower; pass attributes instead")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            _, words = self.text(input_ids, attention_mask)
+            parts.append((self.text_proj(words), attention_mask.bool()))
+        if attributes is not None:
+            if self.attr_embed is None:
+                raise ValueError(f"this {arch} model has no attributes_vocab; pass input_ids instead")
+            if attributes.shape[-1] != len(self.attr_names):
+                raise ValueError(f"attributes must have {len(self.attr_names)} columns {self.attr_names}")
+            if (attributes >= self.attr_sizes).any():
+                raise ValueError(
+                    f"attribute index out of range; sizes per attribute: {self.attr_sizes.tolist()}"
+                )
+            ids = (attributes.clamp(min=0) + self.attr_offsets).long()
+            parts.append((self.attr_embed(ids), attributes >= 0))
+        if not parts:
+            raise ValueError(f"{arch} is prompt-guided: pass input_ids (see model.tokenize) or attributes")
+        tokens = self.norm(torch.cat([t for t, _ in parts], dim=1))
+        return tokens, torch.cat([m for _, m in parts], dim=1)
+
+
+def encode_attribute_rows(vocab: dict[str, list[str]], rows: list[dict[str, str | None]]) -> torch.Tensor:
+    """``[{"side": "left", ...}, ...]`` -> ``[B, n_attr]`` value indices; missing or empty = -1.
+
+    A value outside the vocabulary is an error naming the attribute and the known values.
+    """
+    out = []
+    for row in rows:
+        line = []
+        for name, values in vocab.items():
+            value = row.get(name)
+            if value is None or value == "":
+                line.append(-1)
+            elif value not in values:
+                raise ValueError(f"attribute {name}={value!r} is not in the model's vocabulary {values}")
+            else:
+                line.append(values.index(value))
+        out.append(line)
+    return torch.tensor(out, dtype=torch.long).reshape(len(rows), len(vocab))
+
+
+class _UNetSkeleton(SegmentationModel):
+    """The conv U-Net both text-guided architectures share; subclasses act between its stages.
+
+    ``_encoder_stage(i, x, state)`` runs after encoder stage ``i`` (stride ``2**i``, ``depth`` =
+    the bottleneck) and ``_decoder_stage(s, x, state)`` after decoder stage ``s`` (0 = coarsest);
+    both return the (possibly changed) feature map and may update ``state``, the forward pass's
+    own dict (the context tokens travel in it). Parameter names are those of the former
+    ``text_unet``, so its bundles load unchanged.
+    """
+
+    config: Any
+
+    def _build_unet(self, c: Any) -> list[tuple[int, int]]:
+        """Encoder, decoder, head and side heads; returns the decoder's (in, out) widths."""
+        self.widths = [c.base_width * 2**i for i in range(c.depth + 1)]
+        widths = self.widths
+        self.stem = ConvBlock(c.in_channels, widths[0])
+        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(c.depth))
+        dec = [(widths[c.depth - s], widths[c.depth - s - 1]) for s in range(c.depth)]
+        self.up = nn.ModuleList(nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in dec)
+        self.merge = nn.ModuleList(ConvBlock(2 * cout, cout) for _, cout in dec)
+        self.head = nn.Conv2d(widths[0], c.num_classes, 1)
+        # side outputs: bottleneck, then every decoder stage but the last (its logits are the output)
+        side_widths = [widths[c.depth]] + [cout for _, cout in dec[:-1]]
+        self.side_heads = (
+            nn.ModuleList(nn.Conv2d(w, c.num_classes, 1) for w in side_widths) if c.side_outputs else None
+        )
+        return dec
+
+    def _encoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return x
+
+    def _decoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return x
+
+    def _run_unet(self, pixel_values: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        self._check_pixels(pixel_values, 2**self.config.depth)
+        skips = [self._encoder_stage(0, self.stem(pixel_values), state)]
+        for i, down in enumerate(self.down, start=1):
+            skips.append(self._encoder_stage(i, down(F.max_pool2d(skips[-1], 2)), state))
+        x = skips.pop()  # bottleneck
+        side = [x]
+        for s, (up, merge) in enumerate(zip(self.up, self.merge, strict=True)):
+            x = self._decoder_stage(s, merge(torch.cat([up(x), skips.pop()], dim=1)), state)
+            side.append(x)
+        side_logits = (
+            [head(f) for head, f in zip(self.side_heads, side[:-1], strict=True)] if self.side_heads else []
+        )
+        return {"logits": self.head(x), "side_logits": side_logits}
+
+    def encode_attributes(self, rows: list[dict[str, str | None]]) -> torch.Tensor:
+        """``[{"side": "left", ...}, ...]`` -> ``attributes [B, n_attr]`` on the model's device."""
+        return encode_attribute_rows(self.config.attributes_vocab or {}, rows).to(self.head.weight.device)
+
+    @property
+    def takes_attributes(self) -> bool:
+        return bool(self.config.attributes_vocab)
+
+
+class TextGuidedSegmenter(_UNetSkeleton):
+    """A conv U-Net steered by a prompt or by structured attributes (see the module docstring)."""
+
+    def __init__(self, config: TextGuidedConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        dec = self._build_unet(c)
+        self.context: ContextEncoder | None = None
+        self.encoder_fusion = nn.ModuleDict()
+        self.decoder_fusion = nn.ModuleDict()
+        if c.conditioned:
+            self.context = ContextEncoder(c.text, c.attributes_vocab, c.context_dim, self)
+            last = max(c.encoder_fusion, default=-1)
+            for i in c.encoder_fusion:  # the last encoder block has no later block to pass words to
+                self.encoder_fusion[str(i)] = TextImageFusion(
+                    self.widths[i], c.context_dim, c.num_heads, positional=c.positional, update_text=i < last
+                )
+            for s in c.decoder_fusion:
+                self.decoder_fusion[str(s)] = TextImageFusion(
+                    dec[s][1], c.context_dim, c.num_heads, positional=c.positional, update_text=False
+                )
+        self.text = self.context.text if self.context is not None else None
+        if self.text is not None:
+            self._set_text_trainable(c.text_trainable_layers)
+
+    def _set_text_trainable(self, layers: int) -> None:
+        """Freeze the text tower except its top ``layers`` transformer layers (-1: train all)."""
+        from medalign.models.adapters import transformer_layers
+
+        assert self.text is not None
+        if layers == -1:
+            return
+        self._freeze(self.text)
+        if layers == 0:
+            return
+        blocks = transformer_layers(self.text.model)
+        if layers > len(blocks):
+            raise ValueError(f"text_trainable_layers={layers} but the text tower has {len(blocks)} layers")
+        self._frozen.remove(self.text)  # partly trained: it follows train()/eval() like the rest
+        for block in list(blocks)[-layers:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+
+    def _encoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        if str(index) in self.encoder_fusion:
+            x, state["tokens"] = self.encoder_fusion[str(index)](x, state["tokens"], state["mask"])
+        return x
+
+    def _decoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        if str(index) in self.decoder_fusion:
+            x, _ = self.decoder_fusion[str(index)](x, state["tokens"], state["mask"])
+        return x
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.context is not None:
+            state["tokens"], state["mask"] = self.context(input_ids, attention_mask, attributes)
+        return self._run_unet(pixel_values, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The former text_unet, for its saved bundles
+# ---------------------------------------------------------------------------------------------
+
+
+class TextCrossAttention(nn.Module):
+    """The former fusion: positions attend to the tokens (no positions), then FiLM from their pool."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(1, channels)
+        self.q = nn.Linear(channels, context_dim)
+        self.kv = nn.Linear(context_dim, 2 * context_dim)
+        self.out = nn.Linear(context_dim, channels)
+        self.film = _film(context_dim, channels)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.q(self.norm(x).flatten(2).transpose(1, 2))
+        k, v = self.kv(context).chunk(2, dim=-1)
+        any_valid = mask.any(dim=1)
+        attend = mask | ~any_valid[:, None]
+        y = _attend(q, k, v, self.num_heads, attend)
+        y = self.out(y) * any_valid[:, None, None].to(x.dtype)
+        x = x + y.transpose(1, 2).reshape(b, c, h, w)
+        return _apply_film(x, self.film, pooled)
+
+
+class LegacyTextUNet(_UNetSkeleton):
+    """The former ``text_unet`` architecture, unchanged, so its bundles load and predict as before."""
+
+    def __init__(self, config: LegacyTextUNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        dec = self._build_unet(c)
+        self.fuse = nn.ModuleDict(
+            {str(s): TextCrossAttention(dec[s][1], c.context_dim, c.num_heads) for s in c.fuse_scales}
+        )
+        self.text = build_text_tower(c.text) if c.text is not None else None
+        self.text_proj = nn.Linear(self.text.hidden_size, c.context_dim) if self.text is not None else None
+        if self.text is not None and c.freeze_text:
+            self._freeze(self.text)
+        vocab = c.attributes_vocab or {}
+        sizes = [len(v) for v in vocab.values()]
+        self.attr_embed = nn.Embedding(sum(sizes), c.context_dim) if sizes else None
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.register_buffer("attr_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.context_norm = nn.LayerNorm(c.context_dim)
+
+    def _decoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        if str(index) in self.fuse:
+            x = self.fuse[str(index)](x, state["tokens"], state["mask"], state["pooled"])
+        return x
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if input_ids is not None:
+            _, words, mask = self._encode_text(input_ids, attention_mask)
+            assert self.text_proj is not None
+            parts.append((self.text_proj(words), mask))
+        if attributes is not None and self.attr_embed is not None:
+            ids = (attributes.clamp(min=0) + self.attr_offsets).long()
+            parts.append((self.attr_embed(ids), attributes >= 0))
+        if not parts:
+            raise ValueError("text_unet needs input_ids (see model.tokenize) or attributes")
+        tokens = self.context_norm(torch.cat([t for t, _ in parts], dim=1))
+        mask = torch.cat([m for _, m in parts], dim=1)
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self._run_unet(pixel_values, {"tokens": tokens, "mask": mask, "pooled": pooled})
+
+
+register_segmentation_arch("text_guided", TextGuidedConfig, TextGuidedSegmenter)
+register_segmentation_arch("text_unet", LegacyTextUNetConfig, LegacyTextUNet)
+
+
+@register_model
+def text_guided(**overrides: Any) -> TextGuidedSegmenter:
+    """U-Net guided by the prompt's words (frozen pretrained MiniLM) or C2FVL attributes at
+    several encoder and decoder scales; ``text=None`` without attributes is its image-only control."""
+    return TextGuidedSegmenter(TextGuidedConfig().replace(**overrides))
+
+
+@register_model
+def text_unet(**overrides: Any) -> TextGuidedSegmenter:
+    """Alias of ``text_guided`` (the name recipes used before it; old bundles keep their architecture)."""
+    return text_guided(**overrides)
