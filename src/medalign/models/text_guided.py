@@ -70,12 +70,26 @@ def _check_attributes(vocab: dict[str, list[str]] | None) -> dict[str, list[str]
     return vocab
 
 
+def _strides(name: str, chosen: list[int] | None, available: list[int]) -> list[int]:
+    """The fusion strides of one side, checked against the stages that exist (None: all >= 4)."""
+    if chosen is None:
+        return [s for s in available if s >= 4]
+    chosen = sorted({int(s) for s in chosen})
+    missing = [s for s in chosen if s not in available]
+    if missing:
+        raise ValueError(f"{name} strides {missing} have no stage; this depth has strides {available}")
+    return chosen
+
+
 @dataclass
 class TextGuidedConfig(_SegConfig):
     """A text-guided U-Net; see the module docstring for what each part is for.
 
-    Scales count 2x downsamplings: encoder stage ``i`` works at stride ``2**i`` (0 = full
-    resolution, ``depth`` = the bottleneck); decoder stage ``s`` outputs stride ``2**(depth-1-s)``.
+    Fusion places are given by the stride of the feature map they act on: the encoder has
+    stages at strides 1, 2, ..., ``2**depth`` (the bottleneck), the decoder at ``2**(depth-1)``
+    down to 1. ``None`` (the default) fuses at every stage of stride >= 4 on both sides: at
+    depth 4, encoder 4, 8, 16 and decoder 8, 4. Finer maps cost far more than they gave on the
+    phantom (the stride-2 decoder stage alone nearly doubled a training step).
     """
 
     arch: str = "text_guided"
@@ -87,8 +101,8 @@ class TextGuidedConfig(_SegConfig):
     depth: int = 4  # number of 2x downsamplings
     context_dim: int = 128  # width of the word/attribute tokens and of the attention
     num_heads: int = 4
-    encoder_fusion: list[int] = field(default_factory=lambda: [2, 3, 4])  # encoder stages (strides 4, 8, 16)
-    decoder_fusion: list[int] = field(default_factory=lambda: [0, 1, 2])  # decoder stages, 0 = coarsest
+    encoder_fusion: list[int] | None = None  # strides of the encoder stages that fuse; None: >= 4
+    decoder_fusion: list[int] | None = None  # strides of the decoder stages that fuse; None: >= 4
     positional: bool = True  # 2D sinusoidal positions on the image side of every fusion block
     text_trainable_layers: int = 0  # top layers of the text tower that train (-1: all, 0: frozen)
     side_outputs: bool = False  # C2FVL's coarse-to-fine deep supervision
@@ -99,16 +113,7 @@ class TextGuidedConfig(_SegConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.attributes_vocab = _check_attributes(self.attributes_vocab)
-        self.encoder_fusion = sorted({int(s) for s in self.encoder_fusion})
-        self.decoder_fusion = sorted({int(s) for s in self.decoder_fusion})
-        if any(not 0 <= s <= self.depth for s in self.encoder_fusion):
-            raise ValueError(
-                f"encoder_fusion stages must lie in [0, {self.depth}], got {self.encoder_fusion}"
-            )
-        if any(not 0 <= s < self.depth for s in self.decoder_fusion):
-            raise ValueError(
-                f"decoder_fusion stages must lie in [0, {self.depth}), got {self.decoder_fusion}"
-            )
+        self.fusion_strides()  # checks them
         if self.context_dim % self.num_heads or self.context_dim % 4:
             raise ValueError(
                 f"context_dim {self.context_dim} must be divisible by num_heads {self.num_heads} and by 4"
@@ -117,6 +122,16 @@ class TextGuidedConfig(_SegConfig):
             raise ValueError(f"image_size must be divisible by 2**depth = {2**self.depth}")
         if self.text_trainable_layers < -1:
             raise ValueError(f"text_trainable_layers must be >= -1, got {self.text_trainable_layers}")
+
+    @property
+    def encoder_strides(self) -> list[int]:
+        """Stride of each encoder stage, from the full-resolution stem to the bottleneck."""
+        return [2**i for i in range(self.depth + 1)]
+
+    def fusion_strides(self) -> tuple[list[int], list[int]]:
+        """``(encoder, decoder)`` strides that fuse (the defaults resolved for this depth)."""
+        encoder = _strides("encoder_fusion", self.encoder_fusion, self.encoder_strides)
+        return encoder, _strides("decoder_fusion", self.decoder_fusion, self.encoder_strides[:-1])
 
     @property
     def conditioned(self) -> bool:
@@ -252,18 +267,17 @@ class TextImageFusion(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """Prompt words and/or attribute values -> ``(tokens [B, L, D], valid [B, L])``."""
+    """Prompt word features and/or attribute values -> ``(tokens [B, L, D], valid [B, L])``.
+
+    The text tower itself belongs to the model (``model.text``, what the shared segmenter code
+    tokenises for and freezes); this module projects its word features and embeds attributes.
+    """
 
     def __init__(
-        self,
-        text: TowerConfig | None,
-        attributes_vocab: dict[str, list[str]] | None,
-        dim: int,
-        owner: SegmentationModel,
+        self, text_width: int | None, attributes_vocab: dict[str, list[str]] | None, dim: int
     ) -> None:
         super().__init__()
-        self.text = build_text_tower(text) if text is not None else None
-        self.text_proj = nn.Linear(self.text.hidden_size, dim) if self.text is not None else None
+        self.text_proj = nn.Linear(text_width, dim) if text_width is not None else None
         vocab = attributes_vocab or {}
         self.attr_names = list(vocab)
         sizes = [len(v) for v in vocab.values()]
@@ -272,26 +286,18 @@ class ContextEncoder(nn.Module):
         self.register_buffer("attr_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.register_buffer("attr_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
         self.norm = nn.LayerNorm(dim)
-        self._owner = [owner]  # for its error messages' arch name; a list keeps it out of the module tree
 
     def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        attributes: torch.Tensor | None,
+        self, words: tuple[torch.Tensor, torch.Tensor] | None, attributes: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        arch = self._owner[0].config.arch
+        """``words``: the text tower's ``(features [B, L, H], attention mask [B, L])``."""
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if input_ids is not None:
-            if self.text is None or self.text_proj is None:
-                raise ValueError(f"this {arch} model has no text tower; pass attributes instead")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            _, words = self.text(input_ids, attention_mask)
-            parts.append((self.text_proj(words), attention_mask.bool()))
+        if words is not None:
+            assert self.text_proj is not None  # the model only passes words when it has a tower
+            parts.append((self.text_proj(words[0]), words[1].bool()))
         if attributes is not None:
             if self.attr_embed is None:
-                raise ValueError(f"this {arch} model has no attributes_vocab; pass input_ids instead")
+                raise ValueError("this model has no attributes_vocab; pass input_ids instead")
             if attributes.shape[-1] != len(self.attr_names):
                 raise ValueError(f"attributes must have {len(self.attr_names)} columns {self.attr_names}")
             if (attributes >= self.attr_sizes).any():
@@ -301,7 +307,7 @@ class ContextEncoder(nn.Module):
             ids = (attributes.clamp(min=0) + self.attr_offsets).long()
             parts.append((self.attr_embed(ids), attributes >= 0))
         if not parts:
-            raise ValueError(f"{arch} is prompt-guided: pass input_ids (see model.tokenize) or attributes")
+            raise ValueError("this model is prompt-guided: pass input_ids (see model.tokenize) or attributes")
         tokens = self.norm(torch.cat([t for t, _ in parts], dim=1))
         return tokens, torch.cat([m for _, m in parts], dim=1)
 
@@ -391,22 +397,32 @@ class TextGuidedSegmenter(_UNetSkeleton):
     def __init__(self, config: TextGuidedConfig) -> None:
         super().__init__()
         self.config = c = config
-        dec = self._build_unet(c)
+        self._build_unet(c)
         self.context: ContextEncoder | None = None
         self.encoder_fusion = nn.ModuleDict()
         self.decoder_fusion = nn.ModuleDict()
+        self.text = build_text_tower(c.text) if c.text is not None else None
         if c.conditioned:
-            self.context = ContextEncoder(c.text, c.attributes_vocab, c.context_dim, self)
-            last = max(c.encoder_fusion, default=-1)
-            for i in c.encoder_fusion:  # the last encoder block has no later block to pass words to
-                self.encoder_fusion[str(i)] = TextImageFusion(
-                    self.widths[i], c.context_dim, c.num_heads, positional=c.positional, update_text=i < last
+            width = self.text.hidden_size if self.text is not None else None
+            self.context = ContextEncoder(width, c.attributes_vocab, c.context_dim)
+            encoder, decoder = c.fusion_strides()
+            deepest = max(encoder, default=0)
+            for stride in encoder:  # the deepest block has no later block to pass words to
+                self.encoder_fusion[str(stride)] = TextImageFusion(
+                    self.widths[c.encoder_strides.index(stride)],
+                    c.context_dim,
+                    c.num_heads,
+                    positional=c.positional,
+                    update_text=stride < deepest,
                 )
-            for s in c.decoder_fusion:
-                self.decoder_fusion[str(s)] = TextImageFusion(
-                    dec[s][1], c.context_dim, c.num_heads, positional=c.positional, update_text=False
+            for stride in decoder:
+                self.decoder_fusion[str(stride)] = TextImageFusion(
+                    self.widths[c.encoder_strides.index(stride)],
+                    c.context_dim,
+                    c.num_heads,
+                    positional=c.positional,
+                    update_text=False,
                 )
-        self.text = self.context.text if self.context is not None else None
         if self.text is not None:
             self._set_text_trainable(c.text_trainable_layers)
 
@@ -429,13 +445,15 @@ class TextGuidedSegmenter(_UNetSkeleton):
                 p.requires_grad_(True)
 
     def _encoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        if str(index) in self.encoder_fusion:
-            x, state["tokens"] = self.encoder_fusion[str(index)](x, state["tokens"], state["mask"])
+        stride = str(2**index)
+        if stride in self.encoder_fusion:
+            x, state["tokens"] = self.encoder_fusion[stride](x, state["tokens"], state["mask"])
         return x
 
     def _decoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        if str(index) in self.decoder_fusion:
-            x, _ = self.decoder_fusion[str(index)](x, state["tokens"], state["mask"])
+        stride = str(2 ** (self.config.depth - 1 - index))
+        if stride in self.decoder_fusion:
+            x, _ = self.decoder_fusion[stride](x, state["tokens"], state["mask"])
         return x
 
     def forward(
@@ -447,7 +465,15 @@ class TextGuidedSegmenter(_UNetSkeleton):
     ) -> dict[str, Any]:
         state: dict[str, Any] = {}
         if self.context is not None:
-            state["tokens"], state["mask"] = self.context(input_ids, attention_mask, attributes)
+            words = None
+            if input_ids is not None:
+                if self.text is None:
+                    raise ValueError(
+                        f"this {self.config.arch} model has no text tower; pass attributes instead"
+                    )
+                _, features, mask = self._encode_text(input_ids, attention_mask)
+                words = (features, mask)
+            state["tokens"], state["mask"] = self.context(words, attributes)
         return self._run_unet(pixel_values, state)
 
 
