@@ -215,9 +215,10 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
-    # learning-rate multipliers by parameter-name prefix, e.g. {"text.": 0.1} for a pretrained
-    # text tower that adapts slower than the layers trained from scratch (longest prefix wins)
-    lr_scales: dict[str, float] = field(default_factory=dict)
+    # learning rate per part of the model (medalign.param_groups): parameter-name prefix ->
+    # multiplier, e.g. {vision: 0.1}; and layer-wise decay inside a tower, e.g. {vision: 0.75}
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    layer_decay: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -456,7 +457,6 @@ def validate_ranges(config: RunConfig) -> None:
             all(c.startswith("attr:") for c in config.data.prompts.negatives_from),
             "data.prompts.negatives_from names attribute columns (attr:...)",
         ),
-        (all(v > 0 for v in config.optim.lr_scales.values()), "optim.lr_scales values must be > 0"),
         *_shard_checks(config),
         *_fuse_checks(config),
         *_pretrain_checks(config),

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from medalign.config import OptimConfig, TrainConfig
+from medalign.param_groups import parameter_groups
 
 KILL_AT_STEP_ENV = "MEDALIGN_KILL_AT_STEP"  # fault-injection hook used by the resume tests
 CHECKPOINT_NAME = "last.ckpt"
@@ -162,31 +163,8 @@ class TrainState:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, logit scale/bias and other 1-D parameters.
-
-    ``config.lr_scales`` multiplies the learning rate of the parameters whose name starts with
-    a prefix (the longest matching prefix wins); a prefix that matches no trainable parameter
-    is an error, so a misspelt name cannot silently train everything at the base rate.
-    """
-    prefixes = sorted(config.lr_scales, key=len, reverse=True)
-    used: set[str] = set()
-    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        scale = 1.0
-        if prefix is not None:
-            used.add(prefix)
-            scale = config.lr_scales[prefix]
-        buckets.setdefault((param.ndim < 2 or "logit" in name, scale), []).append(param)
-    unused = sorted(set(prefixes) - used)
-    if unused:
-        raise ValueError(f"optim.lr_scales prefixes {unused} match no trainable parameter of the model")
-    groups = [
-        {"params": params, "weight_decay": 0.0 if exempt else config.weight_decay, "lr": config.lr * scale}
-        for (exempt, scale), params in sorted(buckets.items(), key=lambda item: item[0])
-    ]
+    """AdamW over ``medalign.param_groups``: no decay on 1-D parameters, per-part learning rates."""
+    groups = parameter_groups(model, config.lr, config.weight_decay, config.lr_multipliers, config.layer_decay)
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:
         # One fused kernel per step instead of about ten ops per tensor (on the CPU, where

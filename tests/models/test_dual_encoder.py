@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from medalign.models import DualEncoder, DualEncoderConfig, TowerConfig, create_model
+from medalign.models.pretrained import adapt_patch_embedding
 from medalign.models.towers import (
     MINILM,
-    adapt_patch_embedding,
     build_text_tower,
     build_tokenizer,
     build_vision_tower,

