@@ -263,3 +263,20 @@ def test_config_checks() -> None:
         tiny(context_dim=30)
     with pytest.raises(ValueError, match="attributes without values"):
         tiny(attributes_vocab={"side": []})
+
+
+def test_frozen_word_features_are_computed_once_per_prompt() -> None:
+    model = tiny().eval()
+    prompts = ["the lesion in the left lower zone", "right", "the lesion in the left lower zone"]
+    tokens = model.tokenize(prompts)
+    with torch.no_grad():
+        _, direct, _ = model._encode_text(tokens["input_ids"], tokens["attention_mask"])
+        cached, mask = model._word_features(tokens["input_ids"], tokens["attention_mask"])
+        assert len(model._text_cache) == 2  # two distinct prompts
+        again, _ = model._word_features(tokens["input_ids"], tokens["attention_mask"])
+    valid = mask[..., None].float()
+    torch.testing.assert_close(cached * valid, direct * valid)
+    torch.testing.assert_close(again, cached)
+    model.load_state_dict(model.state_dict())
+    assert not model._text_cache  # new weights: features are recomputed
+    assert not tiny(text_trainable_layers=1)._text_cache  # a training tower is never cached

@@ -53,7 +53,8 @@ from medalign.models.segmentation import (
     _SegConfig,
     register_segmentation_arch,
 )
-from medalign.models.towers import MINILM_TEXT, TowerConfig, build_text_tower
+from medalign.models.tower_config import ImageInput
+from medalign.models.towers import MINILM_TEXT, TowerConfig, build_text_tower, build_vision_tower
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -70,6 +71,10 @@ def _check_attributes(vocab: dict[str, list[str]] | None) -> dict[str, list[str]
     return vocab
 
 
+TEXT_CACHE_SIZE = 4096  # distinct prompts whose frozen word features are kept (<= ~160 MB)
+PRETRAINED_DEPTH = 5  # EfficientNet-Lite's feature maps: strides 2, 4, 8, 16, 32
+
+
 def _strides(name: str, chosen: list[int] | None, available: list[int]) -> list[int]:
     """The fusion strides of one side, checked against the stages that exist (None: all >= 4)."""
     if chosen is None:
@@ -82,8 +87,14 @@ def _strides(name: str, chosen: list[int] | None, available: list[int]) -> list[
 
 
 @dataclass
-class TextGuidedConfig(_SegConfig):
+class TextGuidedConfig(ImageInput, _SegConfig):
     """A text-guided U-Net; see the module docstring for what each part is for.
+
+    The encoder is a conv net trained from scratch (``vision=None``: widths ``base_width *
+    2**i``, ``depth`` 4 by default) or a pretrained EfficientNet-Lite (``vision={"source":
+    "efficientnet-lite0"}``, loaded offline; its stride 2..32 maps are the skips, a small conv
+    stem of ``base_width`` channels adds the full-resolution one, pixels are normalised with the
+    weights' statistics, and ``depth`` is its 5 stages).
 
     Fusion places are given by the stride of the feature map they act on: the encoder has
     stages at strides 1, 2, ..., ``2**depth`` (the bottleneck), the decoder at ``2**(depth-1)``
@@ -94,11 +105,16 @@ class TextGuidedConfig(_SegConfig):
 
     arch: str = "text_guided"
     text: TowerConfig | None = field(default_factory=lambda: MINILM_TEXT.replace())
+    vision: TowerConfig | None = None  # a pretrained encoder (efficientnet_lite); None: conv from scratch
+    image_mean: list[float] | None = None  # with ``vision``: None = its weights' statistics
+    image_std: list[float] | None = None
     # C2FVL's structured findings, e.g. {"side": ["left", "right"], "zone": [...]}: column i of
     # ``attributes`` indexes the values of the i-th key (negative = unknown, masked out).
     attributes_vocab: dict[str, list[str]] | None = None
-    base_width: int = 32  # encoder widths base * (1, 2, 4, ..., 2**depth)
-    depth: int = 4  # number of 2x downsamplings
+    # encoder widths base * (1, 2, 4, ..., 2**depth); with ``vision``: the full-resolution stem's,
+    # 0 for none (the decoder then stops at stride 2 and its logits are upsampled: about half the cost)
+    base_width: int = 32
+    depth: int | None = None  # number of 2x downsamplings; None: 4, or the vision tower's 5
     context_dim: int = 128  # width of the word/attribute tokens and of the attention
     num_heads: int = 4
     encoder_fusion: list[int] | None = None  # strides of the encoder stages that fuse; None: >= 4
@@ -108,30 +124,49 @@ class TextGuidedConfig(_SegConfig):
     side_outputs: bool = False  # C2FVL's coarse-to-fine deep supervision
     max_text_length: int = 64
 
-    _towers: ClassVar[tuple[str, ...]] = ("text",)
+    _towers: ClassVar[tuple[str, ...]] = ("text", "vision")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_image_stats()
         self.attributes_vocab = _check_attributes(self.attributes_vocab)
+        if self.vision is not None and self.vision.kind != "efficientnet_lite":
+            raise ValueError(
+                f"text_guided takes an efficientnet_lite vision tower (strides 2..32), got kind {self.vision.kind!r}"
+            )
+        if self.base_width < (0 if self.vision is not None else 1):
+            raise ValueError(f"base_width must be >= 1 (>= 0 with a vision tower), got {self.base_width}")
+        if self.vision is not None and self.depth not in (None, PRETRAINED_DEPTH):
+            raise ValueError(
+                f"with an EfficientNet-Lite encoder depth is its {PRETRAINED_DEPTH} stages, got {self.depth}"
+            )
         self.fusion_strides()  # checks them
         if self.context_dim % self.num_heads or self.context_dim % 4:
             raise ValueError(
                 f"context_dim {self.context_dim} must be divisible by num_heads {self.num_heads} and by 4"
             )
-        if self.image_size % 2**self.depth:
-            raise ValueError(f"image_size must be divisible by 2**depth = {2**self.depth}")
+        if self.image_size % 2**self.levels:
+            raise ValueError(f"image_size must be divisible by 2**depth = {2**self.levels}")
         if self.text_trainable_layers < -1:
             raise ValueError(f"text_trainable_layers must be >= -1, got {self.text_trainable_layers}")
 
     @property
+    def levels(self) -> int:
+        """The number of 2x downsamplings (``depth`` resolved)."""
+        if self.depth is not None:
+            return self.depth
+        return PRETRAINED_DEPTH if self.vision is not None else 4
+
+    @property
     def encoder_strides(self) -> list[int]:
         """Stride of each encoder stage, from the full-resolution stem to the bottleneck."""
-        return [2**i for i in range(self.depth + 1)]
+        return [2**i for i in range(self.levels + 1)]
 
     def fusion_strides(self) -> tuple[list[int], list[int]]:
         """``(encoder, decoder)`` strides that fuse (the defaults resolved for this depth)."""
-        encoder = _strides("encoder_fusion", self.encoder_fusion, self.encoder_strides)
-        return encoder, _strides("decoder_fusion", self.decoder_fusion, self.encoder_strides[:-1])
+        strides = self.encoder_strides if self.base_width else self.encoder_strides[1:]
+        encoder = _strides("encoder_fusion", self.encoder_fusion, strides)
+        return encoder, _strides("decoder_fusion", self.decoder_fusion, strides[:-1])
 
     @property
     def conditioned(self) -> bool:
@@ -195,11 +230,19 @@ def sinusoidal_2d(height: int, width: int, dim: int, device: torch.device) -> to
 def _attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on ``[B, N, D]`` inputs; ``mask`` [B, M] keeps keys."""
+    """Multi-head attention on ``[B, N, D]`` inputs; ``mask`` [B, M] marks the keys to attend to.
+
+    Written out (matmul, softmax in fp32, matmul) rather than through SDPA: one side is always
+    the short prompt, so the score matrix is small, and PyTorch's fused CPU kernel is several
+    times slower in bf16 (see ``medalign.models.towers.attention_forward``): it made the fusion
+    blocks half of a training step.
+    """
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (query, key, value))
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return out.transpose(1, 2).flatten(2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).flatten(2)
 
 
 class TextImageFusion(nn.Module):
@@ -344,18 +387,26 @@ class _UNetSkeleton(SegmentationModel):
 
     config: Any
 
-    def _build_unet(self, c: Any) -> list[tuple[int, int]]:
-        """Encoder, decoder, head and side heads; returns the decoder's (in, out) widths."""
-        self.widths = [c.base_width * 2**i for i in range(c.depth + 1)]
-        widths = self.widths
-        self.stem = ConvBlock(c.in_channels, widths[0])
-        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(c.depth))
-        dec = [(widths[c.depth - s], widths[c.depth - s - 1]) for s in range(c.depth)]
+    def _build_unet(self, c: Any, widths: list[int], encoder: bool = True) -> list[tuple[int, int]]:
+        """Stem, encoder (unless another module provides the stride >= 2 maps), decoder, head and
+        side heads for ``widths[i]`` channels at stride ``2**i``; returns the decoder's (in, out).
+
+        ``widths[0] == 0`` leaves out the full-resolution level: no stem, the decoder stops at
+        stride 2 and its logits are upsampled (only with another module as the encoder).
+        """
+        depth = len(widths) - 1
+        self.widths = widths
+        self.full_resolution = widths[0] > 0
+        self.stem = ConvBlock(c.in_channels, widths[0]) if self.full_resolution else None
+        if encoder:
+            self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(depth))
+        finest = 0 if self.full_resolution else 1
+        dec = [(widths[depth - s], widths[depth - s - 1]) for s in range(depth - finest)]
         self.up = nn.ModuleList(nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in dec)
         self.merge = nn.ModuleList(ConvBlock(2 * cout, cout) for _, cout in dec)
-        self.head = nn.Conv2d(widths[0], c.num_classes, 1)
+        self.head = nn.Conv2d(widths[finest], c.num_classes, 1)
         # side outputs: bottleneck, then every decoder stage but the last (its logits are the output)
-        side_widths = [widths[c.depth]] + [cout for _, cout in dec[:-1]]
+        side_widths = [widths[depth]] + [cout for _, cout in dec[:-1]]
         self.side_heads = (
             nn.ModuleList(nn.Conv2d(w, c.num_classes, 1) for w in side_widths) if c.side_outputs else None
         )
@@ -367,11 +418,16 @@ class _UNetSkeleton(SegmentationModel):
     def _decoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         return x
 
-    def _run_unet(self, pixel_values: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        self._check_pixels(pixel_values, 2**self.config.depth)
+    def _encode(self, pixel_values: torch.Tensor, state: dict[str, Any]) -> list[torch.Tensor]:
+        """The skips at strides 1, 2, ..., bottleneck (the conv encoder trained from scratch)."""
         skips = [self._encoder_stage(0, self.stem(pixel_values), state)]
         for i, down in enumerate(self.down, start=1):
             skips.append(self._encoder_stage(i, down(F.max_pool2d(skips[-1], 2)), state))
+        return skips
+
+    def _run_unet(self, pixel_values: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        self._check_pixels(pixel_values, 2 ** (len(self.widths) - 1))
+        skips = self._encode(pixel_values, state)
         x = skips.pop()  # bottleneck
         side = [x]
         for s, (up, merge) in enumerate(zip(self.up, self.merge, strict=True)):
@@ -380,7 +436,10 @@ class _UNetSkeleton(SegmentationModel):
         side_logits = (
             [head(f) for head, f in zip(self.side_heads, side[:-1], strict=True)] if self.side_heads else []
         )
-        return {"logits": self.head(x), "side_logits": side_logits}
+        logits = self.head(x)
+        if not self.full_resolution:
+            logits = F.interpolate(logits, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return {"logits": logits, "side_logits": side_logits}
 
     def encode_attributes(self, rows: list[dict[str, str | None]]) -> torch.Tensor:
         """``[{"side": "left", ...}, ...]`` -> ``attributes [B, n_attr]`` on the model's device."""
@@ -397,11 +456,26 @@ class TextGuidedSegmenter(_UNetSkeleton):
     def __init__(self, config: TextGuidedConfig) -> None:
         super().__init__()
         self.config = c = config
-        self._build_unet(c)
+        self.vision = (
+            build_vision_tower(c.vision, c.in_channels, c.image_size) if c.vision is not None else None
+        )
+        if self.vision is None:
+            self._build_unet(c, [c.base_width * 2**i for i in range(c.levels + 1)])
+        else:
+            strides = list(self.vision.feature_strides)
+            if strides != c.encoder_strides[1:]:
+                raise ValueError(
+                    f"the vision tower's feature strides {strides} are not {c.encoder_strides[1:]}"
+                )
+            self._build_unet(c, [c.base_width, *self.vision.feature_channels], encoder=False)
+            mean, std = c.image_stats()
+            self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.context: ContextEncoder | None = None
         self.encoder_fusion = nn.ModuleDict()
         self.decoder_fusion = nn.ModuleDict()
         self.text = build_text_tower(c.text) if c.text is not None else None
+        self._text_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         if c.conditioned:
             width = self.text.hidden_size if self.text is not None else None
             self.context = ContextEncoder(width, c.attributes_vocab, c.context_dim)
@@ -444,6 +518,60 @@ class TextGuidedSegmenter(_UNetSkeleton):
             for p in block.parameters():
                 p.requires_grad_(True)
 
+    def _word_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [B, L, H], mask [B, L])`` of the prompt's tokens.
+
+        A frozen tower gives every prompt the same features every time, and prompts repeat
+        (a dataset has a few hundred distinct ones): they are computed once per distinct token
+        sequence and kept (``TEXT_CACHE_SIZE`` at most), which takes the text tower, a fifth of
+        a training step, out of it. The cache is dropped when weights are loaded.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.sum(dim=1)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        right_padded = bool((attention_mask.bool() == (positions < lengths[:, None])).all())
+        if self.text is None or not right_padded or any(p.requires_grad for p in self.text.parameters()):
+            _, features, mask = self._encode_text(input_ids, attention_mask)
+            return features, mask
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        keys = [
+            (dtype, tuple(ids[:n].tolist())) for ids, n in zip(input_ids.cpu(), lengths.tolist(), strict=True)
+        ]
+        missing = [i for i, k in enumerate(keys) if k not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                _, features = self.text(input_ids[missing], attention_mask[missing])
+            for row, i in enumerate(missing):
+                if len(self._text_cache) < TEXT_CACHE_SIZE:
+                    self._text_cache[keys[i]] = features[row, : len(keys[i][1])].detach()
+        rows = []
+        for i, key in enumerate(keys):
+            cached = self._text_cache.get(key)
+            if cached is None:  # a full cache: this row was computed in ``missing`` just now
+                cached = features[missing.index(i), : len(key[1])]
+            rows.append(cached)
+        length = input_ids.shape[1]
+        out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+        for i, row in enumerate(rows):  # right-padded as the tokenizer pads
+            out[i, : len(row)] = row
+        return out, attention_mask.bool()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._text_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _encode(self, pixel_values: torch.Tensor, state: dict[str, Any]) -> list[torch.Tensor]:
+        if self.vision is None:
+            return super()._encode(pixel_values, state)
+        stem = [self._encoder_stage(0, self.stem(pixel_values), state)] if self.stem is not None else []
+        x = (pixel_values - self.pixel_mean.to(pixel_values.dtype)) / self.pixel_std.to(pixel_values.dtype)
+        maps = self.vision.feature_maps(x, stage_hook=lambda i, m: self._encoder_stage(i + 1, m, state))
+        maps[-1] = self._encoder_stage(len(maps), maps[-1], state)  # the bottleneck (after the hook's stages)
+        return [*stem, *maps]
+
     def _encoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         stride = str(2**index)
         if stride in self.encoder_fusion:
@@ -451,7 +579,7 @@ class TextGuidedSegmenter(_UNetSkeleton):
         return x
 
     def _decoder_stage(self, index: int, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        stride = str(2 ** (self.config.depth - 1 - index))
+        stride = str(2 ** (self.config.levels - 1 - index))
         if stride in self.decoder_fusion:
             x, _ = self.decoder_fusion[stride](x, state["tokens"], state["mask"])
         return x
@@ -471,8 +599,7 @@ class TextGuidedSegmenter(_UNetSkeleton):
                     raise ValueError(
                         f"this {self.config.arch} model has no text tower; pass attributes instead"
                     )
-                _, features, mask = self._encode_text(input_ids, attention_mask)
-                words = (features, mask)
+                words = self._word_features(input_ids, attention_mask)
             state["tokens"], state["mask"] = self.context(words, attributes)
         return self._run_unet(pixel_values, state)
 
@@ -514,7 +641,7 @@ class LegacyTextUNet(_UNetSkeleton):
     def __init__(self, config: LegacyTextUNetConfig) -> None:
         super().__init__()
         self.config = c = config
-        dec = self._build_unet(c)
+        dec = self._build_unet(c, [c.base_width * 2**i for i in range(c.depth + 1)])
         self.fuse = nn.ModuleDict(
             {str(s): TextCrossAttention(dec[s][1], c.context_dim, c.num_heads) for s in c.fuse_scales}
         )
