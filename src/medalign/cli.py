@@ -469,6 +469,10 @@ def eval_segment(
 ) -> None:
     """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 (undefined cases listed) and NSD.
 
+    A prompt-guided (text or attribute) model is scored three times: with each row's true
+    prompt, with another image's (shuffled) and with the empty prompt; how much Dice it loses
+    without the true prompt is how much it uses it.
+
     Example:
 
         medalign eval segment --model runs/seg/bundle --manifest phantom/prompts.csv \\
@@ -488,6 +492,8 @@ def eval_segment(
     except (ValueError, KeyError) as err:
         raise _fail(str(err)) from err
     _write_eval("segment", metrics, out, model, config, modality=keys, mask=mask)
+    for prompt, row in metrics.get("prompt_ablation", {}).items():  # a prompt-guided model
+        typer.echo(f"{prompt:>8} prompt: Dice {row['dice']:.4f}  IoU {row['iou']:.4f}  ({row['n_images']} images)")
 
 
 @eval_app.command("fuse")
