@@ -110,7 +110,8 @@ def test_quickstart_small(tmp_path: Path) -> None:
     assert "example report" in result.output and "example segmentation prompt" in result.output
     assert "zero-shot diagnosis on test: accuracy" in result.output and "R@10" in result.output
     assert (tmp_path / "align" / "bundle" / "model.safetensors").is_file()
-    assert "Dice with text" in result.output and "without text" in result.output
+    assert "Dice with text" in result.output and "image-only" in result.output
+    assert "another case's prompt" in result.output
     for run in ("segment_text", "segment_image_only"):
         assert (tmp_path / run / "bundle" / "model.safetensors").is_file()
     assert "lesion segmentation from two modalities" in result.output

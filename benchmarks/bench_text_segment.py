@@ -1,0 +1,301 @@
+"""Text-guided segmentation: does the prompt decide what is segmented? (issue 19)
+
+    python benchmarks/bench_text_segment.py design   [--write]  # phantom, val: what each part of the design adds
+    python benchmarks/bench_text_segment.py phantom  [--write]  # text vs attributes (side+zone) vs image-only
+    python benchmarks/bench_text_segment.py monuseg  [--write]  # LViT protocol, text vs image-only
+    python benchmarks/bench_text_segment.py qata     [--write]  # LViT protocol on the Train subset
+
+Every run is a recipe of ``configs/segment/`` with overrides, trained into
+``$MEDALIGN_BENCH_RUNS/<run>`` (a finished run with the same overrides is reused, an interrupted
+one resumes). ``--write`` saves ``benchmarks/results/bench_text_segment_<part>.json`` (numbers,
+protocol, machine, date) and rewrites the part's block of BENCHMARKS.md from it; ``blocks()``
+renders every block from the committed results files alone.
+
+Each prompt-guided model is evaluated three times (``medalign eval segment`` does the same):
+with the true prompt, with another image's (shuffled) and with the empty prompt. Choices (the
+design, schedules) are made on the val split (``design``, ``--split val``); the tables of
+``phantom``, ``monuseg`` and ``qata`` read the test split once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchlib import RUNS, imported, load_results, machine, results_path, save_results, train, write_blocks
+
+SHARED = (
+    " shared with other benchmark processes (train times are indicative; 1 torch thread per process), "
+    "bf16 autocast"
+)
+NAME = "bench_text_segment"
+
+# -- schedules (chosen on val: see the design part and the protocol lines) ---------------------
+
+PHANTOM_STEPS = 400  # 16 prompts a step; every variant trains exactly this many steps
+PHANTOM_SEEDS = 3
+MONUSEG_EPOCHS = 100
+MONUSEG_SEEDS = 3
+QATA_EPOCHS = 4
+QATA_SEEDS = 1
+
+LVIT_MONUSEG = {"LViT-T (published)": (80.36, 67.31), "U-Net (published in LViT)": (76.45, 62.86)}
+LVIT_QATA = {
+    "LViT-T (published, full Train)": (83.66, 75.11),
+    "C2FVL (published, full Train)": (83.40, 74.62),
+    "U-Net (published in LViT, full Train)": (79.02, 69.46),
+}
+TARGETS = {"monuseg": 80.4, "qata": 83.7, "phantom": 85.0}
+
+IMAGE_ONLY = ["model.overrides.text=null"]
+
+
+def phantom_prompts() -> str:
+    from medalign.data.phantom import PhantomConfig, generate_phantom
+
+    path = generate_phantom(RUNS / "data" / "phantom480", PhantomConfig(n=480, seed=0))
+    return str(path.with_name("prompts.csv"))
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a results file keeps of one run's metrics.json."""
+    out = {
+        "dice": metrics["dice"],
+        "iou": metrics["iou"],
+        "n_images": metrics["n_images"],
+        "steps": metrics["train"]["steps"],
+        "train_seconds": metrics["train"]["seconds"],
+    }
+    for variant, values in metrics.get("prompt_ablation", {}).items():
+        if variant != "true":
+            out[f"{variant}_dice"], out[f"{variant}_iou"] = values["dice"], values["iou"]
+    return out
+
+
+Variant = tuple[str, str, str, list[str]]  # key, label, recipe, overrides
+
+
+def run_variants(variants: list[Variant], common: list[str], seeds: int, tag: str) -> list[dict[str, Any]]:
+    """Train every variant for ``seeds`` seeds; one row per variant with one summary per seed."""
+    rows = []
+    for key, label, recipe, extra in variants:
+        runs = [
+            summary(
+                train(
+                    recipe,
+                    f"text_{tag}_{key}_s{seed}",
+                    [*common, *extra, f"train.seed={seed}"],
+                    folder="segment",
+                )
+            )
+            for seed in range(seeds)
+        ]
+        rows.append({"key": key, "label": label, "recipe": recipe, "overrides": extra, "runs": runs})
+    return rows
+
+
+# -- parts --------------------------------------------------------------------------------------
+
+
+def register_legacy() -> None:
+    """The former text_unet under a name of its own, so a recipe can train it for comparison."""
+    from medalign.models.registry import is_model, register_model
+    from medalign.models.text_guided import LegacyTextUNet, LegacyTextUNetConfig
+
+    if not is_model("legacy_text_unet"):
+
+        def legacy_text_unet(**overrides: Any) -> LegacyTextUNet:
+            return LegacyTextUNet(LegacyTextUNetConfig().replace(**overrides))
+
+        register_model(legacy_text_unet)
+
+
+PLAIN_ROWS = ["data.prompts.per_image=1", "data.prompts.negatives_from=[]"]
+DESIGN: list[Variant] = [
+    ("legacy_plain", "former text_unet, one row at a time, no flips", "phantom_text",
+     ["model.name=legacy_text_unet", *PLAIN_ROWS, "data.flip_axes=[]"]),
+    ("legacy_grouped", "former text_unet, grouped prompts + negatives", "phantom_text",
+     ["model.name=legacy_text_unet"]),
+    ("new_plain", "text_guided, one row at a time", "phantom_text", PLAIN_ROWS),
+    ("recipe", "text_guided, grouped prompts + negatives (the recipe)", "phantom_text", []),
+    ("no_positions", "recipe without 2D positions", "phantom_text", ["model.overrides.positional=false"]),
+    ("decoder_only", "recipe without encoder fusion", "phantom_text", ["model.overrides.encoder_fusion=[]"]),
+    ("text_top2", "recipe + top 2 text layers trained (lr x0.1)", "phantom_text",
+     ["model.overrides.text_trainable_layers=2", "optim.lr_multipliers={text: 0.1}"]),
+    ("image_only", "image-only control (same network, no text)", "phantom_text", IMAGE_ONLY),
+]  # fmt: skip
+
+
+def bench_design() -> dict[str, Any]:
+    register_legacy()
+    common = [f"data.manifest={phantom_prompts()}", "data.phantom=null", "eval.split=val",
+              "train.epochs=1000", f"train.max_steps={PHANTOM_STEPS}", "data.num_workers=0"]  # fmt: skip
+    rows = run_variants(DESIGN, common, 1, "design")
+    return {
+        "protocol": (
+            f"Phantom (480 cases, seed 0) lesion prompts, val split ({rows[0]['runs'][0]['n_images']} prompts), "
+            f"128 px, both modalities as channels, {PHANTOM_STEPS} steps of 16 prompts for every row, seed 0; "
+            "per-image Dice / IoU. Grouped prompts: each image twice per batch with two prompts and targets, "
+            "a cell without lesion as negative (empty target); flips mirror the prompt."
+        ),
+        "rows": rows,
+        "machine": machine(SHARED),
+    }
+
+
+def bench_phantom(seeds: int) -> dict[str, Any]:
+    common = [f"data.manifest={phantom_prompts()}", "data.phantom=null", "train.epochs=1000",
+              f"train.max_steps={PHANTOM_STEPS}", "data.num_workers=0"]  # fmt: skip
+    variants: list[Variant] = [
+        ("text", "text-guided (free-text prompt, MiniLM words)", "phantom_text", []),
+        ("attributes", "attribute-guided (C2FVL; side + zone only)", "c2fvl_attributes", []),
+        ("image_only", "image-only (same network, no text)", "phantom_text", IMAGE_ONLY),
+    ]
+    rows = run_variants(variants, common, seeds, "phantom")
+    return {
+        "protocol": (
+            f"Phantom (480 cases, seed 0) lesion prompts: each row names one lesion of a case (side and zone) and "
+            "only that lesion is the target, so a model that cannot read the prompt can at best segment every "
+            f"lesion. 128 px, both modalities as channels, {PHANTOM_STEPS} steps of 16 prompts for every model "
+            "(chosen on val), the same targets; the attribute model gets exactly the prompt's content (side, "
+            f"zone). Per-image Dice / IoU on the {rows[0]['runs'][0]['n_images']} test prompts, mean ± std over "
+            f"{seeds} seeds; shuffled = each row given another image's prompt, empty = no prompt."
+        ),
+        "rows": rows,
+        "machine": machine(SHARED),
+    }
+
+
+def bench_monuseg(seeds: int, epochs: int, split: str) -> dict[str, Any]:
+    manifest = imported("monuseg_text", "lvit", "monuseg-text")
+    common = [
+        f"data.manifest={manifest}",
+        f"train.epochs={epochs}",
+        f"eval.split={split}",
+        "data.num_workers=0",
+    ]
+    variants: list[Variant] = [
+        ("text", "text-guided, EfficientNet-Lite0 (LViT's text)", "lvit_monuseg", []),
+        ("image_only", "image-only, same network", "lvit_monuseg", IMAGE_ONLY),
+    ]
+    rows = run_variants(variants, common, seeds, f"monuseg_{split}_e{epochs}")
+    return {
+        "protocol": (
+            f"MoNuSeg with LViT's text, LViT's Train/Val/Test folders (24/6/14 images) at 224 px, trained on Train "
+            f"({epochs} epochs of batch 4, chosen on Val), evaluated on the {rows[0]['runs'][0]['n_images']} "
+            f"{split.capitalize()} images; Dice / IoU per image averaged over images (LViT's metric), mean ± std "
+            f"over {seeds} seeds; shuffled = another image's text, empty = no text."
+        ),
+        "split": split,
+        "rows": rows,
+        "published": LVIT_MONUSEG,
+        "machine": machine(SHARED),
+    }
+
+
+def bench_qata(seeds: int, epochs: int, split: str) -> dict[str, Any]:
+    manifest = imported("qata_text", "lvit", "qata-cov19-text")
+    common = [
+        f"data.manifest={manifest}",
+        f"train.epochs={epochs}",
+        f"eval.split={split}",
+        "data.num_workers=0",
+    ]
+    variants: list[Variant] = [
+        ("text", "text-guided, EfficientNet-Lite0 (LViT's text)", "qata_text", []),
+        ("image_only", "image-only, same network", "qata_text", IMAGE_ONLY),
+    ]
+    rows = run_variants(variants, common, seeds, f"qata_{split}_e{epochs}")
+    return {
+        "protocol": (
+            f"QaTa-COV19 with LViT's text at 224 px: trained on the shared copy's 3,865-image Train subset (LViT: "
+            f"5,716) for {epochs} epochs of batch 16 (LViT trains up to 2,000 epochs with early stopping), "
+            f"evaluated on the {rows[0]['runs'][0]['n_images']} {split.capitalize()} images; per-image Dice / IoU "
+            f"averaged over images (LViT's metric), {seeds} seed(s); shuffled = another image's text (one that "
+            "differs), empty = no text."
+        ),
+        "split": split,
+        "rows": rows,
+        "published": LVIT_QATA,
+        "machine": machine(SHARED),
+    }
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def pct(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def column(row: dict[str, Any], key: str) -> str:
+    values = [r[key] for r in row["runs"] if key in r]
+    return pct(values) if values else "–"
+
+
+def minutes(row: dict[str, Any]) -> str:
+    return f"{statistics.mean(r['train_seconds'] for r in row['runs']) / 60:.0f} min"
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = [
+        "| model | Dice % | IoU % | Dice, shuffled prompt | Dice, empty prompt | seeds | steps | train time / seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['label']} | {column(row, 'dice')} | {column(row, 'iou')} | {column(row, 'shuffled_dice')} "
+            f"| {column(row, 'empty_dice')} | {len(row['runs'])} | {row['runs'][0]['steps']} | {minutes(row)} |"
+        )
+    for label, (dice, iou) in data.get("published", {}).items():
+        lines.append(f"| {label} | {dice:.2f} | {iou:.2f} | – | – | – | – | – |")
+    return "\n".join(lines)
+
+
+def render(part: str) -> str:
+    data = load_results(f"{NAME}_{part}")
+    return f"{data['protocol']} Machine: {data['machine']}.\n\n{table(data)}"
+
+
+PARTS = ("design", "phantom", "monuseg", "qata")
+
+
+def blocks() -> dict[str, str]:
+    """One block per part whose results file is committed (marker ``bench_text_segment_<part>``)."""
+    return {f"{NAME}_{part}": render(part) for part in PARTS if results_path(f"{NAME}_{part}").is_file()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=PARTS)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--split", default="test", help="monuseg/qata: val while choosing, test once")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    benches: dict[str, Callable[[], dict[str, Any]]] = {
+        "design": bench_design,
+        "phantom": lambda: bench_phantom(args.seeds or PHANTOM_SEEDS),
+        "monuseg": lambda: bench_monuseg(
+            args.seeds or MONUSEG_SEEDS, args.epochs or MONUSEG_EPOCHS, args.split
+        ),
+        "qata": lambda: bench_qata(args.seeds or QATA_SEEDS, args.epochs or QATA_EPOCHS, args.split),
+    }
+    data = benches[args.part]()
+    data["seconds_last_invocation"] = round(time.perf_counter() - start)
+    print(f"{data['protocol']}\n\n{table(data)}")
+    if args.write:
+        save_results(f"{NAME}_{args.part}", data)
+        write_blocks({f"{NAME}_{args.part}": render(args.part)})
+
+
+if __name__ == "__main__":
+    main()
