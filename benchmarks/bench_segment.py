@@ -2,10 +2,10 @@
 
     python benchmarks/bench_segment.py step     [--write]   # one training step: ours vs the plain MONAI loop
     python benchmarks/bench_segment.py sliding  [--write]   # ours vs MONAI sliding_window_inference defaults
-    python benchmarks/bench_segment.py phantom  [--write]   # prompt-selected lesion: text vs image-only
-    python benchmarks/bench_segment.py monuseg  [--write]   # LViT protocol, text-guided vs U-Net
     python benchmarks/bench_segment.py busi     [--write]   # 3 folds, U-Net vs CLIP-feature decoder
     python benchmarks/bench_segment.py kvasir   [--write]   # PraNet 900/100 split
+
+Text-guided segmentation (phantom, MoNuSeg, QaTa-COV19) is benchmarks/bench_text_segment.py.
 
 ``--epochs N`` / ``--seeds K`` shrink a schedule (the defaults are what BENCHMARKS.md reports).
 Each run lives in ``$MEDALIGN_BENCH_RUNS/<name>`` (default /tmp/medalign-bench); a finished run
@@ -13,18 +13,12 @@ Each run lives in ``$MEDALIGN_BENCH_RUNS/<name>`` (default /tmp/medalign-bench);
 
 Protocols (written into BENCHMARKS.md with the numbers):
 
-* monuseg: MoNuSeg with LViT's text, LViT's own Train/Val/Test folders (24/6/14 images), images
-  and masks resized to 224 px, per-image Dice and IoU averaged over the 14 test images (LViT's
-  metric), recipes configs/segment/lvit_monuseg.yaml and unet_monuseg.yaml, 3 seeds.
 * kvasir: 1000 pairs split 900 train / 100 test (seeded; PraNet's file list is not shipped with
   the data), the recipe's 256 px (PraNet trains at 352), per-image mean Dice/IoU on the 100, configs/segment/kvasir.yaml.
 * busi: the 3 NextGen-UIA folds of benign+malignant images (folds/busi_{train,val}k.txt): train
   on train k, evaluate on the held-out val k; U-Net (configs/segment/busi.yaml) and the
   CLIP-feature decoder initialised from the MedPix-aligned vision tower
   (configs/segment/clipseg_busi.yaml), 128 px grayscale; Dice / IoU / HD95 mean ± std over folds.
-* phantom: the phantom's per-lesion prompts (one lesion of a case is the target); text-guided
-  U-Net (phantom_text.yaml) vs the same data through an image-only U-Net and through C2FVL-style
-  attributes (c2fvl_attributes.yaml).
 * sliding: one 1024x1024 image, U-Net trained at 224 px; ours = medalign.inference
   (Gaussian blending, 1 window per pass on CPU, inference mode, optionally bf16) vs MONAI's
   ``sliding_window_inference`` at its defaults (overlap 0.25, constant blending, 1 window per
@@ -51,7 +45,6 @@ SHARED = (
     "1-2 torch threads per process)"
 )
 
-LVIT_PUBLISHED = {"LViT-T (published)": (80.36, 67.31), "U-Net (published in LViT)": (76.45, 62.86)}
 KVASIR_PUBLISHED = {"U-Net (published, PraNet paper)": 0.818, "PraNet (published)": 0.898}
 
 
@@ -83,40 +76,6 @@ def seconds(results: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def bench_monuseg(epochs: int, seeds: int) -> str:
-    manifest = imported("monuseg_text", "lvit", "monuseg-text")
-    rows = []
-    for recipe, label in (
-        ("lvit_monuseg", "medalign text_unet (MiniLM text)"),
-        ("unet_monuseg", "medalign U-Net"),
-    ):
-        results = [
-            train(
-                recipe,
-                f"seg_{recipe}_s{seed}",
-                [f"data.manifest={manifest}", f"train.epochs={epochs}", f"train.seed={seed}"],
-                folder="segment",
-            )
-            for seed in range(seeds)
-        ]
-        dice, iou = [r["dice"] for r in results], [r["iou"] for r in results]
-        rows.append(f"| {label} | {pct(dice)} | {pct(iou)} | {len(results)} | {seconds(results)} |")
-    for name, (dice, iou) in LVIT_PUBLISHED.items():
-        rows.append(f"| {name} | {dice:.2f} | {iou:.2f} | – | – |")
-    n = results[0]["n_images"]
-    return "\n".join(
-        [
-            f"MoNuSeg with LViT's text: LViT's Train/Val/Test folders, trained on Train ({epochs} epochs), "
-            f"evaluated on the {n} Test images at 224 px; Dice and IoU per image, averaged over images "
-            f"(LViT's metric), mean ± std over seeds. Machine: {machine(SHARED)}.",
-            "",
-            "| model | Dice % | IoU % | seeds | train time / seed |",
-            "|---|---|---|---|---|",
-            *rows,
-        ]
-    )
 
 
 def bench_kvasir(epochs: int, seeds: int) -> str:
@@ -183,52 +142,6 @@ def bench_busi(epochs: int, init_from: Path) -> str:
             "",
             "| model | Dice % | IoU % | HD95 px | HD95 undefined | train time / fold |",
             "|---|---|---|---|---|---|",
-            *rows,
-        ]
-    )
-
-
-def bench_phantom(epochs: int, seeds: int) -> str:
-    from medalign.data.phantom import PhantomConfig, generate_phantom
-
-    prompts = generate_phantom(RUNS / "data" / "phantom480", PhantomConfig(n=480, seed=0)).with_name(
-        "prompts.csv"
-    )
-    common = [f"data.manifest={prompts}", "data.phantom=null", f"train.epochs={epochs}"]
-    variants: list[tuple[str, str, list[str]]] = [
-        ("phantom_text", "text-guided U-Net (prompt, MiniLM)", []),
-        ("c2fvl_attributes", "attribute-guided U-Net (C2FVL attributes)", []),
-        (
-            "phantom_text",
-            "image-only U-Net (same targets)",
-            ["model.name=unet", "model.overrides={in_channels: 2, image_size: 128}"],
-        ),
-    ]
-    rows = []
-    for recipe, label, extra in variants:
-        tag = recipe if not extra else "image_only"
-        results = [
-            train(
-                recipe,
-                f"seg_phantom_{tag}_s{seed}",
-                [*common, *extra, f"train.seed={seed}"],
-                folder="segment",
-            )
-            for seed in range(seeds)
-        ]
-        rows.append(
-            f"| {label} | {pct([r['dice'] for r in results])} | {pct([r['iou'] for r in results])} "
-            f"| {len(results)} | {seconds(results)} |"
-        )
-    return "\n".join(
-        [
-            f"Phantom (480 cases, seed 0) lesion prompts: each row names one lesion of a case and only that lesion "
-            f"is the target, so a model that cannot read the prompt cannot know which lesion to segment. "
-            f"128 px, both modalities as channels, {epochs} epochs; per-image Dice / IoU on the test prompts. "
-            f"Machine: {machine(SHARED)}.",
-            "",
-            "| model | Dice % | IoU % | seeds | train time / seed |",
-            "|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -408,8 +321,6 @@ def bench_step(rounds: int, steps: int, batch_size: int = 16, size: int = 256) -
 TITLES = {
     "step": "Segmentation training step",
     "sliding": "Sliding-window inference speed",
-    "phantom": "Prompt-selected segmentation on the phantom",
-    "monuseg": "MoNuSeg with text (LViT protocol)",
     "busi": "BUSI segmentation, 3 folds",
     "kvasir": "Kvasir-SEG (900/100)",
 }
@@ -431,8 +342,6 @@ def main() -> None:
     benches: dict[str, Callable[[], str]] = {
         "step": lambda: bench_step(args.rounds, args.steps),
         "sliding": lambda: bench_sliding(args.repeats),
-        "phantom": lambda: bench_phantom(epochs or 10, args.seeds or 1),
-        "monuseg": lambda: bench_monuseg(epochs or 40, args.seeds or 2),
         "busi": lambda: bench_busi(epochs or 8, args.init_from),
         "kvasir": lambda: bench_kvasir(epochs or 3, args.seeds or 1),
     }

@@ -264,11 +264,43 @@ def render(part: str) -> str:
 
 
 PARTS = ("design", "phantom", "monuseg", "qata")
+README_PARTS = {
+    "phantom": "Phantom lesion prompts",
+    "monuseg": "MoNuSeg (LViT protocol)",
+    "qata": "QaTa-COV19",
+}
+
+
+def readme_block() -> str:
+    """The README's summary: per benchmark, true / shuffled / empty prompt next to image-only."""
+    lines = [
+        "| test split | text-guided Dice % | with a shuffled prompt | with no prompt | image-only Dice % | published |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part, title in README_PARTS.items():
+        if not results_path(f"{NAME}_{part}").is_file():
+            continue
+        data = load_results(f"{NAME}_{part}")
+        rows = {row["key"]: row for row in data["rows"]}
+        text, image = rows["text"], rows["image_only"]
+        published = "; ".join(
+            f"{label.split(' (')[0]} {dice:.2f}" for label, (dice, _) in data.get("published", {}).items()
+        )
+        lines.append(
+            f"| {title} ({len(text['runs'])} seed{'s' if len(text['runs']) > 1 else ''}) | {column(text, 'dice')} "
+            f"| {column(text, 'shuffled_dice')} | {column(text, 'empty_dice')} | {column(image, 'dice')} "
+            f"| {published or '–'} |"
+        )
+    return "\n".join(lines)
 
 
 def blocks() -> dict[str, str]:
-    """One block per part whose results file is committed (marker ``bench_text_segment_<part>``)."""
-    return {f"{NAME}_{part}": render(part) for part in PARTS if results_path(f"{NAME}_{part}").is_file()}
+    """One block per part whose results file is committed (marker ``bench_text_segment_<part>``),
+    and the README's summary of them (``bench_text_segment_readme``)."""
+    out = {f"{NAME}_{part}": render(part) for part in PARTS if results_path(f"{NAME}_{part}").is_file()}
+    if any(results_path(f"{NAME}_{part}").is_file() for part in README_PARTS):
+        out[f"{NAME}_readme"] = readme_block()
+    return out
 
 
 def main() -> None:
@@ -294,7 +326,7 @@ def main() -> None:
     print(f"{data['protocol']}\n\n{table(data)}")
     if args.write:
         save_results(f"{NAME}_{args.part}", data)
-        write_blocks({f"{NAME}_{args.part}": render(args.part)})
+        write_blocks({k: v for k, v in blocks().items() if k in (f"{NAME}_{args.part}", f"{NAME}_readme")})
 
 
 if __name__ == "__main__":
