@@ -169,7 +169,10 @@ def bench_phantom(seeds: int) -> dict[str, Any]:
     }
 
 
-def bench_monuseg(seeds: int, epochs: int, split: str) -> dict[str, Any]:
+SCRATCH = ["model.overrides.vision=null", "model.overrides.base_width=32", "optim.lr_multipliers={}"]
+
+
+def bench_monuseg(seeds: int, epochs: int, split: str, scratch: bool) -> dict[str, Any]:
     manifest = imported("monuseg_text", "lvit", "monuseg-text")
     common = [
         f"data.manifest={manifest}",
@@ -181,6 +184,16 @@ def bench_monuseg(seeds: int, epochs: int, split: str) -> dict[str, Any]:
         ("text", "text-guided, EfficientNet-Lite0 (LViT's text)", "lvit_monuseg", []),
         ("image_only", "image-only, same network", "lvit_monuseg", IMAGE_ONLY),
     ]
+    if scratch:  # the encoder trained from scratch instead of the pretrained one
+        variants += [
+            ("scratch_text", "text-guided, conv encoder from scratch", "lvit_monuseg", SCRATCH),
+            (
+                "scratch_image_only",
+                "image-only, conv encoder from scratch",
+                "lvit_monuseg",
+                [*SCRATCH, *IMAGE_ONLY],
+            ),
+        ]
     rows = run_variants(variants, common, seeds, f"monuseg_{split}_e{epochs}")
     return {
         "protocol": (
@@ -309,6 +322,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--split", default="test", help="monuseg/qata: val while choosing, test once")
+    parser.add_argument(
+        "--scratch", action="store_true", help="monuseg: also the encoder trained from scratch"
+    )
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -317,7 +333,7 @@ def main() -> None:
         "design": bench_design,
         "phantom": lambda: bench_phantom(args.seeds or PHANTOM_SEEDS),
         "monuseg": lambda: bench_monuseg(
-            args.seeds or MONUSEG_SEEDS, args.epochs or MONUSEG_EPOCHS, args.split
+            args.seeds or MONUSEG_SEEDS, args.epochs or MONUSEG_EPOCHS, args.split, args.scratch
         ),
         "qata": lambda: bench_qata(args.seeds or QATA_SEEDS, args.epochs or QATA_EPOCHS, args.split),
     }

@@ -91,7 +91,8 @@ def dice(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
 
 
 def train_on_toy(model: torch.nn.Module, steps: int, seed: int = 0) -> float:
-    """Adam on batches that hold each image twice, once per prompt; returns the seconds taken."""
+    """Adam on batches that hold each image twice, once per prompt; returns the seconds taken
+    (not asserted: a busy CI machine must not fail a test that measures learning)."""
     data, rng = two_object_toy(512, seed), np.random.default_rng(seed + 1)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     criterion = SegmentationLoss("dice_bce")
@@ -146,9 +147,8 @@ def test_the_prompt_picks_which_of_two_identical_objects_is_segmented() -> None:
     """
     torch.manual_seed(0)
     model = create_model("text_guided", **TOY_MODEL)
-    seconds = train_on_toy(model, TOY_STEPS)
+    train_on_toy(model, TOY_STEPS)
     scores = toy_scores(model)
-    assert seconds < 60, f"{seconds:.0f} s"
     assert scores["first prompt: named disc"] >= 0.8, scores
     assert scores["other prompt: named disc"] >= 0.7, scores
     assert scores["other prompt: other disc"] < 0.3, scores
