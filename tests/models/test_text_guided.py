@@ -43,7 +43,7 @@ def tiny(**overrides: Any) -> TextGuidedSegmenter:
 
 # -- the toy: two identical objects, only the prompt says which one is the target -------------
 
-TOY_SIZE = 32
+TOY_SIZE = 48  # the U-Net's receptive field does not span it: a position must be told, not inferred
 QUADRANTS = (("upper", "left"), ("upper", "right"), ("lower", "left"), ("lower", "right"))
 TOY_TEMPLATES = (
     "the object in the {v} {h}",
@@ -68,7 +68,7 @@ def two_object_toy(n: int, seed: int) -> list[dict[str, Any]]:
         prompts, masks = [], []
         for q in rng.choice(len(QUADRANTS), size=2, replace=False):
             v, h = QUADRANTS[q]
-            r = rng.uniform(3, 5)
+            r = rng.uniform(3, 5) * TOY_SIZE / 32
             cy = rng.uniform(r + 1, half - r - 1) + (half if v == "lower" else 0)
             cx = rng.uniform(r + 1, half - r - 1) + (half if h == "right" else 0)
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
@@ -85,9 +85,9 @@ def toy_batch(cases: list[dict[str, Any]], which: list[int]) -> tuple[torch.Tens
     return pixels, masks.float(), [c["prompts"][w] for c, w in zip(cases, which, strict=True)]
 
 
-def dice(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
+def dice_per_image(probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     p, g = probabilities > 0.5, masks > 0.5
-    return float((2 * (p & g).sum((1, 2, 3)) / (p.sum((1, 2, 3)) + g.sum((1, 2, 3))).clamp(min=1)).mean())
+    return 2 * (p & g).sum((1, 2, 3)) / (p.sum((1, 2, 3)) + g.sum((1, 2, 3))).clamp(min=1)
 
 
 def train_on_toy(model: torch.nn.Module, steps: int, seed: int = 0) -> float:
@@ -112,21 +112,25 @@ def train_on_toy(model: torch.nn.Module, steps: int, seed: int = 0) -> float:
 
 @torch.no_grad()
 def toy_scores(model: torch.nn.Module) -> dict[str, float]:
-    """Dice with the named disc for the first prompt, and where the second prompt moves it."""
+    """Mean Dice with the named disc and with the other one, for the first prompt of each image
+    and for the other disc's prompt; ``picked``: the share of images whose prediction is on the
+    named disc alone (Dice > 0.5 with it, < 0.5 with the other: not both, not neither)."""
     model.eval()
     cases = two_object_toy(64, seed=99)
     scores = {}
     for which, name in ((0, "first prompt"), (1, "other prompt")):
         pixels, masks, prompts = toy_batch(cases, [which] * len(cases))
         probabilities = torch.sigmoid(model(pixels, **model.tokenize(prompts))["logits"].float())
-        scores[f"{name}: named disc"] = dice(probabilities, masks)
         _, other, _ = toy_batch(cases, [1 - which] * len(cases))
-        scores[f"{name}: other disc"] = dice(probabilities, other)
+        named, wrong = dice_per_image(probabilities, masks), dice_per_image(probabilities, other)
+        scores[f"{name}: named disc"] = float(named.mean())
+        scores[f"{name}: other disc"] = float(wrong.mean())
+        scores[f"{name}: picked"] = float(((named > 0.5) & (wrong < 0.5)).float().mean())
     return scores
 
 
 TOY_MODEL = {
-    "base_width": 8,
+    "base_width": 4,
     "depth": 2,
     "context_dim": 32,
     "image_size": TOY_SIZE,
@@ -134,7 +138,7 @@ TOY_MODEL = {
     "encoder_fusion": [],
     "decoder_fusion": [1, 2],
 }
-TOY_STEPS = 200
+TOY_STEPS = 150
 
 
 def test_the_prompt_picks_which_of_two_identical_objects_is_segmented() -> None:
@@ -142,8 +146,12 @@ def test_the_prompt_picks_which_of_two_identical_objects_is_segmented() -> None:
 
     The default text tower (frozen pretrained MiniLM) reads four phrasings of a quadrant
     ("upper left", ...); trained for TOY_STEPS steps the model must segment the named disc
-    (Dice >= 0.8) and, given the other disc's prompt, move to that disc (Dice >= 0.7).
-    ~30 s on one core: the only way to test that a model learned to read its text.
+    (Dice >= 0.8) and, given the other disc's prompt, move to that disc (Dice >= 0.7), in at
+    least 90% of the images alone. A model that learned only left/right or only upper/lower
+    segments both discs whenever they share a side: about 0.83 and 0.29 mean Dice, a third of
+    the images not picked. ~30 s on one core: the only way to test that a model learned to read
+    its text. The former text_unet fails it (no positions: the receptive field of its 48 px
+    U-Net cannot tell where a disc is; see issue 19's notes).
     """
     torch.manual_seed(0)
     model = create_model("text_guided", **TOY_MODEL)
@@ -151,7 +159,8 @@ def test_the_prompt_picks_which_of_two_identical_objects_is_segmented() -> None:
     scores = toy_scores(model)
     assert scores["first prompt: named disc"] >= 0.8, scores
     assert scores["other prompt: named disc"] >= 0.7, scores
-    assert scores["other prompt: other disc"] < 0.3, scores
+    # the prediction moves: the other disc's prompt leaves the first disc in (almost) every image
+    assert scores["first prompt: picked"] >= 0.9 and scores["other prompt: picked"] >= 0.9, scores
 
 
 # -- parts ----------------------------------------------------------------------------------------
