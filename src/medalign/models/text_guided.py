@@ -206,7 +206,7 @@ class LegacyTextUNetConfig(_SegConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-FILM_INIT = float(__import__("os").environ.get("FILM_INIT", "0.1"))
+FILM_INIT = 0.1  # the text -> image scale/shift layer starts at a tenth of its default weights
 
 
 def sinusoidal_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
