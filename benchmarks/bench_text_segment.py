@@ -114,17 +114,20 @@ def register_legacy() -> None:
 
 
 PLAIN_ROWS = ["data.prompts.per_image=1", "data.prompts.negatives_from=[]"]
+GROUPED = ["data.prompts.per_image=2", "data.prompts.negatives_from=[attr:side, attr:zone]"]
 DESIGN: list[Variant] = [
     ("legacy_plain", "former text_unet, one row at a time, no flips", "phantom_text",
      ["model.name=legacy_text_unet", *PLAIN_ROWS, "data.flip_axes=[]"]),
     ("legacy_grouped", "former text_unet, grouped prompts + negatives", "phantom_text",
-     ["model.name=legacy_text_unet"]),
-    ("new_plain", "text_guided, one row at a time", "phantom_text", PLAIN_ROWS),
-    ("recipe", "text_guided, grouped prompts + negatives (the recipe)", "phantom_text", []),
-    ("no_positions", "recipe without 2D positions", "phantom_text", ["model.overrides.positional=false"]),
-    ("decoder_only", "recipe without encoder fusion", "phantom_text", ["model.overrides.encoder_fusion=[]"]),
+     ["model.name=legacy_text_unet", *GROUPED]),
+    ("new_plain", "text_guided, one row at a time (the recipe)", "phantom_text", PLAIN_ROWS),
+    ("grouped", "text_guided, grouped prompts + negatives", "phantom_text", GROUPED),
+    ("no_positions", "recipe without 2D positions", "phantom_text",
+     [*PLAIN_ROWS, "model.overrides.positional=false"]),
+    ("decoder_only", "recipe without encoder fusion", "phantom_text",
+     [*PLAIN_ROWS, "model.overrides.encoder_fusion=[]"]),
     ("text_top2", "recipe + top 2 text layers trained (lr x0.1)", "phantom_text",
-     ["model.overrides.text_trainable_layers=2", "optim.lr_multipliers={text: 0.1}"]),
+     [*PLAIN_ROWS, "model.overrides.text_trainable_layers=2", "optim.lr_multipliers={text: 0.1}"]),
     ("image_only", "image-only control (same network, no text)", "phantom_text", IMAGE_ONLY),
 ]  # fmt: skip
 
@@ -139,7 +142,8 @@ def bench_design() -> dict[str, Any]:
             f"Phantom (480 cases, seed 0) lesion prompts, val split ({rows[0]['runs'][0]['n_images']} prompts), "
             f"128 px, both modalities as channels, {PHANTOM_STEPS} steps of 16 prompts for every row, seed 0; "
             "per-image Dice / IoU. Grouped prompts: each image twice per batch with two prompts and targets, "
-            "a cell without lesion as negative (empty target); flips mirror the prompt."
+            "a cell without lesion as negative (empty target); flips mirror the prompt. The recipe "
+            "(configs/segment/phantom_text.yaml) was chosen from these rows."
         ),
         "rows": rows,
         "machine": machine(SHARED),
