@@ -275,9 +275,41 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mean_pct(row: dict[str, Any], key: str = "dice") -> float:
+    return 100 * statistics.mean(r[key] for r in row["runs"])
+
+
+def design_notes(data: dict[str, Any]) -> str:
+    """What the design table says, in sentences computed from it."""
+    row = {r["key"]: r for r in data["rows"]}
+    recipe, image = mean_pct(row["new_plain"]), mean_pct(row["image_only"])
+    return " ".join(
+        [
+            f"Positions decide: without its 2D position encodings the text-guided model scores "
+            f"{mean_pct(row['no_positions']):.1f} (the image-only control {image:.1f}), with them {recipe:.1f}.",
+            f"The former text_unet (no positions) ignores its prompt whatever its batches: "
+            f"{mean_pct(row['legacy_plain']):.1f} one row at a time, {mean_pct(row['legacy_grouped']):.1f} with grouped "
+            f"prompts and negatives, and the same with another image's prompt "
+            f"({mean_pct(row['legacy_plain'], 'shuffled_dice'):.1f}).",
+            f"Grouping each image's prompts into a batch with negatives gives {mean_pct(row['grouped']):.1f} against "
+            f"{recipe:.1f} one row at a time (the recipe keeps the better on val); it does change what the empty "
+            f"prompt means: {mean_pct(row['grouped'], 'empty_dice'):.1f} (a prompt that names no lesion asks for "
+            f"nothing) against {mean_pct(row['new_plain'], 'empty_dice'):.1f}.",
+            f"Fusing in the decoder only: {mean_pct(row['decoder_only']):.1f}; training the text tower's top two "
+            f"layers: {mean_pct(row['text_top2']):.1f}.",
+        ]
+    )
+
+
+NOTES: dict[str, Callable[[dict[str, Any]], str]] = {"design": design_notes}
+
+
 def render(part: str) -> str:
     data = load_results(f"{NAME}_{part}")
-    return f"{data['protocol']} Machine: {data['machine']}.\n\n{table(data)}"
+    notes = NOTES[part](data) if part in NOTES else ""
+    return f"{data['protocol']} Machine: {data['machine']}.\n\n{table(data)}" + (
+        f"\n\n{notes}" if notes else ""
+    )
 
 
 PARTS = ("design", "phantom", "monuseg", "qata")
