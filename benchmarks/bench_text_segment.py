@@ -39,7 +39,7 @@ PHANTOM_STEPS = 400  # 16 prompts a step; every variant trains exactly this many
 PHANTOM_SEEDS = 3
 MONUSEG_EPOCHS = 100
 MONUSEG_SEEDS = 3
-QATA_EPOCHS = 4
+QATA_EPOCHS = 8
 QATA_SEEDS = 1
 
 LVIT_MONUSEG = {"LViT-T (published)": (80.36, 67.31), "U-Net (published in LViT)": (76.45, 62.86)}
