@@ -532,12 +532,12 @@ class TextGuidedSegmenter(_UNetSkeleton):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-        frozen = self.text is not None and not any(p.requires_grad for p in self.text.parameters())
+        cacheable = self.text is not None and not any(p.requires_grad for p in self.text.parameters())
         lengths = attention_mask.sum(dim=1)
-        if not tracing and frozen:  # the cache is plain Python: eager mode, frozen tower, right padding
+        if not tracing and cacheable:  # the cache is plain Python: eager mode, frozen tower, right padding
             positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-            frozen = bool((attention_mask.bool() == (positions < lengths[:, None])).all())
-        if tracing or not frozen:
+            cacheable = bool((attention_mask.bool() == (positions < lengths[:, None])).all())
+        if tracing or not cacheable:
             _, features, mask = self._encode_text(input_ids, attention_mask)
             return features, mask
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
