@@ -169,8 +169,8 @@ def test_predictor_and_cli_predict_what_evaluation_scores(prompts: Path, tmp_pat
         got = predictor.segment(files, text=sample["text"])
         np.testing.assert_allclose(got, expected, atol=1e-5)
         out = tmp_path / f"{variant}.png"
-        args = ["predict", "segment", "--model", str(tmp_path / "bundle"), "--image", files["a"],
-                "--image", files["b"], "--text", sample["text"], "--out", str(out)]  # fmt: skip
+        args = ["predict", "segment", "--model", str(tmp_path / "bundle"), "--image", f"a={files['a']}",
+                "--image", f"b={files['b']}", "--text", sample["text"], "--out", str(out)]  # fmt: skip
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         from PIL import Image
@@ -194,7 +194,7 @@ def test_attribute_models_predict_from_findings(prompts: Path, tmp_path: Path) -
         dict(zip("ab", files, strict=True)), attributes={"side": "right", "zone": "lower"}
     )
     assert left.shape == (64, 64) and not np.allclose(left, right)
-    args = ["predict", "segment", "--model", str(tmp_path / "b"), "--image", files[0], "--image", files[1],
+    args = ["predict", "segment", "--model", str(tmp_path / "b"), "--image", f"a={files[0]}", "--image", f"b={files[1]}",
             "--attribute", "side=left", "--attribute", "zone=lower", "--out", str(tmp_path / "m.png")]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
