@@ -128,7 +128,7 @@ def step_align(ctx: QuickstartContext) -> bool:
     return True
 
 
-SEGMENT_EPOCHS = 6  # the text-guided model pulls far ahead of the image-only one within these
+SEGMENT_STEPS = 400  # batches of 16 prompts (~11 epochs): the schedule of benchmarks/bench_text_segment.py
 
 
 def _train_segmentation(ctx: QuickstartContext, name: str, extra: list[str]) -> dict[str, Any]:
@@ -140,7 +140,8 @@ def _train_segmentation(ctx: QuickstartContext, name: str, extra: list[str]) -> 
         f"data.manifest={ctx.artifacts['prompts']}",
         "data.phantom=null",
         f"train.seed={ctx.seed}",
-        f"train.epochs={SEGMENT_EPOCHS}",
+        "train.epochs=1000",
+        f"train.max_steps={SEGMENT_STEPS}",
         ctx.checkpoint_override,
         *extra,
     ]
