@@ -66,8 +66,11 @@ IMAGE_ONLY = ["model.overrides.text=null"]
 def phantom_prompts() -> str:
     from medalign.data.phantom import PhantomConfig, generate_phantom
 
-    path = generate_phantom(RUNS / "data" / "phantom480", PhantomConfig(n=480, seed=0))
-    return str(path.with_name("prompts.csv"))
+    folder = RUNS / "data" / "phantom480"
+    prompts = folder / "prompts.csv"
+    if not (prompts.is_file() and (folder / "manifest.csv").is_file()):  # never rewrite what a run reads
+        generate_phantom(folder, PhantomConfig(n=480, seed=0))
+    return str(prompts)
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -372,9 +375,14 @@ def readme_block() -> str:
 
 
 def blocks() -> dict[str, str]:
-    """One block per part whose results file is committed (marker ``bench_text_segment_<part>``),
-    and the README's summary of them (``bench_text_segment_readme``)."""
-    out = {f"{NAME}_{part}": render(part) for part in PARTS if results_path(f"{NAME}_{part}").is_file()}
+    """One block per part (marker ``bench_text_segment_<part>``; a part without a committed
+    results file says so), and the README's summary of the measured ones (``bench_text_segment_readme``)."""
+    out = {
+        f"{NAME}_{part}": render(part)
+        if results_path(f"{NAME}_{part}").is_file()
+        else f"No measured rows yet: `python benchmarks/bench_text_segment.py {part} --write` writes them."
+        for part in PARTS
+    }
     if any(results_path(f"{NAME}_{part}").is_file() for part in README_PARTS):
         out[f"{NAME}_readme"] = readme_block()
     return out
