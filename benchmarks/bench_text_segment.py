@@ -124,6 +124,16 @@ def run_variants(variants: list[Variant], common: list[str], seeds: int, tag: st
     return rows
 
 
+def seeds_phrase(rows: list[dict[str, Any]]) -> str:
+    """How many seeds the table's numbers are over (the count column says it per row)."""
+    counts = {len(row["runs"]) for row in rows}
+    if counts == {1}:
+        return "one seed (0)"
+    if len(counts) == 1:
+        return f"mean ± std over {counts.pop()} seeds"
+    return "mean ± std over the seeds of each row (seeds column; a single seed shows no ±)"
+
+
 # -- parts --------------------------------------------------------------------------------------
 
 
@@ -193,8 +203,8 @@ def bench_phantom(seeds: int) -> dict[str, Any]:
             "only that lesion is the target, so a model that cannot read the prompt can at best segment every "
             f"lesion. 128 px, both modalities as channels, {PHANTOM_STEPS} steps of 16 prompts for every model "
             "(the design chosen on val: table above), the same targets; the attribute model gets exactly the prompt's content (side, "
-            f"zone). Per-image Dice / IoU on the {rows[0]['runs'][0]['n_images']} test prompts, mean ± std over "
-            f"{seeds} seeds; shuffled = each row given another image's prompt, empty = no prompt."
+            f"zone). Per-image Dice / IoU on the {rows[0]['runs'][0]['n_images']} test prompts, "
+            f"{seeds_phrase(rows)}; shuffled = each row given another image's prompt, empty = no prompt."
         ),
         "rows": rows,
         "machine": machine(SHARED),
@@ -231,8 +241,8 @@ def bench_monuseg(seeds: int, epochs: int, split: str, scratch: bool) -> dict[st
         "protocol": (
             f"MoNuSeg with LViT's text, LViT's Train/Val/Test folders (24/6/14 images) at 224 px, trained on Train "
             f"({epochs} epochs of batch 4, a schedule fixed in advance to fit the CPU: nothing was tuned on Val), evaluated on the {rows[0]['runs'][0]['n_images']} "
-            f"{split.capitalize()} images; Dice / IoU per image averaged over images (LViT's metric), mean ± std "
-            f"over {seeds} seeds; shuffled = another image's text, empty = no text."
+            f"{split.capitalize()} images; Dice / IoU per image averaged over images (LViT's metric), "
+            f"{seeds_phrase(rows)}; shuffled = another image's text, empty = no text."
         ),
         "split": split,
         "rows": rows,
@@ -259,7 +269,7 @@ def bench_qata(seeds: int, epochs: int, split: str) -> dict[str, Any]:
             f"QaTa-COV19 with LViT's text at 224 px: trained on the shared copy's 3,865-image Train subset (LViT: "
             f"5,716) for {epochs} epochs of batch 16 (LViT trains up to 2,000 epochs with early stopping), "
             f"evaluated on the {rows[0]['runs'][0]['n_images']} {split.capitalize()} images; per-image Dice / IoU "
-            f"averaged over images (LViT's metric), {seeds} seed(s); shuffled = another image's text (one that "
+            f"averaged over images (LViT's metric), {seeds_phrase(rows)}; shuffled = another image's text (one that "
             "differs), empty = no text."
         ),
         "split": split,
