@@ -385,14 +385,9 @@ def readme_block() -> str:
 
 
 def blocks() -> dict[str, str]:
-    """One block per part (marker ``bench_text_segment_<part>``; a part without a committed
-    results file says so), and the README's summary of the measured ones (``bench_text_segment_readme``)."""
-    out = {
-        f"{NAME}_{part}": render(part)
-        if results_path(f"{NAME}_{part}").is_file()
-        else f"No measured rows yet: `python benchmarks/bench_text_segment.py {part} --write` writes them."
-        for part in PARTS
-    }
+    """One block per part whose results file is committed (marker ``bench_text_segment_<part>``;
+    the others keep a pending marker), and the README's summary of them (``bench_text_segment_readme``)."""
+    out = {f"{NAME}_{part}": render(part) for part in PARTS if results_path(f"{NAME}_{part}").is_file()}
     if any(results_path(f"{NAME}_{part}").is_file() for part in README_PARTS):
         out[f"{NAME}_readme"] = readme_block()
     return out

@@ -40,6 +40,7 @@ README = REPO / "README.md"
 DOCS = (README, BENCHMARKS)
 RESULTS = REPO / "benchmarks" / "results"
 STAMP = "bench_overrides.json"
+NO_RESULTS = "(no current results file)"  # said before a pending block; dropped when it is written
 
 
 def machine(cores: str = "", versions: str = "") -> str:
@@ -157,6 +158,34 @@ def load_results(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def rendered(renderers: dict[str, Callable[[dict[str, Any]], str]]) -> dict[str, str]:
+    """``blocks()`` of a script: marker -> markdown for every results file of the script that
+    exists (results file and marker share the name). A doc block whose results file is missing
+    is not rendered by anyone, which ``render_docs --check`` reports."""
+    return {name: render(load_results(name)) for name, render in renderers.items() if results_path(name).is_file()}
+
+
+def publish(name: str, results: dict[str, Any], render: Callable[[dict[str, Any]], str], heading: str) -> str:
+    """Save ``results`` as ``benchmarks/results/<name>.json`` and write its block, rendered from the
+    saved file (so what is written is exactly what ``render_docs --check`` re-renders). A block
+    without markers takes the place of a ``<!-- NAME:pending -->`` line (a section whose numbers
+    were removed until the benchmark runs again), or else gets ``heading`` and markers appended to
+    BENCHMARKS.md. Returns the block."""
+    save_results(name, results)
+    body = render(load_results(name))
+    begin, end = _markers(name)
+    if name not in doc_blocks():
+        pending = f"<!-- {name}:pending -->"
+        holder = next((doc for doc in DOCS if pending in doc.read_text(encoding="utf-8")), None)
+        if holder is not None:
+            text = holder.read_text(encoding="utf-8").replace(f" {NO_RESULTS}.\n\n{pending}", f".\n\n{pending}", 1)
+            holder.write_text(text.replace(pending, f"{begin}\n{end}", 1), encoding="utf-8")
+        else:
+            replace_section(body, begin, end, heading)
+    write_blocks({name: body})
+    return body
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
@@ -190,3 +219,39 @@ def write_blocks(blocks: dict[str, str], docs: tuple[Path, ...] | None = None) -
         head, _, rest = text.partition(begin)
         _, _, tail = rest.partition(end)
         path.write_text(f"{head}{begin}\n{body.strip(chr(10))}\n{end}{tail}", encoding="utf-8")
+
+
+# Every real-data training run of a benchmark: one data worker (the machine's other core is busy),
+# one cache of decoded, resized images shared by all runs, few checkpoints.
+REAL_DATA_RUN = ["data.num_workers=1", f"data.cache={RUNS / 'cache'}", "train.checkpoint_every=1000"]
+
+
+def slug(text: str) -> str:
+    """A run-folder-safe form of a variant's name (``encoder lr x0.1`` -> ``encoder_lr_x0_1``)."""
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def carve_val(source: Path, name: str, fraction: float, *, seed: int = 0, rename: dict[str, str] | None = None) -> Path:
+    """A copy of a manifest whose ``val`` split is a seeded ``fraction`` of its train patients.
+
+    Benchmarks choose recipes on this val split and read their test split once. ``rename`` maps
+    the source's other split names first (BUSI: the fold's held-out ``val`` list becomes
+    ``test``), so an existing val split never mixes with the carved one. Stratified by ``label``
+    when the manifest has one. Written once next to ``source`` as ``<name>.csv``.
+    """
+    from medalign.data.manifest import Manifest, assign_splits, read_manifest, write_manifest
+
+    path = source.with_name(f"{name}.csv")
+    if path.is_file():
+        return path
+    manifest = read_manifest(source)
+    table = manifest.table.copy()
+    table["split"] = table["split"].replace(rename or {})
+    if (table["split"] == "val").any():
+        raise ValueError(f"{source} already has a val split; rename it (rename={{'val': ...}})")
+    train = table["split"] == "train"
+    stratify = "label" if "label" in table.columns else None
+    carved = assign_splits(table[train], {"train": 1 - fraction, "val": fraction}, seed=seed, stratify=stratify)
+    table.loc[train, "split"] = carved.values
+    write_manifest(Manifest(table, manifest.base_dir, manifest.meta), path)
+    return path

@@ -551,7 +551,7 @@ def eval_segment(
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 (undefined cases listed) and NSD.
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 and NSD over every image.
 
     A prompt-guided (text or attribute) model is scored three times: with each row's true
     prompt, with another image's (shuffled) and with the empty prompt; how much Dice it loses

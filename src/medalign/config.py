@@ -98,6 +98,9 @@ class ModelConfig:
     name: str = "align_tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a bundle folder whose weights initialise this model
+    # a bundle of the same kind must fill every weight of the model and bring none it lacks;
+    # true accepts a partial load (the missing and unexpected keys are still printed)
+    init_from_partial: bool = False
     adapters: dict[str, Any] = field(default_factory=dict)
 
 

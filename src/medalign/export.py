@@ -161,11 +161,15 @@ def _axes(text: bool) -> dict[str, dict[int, Any]]:
 
 
 def _export_size(model: nn.Module, image_size: int | None) -> int:
-    """The exported image size; a ViT's position table only fits its trained size."""
+    """The exported image size; a ViT's position table only fits its trained size.
+
+    Segmenters on a convolutional tower (``fixed_input_size`` False: EfficientNet) export at
+    any size their strides allow, like the MONAI U-Nets.
+    """
     size = int(model.config.image_size)
     if image_size is None or image_size == size:
         return size
-    if getattr(model, "vision", None) is not None:
+    if getattr(model, "fixed_input_size", getattr(model, "vision", None) is not None):
         raise ExportError(
             f"{_model_name(model)} has a ViT whose position embeddings fit {size} px; "
             f"it cannot be exported at image_size={image_size}"

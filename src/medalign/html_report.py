@@ -35,7 +35,7 @@ OVERLAY_CASES = 3  # best and worst cases shown as segmentation overlays
 REPORT_EXAMPLES = 5  # reports.jsonl rows shown for report generation
 HEADLINE_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc", "ece")
 SEGMENTATION_KEYS = (
-    "dice", "iou", "dice_std", "pooled_dice", "hd95", "hd95_undefined", "nsd", "n_images", "n_empty_gt"
+    "dice", "iou", "dice_std", "pooled_dice", "hd95", "hd95_worst", "nsd", "n_images", "n_empty_gt"
 )  # fmt: skip
 RETRIEVAL_PAIRS = (("image_to_text", "text_to_image"), ("first_to_second", "second_to_first"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,18 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
 TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
 
 
-def build_model(config: RunConfig) -> Any:
+def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
     """The recipe's model: ``model.name`` with its overrides, started from ``model.init_from`` if set.
 
     ``init_from`` names a bundle. A bundle of the same kind (alignment -> alignment,
-    segmentation -> segmentation, ...) gives the new model every weight whose name they share
-    (a differing shape is an error). A bundle of another kind hands over its towers: this is
-    how the curriculum chains Stage I (MAE) -> Stage II (alignment) -> Stage III (heads), and
-    how an aligned or pretrained encoder starts a ``clip_decoder`` (NextGen-UIA's path). The
-    new model takes the source's tower architectures and input description
+    segmentation -> segmentation, ...) loads into the new model by weight name: a differing
+    shape is an error, and so is a partial load (weights of the model the bundle lacks, or
+    weights of the bundle the model has no place for, both listed) unless the recipe says
+    ``model.init_from_partial: true``; a half-loaded model must not train silently. A bundle
+    of another kind hands over its towers: this is how the curriculum chains Stage I (MAE) ->
+    Stage II (alignment) -> Stage III (heads), and how an aligned or pretrained encoder starts a
+    ``clip_decoder`` or ``unet_pretrained`` (NextGen-UIA's path). The new model takes the source's
+    tower architectures and input description
     (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
     trained in, and the preprocessing they were trained with), then loads the source's
     ``vision`` and, when both have one, ``text`` tower weights strictly; ``model.overrides``
@@ -92,7 +96,11 @@ def build_model(config: RunConfig) -> Any:
     model = create_model(name, **overrides)
     if source is not None:
         if source.bundle_kind == model.bundle_kind:
-            load_matching_weights(model, source.state_dict(), init_from, name)
+            loaded = load_matching_weights(
+                model, source.state_dict(), init_from, name, partial=config.model.init_from_partial
+            )
+            if loaded.missing or loaded.unexpected:
+                echo(loaded.describe())
         else:
             model = _from_towers(source, model, name, overrides, init_from)
     if config.model.adapters:
@@ -113,7 +121,7 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
         raise ValueError(
             f"init_from '{init_from}' is a {source.bundle_kind} bundle, which cannot initialise {name!r} "
             f"({model.bundle_kind}): they share no vision tower. A bundle of another kind can start "
-            "any model with a ViT `vision` tower (alignment, clip_decoder, clinical, report, MAE)"
+            "any model with a `vision` tower (alignment, unet_pretrained, clip_decoder, clinical, report, MAE)"
         )
     portable = source.portable_config()
     target_fields = {f.name for f in dataclasses.fields(model.config)}
@@ -133,20 +141,53 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
 
 
 def _tower(model: Any, name: str) -> Any:
+    from medalign.models.cnn_towers import EfficientNetTower
+    from medalign.models.hf_vision import HFVisionTower
     from medalign.models.towers import TextTower, VisionTower
 
     tower = getattr(model, name, None)
-    return tower if isinstance(tower, (VisionTower, TextTower)) else None
+    return tower if isinstance(tower, (VisionTower, EfficientNetTower, HFVisionTower, TextTower)) else None
 
 
-def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, name: str) -> None:
-    """Load the weights whose names the model shares; an error when none do or a shape differs."""
+@dataclass(frozen=True)
+class PartialLoad:
+    """What an ``init_from`` load left out: model weights the bundle lacks, bundle weights unused."""
+
+    init_from: str
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+    def describe(self, shown: int = 8) -> str:
+        def names(keys: tuple[str, ...]) -> str:
+            more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+            return ", ".join(keys[:shown]) + more if keys else "none"
+
+        return (
+            f"init_from '{self.init_from}' loads partially: {len(self.missing)} weights of the model are "
+            f"not in the bundle (they keep their fresh initialisation: {names(self.missing)}); "
+            f"{len(self.unexpected)} weights of the bundle have no place in the model "
+            f"({names(self.unexpected)})"
+        )
+
+
+def load_matching_weights(
+    model: Any, weights: dict[str, Any], init_from: str, name: str, *, partial: bool = False
+) -> PartialLoad:
+    """Load a same-kind bundle's weights by name; a shape mismatch, no match at all, or (unless
+    ``partial``) any missing or unexpected key is a ValueError that lists them."""
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # same name, different shape
         raise ValueError(f"init_from '{init_from}': its weights do not fit model {name!r}: {err}") from err
     if len(result.unexpected_keys) == len(weights):
         raise ValueError(f"init_from '{init_from}': none of its weights fit model {name!r}")
+    loaded = PartialLoad(init_from, tuple(result.missing_keys), tuple(result.unexpected_keys))
+    if (loaded.missing or loaded.unexpected) and not partial:
+        raise ValueError(
+            f"{loaded.describe()}. Fix the recipe's model to match the bundle, or set "
+            "model.init_from_partial: true to accept the partial load"
+        )
+    return loaded
 
 
 def modality_rows(manifest: Manifest, columns: list[str]) -> Manifest:
@@ -364,7 +405,7 @@ def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print)
     out, manifest = prepare_run(config)
     if config.data.text_from_labels:
         manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
-    model = build_model(config)
+    model = build_model(config, echo)
     image_keys = image_columns(config, manifest)
     if model.config.in_channels % len(image_keys):
         raise ValueError(
@@ -427,7 +468,7 @@ def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = pri
     from medalign.tasks.segment import SegmentTask, is_prompt_guided, prompt_training_data
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     image_keys = image_columns(config, manifest)
     assert config.data.mask is not None  # validate_ranges checked it
     dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
@@ -559,7 +600,7 @@ def run_fusion(config: RunConfig, *, resume: bool = False, echo: Any = print) ->
     from medalign.tasks.fuse import FuseTask
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, FusionModel):
         raise ValueError(
             f"task fuse needs a fusion model (fuse_adf, fuse_moe, ...), not {config.model.name!r}"

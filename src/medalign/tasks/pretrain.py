@@ -225,7 +225,7 @@ def run_pretrain(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     from medalign.run import build_model, fit_and_save, prepare_run
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, HybridMAE):
         raise ValueError(
             f"task pretrain needs a hybrid MAE (mae_tiny, mae_small, ...), not {config.model.name!r}"
