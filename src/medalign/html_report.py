@@ -575,7 +575,7 @@ def _segmentation_section(run: RunFiles) -> str:
     metrics = run.metrics
     if "dice" not in metrics or not isinstance(metrics.get("per_case"), list):
         return ""
-    out = "<h2>Segmentation</h2>" + _key_values(metrics, SEGMENTATION_KEYS)
+    out = "<h2>Segmentation</h2>" + _key_values(metrics, SEGMENTATION_KEYS) + _prompt_ablation(metrics)
     cases = [r for r in metrics["per_case"] if isinstance(r.get("dice"), (int, float))]
     ranked = sorted(cases, key=lambda r: r["dice"])
     groups = [("best", ranked[::-1][:OVERLAY_CASES]), ("worst", ranked[:OVERLAY_CASES])]
@@ -589,6 +589,23 @@ def _segmentation_section(run: RunFiles) -> str:
     return out + _note(
         "Overlays: green outline = ground truth, red fill = prediction (probability > 0.5), re-predicted with the bundle."
     )
+
+
+PROMPT_ABLATION_NOTE = (
+    "The same images and targets, with each prompt replaced: 'shuffled' = another image's "
+    "prompt (one that differs from the true one), 'empty' = no prompt. A model that reads "
+    "its prompt loses Dice without the true one; one that ignores it scores the same in all three rows."
+)
+
+
+def _prompt_ablation(metrics: Mapping[str, Any]) -> str:
+    """True / shuffled / empty prompt side by side (prompt-guided models only)."""
+    ablation = metrics.get("prompt_ablation")
+    if not isinstance(ablation, Mapping):
+        return ""
+    columns = ("dice", "iou", "pooled_dice", "n_images")
+    rows = [[variant, *(values.get(c) for c in columns)] for variant, values in ablation.items()]
+    return "<h3>Prompt ablation</h3>" + _table(["prompt", *columns], rows) + _note(PROMPT_ABLATION_NOTE)
 
 
 def segmentation_overlays(run: RunFiles, groups: list[tuple[str, list[dict[str, Any]]]]) -> list[bytes]:

@@ -344,10 +344,13 @@ def fit_and_save(
     resume: bool,
     echo: Any,
     collate: Callable[[list[Any]], dict[str, Any]] | None = None,
+    batch_size: int | None = None,
 ) -> Path:
     """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle.
 
-    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model).
+    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model);
+    ``batch_size`` counts the dataset's items per batch (default ``data.batch_size``; a dataset
+    whose items are groups of samples gives fewer).
     """
     from medalign.bundle import save_bundle
     from medalign.engine import Engine
@@ -364,7 +367,7 @@ def fit_and_save(
         task,
         training_source(config, dataset),
         collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
-        batch_size=config.data.batch_size,
+        batch_size=batch_size or config.data.batch_size,
         num_workers=config.data.num_workers,
         drop_last=config.data.drop_last,
         resume=resume,
@@ -481,7 +484,7 @@ def segmentation_dataset(
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.tasks.segment import SegmentTask
+    from medalign.tasks.segment import SegmentTask, is_prompt_guided, prompt_training_data
 
     out, manifest = prepare_run(config)
     model = build_model(config, echo)
@@ -489,41 +492,70 @@ def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = pri
     assert config.data.mask is not None  # validate_ranges checked it
     dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
     task = SegmentTask(model, config.seg_loss, image_keys, config.data.mask)
+    collate = Collator(model.tokenizer, max_length=config.data.text_max_length)
+    source, batch_size = dataset, config.data.batch_size
+    if is_prompt_guided(model):
+        if config.data.shards and config.data.prompts != type(config.data.prompts)():
+            raise ValueError("data.prompts (grouped prompts, negatives, dropout) cannot read data.shards")
+        source, collate, batch_size = prompt_training_data(
+            dataset, config.data.prompts, config.data.mask, collate, config.data.batch_size
+        )
     return fit_and_save(
         config,
         out,
         model,
         task,
-        dataset,
+        source,
         lambda m: evaluate_segmentation(m, manifest, config, image_keys, config.eval.split),
         resume=resume,
         echo=echo,
+        collate=collate,
+        batch_size=batch_size,
     )
 
 
 def evaluate_segmentation(
     model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
 ) -> dict[str, Any]:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split."""
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split.
+
+    A prompt-guided model is also evaluated with every row's prompt replaced by another
+    image's (``shuffled``) and by the empty prompt (``empty``); ``prompt_ablation`` holds the
+    three side by side (``true`` repeats the top-level numbers, which are the true prompt's).
+    """
     import torch
 
-    from medalign.metrics import SegmentationMetrics
-    from medalign.tasks.segment import predict_probabilities
+    from medalign.metrics import SegmentationMetrics, without_rows
+    from medalign.tasks.segment import (
+        PROMPT_VARIANTS,
+        is_prompt_guided,
+        predict_probabilities,
+        prompt_variant,
+    )
 
     dataset = segmentation_dataset(config, manifest, model, image_keys, split, augment=False)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.data.eval_batch_size,
-        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
-    )
-    metrics = SegmentationMetrics()
-    for batch in progress(loader, desc=f"evaluate {split}"):
-        metrics.update(
-            predict_probabilities(model, batch, image_keys),
-            batch[config.data.mask][:, 0].numpy(),
-            batch["case_id"],
+    variants = PROMPT_VARIANTS if is_prompt_guided(model) else PROMPT_VARIANTS[:1]
+    results: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        loader = torch.utils.data.DataLoader(
+            prompt_variant(dataset, variant),
+            batch_size=config.data.eval_batch_size,
+            collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
         )
-    return {"split": split, **metrics.aggregate()}
+        metrics = SegmentationMetrics()
+        label = split if variant == "true" else f"{split}, {variant} prompts"
+        for batch in progress(loader, desc=f"evaluate {label}"):
+            metrics.update(
+                predict_probabilities(model, batch, image_keys),
+                batch[config.data.mask][:, 0].numpy(),
+                batch["case_id"],
+            )
+        results[variant] = metrics.aggregate()
+    out: dict[str, Any] = {"split": split, **results["true"]}
+    if len(results) > 1:
+        keep = ("dice", "iou", "pooled_dice", "n_images")
+        out["prompt_ablation"] = {v: {k: without_rows(r)[k] for k in keep} for v, r in results.items()}
+    return out
 
 
 def fusion_columns(config: RunConfig, manifest: Manifest, model: Any) -> list[str]:
