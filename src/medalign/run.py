@@ -67,7 +67,20 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
     return Manifest(table, manifest.base_dir, manifest.meta)
 
 
-TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
+TRANSFERRED_FIELDS = ("vision", "text", "image_size")
+
+
+def tower_input(config: Any) -> tuple[int, list[float], list[float]]:
+    """Channels and per-channel ``(mean, std)`` of ONE vision-tower input of a model config.
+
+    That is ``in_channels`` and its statistics, except for a late-fusion dual encoder
+    (``image_modalities`` M > 1), whose input stacks M tower inputs: one modality's share
+    (the first modality's statistics).
+    """
+    groups = getattr(config, "image_modalities", 1)
+    channels = config.in_channels // groups
+    mean, std = config.image_stats()
+    return channels, mean[:channels], std[:channels]
 
 
 def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
@@ -82,8 +95,10 @@ def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
     Stage II (alignment) -> Stage III (heads), and how an aligned or pretrained encoder starts a
     ``clip_decoder`` or ``unet_pretrained`` (NextGen-UIA's path). The new model takes the source's
     tower architectures and input description
-    (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
-    trained in, and the preprocessing they were trained with), then loads the source's
+    (``TRANSFERRED_FIELDS`` its config has, and the channels and statistics of one tower input,
+    ``tower_input``, repeated for each modality a late-fusion dual encoder stacks: the weights
+    only fit the architecture they were trained in, and the preprocessing they were trained
+    with), then loads the source's
     ``vision`` and, when both have one, ``text`` tower weights strictly; ``model.overrides``
     set everything else. A pairing with no tower in common is a ValueError.
     """
@@ -129,8 +144,12 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
     for key in TRANSFERRED_FIELDS:
         if key in target_fields and hasattr(portable, key) and (key not in ("vision", "text") or key in towers):
             inherited[key] = getattr(portable, key)
-    if hasattr(portable, "image_stats") and {"image_mean", "image_std"} <= target_fields:
-        inherited["image_mean"], inherited["image_std"] = portable.image_stats()
+    if hasattr(portable, "image_stats") and "in_channels" in target_fields:
+        channels, mean, std = tower_input(portable)
+        groups = getattr(model.config, "image_modalities", 1)  # the target's own, from its overrides
+        inherited["in_channels"] = channels * groups
+        if {"image_mean", "image_std"} <= target_fields:
+            inherited["image_mean"], inherited["image_std"] = mean * groups, std * groups
     model = create_model(name, **{**overrides, **inherited})
     for tower in towers:
         try:
@@ -325,10 +344,13 @@ def fit_and_save(
     resume: bool,
     echo: Any,
     collate: Callable[[list[Any]], dict[str, Any]] | None = None,
+    batch_size: int | None = None,
 ) -> Path:
     """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle.
 
-    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model).
+    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model);
+    ``batch_size`` counts the dataset's items per batch (default ``data.batch_size``; a dataset
+    whose items are groups of samples gives fewer).
     """
     from medalign.bundle import save_bundle
     from medalign.engine import Engine
@@ -345,7 +367,7 @@ def fit_and_save(
         task,
         training_source(config, dataset),
         collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
-        batch_size=config.data.batch_size,
+        batch_size=batch_size or config.data.batch_size,
         num_workers=config.data.num_workers,
         drop_last=config.data.drop_last,
         resume=resume,
@@ -462,7 +484,7 @@ def segmentation_dataset(
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.tasks.segment import SegmentTask
+    from medalign.tasks.segment import SegmentTask, is_prompt_guided, prompt_training_data
 
     out, manifest = prepare_run(config)
     model = build_model(config, echo)
@@ -470,41 +492,70 @@ def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = pri
     assert config.data.mask is not None  # validate_ranges checked it
     dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
     task = SegmentTask(model, config.seg_loss, image_keys, config.data.mask)
+    collate = Collator(model.tokenizer, max_length=config.data.text_max_length)
+    source, batch_size = dataset, config.data.batch_size
+    if is_prompt_guided(model):
+        if config.data.shards and config.data.prompts != type(config.data.prompts)():
+            raise ValueError("data.prompts (grouped prompts, negatives, dropout) cannot read data.shards")
+        source, collate, batch_size = prompt_training_data(
+            dataset, config.data.prompts, config.data.mask, collate, config.data.batch_size
+        )
     return fit_and_save(
         config,
         out,
         model,
         task,
-        dataset,
+        source,
         lambda m: evaluate_segmentation(m, manifest, config, image_keys, config.eval.split),
         resume=resume,
         echo=echo,
+        collate=collate,
+        batch_size=batch_size,
     )
 
 
 def evaluate_segmentation(
     model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
 ) -> dict[str, Any]:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split."""
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split.
+
+    A prompt-guided model is also evaluated with every row's prompt replaced by another
+    image's (``shuffled``) and by the empty prompt (``empty``); ``prompt_ablation`` holds the
+    three side by side (``true`` repeats the top-level numbers, which are the true prompt's).
+    """
     import torch
 
-    from medalign.metrics import SegmentationMetrics
-    from medalign.tasks.segment import predict_probabilities
+    from medalign.metrics import SegmentationMetrics, without_rows
+    from medalign.tasks.segment import (
+        PROMPT_VARIANTS,
+        is_prompt_guided,
+        predict_probabilities,
+        prompt_variant,
+    )
 
     dataset = segmentation_dataset(config, manifest, model, image_keys, split, augment=False)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.data.eval_batch_size,
-        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
-    )
-    metrics = SegmentationMetrics()
-    for batch in progress(loader, desc=f"evaluate {split}"):
-        metrics.update(
-            predict_probabilities(model, batch, image_keys),
-            batch[config.data.mask][:, 0].numpy(),
-            batch["case_id"],
+    variants = PROMPT_VARIANTS if is_prompt_guided(model) else PROMPT_VARIANTS[:1]
+    results: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        loader = torch.utils.data.DataLoader(
+            prompt_variant(dataset, variant),
+            batch_size=config.data.eval_batch_size,
+            collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
         )
-    return {"split": split, **metrics.aggregate()}
+        metrics = SegmentationMetrics()
+        label = split if variant == "true" else f"{split}, {variant} prompts"
+        for batch in progress(loader, desc=f"evaluate {label}"):
+            metrics.update(
+                predict_probabilities(model, batch, image_keys),
+                batch[config.data.mask][:, 0].numpy(),
+                batch["case_id"],
+            )
+        results[variant] = metrics.aggregate()
+    out: dict[str, Any] = {"split": split, **results["true"]}
+    if len(results) > 1:
+        keep = ("dice", "iou", "pooled_dice", "n_images")
+        out["prompt_ablation"] = {v: {k: without_rows(r)[k] for k in keep} for v, r in results.items()}
+    return out
 
 
 def fusion_columns(config: RunConfig, manifest: Manifest, model: Any) -> list[str]:
