@@ -17,7 +17,7 @@ Protocols (written into BENCHMARKS.md with the numbers):
   steps. Kvasir-SEG: the importer's seeded 900/100 split; a CLIP-feature decoder
   (``clip_decoder``) on the tower; per-image Dice on the 100 test images. BUSI: the importer's
   class-stratified seeded split (0.7/0.1/0.2); a diagnosis head on the tower
-  (``configs/clinical/busi.yaml``, benign / malignant / normal); test ACC, balanced ACC, macro AUC.
+  (``configs/clinical/busi_scratch.yaml``, benign / malignant / normal); test ACC, balanced ACC, macro AUC.
 * ablation: ``configs/curriculum/phantom.yaml`` with CPU-sized epochs (below), ``run_ablation``
   over the full chain 1-2-3, chains without Stage I or II, and Stage III alone; the last
   stage's test metrics side by side.
@@ -135,11 +135,11 @@ def bench_label_efficiency(pretrain_epochs: int, steps: int) -> str:
     }
     cls = [*common, f"train.max_steps={steps}", "train.epochs=1000", "data.batch_size=16", "eval.split=test"]
     keys = ["diagnosis.accuracy", "diagnosis.balanced_accuracy", "diagnosis.auc"]
-    rows = downstream("busi", "clinical/busi", starts, cls, keys)
+    rows = downstream("busi", "clinical/busi_scratch", starts, cls, keys)
     sections += [
         f"BUSI (class-stratified seeded split 0.7/0.1/0.2), 128 px grayscale, benign / malignant / normal. "
         f"Stage I: hybrid MAE for {pretrain_epochs} epochs on the train images ({pre['train']['steps']} steps, "
-        f"{pre['train']['seconds']:.0f} s). Downstream: the diagnosis head of configs/clinical/busi.yaml on the "
+        f"{pre['train']['seconds']:.0f} s). Downstream: the diagnosis head of configs/clinical/busi_scratch.yaml on the "
         f"tower, batch 16, {steps} steps for every row; test ACC, balanced ACC, macro one-vs-rest AUC.",
         "",
         *table(rows, keys),

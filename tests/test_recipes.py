@@ -84,9 +84,9 @@ def test_recipe_builds_its_model(path: Path) -> None:
 
 
 def test_clipseg_busi_starts_from_the_medpix_alignment_bundle() -> None:
-    """init_from is what configs/align/medpix.yaml writes, and its vision tower fits the recipe's data."""
+    """init_from is what configs/align/medpix_scratch.yaml writes, and its vision tower fits the recipe's data."""
     clipseg = load_config(recipe("clipseg_busi"))
-    medpix = load_config(REPO / "configs" / "align" / "medpix.yaml")
+    medpix = load_config(REPO / "configs" / "align" / "medpix_scratch.yaml")
     assert clipseg.model.init_from == f"{medpix.out}/bundle"
     encoder = create_model(medpix.model.name, **medpix.model.overrides)
     model = ClipDecoder.from_dual_encoder(encoder, **clipseg.model.overrides)

