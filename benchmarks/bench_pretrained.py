@@ -48,6 +48,7 @@ from benchlib import DATA, RUNS
 
 RESULTS_NAME = "bench_pretrained"
 FAST = ["train.progress=false", "data.num_workers=0", "train.precision=bf16-mixed"]
+EXTRA: list[str] = []  # --extra: overrides for a smoke run of the whole script (never written)
 
 
 # --------------------------------------------------------------------------------------- BUSI folds
@@ -123,17 +124,18 @@ def evaluate_alignment_bundle(bundle: Path, manifest: Path, split: str) -> dict[
     return out
 
 
-def bench_medpix(seeds: list[int]) -> dict[str, Any]:
+def bench_medpix(seeds: list[int], which: list[str]) -> dict[str, Any]:
     manifest = medpix_manifest()
     rows: dict[str, Any] = {}
-    for row, recipe in MEDPIX_ROWS.items():
+    for row in which:
+        recipe = MEDPIX_ROWS[row]
         runs = {}
         for seed in seeds:
             run = f"pretrained_medpix_{row}_s{seed}"
             metrics = benchlib.train(
                 recipe,
                 run,
-                [f"data.manifest={manifest}", f"train.seed={seed}", *FAST],
+                [f"data.manifest={manifest}", f"train.seed={seed}", *FAST, *EXTRA],
                 folder="align",
                 echo=print,
             )
@@ -198,10 +200,11 @@ def busi_probes(folds: dict[int, Path], medpix_seed: int) -> dict[str, Any]:
     }
 
 
-def bench_busi(seeds: list[int], medpix_seed: int) -> dict[str, Any]:
+def bench_busi(seeds: list[int], which: list[str], medpix_seed: int) -> dict[str, Any]:
     folds = {k: busi_fold_manifest(k) for k in (1, 2, 3)}
     rows: dict[str, Any] = {}
-    for row, recipe in BUSI_ROWS.items():
+    for row in (r for r in which if r in BUSI_ROWS):
+        recipe = BUSI_ROWS[row]
         runs: dict[str, Any] = {}
         for k, manifest in folds.items():
             for seed in seeds:
@@ -209,7 +212,7 @@ def bench_busi(seeds: list[int], medpix_seed: int) -> dict[str, Any]:
                 metrics = benchlib.train(
                     recipe,
                     run,
-                    [f"data.manifest={manifest}", f"train.seed={seed}", "data.cache=memory", *FAST],
+                    [f"data.manifest={manifest}", f"train.seed={seed}", "data.cache=memory", *FAST, *EXTRA],
                     folder="clinical",
                     echo=print,
                 )
@@ -223,7 +226,7 @@ def bench_busi(seeds: list[int], medpix_seed: int) -> dict[str, Any]:
         rows[row] = {"recipe": f"configs/clinical/{recipe}.yaml", "runs": runs}
     return {
         "rows": rows,
-        "probes": busi_probes(folds, medpix_seed),
+        "probes": busi_probes(folds, medpix_seed) if "probes" in which else {},
         "protocol": {
             "folds": "BUSI release folds 1-3 (held-out file = test) + normal images in 3 seeded thirds; "
             "train/val 85/15 inside the rest",
@@ -323,39 +326,93 @@ def busi_block(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_block(medpix: dict[str, Any], busi: dict[str, Any]) -> str:
+    """README: the headline of each pair, pointing at the full tables."""
+
+    def seeds(row: str, *path: str) -> str:
+        values = []
+        for run in medpix["rows"][row]["seeds"].values():
+            value = run["test"]
+            for key in path:
+                value = value[key]
+            values.append(value)
+        return mean_std(values)
+
+    def runs(values: dict[str, Any]) -> str:
+        return mean_std([run["balanced_accuracy"] for run in values.values()])
+
+    r10 = ("retrieval", "image_to_text", "R@10")
+    return "\n".join(
+        [
+            "| test metric (BENCHMARKS.md, *Pretrained towers*) | from scratch | pretrained | target |",
+            "|---|---|---|---|",
+            f"| MedPix 2.0 image→caption R@10 | {seeds('scratch', *r10)} | {seeds('pretrained', *r10)} | ≥ 0.25 |",
+            f"| BUSI 3-class balanced accuracy, fine-tuned | {runs(busi['rows']['scratch']['runs'])} | "
+            f"{runs(busi['rows']['pretrained']['runs'])} | ≥ 0.80 |",
+            f"| BUSI 3-class balanced accuracy, linear probe | {runs(busi['probes']['medpix_scratch'])} | "
+            f"{runs(busi['probes']['imagenet_tower'])} | – |",
+        ]
+    )
+
+
 def blocks() -> dict[str, str]:
     """BENCHMARKS.md tables from benchmarks/results/bench_pretrained.json alone."""
     results = benchlib.load_results(RESULTS_NAME)
     out = {}
-    if "medpix" in results:
-        out["bench_pretrained_medpix"] = medpix_block(results["medpix"])
-    if "busi" in results:
-        out["bench_pretrained_busi"] = busi_block(results["busi"])
+    medpix, busi = results.get("medpix", {}), results.get("busi", {})
+    if set(MEDPIX_ROWS) <= set(medpix.get("rows", {})):
+        out["bench_pretrained_medpix"] = medpix_block(medpix)
+    if set(BUSI_ROWS) <= set(busi.get("rows", {})) and busi.get("probes"):
+        out["bench_pretrained_busi"] = busi_block(busi)
+    if len(out) == 2:
+        out["bench_pretrained_summary"] = summary_block(medpix, busi)
     return out
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` over ``old``, row by row: one invocation may train only some rows."""
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("rows", "probes")}}
+    for key in ("rows", "probes"):
+        if key in new or key in old:
+            merged[key] = {**old.get(key, {}), **new.get(key, {})}
+    return merged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", choices=["medpix", "busi", "folds"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=["pretrained", "scratch", "probes"],
+        help="which rows to train now (probes: busi only); the others keep their saved results",
+    )
     parser.add_argument("--medpix-seed", type=int, default=0, help="the MedPix bundles the BUSI probes use")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="recipe overrides for a smoke run (e.g. train.max_steps=2); no --write"
+    )
     args = parser.parse_args()
+    if args.extra and args.write:
+        parser.error("--extra runs are smoke tests: they are never written")
+    EXTRA[:] = args.extra
     torch.set_num_threads(1)
     if args.bench == "folds":
         for k in (1, 2, 3):
             print(busi_fold_manifest(k))
         return
     start = time.perf_counter()
-    result = bench_medpix(args.seeds) if args.bench == "medpix" else bench_busi(args.seeds, args.medpix_seed)
-    result["seconds_total"] = round(time.perf_counter() - start, 1)
+    if args.bench == "medpix":
+        result = bench_medpix(args.seeds, [r for r in args.rows if r in MEDPIX_ROWS])
+    else:
+        result = bench_busi(args.seeds, args.rows, args.medpix_seed)
+    result["seconds_last_invocation"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2, default=float)[:4000])
     if args.write:
-        try:
-            results = benchlib.load_results(RESULTS_NAME)
-        except FileNotFoundError:
-            results = {}
-        results[args.bench] = result
+        path = benchlib.results_path(RESULTS_NAME)
+        results = benchlib.load_results(RESULTS_NAME) if path.is_file() else {}
+        results[args.bench] = merge(results.get(args.bench, {}), result)
         benchlib.save_results(RESULTS_NAME, results)
         benchlib.write_blocks(blocks())
 
