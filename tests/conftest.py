@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,35 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class TinyQuickstart:
+    """A finished tiny quickstart: ``workdir`` holds ``quickstart_out/`` (the README's paths are
+    relative to it) and ``output`` is everything the command printed."""
+
+    workdir: Path
+    output: str
+
+    @property
+    def out(self) -> Path:
+        return self.workdir / "quickstart_out"
+
+
+TINY_QUICKSTART = ["quickstart", "--n", "60", "--steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory: pytest.TempPathFactory) -> TinyQuickstart:
+    """``medalign quickstart --n 60 --steps 2`` run once per session (about 40 s on 2 cores), as a
+    user runs it: the console command in a fresh folder, output piped as in a CI log. Tests of the
+    quickstart and of the README's examples share it."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    result = subprocess.run(
+        [sys.executable, "-m", "medalign.cli", *TINY_QUICKSTART], cwd=workdir, capture_output=True, text=True,
+        timeout=900, check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    if result.returncode:
+        pytest.fail(f"`medalign {' '.join(TINY_QUICKSTART)}` failed ({result.returncode}):\n{output[-4000:]}")
+    return TinyQuickstart(workdir, output)

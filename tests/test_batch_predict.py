@@ -201,7 +201,7 @@ def test_bundles_that_cannot_answer_are_one_clear_error(
     for command, bundle, message in [
         ("masks", align, "'DualEncoder' bundle; `predict masks` needs a segmentation one"),
         ("classify", unet_bundle, "'segmentation' bundle without a classifier"),
-        ("classify", fused, "takes 2 modalities ['a', 'b'] per case"),
+        ("classify", fused, "one image was given without naming its modality. Pass --image a=FILE --image b=FILE"),
     ]:
         result = CliRunner().invoke(cli(), [command, "-m", str(bundle), image, "-o", str(tmp_path / "o")])
         assert result.exit_code == 1 and message in result.output, result.output
@@ -226,7 +226,8 @@ def test_zero_shot_classification_rows_match_the_predictor(images: Path, tmp_pat
     assert result.exit_code == 1, result.output
     rows = read_csv(out / "results.csv")
     assert [Path(r["source"]).name for r in rows] == ["a.png", "b.png", "broken.png", "two_channels.npy"]
-    assert list(rows[0]) == ["source", "label", "probability", *(f"p:{n}" for n in NAMES), "status", "error"]
+    assert list(rows[0]) == ["source", "inputs", "label", "probability", *(f"p:{n}" for n in NAMES), "status", "error"]
+    assert rows[0]["inputs"] == "image"
     expected = medalign.load(str(bundle)).classify([images / "a.png", images / "sub" / "b.png"], labels=NAMES)
     for row, probs in zip(rows[:2], expected, strict=True):
         assert row["status"] == "ok"

@@ -97,27 +97,41 @@ def test_import_reports_bad_format_and_option(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "import", "nope", str(tmp_path), "--out", str(tmp_path / "m.csv")])
     assert result.exit_code == 1 and "unknown import format 'nope'" in result.output
     result = runner.invoke(
-        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "-o", "x"]
+        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "--option", "x"]
     )
     assert result.exit_code != 0
 
 
-def test_quickstart_small(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path), "--n", "60", "--steps", "2"])
-    assert result.exit_code == 0, result.output
-    assert "validated manifest.csv: 0 errors" in result.output
-    assert "validated prompts.csv: 0 errors" in result.output
-    assert "example report" in result.output and "example segmentation prompt" in result.output
-    assert "zero-shot diagnosis on test: accuracy" in result.output and "R@10" in result.output
-    assert (tmp_path / "align" / "bundle" / "model.safetensors").is_file()
-    assert "Dice with text" in result.output and "without text" in result.output
+def test_quickstart_small(tiny_quickstart) -> None:
+    output, out = tiny_quickstart.output, tiny_quickstart.out
+    assert "validated manifest.csv: 0 errors" in output
+    assert "validated prompts.csv: 0 errors" in output
+    assert "example report" in output and "example segmentation prompt" in output
+    assert "zero-shot diagnosis on test: accuracy" in output and "R@10" in output
+    assert (out / "align" / "bundle" / "model.safetensors").is_file()
+    assert "Dice with text" in output and "without text" in output
     for run in ("segment_text", "segment_image_only"):
-        assert (tmp_path / run / "bundle" / "model.safetensors").is_file()
-    assert "lesion segmentation from two modalities" in result.output
-    assert "Dice a alone" in result.output and "b alone" in result.output and "fused a+b" in result.output
-    assert (tmp_path / "fuse" / "bundle" / "model.safetensors").is_file()
-    fused = json.loads((tmp_path / "fuse" / "metrics.json").read_text())
+        assert (out / run / "bundle" / "model.safetensors").is_file()
+    assert "lesion segmentation from two modalities" in output
+    assert "Dice a alone" in output and "b alone" in output and "fused a+b" in output
+    assert (out / "fuse" / "bundle" / "model.safetensors").is_file()
+    fused = json.loads((out / "fuse" / "metrics.json").read_text())
     assert list(fused["subsets"]) == ["a", "b", "a+b"] and fused["train"]["steps"] == 2
+    assert "quickstart finished in" in output and " MB)" in output
+
+
+def test_quickstart_leaves_a_light_clean_output(tiny_quickstart) -> None:
+    """Finished runs keep bundle + metrics, not optimiser checkpoints; a piped log has no progress
+    bars; every bundle file has one mode; the align bundle records both modalities it was trained on."""
+    out = tiny_quickstart.out
+    assert not list(out.rglob("*.ckpt")) and not list(out.rglob("checkpoints"))
+    assert "\r" not in tiny_quickstart.output and "it/s" not in tiny_quickstart.output
+    for weights in out.rglob("model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == (weights.parent / "config.json").stat().st_mode & 0o777
+    align = json.loads((out / "align" / "bundle" / "config.json").read_text())["inputs"]
+    assert (align["layout"], align["modalities"], align["channels"]) == ("stacked", ["a", "b"], 1)
+    fuse = json.loads((out / "fuse" / "bundle" / "config.json").read_text())["inputs"]
+    assert (fuse["layout"], fuse["modalities"], fuse["missing_allowed"]) == ("modalities", ["a", "b"], True)
 
 
 def test_main_turns_errors_into_one_line_unless_debug(tmp_path, capsys) -> None:
@@ -138,3 +152,11 @@ def test_main_turns_errors_into_one_line_unless_debug(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as ok:
         main(["--help"])
     assert ok.value.code == 0 and "--debug" in capsys.readouterr().out
+
+
+def test_quickstart_keeps_checkpoints_only_when_asked(tmp_path: Path) -> None:
+    from medalign.quickstart import QuickstartContext
+
+    assert QuickstartContext(tmp_path, 8, 0, print).checkpoint_override == "train.keep_checkpoints=false"
+    assert QuickstartContext(tmp_path, 8, 0, print, keep_checkpoints=True).checkpoint_override == "train.keep_checkpoints=true"
+    assert "--keep-checkpoints" in runner.invoke(app, ["quickstart", "--help"]).output

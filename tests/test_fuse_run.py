@@ -97,7 +97,7 @@ def test_train_reports_every_subset_and_reloads(cases: Path, tmp_path: Path) -> 
         app,
         ["eval", "fuse", "--model", str(run / "bundle"), "--manifest", str(cases), "--modality", "image:a"],
     )
-    assert bad.exit_code == 1 and "one column per model modality" in bad.output
+    assert bad.exit_code == 1 and "name one column per modality, in this order: a, b" in bad.output
 
 
 def test_moe_with_report_tokens_and_a_classification_head(cases: Path, tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_moe_with_report_tokens_and_a_classification_head(cases: Path, tmp_path:
 
 def test_resume_continues_exactly(cases: Path, tmp_path: Path) -> None:
     """Modality dropout draws from torch's RNG, which the checkpoint restores: 2 + 1 steps == 3 steps."""
-    settings = ["optim.schedule=constant", "train.checkpoint_every=1", "data.batch_size=4"]
+    settings = ["optim.schedule=constant", "train.checkpoint_every=1", "data.batch_size=4", "train.keep_checkpoints=true"]
     straight = run_training(
         phantom_config(cases, tmp_path / "straight", "train.max_steps=3", *settings), echo=lambda *_: None
     )

@@ -226,6 +226,10 @@ def small_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_phantom(tmp_path_factory.mktemp("phantom"), PhantomConfig(n=16, size=64))
 
 
+# a 2-channel bundle saved without an input record: its columns are named, stacked in this order
+BOTH = ("--modality", "image:a", "--modality", "image:b")
+
+
 def tiny_bundle(tmp_path: Path, name: str, **overrides: object) -> Path:
     torch.manual_seed(0)
     save_bundle(create_model(name, **overrides), tmp_path / "bundle")
@@ -241,7 +245,7 @@ def invoke(*args: str) -> str:
 def test_eval_zeroshot_writes_a_report_with_confusion_and_roc(small_phantom: Path, tmp_path: Path) -> None:
     bundle = tiny_bundle(tmp_path, "align_tiny", in_channels=2, image_size=32)
     out = tmp_path / "eval" / "zeroshot.json"
-    output = invoke("zeroshot", "--model", str(bundle), "--manifest", str(small_phantom),
+    output = invoke("zeroshot", "--model", str(bundle), "--manifest", str(small_phantom), *BOTH,
                     "--templates", "phantom_diagnosis", "--out", str(out))  # fmt: skip
     page_path = out.with_suffix(".html")
     assert f"wrote {page_path}" in output
@@ -284,6 +288,6 @@ def test_eval_segment_writes_a_report_with_overlays(small_phantom: Path, tmp_pat
 
 def test_eval_without_out_writes_no_report(small_phantom: Path, tmp_path: Path) -> None:
     bundle = tiny_bundle(tmp_path, "align_tiny", in_channels=2, image_size=32)
-    output = invoke("retrieval", "--model", str(bundle), "--manifest", str(small_phantom))
+    output = invoke("retrieval", "--model", str(bundle), "--manifest", str(small_phantom), *BOTH)
     assert "wrote" not in output and set(json.loads(output)) == {"image_to_text", "text_to_image"}
     assert not list(tmp_path.glob("*.html"))

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from medalign.bundle import save_bundle
 from medalign.cli import app
-from medalign.inference import load_input, overlay, predict_probabilities, save_mask
+from medalign.inference import overlay, predict_probabilities, save_mask
+from medalign.inputs import InputSpec
 from medalign.models import create_model
 
 TINY_TEXT = {
@@ -75,15 +76,26 @@ def test_outputs_png_nifti_and_overlay(tmp_path: Path) -> None:
     assert picture.shape == (20, 30, 3) and picture[7, 7, 0] > picture[7, 7, 1] and picture[0, 0].sum() == 0
 
 
-def test_load_input_stacks_modalities_and_checks_channels(tmp_path: Path) -> None:
+def test_predict_segment_takes_each_modality_a_stacked_bundle_needs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=2, image_size=32, channels=[4, 8, 16])
+    bundle = save_bundle(model, tmp_path / "bundle", inputs=InputSpec("stacked", ("a", "b"), 1))
     for name in ("a", "b"):
-        Image.fromarray(np.full((10, 12), 255, np.uint8)).save(tmp_path / f"{name}.png")
+        Image.fromarray(np.full((40, 36), 60 if name == "a" else 200, np.uint8)).save(tmp_path / f"{name}.png")
     Image.fromarray(np.zeros((9, 12), np.uint8)).save(tmp_path / "small.png")
-    assert load_input([tmp_path / "a.png", tmp_path / "b.png"], 2).shape == (1, 2, 10, 12)
-    with pytest.raises(ValueError, match="differ in size"):
-        load_input([tmp_path / "a.png", tmp_path / "small.png"], 2)
-    with pytest.raises(ValueError, match="takes 3 channels"):
-        load_input([tmp_path / "a.png", tmp_path / "b.png"], 3)
+    base = ["predict", "segment", "-m", str(bundle), "-o", str(tmp_path / "mask.png")]
+
+    one = CliRunner().invoke(app, [*base, "--image", str(tmp_path / "a.png")])
+    assert one.exit_code == 1 and "modalities a + b stacked as 2 channels" in one.output
+    assert "--image a=FILE --image b=FILE" in one.output and not (tmp_path / "mask.png").exists()
+    unnamed = CliRunner().invoke(app, [*base, "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.png")])
+    assert unnamed.exit_code == 1 and "2 unnamed --image" in unnamed.output
+    both = [*base, "--image", f"a={tmp_path / 'a.png'}", "--image", f"b={tmp_path / 'b.png'}"]
+    result = CliRunner().invoke(app, both)
+    assert result.exit_code == 0 and "(inputs: a+b)" in result.output, result.output
+    assert Image.open(tmp_path / "mask.png").size == (36, 40)
+    small = CliRunner().invoke(app, [*base, "--image", f"a={tmp_path / 'a.png'}", "--image", f"b={tmp_path / 'small.png'}"])
+    assert small.exit_code == 1 and "differ in size" in small.output
 
 
 def test_cli_predict_segment(tmp_path: Path, unet) -> None:

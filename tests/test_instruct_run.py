@@ -174,8 +174,8 @@ def test_predictor_and_cli_chat_stream_the_answer(tuned: Path, cases: Path) -> N
     assert "".join(pieces).strip() == answer
     with pytest.raises(PredictorError, match="chat\\(\\) needs a instruct bundle"):
         Predictor.from_bundle(tuned / "bundle").__class__(create_model("report_tiny")).chat(images["a"], "hi")
-    args = ["chat", "--model", str(tuned / "bundle"), "--image", str(images["a"]), "--image", str(images["b"]),
-            "--stack", "--max-new-tokens", "3"]  # fmt: skip
+    args = ["chat", "--model", str(tuned / "bundle"), "--image", f"a={images['a']}", "--image", f"b={images['b']}",
+            "--max-new-tokens", "3"]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--question", "How many lesions are there?"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == answer

@@ -63,7 +63,7 @@ def test_readme_kvasir_path(real_dataset, tmp_path: Path, monkeypatch: pytest.Mo
     # 1. import (the README's command) and keep a small subset, splits preserved
     full = tmp_path / "kvasir.csv"
     invoke(
-        app, ["data", "import", "kvasir", str(kvasir), "--out", str(full), "-o", "fractions=[0.9, 0, 0.1]"]
+        app, ["data", "import", "kvasir", str(kvasir), "--out", str(full), "--option", "fractions=[0.9, 0, 0.1]"]
     )
     manifest = read_manifest(full)
     assert set(manifest.table["split"]) == {"train", "test"}

@@ -221,7 +221,8 @@ def test_text_guided_segmentation(tmp_path_factory: pytest.TempPathFactory, phan
 
 
 def test_fusion_segmentation_takes_a_dict_of_modalities(tmp_path_factory, phantom) -> None:
-    model = medalign.load(bundle(tmp_path_factory, "fuse_adf", image_size=32))
+    model = medalign.load(bundle(tmp_path_factory, "fuse_adf", image_size=32, modality_dropout=0.3))
+    assert model.inputs.layout == "modalities" and model.inputs.missing_allowed  # trained for missing ones
     a, b = paths(phantom)[0], paths(phantom, "image:b")[0]
     both = model.segment({"a": a, "b": b})
     only_a = model.segment({"a": a})
@@ -231,8 +232,10 @@ def test_fusion_segmentation_takes_a_dict_of_modalities(tmp_path_factory, phanto
     with torch.no_grad():
         expected = torch.sigmoid(model.model(pixel_values=pixels)["logits"])[0, 0].numpy()
     np.testing.assert_allclose(model.segment(crop), expected, atol=1e-5)
-    with pytest.raises(PredictorError, match=r"unknown modalities \['c'\]"):
+    with pytest.raises(PredictorError, match=r"'c' is not one of its modalities"):
         model.segment({"c": a})
+    with pytest.raises(PredictorError, match="one image was given without naming its modality"):
+        model.segment(a)
     with pytest.raises(PredictorError, match="use classify"):
         medalign.load(
             bundle(tmp_path_factory, "fuse_early", image_size=32, task_head="classify", num_classes=3)
@@ -260,12 +263,14 @@ def test_clinical_classify_risk_and_embed(tmp_path_factory: pytest.TempPathFacto
     assert len(probs) == 2 and probs[0] == pytest.approx(result["diagnosis"], abs=1e-6)
     features = model.embed_image(case)
     np.testing.assert_allclose(features, out["features"].numpy(), atol=1e-5)
-    with pytest.raises(PredictorError, match="takes a dict"):
+    with pytest.raises(PredictorError, match=r"without naming its modality\. Pass --image a=FILE --image b=FILE"):
         model.risk(case["a"])
+    with pytest.raises(PredictorError, match=r"'b' is missing"):  # trained on both: no silent half answer
+        model.classify({"a": paths(phantom)[0]})
     with pytest.raises(PredictorError, match="no text tower"):
         model.risk(case, text="a cyst")
     with pytest.raises(PredictorError, match="one case"):
-        model.risk({"a": paths(phantom)[:2]})
+        model.risk({"a": paths(phantom)[:2], "b": paths(phantom, "image:b")[:2]})
 
 
 def test_report_uses_the_bundle_decoding_defaults(tmp_path_factory, phantom) -> None:

@@ -109,4 +109,4 @@ def test_cli_builds_from_a_manifest_and_finds_each_case_itself(tmp_path: Path) -
     assert by_text.exit_code == 0, by_text.output  # a text query against an image index (DualEncoder)
     assert by_text.output.splitlines()[0] == "a cyst" and len(by_text.output.splitlines()) == 3
     both = runner.invoke(app, ["index", "search", "--index", str(tmp_path / "idx")])
-    assert both.exit_code != 0 and "exactly one of" in str(both.exception)
+    assert both.exit_code == 1 and "error: give exactly one of" in both.output

@@ -90,7 +90,7 @@ def test_training_from_shards_matches_training_from_the_manifest(tmp_path: Path)
             f"out={tmp_path / out}", f"data.manifest={source}", "data.phantom=null", "model.name=align_tiny",
             "model.overrides={in_channels: 2, image_size: 64, freeze_text: true}", f"data.batch_size={n_train}",
             "data.augment=false", "data.num_workers=0", "train.epochs=1", "train.precision=32-true",
-            "train.progress=false", "eval.zeroshot=null", "eval.retrieval=false", *extra,
+            "train.progress=false", "train.keep_checkpoints=true", "eval.zeroshot=null", "eval.retrieval=false", *extra,
         ]  # fmt: skip
         run = run_training(load_config(repo / "configs" / "align" / "phantom.yaml", overrides))
         return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

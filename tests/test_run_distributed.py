@@ -33,6 +33,7 @@ COMMON = [
     "--data.phantom", "null", "--data.batch_size", "8", "--data.augment", "false",
     "--data.num_workers", "0", "--train.epochs", "1", "--train.max_steps", "2",
     "--train.precision", "32-true", "--train.progress", "false", "--train.accelerator", "cpu",
+    "--train.keep_checkpoints", "true",
     "--optim.warmup_steps", "0", "--optim.eps", "1e-3",
 ]  # fmt: skip
 TASKS = {

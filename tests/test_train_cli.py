@@ -26,7 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "--out", str(run), "--data.manifest", str(manifest), "--data.phantom", "null",
         "--model.name", "align_tiny", "--model.overrides", "{in_channels: 2, image_size: 64}",
         "--data.batch_size", "16", "--train.accumulate", "2", "--train.epochs", "2", "--train.progress", "false",
-        "--data.num_workers", "0", "--eval.probe", "true",
+        "--data.num_workers", "0", "--eval.probe", "true", "--train.keep_checkpoints", "true",
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -74,6 +74,10 @@ def test_resume_flag_continues_from_checkpoint(trained: tuple[Path, Path]) -> No
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output and "at step 6" in result.output
     assert json.loads((run / "metrics.json").read_text())["train"]["steps"] == 9
+    assert not (run / "checkpoints").exists()  # finished without --train.keep_checkpoints: dropped
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "has finished and kept no checkpoint" in again.output
+    assert json.loads((run / "metrics.json").read_text())["train"]["steps"] == 9  # not retrained from 0
 
 
 def test_bad_override_is_a_clear_error() -> None:

@@ -1,10 +1,14 @@
 """``medalign predict masks`` / ``medalign predict classify``: a bundle over files and folders.
 
 The single-image ``predict segment`` answers one question; these commands are what a user runs on
-a folder of new cases. Both walk their inputs (files, folders recursed, ``file.nii.gz#slice=N``
-references), run the bundle through :class:`medalign.predict.Predictor` (training's own
-preprocessing), show a progress bar with an ETA, and write ``results.csv`` plus ``results.json``
-in the output folder: one row per input, failures included. A file that cannot be read or
+a folder of new cases. Cases come from one of three sources: files and folders (folders recursed,
+``file.nii.gz#slice=N`` references; one image per case, for bundles that take one image), one case
+named by modality (``--image a=FILE --image b=FILE``), or a manifest (``--manifest M``: one case per
+row, the bundle's recorded columns or ``--modality COL ...``). What a case must hold is the
+bundle's input record (:mod:`medalign.inputs`), checked before anything runs. Both commands run
+the bundle through :class:`medalign.predict.Predictor` (training's own preprocessing), show a
+progress bar with an ETA, and write ``results.csv`` plus ``results.json`` in the output folder: one
+row per case, failures included, with the modalities each answer used (``inputs``). A file that cannot be read or
 predicted is reported in its row (``status: error`` and the reason) and the run goes on, because
 one corrupt scan must not cost the other thousand; the exit code is 1 when any input failed.
 
@@ -43,13 +47,16 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from medalign.cli_grammar import fail
 from medalign.data.readers import SUPPORTED_SUFFIXES, ImageData, parse_image_ref, read_image
+from medalign.inputs import ANY_MODALITY, InputError, InputSpec, modality_name, parse_image_options
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MASK_COLUMNS = (
     "source",
+    "inputs",
     "mask",
     "probabilities",
     "height",
@@ -79,16 +86,114 @@ class BatchInputError(ValueError):
 
 @dataclass(frozen=True)
 class InputFile:
-    """One image to predict: ``ref`` as the reader takes it; its outputs go to
-    ``OUT/<folder>/<stem>...`` (``folder`` relative to OUT)."""
+    """One case to predict: ``ref`` as the reader takes it, or ``named`` ``(modality, ref)`` pairs
+    (``ref`` is then the case's name); its outputs go to ``OUT/<folder>/<stem>...`` (``folder``
+    relative to OUT)."""
 
     ref: str
     folder: Path
     stem: str
+    named: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
         return (self.folder / self.stem).as_posix().lower()
+
+    @property
+    def images(self) -> dict[str | None, str]:
+        """``{modality: ref}``; the key None for one unnamed image."""
+        return dict(self.named) if self.named else {None: self.ref}
+
+
+def case_input(images: dict[str | None, Any]) -> Any:
+    """What the Predictor takes for a case: the image itself when unnamed, else ``{modality: image}``."""
+    return images.get(None, images)
+
+
+def used_inputs(predictor: Any, item: InputFile) -> str:
+    """The modalities an answer used, e.g. ``a+b`` (checked against the bundle's record)."""
+    arranged = predictor.arrange(case_input(dict.fromkeys(item.images, "")))
+    return "+".join(name if name != ANY_MODALITY else predictor.inputs.modalities[0] for name in arranged)
+
+
+def named_case(images: dict[str, str]) -> InputFile:
+    """One case from ``--image NAME=FILE`` options; outputs are named after its first file."""
+    missing = [ref for ref in images.values() if not parse_image_ref(ref)[0].is_file()]
+    if missing:
+        raise BatchInputError(f"input '{missing[0]}' does not exist")
+    first = parse_image_ref(next(iter(images.values())))
+    stem = image_stem(first[0].name) + _selector_tag(first[1])
+    return InputFile(" ".join(f"{k}={v}" for k, v in images.items()), Path(), stem, tuple(images.items()))
+
+
+def manifest_cases(
+    spec: InputSpec, path: str | os.PathLike, split: str | None, columns: Sequence[str] | None
+) -> list[InputFile]:
+    """One case per manifest row (of ``split``), its images from the bundle's columns (or ``columns``).
+
+    An empty cell leaves that modality out of the case (the bundle then decides: an error row
+    unless it was trained for missing modalities). Outputs are named after ``case_id``.
+    """
+    from medalign.data.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    if split:
+        manifest = manifest.split(split)
+    if not len(manifest):
+        raise BatchInputError(f"'{path}': no rows{f' in split {split!r}' if split else ''}")
+    try:
+        keys = spec.columns_for(manifest.image_columns, columns)
+    except InputError as err:
+        raise BatchInputError(f"'{path}': {err}") from None
+    manifest.require_inside_root(keys)
+    one_image = spec.layout == "single" or (spec.layout == "unrecorded" and len(keys) == 1)
+    names: list[str | None] = [None] if one_image else [modality_name(k) for k in keys]
+    cases = []
+    for _, row in manifest.table.iterrows():
+        pairs = [(n, str(manifest.resolve(row[k]))) for n, k in zip(names, keys, strict=True) if row[k] != ""]
+        if spec.layout == "any":  # each modality's image is its own case
+            cases += [InputFile(ref, Path(), f"{row['case_id']}_{n}") for n, ref in pairs]
+        elif names == [None]:
+            cases.append(InputFile(pairs[0][1] if pairs else "", Path(), str(row["case_id"])))
+        else:
+            named = tuple((str(n), ref) for n, ref in pairs)
+            cases.append(InputFile(str(row["case_id"]), Path(), str(row["case_id"]), named))
+    _check_unique(cases)
+    return cases
+
+
+def gather_cases(
+    predictor: Any,
+    inputs: Sequence[str | os.PathLike],
+    images: Sequence[str] | None,
+    manifest: Path | None,
+    *,
+    split: str | None = None,
+    modality: Sequence[str] | None = None,
+    exclude: Path | None = None,
+) -> list[InputFile]:
+    """The cases of one command from exactly one source, checked against the bundle's inputs first."""
+    sources = [name for name, given in (("FILES", inputs), ("--image", images), ("--manifest", manifest)) if given]
+    if len(sources) != 1:
+        raise BatchInputError(
+            "give the cases one way: image files or folders, --image NAME=FILE for one case, or --manifest M"
+            + (f" (got {' and '.join(sources)})" if sources else "")
+        )
+    if modality and manifest is None:
+        raise BatchInputError("--modality chooses manifest columns; use it with --manifest")
+    if manifest is not None:
+        cases = manifest_cases(predictor.inputs, manifest, split, modality)
+    elif images:
+        parsed = parse_image_options(images)
+        named = parsed if isinstance(parsed, dict) else {predictor.inputs.modalities[0]: parsed[0]}
+        if isinstance(parsed, list) and len(parsed) > 1:
+            raise BatchInputError("one --image without a name is one case; name the modalities (--image a=FILE) or list files as arguments")
+        cases = [named_case(named)]
+    else:
+        cases = collect_inputs(inputs, exclude=exclude)
+    for item in {tuple(c.images) : c for c in cases}.values():  # each distinct set of modalities, once
+        used_inputs(predictor, item)  # raises the bundle's one-line error naming what it needs
+    return cases
 
 
 def image_stem(name: str) -> str:
@@ -252,17 +357,6 @@ def load_predictor(model: Path, batch_size: int, device: str) -> Any:
     return predictor
 
 
-def _check_single_input(predictor: Any, command: str) -> None:
-    """Files carry one image each; a model needing several modalities per case cannot take them."""
-    names = list(getattr(predictor.model.config, "modalities", []) or [])
-    if predictor.kind in ("fusion", "clinical") and len(names) > 1:
-        raise BatchInputError(
-            f"this {predictor.kind} bundle takes {len(names)} modalities {names} per case; "
-            f"`predict {command}` reads one image per file. Use the Python API (medalign.load) with "
-            "{modality: image} dicts"
-        )
-
-
 def _has_head(predictor: Any, task: str) -> bool:
     """Fusion bundles have one head (segment or classify); clinical ones classify with num_classes."""
     config = predictor.model.config
@@ -273,17 +367,31 @@ def _has_head(predictor: Any, task: str) -> bool:
     return True
 
 
-def segment_file(
-    predictor: Any, image: ImageData, text: str | None, overlap: float
+def read_case(item: InputFile) -> dict[str | None, ImageData]:
+    """Every image of a case, read; its modalities must share one geometry (2D size or volume shape)."""
+    images = {name: read_image(ref) for name, ref in item.images.items()}
+    shapes = {name: image.array.shape[: 3 if image.is_3d else 2] for name, image in images.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the modalities of this case differ in size: {shapes}")
+    return images
+
+
+def segment_case(
+    predictor: Any, images: dict[str | None, ImageData], text: str | None, overlap: float
 ) -> tuple[np.ndarray, bool]:
     """Probabilities in array order ((H, W), or (D, H, W) slice by slice) and whether it is a volume."""
     from medalign.data.transforms import to_channel_first  # MONAI: imported on use, not at CLI start
 
-    if image.is_3d:
-        slices = [to_channel_first(plane) for plane in image.array]
-        maps = predictor.segment(slices, text=[text] * len(slices) if text else None, overlap=overlap)
+    first = next(iter(images.values()))
+    if first.is_3d:
+        planes = [
+            case_input({name: to_channel_first(image.array[k]) for name, image in images.items()})
+            for k in range(first.array.shape[0])
+        ]
+        maps = [predictor.segment(plane, text=text, overlap=overlap) for plane in planes]
         return np.stack(maps).astype(np.float32), True
-    return np.asarray(predictor.segment(to_channel_first(image.array), text=text, overlap=overlap)), False
+    case = case_input({name: to_channel_first(image.array) for name, image in images.items()})
+    return np.asarray(predictor.segment(case, text=text, overlap=overlap)), False
 
 
 def mask_format(requested: MaskFormat, image: ImageData, volume: bool) -> str:
@@ -302,8 +410,10 @@ def mask_row(
     threshold: float,
     fmt: MaskFormat,
     keep_probabilities: bool,
+    inputs: str = "",
 ) -> dict[str, Any]:
-    """Write one input's mask (and probability map) and return its results row."""
+    """Write one case's mask (and probability map) and return its results row (``inputs``: the
+    modalities used)."""
     mask = probabilities > threshold
     kind = mask_format(fmt, image, volume)
     suffix = ".nii.gz" if kind == "nifti" else ".png"
@@ -321,6 +431,7 @@ def mask_row(
     inside = probabilities[mask]
     return {
         "source": item.ref,
+        "inputs": inputs,
         "mask": str(mask_path),
         "probabilities": str(prob_path) if prob_path else "",
         "height": int(mask.shape[-2]),
@@ -368,6 +479,10 @@ def run_masks(
     inputs: Sequence[str | os.PathLike],
     out: Path,
     *,
+    images: Sequence[str] | None = None,
+    manifest: Path | None = None,
+    split: str | None = None,
+    modality: Sequence[str] | None = None,
     text: str | None = None,
     threshold: float = 0.5,
     fmt: MaskFormat = MaskFormat.same,
@@ -376,39 +491,40 @@ def run_masks(
     device: str = "auto",
     progress: Callable[[Sequence[Any], str], Iterable[Any]] = _progress,
 ) -> list[dict[str, Any]]:
-    """Segment every input, write masks and results; returns the rows (see :data:`MASK_COLUMNS`)."""
+    """Segment every case, write masks and results; returns the rows (see :data:`MASK_COLUMNS`)."""
     if not 0.0 <= threshold <= 1.0:
         raise BatchInputError(f"threshold must be in [0, 1], got {threshold}")
     if not 0.0 <= overlap < 1.0:
         raise BatchInputError(f"overlap must be in [0, 1), got {overlap}")
-    files = collect_inputs(inputs, exclude=out)
     predictor = load_predictor(model, 1, device)  # one image at a time: sliding windows
     if predictor.kind not in ("segmentation", "fusion") or not _has_head(predictor, "segment"):
         raise BatchInputError(
             f"'{model}' is a {predictor.kind!r} bundle; `predict masks` needs a segmentation one"
         )
-    _check_single_input(predictor, "masks")
+    files = gather_cases(predictor, inputs, images, manifest, split=split, modality=modality, exclude=out)
     rows = []
     for item in progress(files, "segment"):
         try:
-            image = read_image(item.ref)
-            probs, volume = segment_file(predictor, image, text, overlap)
+            case = read_case(item)
+            probs, volume = segment_case(predictor, case, text, overlap)
             rows.append(
                 mask_row(
                     item,
-                    image,
+                    next(iter(case.values())),
                     probs,
                     volume,
                     out,
                     threshold=threshold,
                     fmt=fmt,
                     keep_probabilities=probabilities,
+                    inputs=used_inputs(predictor, item),
                 )
             )
-        except Exception as err:  # one bad file is reported in its row; the rest go on
+        except Exception as err:  # one bad case is reported in its row; the rest go on
             rows.append(error_row(item.ref, MASK_COLUMNS, err))
     settings = {
         "model": str(model),
+        "bundle_inputs": predictor.inputs.describe(),
         "threshold": threshold,
         "format": fmt.value,
         "text": text,
@@ -418,15 +534,21 @@ def run_masks(
     return rows
 
 
-def _classify_chunk(predictor: Any, arrays: list[np.ndarray], labels: Any, templates: Any) -> list[Any]:
-    """One batch; on failure each image alone, so an error lands on its own file only."""
+def _classify_chunk(predictor: Any, cases: list[Any], labels: Any, templates: Any) -> list[Any]:
+    """One batch of cases with the same modalities; on failure each case alone, so an error lands
+    on its own row only."""
     try:
-        return list(predictor.classify(arrays, labels=labels, templates=templates))
+        if isinstance(cases[0], dict):
+            batch: Any = {name: [case[name] for case in cases] for name in cases[0]}
+        else:
+            batch = cases
+        return list(predictor.classify(batch, labels=labels, templates=templates))
     except Exception:  # retried one by one below to find the culprit
         results: list[Any] = []
-        for array in arrays:
+        for case in cases:
+            single = {k: [v] for k, v in case.items()} if isinstance(case, dict) else [case]
             try:
-                results.append(predictor.classify([array], labels=labels, templates=templates)[0])
+                results.append(predictor.classify(single, labels=labels, templates=templates)[0])
             except Exception as err:
                 results.append(err)
         return results
@@ -437,24 +559,27 @@ def run_classes(
     inputs: Sequence[str | os.PathLike],
     out: Path,
     *,
+    images: Sequence[str] | None = None,
+    manifest: Path | None = None,
+    split: str | None = None,
+    modality: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
     templates: str | None = None,
     batch_size: int = 16,
     device: str = "auto",
     progress: Callable[[Sequence[Any], str], Iterable[Any]] = _progress,
 ) -> list[dict[str, Any]]:
-    """Classify every input; rows hold ``source``, ``label`` (top), ``probability`` and ``p:<class>``."""
+    """Classify every case; rows hold ``source``, ``inputs``, ``label`` (top), ``probability`` and ``p:<class>``."""
     from medalign.data.transforms import to_channel_first  # MONAI: imported on use, not at CLI start
 
-    files = collect_inputs(inputs, exclude=out)
     predictor = load_predictor(model, batch_size, device)
-    _check_single_input(predictor, "classify")
     if predictor.kind == "DualEncoder" and not labels and templates is None:
         raise BatchInputError("a zero-shot (DualEncoder) bundle needs --label names or --templates")
     if predictor.kind not in ("DualEncoder", "clinical", "fusion") or not _has_head(predictor, "classify"):
         raise BatchInputError(f"'{model}' is a {predictor.kind!r} bundle without a classifier")
+    files = gather_cases(predictor, inputs, images, manifest, split=split, modality=modality, exclude=out)
     outcomes: dict[str, Any] = {}
-    pending: list[tuple[str, np.ndarray]] = []
+    pending: list[tuple[str, Any]] = []
 
     def flush() -> None:
         results = _classify_chunk(
@@ -465,18 +590,21 @@ def run_classes(
 
     for item in progress(files, "classify"):
         try:
-            image = read_image(item.ref)
-            if image.is_3d:
+            case = read_case(item)
+            if next(iter(case.values())).is_3d:
                 raise ValueError("a 3D volume; select one slice, e.g. 'file.nii.gz#slice=10'")
-            pending.append((item.ref, to_channel_first(image.array)))
-        except Exception as err:  # reported in the file's row
+            arrays = case_input({name: to_channel_first(image.array) for name, image in case.items()})
+            if pending and _modalities_of(pending[-1][1]) != _modalities_of(arrays):
+                flush()  # a batch holds cases with the same modalities
+            pending.append((item.ref, arrays))
+        except Exception as err:  # reported in the case's row
             outcomes[item.ref] = err
         if len(pending) >= batch_size:
             flush()
     if pending:
         flush()
     class_names = next((list(o) for o in outcomes.values() if isinstance(o, dict)), [])
-    columns = ["source", "label", "probability", *(f"p:{c}" for c in class_names), "status", "error"]
+    columns = ["source", "inputs", "label", "probability", *(f"p:{c}" for c in class_names), "status", "error"]
     rows = []
     for item in files:
         outcome = outcomes[item.ref]
@@ -484,11 +612,17 @@ def run_classes(
             rows.append(error_row(item.ref, columns, outcome))
             continue
         top = max(outcome, key=outcome.get)
-        row = {"source": item.ref, "label": top, "probability": outcome[top], "status": "ok", "error": ""}
+        row = {"source": item.ref, "inputs": used_inputs(predictor, item), "label": top,
+               "probability": outcome[top], "status": "ok", "error": ""}  # fmt: skip
         rows.append(row | {f"p:{c}": p for c, p in outcome.items()})
-    settings = {"model": str(model), "classes": class_names, "templates": templates}
+    settings = {"model": str(model), "bundle_inputs": predictor.inputs.describe(), "classes": class_names,
+                "templates": templates}  # fmt: skip
     write_results(rows, columns, out, settings)
     return rows
+
+
+def _modalities_of(case: Any) -> tuple[str, ...]:
+    return tuple(case) if isinstance(case, dict) else ()
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -502,21 +636,36 @@ def _finish(rows: list[dict[str, Any]], out: Path) -> None:
     for row in failed:
         typer.echo(f"failed: {row['source']}: {row['error']}", err=True)
     if failed:
-        raise typer.Exit(code=1)
+        raise fail(f"{len(failed)} of {len(rows)} case(s) failed (listed above and in {out / RESULTS_CSV})")
 
 
 def _user_error(err: Exception) -> typer.Exit:
-    typer.secho(str(err), fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
+    return fail(str(err))
 
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Bundle folder (a run's bundle/).")]
 InputsArgument = Annotated[
-    list[Path],
+    list[Path] | None,
     typer.Argument(
-        help="Image files, folders (searched recursively for image files) or 'vol.nii.gz#slice=N'.",
+        help="Image files, folders (searched recursively for image files) or 'vol.nii.gz#slice=N': one "
+        "image per case (bundles that take one image).",
         show_default=False,
     ),
+]
+ImageOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--image",
+        help="One case by modality: --image a=FILE --image b=FILE (the bundle's modalities; see its MODEL_CARD.md).",
+    ),
+]
+ManifestOption = Annotated[
+    Path | None, typer.Option("--manifest", help="Cases from a manifest, one per row, with the bundle's image columns.")
+]
+SplitOption = Annotated[str | None, typer.Option("--split", help="With --manifest: only this split.")]
+ModalityOption = Annotated[
+    list[str] | None,
+    typer.Option("--modality", help="With --manifest: image column per modality, in the bundle's order (default: recorded)."),
 ]
 OutOption = Annotated[
     Path, typer.Option("--out", "-o", help="Output folder (masks, results.csv, results.json).")
@@ -529,8 +678,12 @@ DeviceOption = Annotated[
 
 def predict_masks(
     model: ModelOption,
-    inputs: InputsArgument,
     out: OutOption,
+    inputs: InputsArgument = None,
+    image: ImageOption = None,
+    manifest: ManifestOption = None,
+    split: SplitOption = None,
+    modality: ModalityOption = None,
     text: Annotated[
         str | None, typer.Option(help="Prompt naming what to segment (text-guided models).")
     ] = None,
@@ -552,16 +705,21 @@ def predict_masks(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap, in [0, 1).")] = 0.25,
     device: DeviceOption = "auto",
 ) -> None:
-    """Segment image files and folders; masks keep the source geometry.
+    """Segment image files and folders (or cases by modality); masks keep the source geometry.
 
-    Each input gets a mask under OUT, mirroring its folder:
+    Cases: FILES (one image each), --image a=FILE --image b=FILE (one case of
+    a several-modality bundle) or --manifest M (one case per row). The bundle
+    says what it needs; anything else is refused before a file is written.
+    Each case gets a mask under OUT, mirroring its folder (manifest: named
+    after case_id):
 
     * PNG: the source's height and width (0/255);
     * NIfTI: the source's shape, affine and header; 3D volumes are segmented
       slice by slice, and 'ct.nii.gz#slice=40' gives a 2D NIfTI placed where
       that slice lies in the volume.
 
-    OUT/results.csv and OUT/results.json list per image: source, mask,
+    OUT/results.csv and OUT/results.json list per case: source, inputs
+    (the modalities used), mask,
     probabilities, height, width, slices, foreground_fraction,
     mean_probability (inside the mask), status and error. A file that fails
     is listed with its error, the others are still written, and the exit
@@ -577,12 +735,19 @@ def predict_masks(
 
         medalign predict masks -m runs/lvit/bundle img1.png img2.png \\
             --text "the nuclei" --format png --threshold 0.4 --out preds/
+
+        medalign predict masks -m quickstart_out/fuse/bundle \\
+            --manifest quickstart_out/phantom/manifest.csv --split test -o preds/
     """
     try:
         rows = run_masks(
             model,
-            inputs,
+            inputs or [],
             out,
+            images=image,
+            manifest=manifest,
+            split=split,
+            modality=modality,
             text=text,
             threshold=threshold,
             fmt=format,
@@ -597,8 +762,12 @@ def predict_masks(
 
 def predict_classes(
     model: ModelOption,
-    inputs: InputsArgument,
     out: OutOption,
+    inputs: InputsArgument = None,
+    image: ImageOption = None,
+    manifest: ManifestOption = None,
+    split: SplitOption = None,
+    modality: ModalityOption = None,
     labels: Annotated[
         list[str] | None,
         typer.Option(
@@ -617,12 +786,15 @@ def predict_classes(
     batch_size: BatchOption = 16,
     device: DeviceOption = "auto",
 ) -> None:
-    """Classify image files and folders: per-class probabilities and the top label.
+    """Classify image files and folders (or cases by modality): per-class probabilities and the top label.
+
+    Cases come as in `predict masks`: FILES, --image a=FILE --image b=FILE,
+    or --manifest M.
 
     Aligned (DualEncoder) bundles classify zero-shot from class names
     (--label, repeated) or a template file (--templates); clinical and fusion
     bundles with a classification head use it. OUT/results.csv and
-    OUT/results.json hold per image: source, label (the most probable class),
+    OUT/results.json hold per case: source, inputs, label (the most probable class),
     probability, p:<class> for every class, status and error. A file that
     fails is listed with its error, the others are still classified, and the
     exit code is 1.
@@ -635,12 +807,14 @@ def predict_classes(
         medalign predict classify -m runs/align/bundle a.png b.png \\
             -l normal -l benign -l malignant -o preds/
 
-        medalign predict classify -m runs/clinical_phantom/bundle cases/ -o preds/
+        medalign predict classify -m quickstart_out/align/bundle \\
+            --image a=scan_a.png --image b=scan_b.png --templates phantom_diagnosis -o preds/
     """
     try:
         rows = run_classes(
-            model, inputs, out, labels=labels, templates=templates, batch_size=batch_size, device=device
-        )
+            model, inputs or [], out, images=image, manifest=manifest, split=split, modality=modality,
+            labels=labels, templates=templates, batch_size=batch_size, device=device,
+        )  # fmt: skip
     except ValueError as err:
         raise _user_error(err) from err
     _finish(rows, out)

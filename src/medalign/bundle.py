@@ -1,6 +1,7 @@
 """Model bundles: a folder that holds everything needed to use a trained model offline.
 
-``config.json`` (architecture, preprocessing, provenance), ``model.safetensors`` (weights,
+``config.json`` (architecture, inputs and preprocessing (``inputs``: :mod:`medalign.inputs`),
+provenance), ``model.safetensors`` (weights,
 no pickle), ``tokenizer/`` (the text tokenizer's own files) and, when known, ``metrics.json``.
 A tower that came from a pretrained source is stored by its full architecture config, so
 loading never needs that source (or the network) again.
@@ -60,9 +61,18 @@ def _kind(model: Any) -> str:
     return kind
 
 
-def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write a dual encoder, a segmentation or a fusion model as a self-contained bundle."""
+def save_bundle(
+    model: Any, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None, inputs: Any = None
+) -> Path:
+    """Write a model as a self-contained bundle.
+
+    ``inputs`` (a :class:`medalign.inputs.InputSpec`) records the modalities, their order and
+    channel layout and the preprocessing the model was trained with; ``medalign train`` passes
+    it. Without it the model's own config is recorded (one image for a single-input model;
+    several channels are then never filled by repeating one image).
+    """
     from medalign import __version__
+    from medalign.inputs import spec_for_model
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -75,17 +85,23 @@ def save_bundle(model: Any, directory: str | os.PathLike, *, extra: dict[str, An
     save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    normalisation = ((extra or {}).get("preprocess") or {}).get("normalisation") or "dtype"
+    spec = inputs if inputs is not None else spec_for_model(model, normalisation)
     payload = {
         "format": BUNDLE_FORMAT,
         "kind": _kind(model),
         "medalign_version": __version__,
         "model": config,
         **(extra or {}),
+        "inputs": spec.to_dict(),
+        "preprocess": {**((extra or {}).get("preprocess") or {}), "normalisation": spec.normalisation},
     }
     (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # safetensors creates its file 0600; a bundle's files share one mode (the umask's, as config.json got)
+    os.chmod(tmp / WEIGHTS_NAME, (tmp / CONFIG_NAME).stat().st_mode & 0o777)
     from medalign.model_card import write_model_card
 
-    write_model_card(tmp, model, extra)  # MODEL_CARD.md: what it is, trained on, scores, limits
+    write_model_card(tmp, model, {**(extra or {}), "inputs": spec.to_dict()})  # what it is, trained on, scores, limits
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
@@ -202,4 +218,7 @@ def load_bundle(name_or_path: str | os.PathLike) -> Any:
         raise BundleError(f"'{weights}' does not match the architecture in {CONFIG_NAME}: {err}") from err
     model.eval()
     model.bundle_info = {k: v for k, v in payload.items() if k != "model"}
+    from medalign.inputs import spec_from_bundle
+
+    model.bundle_inputs = spec_from_bundle(payload, model, directory)  # recorded, or inferred for old bundles
     return model

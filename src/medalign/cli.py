@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from medalign.cli_grammar import fail
+
 app = typer.Typer(
     name="medalign",
     help="Multi-modal medical image analysis with contrastive learning. Add --debug to any command "
@@ -45,10 +47,6 @@ index_app = typer.Typer(
 app.add_typer(index_app, name="index")
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
-
 
 def _parse_options(options: list[str]) -> dict[str, Any]:
     """``key=value`` pairs; values are parsed as YAML scalars/lists so ``fold=1`` is an int."""
@@ -75,7 +73,7 @@ def data_validate(
         typer.Option("--drop-invalid", help="Write a cleaned manifest without the rows that have errors."),
     ] = False,
     out: Annotated[
-        Path | None, typer.Option(help="Cleaned manifest path (default: <stem>.clean<suffix>).")
+        Path | None, typer.Option("--out", "-o", help="Cleaned manifest path (default: <stem>.clean<suffix>).")
     ] = None,
     log: Annotated[
         Path | None, typer.Option(help="CSV log of dropped rows (default: <out>.dropped.csv).")
@@ -94,7 +92,7 @@ def data_validate(
     try:
         loaded = read_manifest(manifest)
     except ManifestError as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     problems = validate_manifest(loaded, check_images=not no_images, text_only=text_only or None)
     for problem in problems:
         typer.echo(str(problem))
@@ -105,29 +103,29 @@ def data_validate(
         try:
             written, log_path, dropped = drop_rows(loaded, problems, target, log)
         except ValueError as err:
-            raise _fail(str(err)) from err
+            raise fail(str(err)) from err
         typer.echo(
             f"wrote {written} ({len(loaded) - dropped} rows); dropped {dropped} rows, logged in {log_path}"
         )
         return
     if n_errors:
-        raise typer.Exit(code=1)
+        raise fail(f"'{manifest}' has {n_errors} error(s), listed above")
 
 
 @data_app.command("import")
 def data_import(
     format: Annotated[str, typer.Argument(help="Source layout; see `medalign data formats`.")],
     src: Annotated[Path, typer.Argument(help="Dataset folder (or file, for JSON formats).")],
-    out: Annotated[Path, typer.Option(help="Manifest to write (.csv, .jsonl or .parquet).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write (.csv, .jsonl or .parquet).")],
     option: Annotated[
-        list[str] | None, typer.Option("--option", "-o", help="Importer option key=value (repeatable).")
+        list[str] | None, typer.Option("--option", "-O", help="Importer option key=value (repeatable).")
     ] = None,
 ) -> None:
     """Import a dataset in its released layout into a manifest; the data is referenced, not copied.
 
     Example:
 
-        medalign data import busi ~/data/busi --out data/busi.csv -o fold=1
+        medalign data import busi ~/data/busi --out data/busi.csv --option fold=1
     """
     from medalign.data.importers import DatasetImportError, import_dataset
     from medalign.data.manifest import format_summary, summarize
@@ -135,7 +133,7 @@ def data_import(
     try:
         manifest = import_dataset(format, src, out, **_parse_options(option or []))
     except (DatasetImportError, TypeError) as err:
-        raise _fail(f"import {format} from '{src}' failed: {err}") from err
+        raise fail(f"import {format} from '{src}' failed: {err}") from err
     typer.echo(f"wrote {out}")
     typer.echo(format_summary(summarize(manifest)))
     for key, value in manifest.meta.extra.items():  # the sidecar's lists (unpaired, ignored files...) by name
@@ -162,7 +160,7 @@ def data_formats() -> None:
 
 @data_app.command("phantom")
 def data_phantom(
-    out: Annotated[Path, typer.Option(help="Output folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     n: Annotated[int, typer.Option(help="Number of cases.")] = 240,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
@@ -184,7 +182,7 @@ def data_phantom(
 @data_app.command("split")
 def data_split(
     manifest: Annotated[Path, typer.Argument(help="Manifest to split.")],
-    out: Annotated[Path, typer.Option(help="Manifest to write with the new 'split' column.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write with the new 'split' column.")],
     fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.1,0.2",
     seed: Annotated[int, typer.Option(help="Seed of the patient shuffle.")] = 0,
     stratify: Annotated[str | None, typer.Option(help="Column to stratify by (e.g. label).")] = None,
@@ -204,7 +202,7 @@ def data_split(
             loaded.table, dict(zip(SPLITS, values, strict=True)), seed=seed, stratify=stratify
         )
     except ValueError as err:
-        raise _fail(f"cannot split '{manifest}': {err}") from err
+        raise fail(f"cannot split '{manifest}': {err}") from err
     write_manifest(loaded, out)
     counts = loaded.table["split"].value_counts()
     typer.echo(f"wrote {out}: " + ", ".join(f"{s}={int(counts.get(s, 0))}" for s in SPLITS))
@@ -213,7 +211,7 @@ def data_split(
 @data_app.command("shard")
 def data_shard(
     manifest: Annotated[Path, typer.Argument(help="Manifest to shard.")],
-    out: Annotated[Path, typer.Option(help="New or empty folder for the shards and index.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New or empty folder for the shards and index.json.")],
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the last of each split has fewer).")] = 1000,
 ) -> None:
     """Write a manifest as WebDataset tar shards (one split per shard) plus index.json.
@@ -228,7 +226,7 @@ def data_shard(
     try:
         index = write_shards(read_manifest(manifest), out, shard_size, source=manifest.name)
     except (ManifestError, ShardError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     typer.echo(f"wrote {index}: {shard_summary(read_shard_index(out))}")
 
 
@@ -294,8 +292,8 @@ def train(
         if stages is not None:
             raise ConfigError(f"--stages needs a curriculum file; '{config}' is a single recipe")
         run_training(load_config(config, overrides), resume=resume, echo=typer.echo)
-    except ConfigError as err:
-        raise _fail(str(err)) from err
+    except ValueError as err:  # ConfigError and the checks of a run (a bundle of the wrong kind, ...)
+        raise fail(str(err)) from err
 
 
 @app.command("ablate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -328,11 +326,43 @@ def ablate(
         curriculum = load_curriculum(config, parse_cli_overrides(list(ctx.args)))
         chains = [parse_stages(v, curriculum) for v in variants.split(";")] if variants else None
         run_ablation(curriculum, chains, echo=typer.echo)
-    except ConfigError as err:
-        raise _fail(str(err)) from err
+    except ValueError as err:  # ConfigError and the checks of a run (a bundle of the wrong kind, ...)
+        raise fail(str(err)) from err
 
 
-def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> tuple[Any, Any, Any]:
+ModalityOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--modality",
+        help="Image column per bundle modality, in the bundle's order (default: the columns it records).",
+    ),
+]
+
+
+def _bundle_columns(loaded_model: Any, loaded: Any, modality: list[str] | None) -> tuple[Any, list[str]]:
+    """The manifest (one row per modality for ``any``-layout bundles) and the image columns the
+    bundle's input record asks for (``--modality`` maps others onto them, in order)."""
+    from medalign.inputs import input_spec
+    from medalign.run import modality_rows
+
+    spec = input_spec(loaded_model)
+    try:
+        keys = spec.columns_for(loaded.image_columns, modality)
+    except ValueError as err:
+        raise fail(str(err)) from err
+    if spec.layout == "any":  # one image at a time: every modality's image is its own row
+        return modality_rows(loaded, keys), ["image"]
+    return loaded, keys
+
+
+def _eval_common(
+    model: Path,
+    manifest: Path,
+    split: str,
+    label: str | None,
+    modality: list[str] | None,
+    features: str = "embedding",
+) -> tuple[Any, Any, Any, list[str]]:
     from medalign import evaluate as ev
     from medalign.bundle import load_bundle
     from medalign.data.dataset import dataset_for_model
@@ -341,18 +371,22 @@ def _eval_common(model: Path, manifest: Path, split: str, label: str | None) -> 
     loaded_model = load_bundle(model)
     loaded = read_manifest(manifest)
     if label and label not in loaded.table.columns:
-        raise _fail(f"manifest '{manifest}' has no column '{label}'")
-    dataset = dataset_for_model(loaded, loaded_model, split, label)
-    return loaded_model, loaded, ev.embed_split(loaded_model, dataset)
+        raise fail(f"manifest '{manifest}' has no column '{label}'")
+    loaded, keys = _bundle_columns(loaded_model, loaded, modality)
+    dataset = dataset_for_model(loaded, loaded_model, split, label, keys)
+    return loaded_model, loaded, ev.embed_split(loaded_model, dataset, features=features), keys
 
 
-def _eval_config(task: str, manifest: Path, split: str) -> Any:
+def _eval_config(task: str, manifest: Path, split: str, model: Any = None) -> Any:
     """The RunConfig an eval command stands for: it tells the shared code (and the HTML report)
-    which manifest, split and columns the evaluation used."""
+    which manifest, split and columns the evaluation used, and preprocesses as the bundle records."""
     from medalign.config import RunConfig
+    from medalign.inputs import input_spec
 
     config = RunConfig(task=task)  # type: ignore[arg-type]
     config.data.manifest, config.eval.split = str(manifest), split
+    if model is not None:
+        config.data.normalisation = input_spec(model).normalisation  # type: ignore[assignment]
     return config
 
 
@@ -383,13 +417,14 @@ def _write_eval(
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    model: Annotated[Path, typer.Option(help="Bundle folder.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Bundle folder.")],
     manifest: Annotated[Path, typer.Option(help="Manifest with images and labels.")],
     templates: Annotated[str, typer.Option(help="Template YAML or a shipped name (e.g. busi).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
+    modality: ModalityOption = None,
     out: Annotated[
-        Path | None, typer.Option(help="Write the metrics JSON here, with each case's class probabilities.")
+        Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here, with each case's class probabilities.")
     ] = None,
 ) -> None:
     """Zero-shot classification with a prompt-template ensemble: ACC, balanced ACC, macro-F1, AUC.
@@ -400,19 +435,20 @@ def eval_zeroshot(
     """
     from medalign import evaluate as ev
 
-    loaded_model, _, embeddings = _eval_common(model, manifest, split, label)
-    config = _eval_config("align", manifest, split)
+    loaded_model, _, embeddings, keys = _eval_common(model, manifest, split, label, modality)
+    config = _eval_config("align", manifest, split, loaded_model)
     config.eval.zeroshot, config.eval.zeroshot_label, config.data.label = templates, label, label
     metrics = ev.zero_shot(loaded_model, embeddings, templates)
-    _write_eval("zeroshot", metrics, out, model, config, templates=templates, label=label)
+    _write_eval("zeroshot", metrics, out, model, config, templates=templates, label=label, modality=keys)
 
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    model: Annotated[Path, typer.Option(help="Bundle folder.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Bundle folder.")],
     manifest: Annotated[Path, typer.Option(help="Manifest with images and text.")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    modality: ModalityOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Image->text and text->image retrieval: R@1/5/10, median and mean rank.
 
@@ -422,14 +458,14 @@ def eval_retrieval(
     """
     from medalign import evaluate as ev
 
-    _, _, embeddings = _eval_common(model, manifest, split, None)
-    config = _eval_config("align", manifest, split)
-    _write_eval("retrieval", ev.retrieval(embeddings), out, model, config)
+    loaded_model, _, embeddings, keys = _eval_common(model, manifest, split, None, modality)
+    config = _eval_config("align", manifest, split, loaded_model)
+    _write_eval("retrieval", ev.retrieval(embeddings), out, model, config, modality=keys)
 
 
 @eval_app.command("probe")
 def eval_probe(
-    model: Annotated[Path, typer.Option(help="Bundle folder.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Bundle folder.")],
     manifest: Annotated[Path, typer.Option(help="Manifest with train/val/test splits and labels.")],
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
     split: Annotated[str, typer.Option(help="Split to report.")] = "test",
@@ -440,7 +476,8 @@ def eval_probe(
             "features: any bundle with a vision tower, e.g. a clinical one)."
         ),
     ] = "embedding",
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    modality: ModalityOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Linear probe: logistic regression on frozen image embeddings, C chosen on the val split.
 
@@ -450,37 +487,31 @@ def eval_probe(
         medalign eval probe --model runs/clinical_busi/bundle --manifest busi.csv --features tower
     """
     from medalign import evaluate as ev
-    from medalign.bundle import load_bundle
     from medalign.data.dataset import dataset_for_model
-    from medalign.data.manifest import read_manifest
 
-    loaded_model, loaded = load_bundle(model), read_manifest(manifest)
-    if label not in loaded.table.columns:
-        raise _fail(f"manifest '{manifest}' has no column '{label}'")
     try:
-        train, val, test = (
-            ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label), features=features)
-            for s in ("train", "val", split)
-        )
+        loaded_model, loaded, test, keys = _eval_common(model, manifest, split, label, modality, features)
+        train_val = [
+            ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label, keys), features=features)
+            for s in ("train", "val")
+        ]
     except ValueError as err:
-        raise _fail(str(err)) from err
-    config = _eval_config("align", manifest, split)
+        raise fail(str(err)) from err
+    config = _eval_config("align", manifest, split, loaded_model)
     config.eval.probe_label, config.data.label = label, label
-    _write_eval("probe", ev.probe(train, val, test), out, model, config, label=label, features=features)
+    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label, features=features, modality=keys)
 
 
 @eval_app.command("segment")
 def eval_segment(
-    model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Segmentation bundle folder.")],
     manifest: Annotated[
         Path, typer.Option(help="Manifest with images, masks (and text for text-guided models).")
     ],
-    modality: Annotated[
-        list[str] | None, typer.Option(help="Image column(s), in training order (default: the first).")
-    ] = None,
+    modality: ModalityOption = None,
     mask: Annotated[str, typer.Option(help="Mask column.")] = "mask",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 (undefined cases listed) and NSD.
 
@@ -491,34 +522,30 @@ def eval_segment(
     """
     from medalign.bundle import load_bundle
     from medalign.data.manifest import read_manifest
-    from medalign.run import evaluate_segmentation, image_columns
+    from medalign.run import evaluate_segmentation
 
     loaded_model = load_bundle(model)
-    loaded = read_manifest(manifest)
-    config = _eval_config("segment", manifest, split)
-    config.data.mask, config.data.modalities = mask, list(modality) if modality else None
+    loaded, keys = _bundle_columns(loaded_model, read_manifest(manifest), modality)
+    config = _eval_config("segment", manifest, split, loaded_model)
+    config.data.mask, config.data.modalities = mask, keys
     try:
-        keys = image_columns(config, loaded)
         metrics = evaluate_segmentation(loaded_model, loaded, config, keys, split)
     except (ValueError, KeyError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     _write_eval("segment", metrics, out, model, config, modality=keys, mask=mask)
 
 
 @eval_app.command("fuse")
 def eval_fuse(
-    model: Annotated[Path, typer.Option(help="Fusion bundle folder.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Fusion bundle folder.")],
     manifest: Annotated[
         Path, typer.Option(help="Manifest with every modality's column and masks or labels.")
     ],
-    modality: Annotated[
-        list[str] | None,
-        typer.Option(help="Image column per model modality, in model order (default: image:<name>)."),
-    ] = None,
+    modality: ModalityOption = None,
     mask: Annotated[str, typer.Option(help="Mask column (segmentation head).")] = "mask",
     label: Annotated[str, typer.Option(help="Label column (classification head).")] = "label",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Metrics for every non-empty subset of the model's modalities (a, b, a+b, ...), one row each.
 
@@ -530,20 +557,18 @@ def eval_fuse(
     from medalign.bundle import load_bundle
     from medalign.data.manifest import read_manifest
     from medalign.models.fusion import FusionModel
-    from medalign.run import evaluate_fusion, fusion_columns
+    from medalign.run import evaluate_fusion
 
     loaded_model = load_bundle(model)
     if not isinstance(loaded_model, FusionModel):
-        raise _fail(f"'{model}' is not a fusion bundle; use medalign eval segment (or zeroshot, ...)")
-    loaded = read_manifest(manifest)
-    config = _eval_config("fuse", manifest, split)
-    config.data.mask, config.data.label = mask, label
-    config.data.modalities = list(modality) if modality else None
+        raise fail(f"'{model}' is not a fusion bundle; use medalign eval segment (or zeroshot, ...)")
+    loaded, keys = _bundle_columns(loaded_model, read_manifest(manifest), modality)
+    config = _eval_config("fuse", manifest, split, loaded_model)
+    config.data.mask, config.data.label, config.data.modalities = mask, label, keys
     try:
-        keys = fusion_columns(config, loaded, loaded_model)
         metrics = evaluate_fusion(loaded_model, loaded, config, keys, split)
     except (ValueError, KeyError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     segment = loaded_model.config.task_head == "segment"
     columns = (
         ("dice", "iou", "pooled_dice", "hd95")
@@ -562,16 +587,13 @@ def eval_fuse(
 
 @eval_app.command("clinical")
 def eval_clinical(
-    model: Annotated[Path, typer.Option(help="Clinical bundle folder (task: clinical).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Clinical bundle folder (task: clinical).")],
     manifest: Annotated[Path, typer.Option(help="Manifest with the model's modalities, labels and/or time/event.")],
-    modality: Annotated[
-        list[str] | None,
-        typer.Option(help="Image column per model modality, in model order (default: image:<name>)."),
-    ] = None,
+    modality: ModalityOption = None,
     label: Annotated[str, typer.Option(help="Label column of the diagnosis head.")] = "label",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     out: Annotated[
-        Path | None, typer.Option(help="Folder for metrics.json, reliability.png and km_risk_groups.png.")
+        Path | None, typer.Option("--out", "-o", help="Folder for metrics.json, reliability.png and km_risk_groups.png.")
     ] = None,
 ) -> None:
     """Diagnosis (ACC, balanced ACC, macro-F1, AUC, ECE) and prognosis (C-index, td-AUC, log-rank).
@@ -583,23 +605,20 @@ def eval_clinical(
     from medalign.bundle import load_bundle
     from medalign.data.manifest import read_manifest
     from medalign.models.heads import ClinicalModel
-    from medalign.run import fusion_columns
     from medalign.tasks.clinical import evaluate_clinical
 
     loaded_model = load_bundle(model)
     if not isinstance(loaded_model, ClinicalModel):
-        raise _fail(f"'{model}' is not a clinical bundle (task: clinical)")
-    loaded = read_manifest(manifest)
-    config = _eval_config("clinical", manifest, split)
-    config.data.label = label
-    config.data.modalities = list(modality) if modality else None
+        raise fail(f"'{model}' is not a clinical bundle (task: clinical)")
+    loaded, keys = _bundle_columns(loaded_model, read_manifest(manifest), modality)
+    config = _eval_config("clinical", manifest, split, loaded_model)
+    config.data.label, config.data.modalities = label, keys
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        keys = fusion_columns(config, loaded, loaded_model)
         metrics = evaluate_clinical(loaded_model, loaded, config, keys, split, out=out)
     except (ValueError, KeyError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     levels = [("row", metrics)] + ([("patient", metrics["patient_level"])] if "patient_level" in metrics else [])
     for level, block in levels:
         if "diagnosis" in block:
@@ -622,11 +641,14 @@ def eval_clinical(
 
 @predict_app.command("segment")
 def predict_segment(
-    model: Annotated[Path, typer.Option(help="Segmentation bundle folder.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Segmentation bundle folder.")],
     image: Annotated[
-        list[Path], typer.Option(help="Image file; repeat once per modality, in training order.")
+        list[str],
+        typer.Option(
+            help="Image file; for a bundle of several modalities one per modality, named: --image a=FILE --image b=FILE."
+        ),
     ],
-    out: Annotated[Path, typer.Option(help="Mask to write (.png, or .nii/.nii.gz).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mask to write (.png, or .nii/.nii.gz).")],
     text: Annotated[
         str | None, typer.Option(help="Prompt naming what to segment (text-guided models).")
     ] = None,
@@ -637,36 +659,46 @@ def predict_segment(
         bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")
     ] = False,
 ) -> None:
-    """Segment one image of any size (sliding windows at the training size).
+    """Segment one case of any size (sliding windows at the training size).
 
-    Example:
+    The bundle records which images it takes; a bundle trained on several modalities needs each
+    one, named. Example:
 
-        medalign predict segment --model runs/seg/bundle --image a.png --image b.png \\
+        medalign predict segment --model runs/seg/bundle --image a=a.png --image b=b.png \\
             --text "the lesion in the right lower zone" --out mask.png --overlay overlay.png
     """
-    from medalign.bundle import load_bundle
-    from medalign.inference import load_input, overlay, predict_probabilities, save_mask
+    from medalign.inference import overlay, save_mask
+    from medalign.inputs import parse_image_options
+    from medalign.predict import Predictor, prepare
 
-    loaded = load_bundle(model)
+    predictor = Predictor.from_bundle(model)
     try:
-        pixels = load_input(image, loaded.config.in_channels)
-        probabilities = predict_probabilities(loaded, pixels, text=text, flip_tta=tta, bf16=bf16)
+        parsed = parse_image_options(image)
+        if isinstance(parsed, list) and len(parsed) > 1:
+            raise ValueError(
+                f"{len(parsed)} unnamed --image for one case; this bundle takes {predictor.inputs.describe()}. "
+                f"{predictor.inputs.how_to_pass()}"
+            )
+        case: Any = parsed if isinstance(parsed, dict) else parsed[0]
+        used = [name for name in predictor.arrange(case) if name != "*"] or list(predictor.inputs.modalities[:1])
+        probabilities = predictor.segment(case, text=text, flip_tta=tta, bf16=bf16)
     except ValueError as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     mask = probabilities > threshold
     save_mask(mask, out)
     if overlay_path:
-        overlay(pixels, mask).save(overlay_path)
-    typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size}")
+        first = next(iter(case.values())) if isinstance(case, dict) else case
+        overlay(prepare(first, 1, None, predictor.normalisation)[None], mask).save(overlay_path)
+    typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size} (inputs: {'+'.join(used)})")
 
 
 @index_app.command("build")
 def index_build(
-    out: Annotated[Path, typer.Option(help="Index folder to write.")],
-    model: Annotated[Path | None, typer.Option(help="Bundle that embeds the manifest's images (or texts).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Bundle that embeds the manifest's images (or texts).")] = None,
     manifest: Annotated[Path | None, typer.Option(help="Manifest of the cases to index.")] = None,
     column: Annotated[
-        str | None, typer.Option(help="Image column to embed, or 'text' (default: the first image column).")
+        str | None, typer.Option(help="Image column for a one-image bundle, or 'text' (default: the columns the bundle records).")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Index only this split (default: every row).")] = None,
     embeddings: Annotated[
@@ -692,7 +724,7 @@ def index_build(
     dtype = "float16" if float16 else "float32"
     if embeddings is not None:
         if model is not None or manifest is not None:
-            raise ValueError("give either --embeddings or --model with --manifest, not both")
+            raise fail("give either --embeddings or --model with --manifest, not both")
         names = retrieval.read_ids(ids.read_text(encoding="utf-8").splitlines()) if ids else None
         index = retrieval.EmbeddingIndex.from_embeddings(
             np.load(embeddings, mmap_mode="r", allow_pickle=False), names, dtype=dtype, info={"source": str(embeddings)}
@@ -703,7 +735,7 @@ def index_build(
         index = retrieval.build_from_manifest(medalign.load(str(model)), manifest, column=column, split=split, dtype=dtype)
         index.info["model"] = str(model.resolve())
     else:
-        raise ValueError("give --model and --manifest (or --embeddings)")
+        raise fail("give --model and --manifest (or --embeddings)")
     index.save(out)
     typer.echo(f"wrote {out}: {len(index)} rows x {index.dim} dims ({dtype})")
 
@@ -711,15 +743,18 @@ def index_build(
 @index_app.command("search")
 def index_search(
     index: Annotated[Path, typer.Option(help="Index folder (medalign index build).")],
-    image: Annotated[list[Path] | None, typer.Option(help="Query image(s); repeat for several.")] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(help="Query image(s), repeat for several; one case of a several-modality bundle: --image a=F --image b=F."),
+    ] = None,
     text: Annotated[list[str] | None, typer.Option(help="Query text(s) (needs an alignment bundle).")] = None,
     queries: Annotated[Path | None, typer.Option(help="Precomputed [Q, D] query embeddings (.npy).")] = None,
     model: Annotated[
-        Path | None, typer.Option(help="Bundle that embeds the queries (default: the one that built the index).")
+        Path | None, typer.Option("--model", "-m", help="Bundle that embeds the queries (default: the one that built the index).")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
     backend: Annotated[str, typer.Option(help="exact (chunked products) or faiss (extra [faiss]).")] = "exact",
-    out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
 ) -> None:
     """The k most similar indexed cases for each query image, text or embedding.
 
@@ -737,7 +772,7 @@ def index_search(
     found = retrieval.EmbeddingIndex.load(index)
     given = [name for name, value in (("--image", image), ("--text", text), ("--queries", queries)) if value]
     if len(given) != 1:
-        raise ValueError("give exactly one of --image, --text, --queries")
+        raise fail("give exactly one of --image, --text, --queries")
     labels: list[str]
     if queries is not None:
         vectors = np.load(queries, allow_pickle=False)
@@ -745,12 +780,18 @@ def index_search(
     else:
         source = model or found.info.get("model")
         if source is None:
-            raise ValueError("this index records no model: give --model to embed the queries")
+            raise fail("this index records no model: give --model to embed the queries")
         import medalign
+        from medalign.inputs import parse_image_options
 
         predictor = medalign.load(str(source))
         if image:
-            vectors, labels = predictor.embed_image([str(p) for p in image]), [str(p) for p in image]
+            try:
+                parsed = parse_image_options(image)
+                vectors = predictor.embed_image(parsed)
+            except ValueError as err:
+                raise fail(str(err)) from err
+            labels = [" ".join(f"{k}={v}" for k, v in parsed.items())] if isinstance(parsed, dict) else list(parsed)
         else:
             vectors, labels = predictor.embed_text(list(text or [])), list(text or [])
     result = found.search(vectors, k, backend=backend)
@@ -771,14 +812,14 @@ def index_search(
 
 @app.command("chat")
 def chat(
-    model: Annotated[Path, typer.Option(help="Instruct bundle folder (task: instruct).")],
-    image: Annotated[list[Path], typer.Option(help="Image file; repeat for several images (or modalities with --stack).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Instruct bundle folder (task: instruct).")],
+    image: Annotated[
+        list[str],
+        typer.Option(help="Image file; repeat for several images, or name the bundle's modalities: --image a=FILE --image b=FILE."),
+    ],
     question: Annotated[
         str | None, typer.Option(help="One question; without it, questions are read line by line from stdin.")
     ] = None,
-    stack: Annotated[
-        bool, typer.Option("--stack", help="The images are modalities of one image (channels, as trained).")
-    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
     sample: Annotated[bool, typer.Option("--sample", help="Sample (temperature, top-p) instead of greedy.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
@@ -789,14 +830,18 @@ def chat(
     Example:
 
         medalign chat --model runs/instruct/phantom_tiny/stages_1-2/bundle \\
-            --image a.png --image b.png --stack --question "How many lesions are there?"
+            --image a=a.png --image b=b.png --question "How many lesions are there?"
     """
     import sys
 
+    from medalign.inputs import parse_image_options
     from medalign.predict import Predictor
 
     predictor = Predictor.from_bundle(model)
-    images: Any = {str(i): path for i, path in enumerate(image)} if stack else list(image)
+    try:
+        images: Any = parse_image_options(image)
+    except ValueError as err:
+        raise fail(str(err)) from err
     history: list[dict[str, str]] = []
     questions = [question] if question is not None else (line.strip() for line in sys.stdin)
     for asked in questions:
@@ -808,7 +853,7 @@ def chat(
                 max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             )  # fmt: skip
         except ValueError as err:
-            raise _fail(str(err)) from err
+            raise fail(str(err)) from err
         typer.echo("")
         history += [{"from": "human", "value": asked}, {"from": "gpt", "value": answer}]
 
@@ -832,7 +877,7 @@ _register_commands()
 
 @app.command("quickstart")
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Working folder for the phantom and outputs.")] = Path(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for the phantom and outputs.")] = Path(
         "quickstart_out"
     ),
     n: Annotated[int, typer.Option(help="Number of phantom cases.")] = 480,
@@ -840,6 +885,12 @@ def quickstart(
     steps: Annotated[
         int | None, typer.Option(help="Cap each training stage at this many steps (smoke test).")
     ] = None,
+    keep_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--keep-checkpoints", help="Keep each finished run's optimiser checkpoint (checkpoints/last.ckpt)."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole path on the built-in phantom: generate, validate, align images and reports, evaluate.
 
@@ -849,37 +900,58 @@ def quickstart(
     """
     from medalign.quickstart import run_quickstart
 
-    code = run_quickstart(out, n=n, seed=seed, echo=typer.echo, max_steps=steps)
+    code = run_quickstart(out, n=n, seed=seed, echo=typer.echo, max_steps=steps, keep_checkpoints=keep_checkpoints)
     if code:
-        raise typer.Exit(code=code)
+        raise fail(f"the quickstart stopped at a failed step (above); outputs so far in {out}")
 
 
 DEBUG_FLAG = "--debug"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: a user's mistake ends in one red line, not a traceback.
+    """Console entry point: every failure ends in one red ``error: ...`` line and exit code 1.
 
-    Anything a command raises (a missing file, a bad manifest row, a bundle of the wrong kind)
-    is printed as ``error: <message>`` with exit code 1; ``--debug`` anywhere on the command
+    A command's own check (:func:`~medalign.cli_grammar.fail`), a usage mistake (an
+    unknown option gets the closest real one: ``--prompt`` -> ``--text``) and anything the
+    library raises (a missing file, a bad manifest row, a bundle of the wrong kind) all print
+    one line (:func:`~medalign.cli_grammar.error_line`); ``--debug`` anywhere on the command
     line shows the full traceback instead.
     """
     import sys
 
+    from medalign.cli_grammar import (
+        Abort,
+        ClickException,
+        NoArgsIsHelpError,
+        error_line,
+        leaf_command,
+        repeated_option,
+    )
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args
     args = [a for a in args if a != DEBUG_FLAG]
+    root = typer.main.get_command(app)
     try:
-        app(args=args, prog_name="medalign")
-    except KeyboardInterrupt:
+        command, rest = leaf_command(root, args)
+        twice = repeated_option(command, rest)
+        if twice is not None:
+            raise fail(f"option {twice} is given more than once; it takes one value (see --help)")
+        code = root.main(args=args, prog_name="medalign", standalone_mode=False)
+    except NoArgsIsHelpError as err:  # `medalign`, `medalign data`: the help
+        typer.echo(err.format_message())
+        raise SystemExit(0) from None
+    except typer.Exit as done:  # a command's own failure: its error line is printed
+        raise SystemExit(done.exit_code) from None
+    except (KeyboardInterrupt, Abort):
         typer.secho("interrupted", fg=typer.colors.RED, err=True)
         raise SystemExit(130) from None
     except Exception as err:
-        if debug:
+        if debug and not isinstance(err, ClickException):
             raise
-        typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
-        typer.echo(f"(run again with {DEBUG_FLAG} for the traceback)", err=True)
+        typer.secho(error_line(err), fg=typer.colors.RED, err=True)
         raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

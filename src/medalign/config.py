@@ -217,7 +217,10 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     deterministic: bool = False
-    progress: bool = True
+    progress: bool = True  # a progress bar, shown only when stderr is a terminal
+    # keep checkpoints/last.ckpt (model + optimiser state) once the run has finished and written its
+    # bundle; needed only to continue training a finished run with --resume
+    keep_checkpoints: bool = False
     # torch.compile (inductor) the model's forward: compiling costs tens of seconds up front and
     # pays back in long runs (U-Net step on this CPU: 1.45x bf16 eager; BENCHMARKS.md)
     compile: bool = False

@@ -242,7 +242,7 @@ class Engine:
         on_epoch_end: Callable[[int], dict[str, float]] | None = None,
     ) -> TrainState:
         fabric, cfg = self.fabric, self.train
-        fabric.seed_everything(cfg.seed)
+        fabric.seed_everything(cfg.seed, verbose=False)
         if batch_size % (fabric.world_size * cfg.accumulate):
             raise ValueError(
                 f"batch size {batch_size} must be divisible by {fabric.world_size} processes x "
@@ -441,9 +441,19 @@ class Engine:
     def _progress(self, total: int, start: int) -> Any:
         if not self.train.progress or self.fabric.global_rank != 0:
             return None
-        from tqdm.auto import tqdm
+        from medalign.progress import progress_bar
 
-        return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, leave=False)
+        return progress_bar(total=total, initial=start, desc="train")
+
+    def drop_checkpoints(self) -> None:
+        """Delete the optimiser checkpoint of a finished run (its bundle holds the weights)."""
+        if self.fabric.global_rank != 0:
+            return
+        self.checkpoint_path.unlink(missing_ok=True)
+        remove_partial_writes(self.checkpoint_path)
+        folder = self.checkpoint_path.parent
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
     def _save_checkpoint(self, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> None:
         payload = {

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 import typer
 from torch import nn
+
+from medalign.inputs import InputSpec, input_spec
 
 EXPORT_FORMAT = 1
 MANIFEST_NAME = "export.json"
@@ -463,6 +465,8 @@ def export_onnx(
         "kind": kind,
         "model": name,
         "num_classes": int(model.config.num_classes) if kind == "segmentation" else None,
+        # which images fill pixel_values' channels (e.g. modalities a + b stacked), as the bundle records
+        "inputs": input_spec(model).to_dict(),
         "preprocessing": _preprocessing(model, size, text),
         "parts": described,
     }
@@ -495,9 +499,12 @@ def _as_batch(images: Any, channels: int, size: int) -> np.ndarray:
 class OnnxPredictor:
     """Embeddings and segmentations from an ``export_onnx`` folder with ONNX Runtime (CPU).
 
-    Images are ``[B, C, H, W]`` (or ``[C, H, W]``) floats in [0, 1], numpy or torch; other
-    sizes than the exported one are resized bilinearly (as medalign's data pipeline does), and
-    segmentation probabilities are resized back to the input's size.
+    Images are ``[B, C, H, W]`` (or ``[C, H, W]``) floats in [0, 1], numpy or torch, with exactly
+    the exported channels, or ``{modality: [B, c, H, W]}`` for a bundle trained on stacked
+    modalities (stacked in the order ``export.json``'s ``inputs`` records; a missing modality is
+    an error naming what is needed). Other sizes than the exported one are resized bilinearly
+    (as medalign's data pipeline does), and segmentation probabilities are resized back to the
+    input's size.
     """
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
@@ -514,7 +521,26 @@ class OnnxPredictor:
         prep = self.manifest["preprocessing"]
         self.image_size, self.in_channels = int(prep["image_size"]), int(prep["in_channels"])
         self.max_text_length = prep.get("max_text_length")
+        recorded = self.manifest.get("inputs")
+        self.inputs = InputSpec.from_dict(recorded) if isinstance(recorded, dict) else None  # None: an older export
         self._tokenizer: Any = None
+
+    def pixels(self, images: Any) -> np.ndarray:
+        """``[B, C, size, size]`` float32 for the graph: an array with the exported channels, or
+        ``{modality: array}`` stacked as the export's input record says."""
+        if isinstance(images, Mapping):
+            if self.inputs is None:
+                raise ValueError("this export records no modalities (exported before inputs were recorded); give [B, C, H, W]")
+            arranged = self.inputs.arrange(images)
+            parts = [_as_batch(v, self.inputs.channels, self.image_size) for v in arranged.values()]
+            if len({len(p) for p in parts}) > 1:
+                raise ValueError(f"modalities give different numbers of images: {[len(p) for p in parts]}")
+            return np.ascontiguousarray(np.concatenate(parts, axis=1))
+        try:
+            return _as_batch(images, self.in_channels, self.image_size)
+        except ValueError as err:
+            takes = f"; the model takes {self.inputs.describe()}" if self.inputs is not None else ""
+            raise ValueError(f"{err}{takes}") from None
 
     @property
     def parts(self) -> list[str]:
@@ -547,7 +573,7 @@ class OnnxPredictor:
 
     def embed_image(self, images: Any) -> np.ndarray:
         """``[B, D]`` image embeddings (what ``export.json`` names under parts.vision.output)."""
-        return self._run("vision", {"pixel_values": _as_batch(images, self.in_channels, self.image_size)})
+        return self._run("vision", {"pixel_values": self.pixels(images)})
 
     def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """``[B, D]`` L2-normalised text embeddings (dual encoders)."""
@@ -558,7 +584,7 @@ class OnnxPredictor:
 
         ``text`` is one prompt for the whole batch or one per image (text-guided models only).
         """
-        pixels = _as_batch(images, self.in_channels, self.image_size)
+        pixels = self.pixels(images)
         inputs = {"pixel_values": pixels}
         names = {i["name"] for i in self.manifest["parts"].get("segmentation", {}).get("inputs", [])}
         if "input_ids" in names:
@@ -571,8 +597,8 @@ class OnnxPredictor:
         elif text is not None:
             raise ValueError("this segmentation model takes no text")
         logits = self._run("segmentation", inputs)
-        array = images if not isinstance(images, torch.Tensor) else images.detach()
-        height, width = np.shape(array)[-2:]
+        array = next(iter(images.values())) if isinstance(images, Mapping) else images
+        height, width = np.shape(array.detach() if isinstance(array, torch.Tensor) else array)[-2:]
         if (height, width) != logits.shape[-2:]:
             logits = F.interpolate(
                 torch.from_numpy(logits), size=(height, width), mode="bilinear", align_corners=False
@@ -593,8 +619,8 @@ export_app = typer.Typer(
 
 @export_app.command("onnx")
 def export_onnx_command(
-    model: Annotated[Path, typer.Option("--model", help="Bundle folder (a run's bundle/).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the .onnx files and export.json.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Bundle folder (a run's bundle/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .onnx files and export.json.")],
     part: Annotated[
         list[str] | None,
         typer.Option(
@@ -622,12 +648,10 @@ def export_onnx_command(
     """
     try:
         written = export_onnx(model, out, parts=part or None, opset=opset, image_size=image_size)
-    except ImportError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(1) from err
-    except ExportError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(1) from err
+    except (ImportError, ExportError) as err:
+        from medalign.cli_grammar import fail
+
+        raise fail(str(err)) from err
     manifest = json.loads(written["manifest"].read_text(encoding="utf-8"))
     for info in manifest["parts"].values():
         typer.echo(f"wrote {out / info['file']} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")

@@ -823,6 +823,7 @@ def report_command(
     try:
         path = write_html_report(run_dir, out)
     except RunReportError as err:
-        typer.secho(f"medalign report: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from err
+        from medalign.cli_grammar import fail
+
+        raise fail(str(err)) from err
     typer.echo(f"wrote {path}")

@@ -57,7 +57,7 @@ def model_card_text(model: Any, extra: Mapping[str, Any]) -> str:
         "",
         "## Input",
         "",
-        *_inputs(config, record),
+        *_inputs(config, record, extra.get("inputs")),
         "",
         "## Training",
         "",
@@ -178,12 +178,21 @@ def _towers(record: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _inputs(config: Any, record: Mapping[str, Any]) -> list[str]:
+def _inputs(config: Any, record: Mapping[str, Any], inputs: Any) -> list[str]:
+    from medalign.inputs import InputSpec
+
     lines = [
         f"- image size: {record.get('image_size', '–')} x {record.get('image_size', '–')} px",
         f"- channels: {record.get('in_channels', '–')}",
     ]
-    if record.get("modalities"):
+    if isinstance(inputs, Mapping):
+        spec = InputSpec.from_dict(inputs)
+        lines += [
+            f"- modalities: {', '.join(spec.modalities)} (columns {', '.join(spec.columns)})",
+            f"- takes: {spec.describe()}; normalisation `{spec.normalisation}`",
+            f"- to predict: {spec.how_to_pass()}",
+        ]
+    elif record.get("modalities"):
         lines.append(f"- modalities: {', '.join(record['modalities'])} (one image each; any may be missing)")
     if hasattr(config, "image_stats"):
         mean, std = config.image_stats()

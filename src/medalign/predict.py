@@ -16,9 +16,13 @@ Accepted images, alone or in a list (a list is a batch, processed ``batch_size``
 * a numpy array or torch tensor: ``(H, W)``; 3D arrays are ``(C, H, W)`` when the first axis
   has 1-4 entries, else ``(H, W, C)`` when the last one has; 4D arrays are a batch
   ``(B, C, H, W)``;
-* for multi-modality models (fusion, clinical), a dict ``{modality: image or list of images}``;
-  a single-input model given a dict stacks the modalities as channels, in the dict's order
-  (the order of the training columns).
+* ``{modality: image or list of images}`` for a bundle trained on several modalities: one
+  input per modality (fusion, clinical) or the modalities stacked as channels (early fusion), in
+  the order the bundle records. What a bundle takes is ``predictor.inputs``
+  (:class:`medalign.inputs.InputSpec`); a missing or unknown modality, or a bare image for a
+  several-modality bundle, is a :class:`PredictorError` saying what to pass. One image is
+  repeated into channels only as training did within a modality (grey to RGB), never into
+  another modality's channels.
 
 A plain ``str`` without an image suffix is text (for ``retrieve``). The raw model stays at
 ``predictor.model``; any other attribute (``predictor.config``, ``predictor.encode_image``,
@@ -29,7 +33,7 @@ the model keeps working.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,7 @@ from torch import nn
 from medalign.data.dataset import match_channels
 from medalign.data.readers import SUPPORTED_SUFFIXES, parse_image_ref, read_image
 from medalign.data.transforms import Normalisation, PreprocessConfig, build_preprocess, to_channel_first
+from medalign.inputs import InputError, InputSpec, input_spec
 from medalign.metrics import unit_rows
 
 ImageLike = str | os.PathLike | np.ndarray | torch.Tensor
@@ -119,15 +124,27 @@ def image_list(images: Any) -> list[ImageLike]:
     return [images]
 
 
-def prepare(item: ImageLike, channels: int, size: int | None, normalisation: Normalisation) -> torch.Tensor:
-    """One image -> ``[C, H, W]`` float32 exactly as the training dataset makes it (no resize: None)."""
+def prepare(
+    item: ImageLike, channels: int | None, size: int | None, normalisation: Normalisation, *, convert: bool = True
+) -> torch.Tensor:
+    """One image -> ``[C, H, W]`` float32 exactly as the training dataset makes it (no resize: None).
+
+    ``channels``: training's channel rule (``convert``) or an exact count (not ``convert``);
+    None keeps the image's own channels.
+    """
     array = channel_first(item)
-    try:
-        array = match_channels(array, channels)
-    except ValueError as err:
-        raise PredictorError(
-            f"the model takes {channels} channel(s) per image; this input has {array.shape[0]}"
-        ) from err
+    if channels is not None and array.shape[0] != channels:
+        if not convert:
+            raise PredictorError(
+                f"the model takes {channels} channel(s) per image and does not record how other images "
+                f"were converted; this input has {array.shape[0]}"
+            )
+        try:
+            array = match_channels(array, channels)
+        except ValueError as err:
+            raise PredictorError(
+                f"the model takes {channels} channel(s) per image; this input has {array.shape[0]}"
+            ) from err
     preprocess = build_preprocess(
         ["image"], [], PreprocessConfig(size=(size, size) if size else None, normalisation=normalisation)
     )
@@ -193,9 +210,8 @@ class Predictor:
         from medalign.bundle import load_bundle
 
         model = load_bundle(name_or_path)
-        recorded = getattr(model, "bundle_info", {}).get("preprocess", {}).get("normalisation")
-        if recorded and "normalisation" not in options:
-            options = {**options, "normalisation": recorded}
+        if "normalisation" not in options:
+            options = {**options, "normalisation": input_spec(model).normalisation}
         return cls(model, **options)
 
     # Forwarding keeps callers of the former ``medalign.load`` (which returned the model) working.
@@ -223,43 +239,56 @@ class Predictor:
                 f"which can do: {', '.join(CAPABILITIES.get(self.kind, ()))}"
             )
 
-    def _modalities(self) -> list[str]:
-        return list(getattr(self.model.config, "modalities", []) or [])
+    @property
+    def inputs(self) -> InputSpec:
+        """What the bundle takes: modalities, their order and channel layout, preprocessing."""
+        return input_spec(self.model)
 
-    def _pixels(self, images: Any, channels: int, size: int | None) -> torch.Tensor:
-        """A batch ``[B, C, size, size]`` on the model's device."""
-        return torch.stack([prepare(x, channels, size, self.normalisation) for x in image_list(images)]).to(
-            self.device
-        )
+    def arrange(self, images: Any) -> dict[str, Any]:
+        """``images`` as ``{modality: image(s)}`` in model order, checked against :attr:`inputs`.
 
-    def _single_input(self, images: Any) -> torch.Tensor:
-        """Pixels for a one-input model; a dict of modalities is stacked as channels (early fusion)."""
-        c, size = self.model.config.in_channels, self.model.config.image_size
-        if not isinstance(images, Mapping):
-            return self._pixels(images, c, size)
-        if c % len(images):
-            raise PredictorError(f"the model's {c} input channels cannot hold {len(images)} modalities")
-        parts = [self._pixels(v, c // len(images), size) for v in images.values()]
-        if len({len(p) for p in parts}) > 1:
-            raise PredictorError(f"modalities {list(images)} have different numbers of images")
-        return torch.cat(parts, dim=1)
+        The keys are the modalities an answer used; a bare image of an ``any``-layout bundle is
+        keyed ``"*"``. Raises :class:`PredictorError` naming what the bundle needs and how to pass it.
+        """
+        try:
+            return self.inputs.arrange(images)
+        except InputError as err:
+            raise PredictorError(str(err)) from None
 
-    def _modality_batch(self, images: Any, channels: int, size: int | None) -> dict[str, torch.Tensor]:
-        """``{modality: [B, c, H, W]}`` for fusion/clinical models; a single modality may be bare."""
-        names = self._modalities()
-        if not isinstance(images, Mapping):
-            if len(names) != 1:
-                raise PredictorError(f"this model takes a dict {{modality: image}} with modalities {names}")
-            images = {names[0]: images}
-        unknown = sorted(set(images) - set(names))
-        if unknown or not images:
-            raise PredictorError(f"unknown modalities {unknown or '(none given)'}; the model has {names}")
-        batch = {name: self._pixels(value, channels, size) for name, value in images.items()}
+    def _pixels(self, images: Any, size: int | None) -> torch.Tensor:
+        """One modality's images as a batch ``[B, c, size, size]`` on the model's device."""
+        spec = self.inputs
+        channels = None if spec.layout == "unrecorded" else spec.channels
+        prepared = [prepare(x, channels, size, self.normalisation, convert=spec.convert_channels) for x in image_list(images)]
+        return torch.stack(prepared).to(self.device)
+
+    def _modality_pixels(self, images: Any, size: int | None) -> dict[str, torch.Tensor]:
+        """``{modality: [B, c, H, W]}`` in model order, every modality with the same number of images."""
+        batch = {name: self._pixels(value, size) for name, value in self.arrange(images).items()}
         if len({len(v) for v in batch.values()}) > 1:
             raise PredictorError(
                 f"modalities give different numbers of images: { {k: len(v) for k, v in batch.items()} }"
             )
         return batch
+
+    def _single_input(self, images: Any, size: int | None = -1) -> torch.Tensor:
+        """``[B, C, H, W]`` for a one-input model: one image, or the modalities stacked as the bundle records.
+
+        ``size`` -1 resizes to the model's size; None keeps the source size (sliding windows).
+        """
+        batch = self._modality_pixels(images, self.model.config.image_size if size == -1 else size)
+        pixels = torch.cat(list(batch.values()), dim=1)
+        expected = int(self.model.config.in_channels)
+        if pixels.shape[1] != expected:
+            raise PredictorError(
+                f"this bundle takes {self.inputs.describe()}; the images given have {pixels.shape[1]} "
+                f"channel(s) in all, the model takes {expected}"
+            )
+        return pixels
+
+    def _modality_batch(self, images: Any, size: int | None) -> dict[str, torch.Tensor]:
+        """``{modality: [B, c, H, W]}`` for fusion/clinical models (modalities left out are absent)."""
+        return self._modality_pixels(images, size)
 
     def _batched(self, pixels: torch.Tensor | dict[str, torch.Tensor], fn: Any) -> np.ndarray:
         """``fn`` over ``batch_size`` rows at a time (tensor or dict of tensors), concatenated."""
@@ -292,7 +321,7 @@ class Predictor:
         self._require("embed_image", ("DualEncoder", "pretrain", "report", "clinical", "instruct"))
         model = self.model
         if self.kind == "clinical":
-            batch = self._modality_batch(images, model.config.in_channels, model.config.image_size)
+            batch = self._modality_batch(images, model.config.image_size)
             return self._batched(batch, lambda x: model(images=x)["features"])
         encode = model.encode if self.kind == "pretrain" else model.encode_image
         return self._batched(self._single_input(images), encode)
@@ -335,10 +364,10 @@ class Predictor:
         self._require("classify", ("DualEncoder", "clinical", "fusion"))
         config = self.model.config
         if self.kind == "clinical" and config.num_classes:
-            batch = self._modality_batch(images, config.in_channels, config.image_size)
+            batch = self._modality_batch(images, config.image_size)
             head = lambda x: self.model(images=x)["logits"].softmax(-1)  # noqa: E731
         elif self.kind == "fusion" and config.task_head == "classify":
-            batch = self._modality_batch(images, config.channels_per_modality, config.image_size)
+            batch = self._modality_batch(images, config.image_size)
             head = lambda x: self.model(pixel_values=x)["logits"].softmax(-1)  # noqa: E731
         else:
             raise PredictorError(
@@ -378,12 +407,22 @@ class Predictor:
 
     # -- segmentation -----------------------------------------------------------------------------
 
-    def segment(self, image: Any, text: str | Sequence[str] | None = None, *, overlap: float = 0.25) -> Any:
+    def segment(
+        self,
+        image: Any,
+        text: str | Sequence[str] | None = None,
+        *,
+        overlap: float = 0.25,
+        flip_tta: bool = False,
+        bf16: bool = False,
+    ) -> Any:
         """Foreground probability map ``[H, W]`` at the source image's size (a list: one per image).
 
         Images of any size work: sliding windows of the training size (``medalign.inference``).
         ``text`` is the prompt of a text-guided model (one per image for a list). Fusion bundles
-        take a dict ``{modality: image}``; modalities left out are treated as missing.
+        take a dict ``{modality: image}``; modalities left out are treated as missing where the
+        bundle was trained for that. ``flip_tta`` averages with the flipped image (not for prompts);
+        ``bf16`` runs under bfloat16 autocast.
         """
         self._require("segment", ("segmentation", "fusion"))
         if self.kind == "fusion" and self.model.config.task_head != "segment":
@@ -393,48 +432,36 @@ class Predictor:
             raise PredictorError(
                 f"this {self.model.config.arch} model is not text-guided; call it without text"
             )
-        if isinstance(image, Mapping):
-            lists = {name: image_list(value) for name, value in image.items()}
-            if len({len(v) for v in lists.values()}) != 1:
-                raise PredictorError(
-                    f"modalities give different numbers of images: {list(map(len, lists.values()))}"
-                )
-            cases = [dict(zip(lists, case, strict=True)) for case in zip(*lists.values(), strict=True)]
-            single = not any(isinstance(v, (list, tuple)) for v in image.values())
-        else:
-            cases, single = image_list(image), not isinstance(image, (list, tuple))
+        arranged = self.arrange(image)
+        lists = {name: image_list(value) for name, value in arranged.items()}
+        if len({len(v) for v in lists.values()}) != 1:
+            raise PredictorError(f"modalities give different numbers of images: {list(map(len, lists.values()))}")
+        cases = [dict(zip(lists, case, strict=True)) for case in zip(*lists.values(), strict=True)]
+        single = not any(isinstance(v, (list, tuple)) for v in arranged.values())
         texts = [text] * len(cases) if text is None or isinstance(text, str) else list(text)
         if len(texts) != len(cases):
             raise PredictorError(f"{len(texts)} prompts for {len(cases)} images")
-        maps = [self._segment_one(case, prompt, overlap) for case, prompt in zip(cases, texts, strict=True)]
+        options = {"overlap": overlap, "flip_tta": flip_tta, "bf16": bf16}
+        maps = [self._segment_one(case, prompt, **options) for case, prompt in zip(cases, texts, strict=True)]
         return maps[0] if single else maps
 
-    def _segment_one(self, image: Any, text: str | None, overlap: float) -> np.ndarray:
+    def _segment_one(self, case: dict[str, Any], text: str | None, **options: Any) -> np.ndarray:
+        """One case ``{modality: image}`` (already arranged) at its source size."""
         from medalign.inference import predict_probabilities
 
+        batch = {name: self._pixels(value, None) for name, value in case.items()}
+        shapes = {tuple(v.shape[-2:]) for v in batch.values()}
+        if len(shapes) > 1:
+            raise PredictorError(f"modalities differ in size: { {k: tuple(v.shape) for k, v in batch.items()} }")
         model: nn.Module = self.model
         if self.kind == "fusion":
-            config = self.model.config
-            batch = self._modality_batch(image, config.channels_per_modality, None)
-            shapes = {tuple(v.shape[-2:]) for v in batch.values()}
-            if len(shapes) > 1:
-                raise PredictorError(
-                    f"modalities differ in size: { {k: tuple(v.shape) for k, v in batch.items()} }"
-                )
             model = StackedModalities(self.model, list(batch))
-            pixels = torch.cat(list(batch.values()), dim=1)
-        else:
-            pixels = self._single_input_native(image)
-        return predict_probabilities(model, pixels, text=text, overlap=overlap)
-
-    def _single_input_native(self, image: Any) -> torch.Tensor:
-        """``[1, C, H, W]`` at the source size (no resize) for the sliding-window inferer."""
-        c = self.model.config.in_channels
-        if isinstance(image, Mapping):
-            if c % len(image):
-                raise PredictorError(f"the model's {c} input channels cannot hold {len(image)} modalities")
-            return torch.cat([self._pixels(v, c // len(image), None) for v in image.values()], dim=1)
-        return self._pixels(image, c, None)
+        pixels = torch.cat(list(batch.values()), dim=1)
+        if self.kind != "fusion" and pixels.shape[1] != self.model.config.in_channels:
+            raise PredictorError(
+                f"this bundle takes {self.inputs.describe()}; the images given have {pixels.shape[1]} channels"
+            )
+        return predict_probabilities(model, pixels, text=text, **options)
 
     # -- retrieval --------------------------------------------------------------------------------
 
@@ -548,7 +575,7 @@ class Predictor:
 
         self._require("risk", ("clinical",))
         config = self.model.config
-        batch = self._modality_batch(case, config.in_channels, config.image_size)
+        batch = self._modality_batch(case, config.image_size)
         if len(next(iter(batch.values()))) != 1:
             raise PredictorError("risk() takes one case: one image per modality")
         inputs: dict[str, Any] = {"images": batch}

@@ -16,3 +16,10 @@ def progress(items: Iterable[T], *, desc: str, unit: str = "batch", total: int |
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit=unit, total=total, dynamic_ncols=True, disable=None, leave=False)
+
+
+def progress_bar(*, total: int, initial: int = 0, desc: str, unit: str = "it") -> Any:
+    """A bar updated by hand (``.update(n)``), with the same look and the same terminal-only rule."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=None, leave=False)

@@ -25,7 +25,13 @@ class QuickstartContext:
     seed: int
     echo: Echo
     max_steps: int | None = None
+    keep_checkpoints: bool = False  # finished runs keep bundle + metrics; optimiser checkpoints only on request
     artifacts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint_override(self) -> str:
+        """The recipe override every training step passes (``--keep-checkpoints``)."""
+        return f"train.keep_checkpoints={str(self.keep_checkpoints).lower()}"
 
 
 def step_phantom(ctx: QuickstartContext) -> bool:
@@ -100,6 +106,7 @@ def step_align(ctx: QuickstartContext) -> bool:
         f"data.manifest={ctx.artifacts['manifest']}",
         "data.phantom=null",
         f"train.seed={ctx.seed}",
+        ctx.checkpoint_override,
     ]
     config = load_config(recipe_path("align/phantom"), overrides)
     config.data.batch_size = fitting_batch(ctx, config.data.batch_size)
@@ -134,6 +141,7 @@ def _train_segmentation(ctx: QuickstartContext, name: str, extra: list[str]) -> 
         "data.phantom=null",
         f"train.seed={ctx.seed}",
         f"train.epochs={SEGMENT_EPOCHS}",
+        ctx.checkpoint_override,
         *extra,
     ]
     config = load_config(recipe_path("segment/phantom_text"), overrides)
@@ -181,6 +189,7 @@ def step_fuse(ctx: QuickstartContext) -> bool:
         "data.phantom=null",
         f"train.seed={ctx.seed}",
         f"train.epochs={FUSE_EPOCHS}",
+        ctx.checkpoint_override,
     ]
     config = load_config(recipe_path("fuse/phantom"), overrides)
     if ctx.max_steps:
@@ -213,6 +222,7 @@ def step_curriculum(ctx: QuickstartContext) -> bool:
         f"data.manifest={ctx.artifacts['manifest']}",
         "data.phantom=null",
         f"train.seed={ctx.seed}",
+        ctx.checkpoint_override,
         *(f"stage{k}.train.epochs={v}" for k, v in CURRICULUM_EPOCHS.items()),
         *([f"train.max_steps={ctx.max_steps}"] if ctx.max_steps else []),
     ]
@@ -252,18 +262,35 @@ STEPS: list[tuple[str, Callable[[QuickstartContext], bool]]] = [
 
 
 def run_quickstart(
-    out: Path, *, n: int = 480, seed: int = 0, echo: Echo = print, max_steps: int | None = None
+    out: Path,
+    *,
+    n: int = 480,
+    seed: int = 0,
+    echo: Echo = print,
+    max_steps: int | None = None,
+    keep_checkpoints: bool = False,
 ) -> int:
     """Run every step in order; returns a process exit code (0 when every step passed).
 
-    ``max_steps`` caps every training step (for smoke tests); the default trains fully.
+    ``max_steps`` caps every training step (for smoke tests); the default trains fully. Each
+    finished run keeps its bundle, metrics and report; ``keep_checkpoints`` also keeps its
+    optimiser checkpoint (needed only to train it further with ``--resume``).
     """
-    ctx = QuickstartContext(Path(out), n, seed, echo, max_steps)
+    ctx = QuickstartContext(Path(out), n, seed, echo, max_steps, keep_checkpoints)
     ctx.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     for name, step in STEPS:
         echo(f"== {name}")
+        began = time.perf_counter()
         if not step(ctx):
             echo(f"quickstart step '{name}' failed")
             return 1
-    echo(f"quickstart finished; outputs in {ctx.out}")
+        echo(f"({name}: {time.perf_counter() - began:.0f} s)")
+    minutes = (time.perf_counter() - start) / 60
+    echo(f"quickstart finished in {minutes:.1f} min; outputs in {ctx.out} ({folder_megabytes(ctx.out):.0f} MB)")
     return 0
+
+
+def folder_megabytes(folder: Path) -> float:
+    """What a folder holds on disk, in MB (10^6 bytes): file sizes, as ``du --apparent-size`` counts."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) / 1e6

@@ -231,8 +231,13 @@ def build_from_manifest(
     dtype: str = "float32",
     batch: int = 256,
 ) -> EmbeddingIndex:
-    """Embed a manifest's images (or texts, ``column="text"``) with a bundle's Predictor."""
+    """Embed a manifest's images (or texts, ``column="text"``) with a bundle's Predictor.
+
+    Images come from the columns the bundle records (a bundle trained on modalities *a* and *b*
+    embeds both of each case); ``column`` picks the one column of a one-image bundle.
+    """
     from medalign.data.manifest import read_manifest
+    from medalign.inputs import modality_name
     from medalign.progress import progress
 
     manifest = read_manifest(manifest_path)
@@ -240,20 +245,32 @@ def build_from_manifest(
         manifest = manifest.split(split)
     if not len(manifest):
         raise SearchIndexError(f"'{manifest_path}': no rows{f' in split {split!r}' if split else ''}")
-    columns = [*manifest.image_columns, *(["text"] if "text" in manifest.table.columns else [])]
-    column = column or (manifest.image_columns[0] if manifest.image_columns else "text")
-    if column not in columns:
-        raise SearchIndexError(f"'{manifest_path}': column {column!r} not found; it has {columns}")
     table = manifest.table
-    is_text = column == "text"
-    values = [str(v) for v in table[column]] if is_text else [manifest.resolve(v) for v in table[column]]
+    is_text = column == "text" or (column is None and not manifest.image_columns)
+    if is_text:
+        if "text" not in table.columns:
+            raise SearchIndexError(f"'{manifest_path}': no 'text' column and no image column to index")
+        keys, values = ["text"], {"text": [str(v) for v in table["text"]]}
+    else:
+        spec = predictor.inputs
+        try:
+            keys = spec.columns_for(manifest.image_columns, [column] if column else None)
+        except ValueError as err:
+            raise SearchIndexError(f"'{manifest_path}': {err}") from err
+        if spec.layout in ("single", "any", "unrecorded"):
+            keys = keys[:1]
+        values = {modality_name(k): [manifest.resolve(v) for v in table[k]] for k in keys}
+    single = len(values) == 1
     parts = []
-    for start in progress(range(0, len(values), batch), desc="embedding", unit="batch"):
-        chunk = values[start : start + batch]
-        parts.append(predictor.embed_text(chunk) if is_text else predictor.embed_image(chunk))
-    keep = [c for c in ("split", "text", *manifest.label_columns, column) if c in table.columns]
+    for start in progress(range(0, len(table), batch), desc="embedding", unit="batch"):
+        chunk = {k: v[start : start + batch] for k, v in values.items()}
+        if is_text:
+            parts.append(predictor.embed_text(chunk["text"]))
+        else:
+            parts.append(predictor.embed_image(next(iter(chunk.values())) if single else chunk))
+    keep = [c for c in ("split", "text", *manifest.label_columns, *keys) if c in table.columns]
     metadata = [{c: str(row[c]) for c in dict.fromkeys(keep)} for _, row in table.iterrows()]
-    info = {"column": column, "manifest": str(Path(manifest_path).resolve()), "split": split}
+    info = {"column": "+".join(keys), "manifest": str(Path(manifest_path).resolve()), "split": split}
     return EmbeddingIndex.from_embeddings(
         np.concatenate(parts), [str(c) for c in table["case_id"]], metadata, dtype=dtype, info=info
     )

@@ -1,7 +1,7 @@
 """From a recipe to a trained, evaluated bundle: the body of ``medalign train``.
 
-A run folder holds ``config.yaml`` (the resolved recipe), ``checkpoints/last.ckpt``,
-``logs/metrics.csv``, ``tb/`` (TensorBoard), ``bundle/`` (the trained model) and
+A run folder holds ``config.yaml`` (the resolved recipe), ``checkpoints/last.ckpt`` (while it
+trains; a finished run drops it unless ``train.keep_checkpoints``), ``logs/metrics.csv``, ``tb/`` (TensorBoard), ``bundle/`` (the trained model) and
 ``metrics.json`` (evaluation on ``eval.split``, never used for any training decision).
 """
 
@@ -221,7 +221,7 @@ def prepare_run(config: RunConfig) -> tuple[Path, Manifest]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    seed_everything(config.train.seed)  # model initialisation is part of the run's randomness
+    seed_everything(config.train.seed, verbose=False)  # model initialisation is part of the run's randomness
     manifest = load_run_manifest(config, out)
     if config.data.modality_rows:
         manifest = modality_rows(manifest, config.data.modalities or manifest.image_columns)
@@ -294,6 +294,11 @@ def fit_and_save(
     from medalign.html_report import write_html_report
 
     engine = Engine(config.train, config.optim, out)
+    if resume and not engine.checkpoint_path.is_file() and (out / "bundle").is_dir() and (out / "metrics.json").is_file():
+        raise ValueError(
+            f"run '{out}' has finished and kept no checkpoint to resume (set train.keep_checkpoints: true "
+            f"to keep it); to train further, start a new run with model.init_from: {out / 'bundle'}"
+        )
     start = time.perf_counter()
     state = engine.fit(
         task,
@@ -319,11 +324,35 @@ def fit_and_save(
         # what a Predictor must repeat to see images as training did
         "preprocess": {"normalisation": config.data.normalisation},
     }
-    save_bundle(model, out / "bundle", extra=extra)
+    save_bundle(model, out / "bundle", extra=extra, inputs=training_inputs(config, model, dataset))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
     report = write_html_report(out)  # after metrics.json: it reads every file the run wrote
+    if not config.train.keep_checkpoints:
+        engine.drop_checkpoints()  # finished: the bundle and metrics are the result
     echo(f"trained {state.step} steps in {seconds:.0f}s; bundle: {out / 'bundle'}; report: {report}")
     return out
+
+
+def training_inputs(config: RunConfig, model: Any, dataset: ManifestDataset) -> Any:
+    """The bundle's input record: the columns, channels and preprocessing the train split was read with."""
+    from medalign.inputs import spec_for_training
+
+    rows = None
+    if config.data.modality_rows:
+        table = dataset.manifest.table
+        seen = config.data.modalities or list(dict.fromkeys(table.get("attr:modality", [])))
+        rows = [c if c.startswith("image") else f"image:{c}" for c in seen]
+    size = dataset.config.preprocess.size
+    return spec_for_training(
+        config.task,
+        model,
+        list(dataset.image_keys),
+        channels=int(dataset.config.channels or model.config.in_channels),
+        image_size=int(size[0]) if size else getattr(model.config, "image_size", None),
+        normalisation=config.data.normalisation,
+        modality_rows=rows,
+        separate_images=config.task == "instruct" and config.instruct.images == "separate",
+    )
 
 
 def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:

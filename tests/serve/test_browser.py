@@ -42,10 +42,19 @@ def _need_browser() -> None:
 
 @pytest.fixture
 def server_url(demo_service, tmp_path: Path) -> Iterator[str]:
+    yield from _serve(demo_service, tmp_path)
+
+
+@pytest.fixture
+def stacked_server_url(stacked_service, tmp_path: Path) -> Iterator[str]:
+    yield from _serve(stacked_service, tmp_path)
+
+
+def _serve(service, tmp_path: Path) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(demo_service, temp_root=tmp_path), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, temp_root=tmp_path), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -116,3 +125,34 @@ def test_upload_shows_overlay_diagnosis_and_similar_cases(server_url: str, brows
     browser.find_element(By.ID, "run").click()
     wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "error")
     assert "'notes.png': not an image" in browser.find_element(By.ID, "error").text
+
+
+def test_two_modalities_need_two_uploads_and_the_answers_name_them(stacked_server_url: str, browser, demo_files) -> None:
+    """A bundle trained on a + b stacked: the page asks for each; a alone is refused naming b."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(stacked_server_url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#models li")))
+    uploads = [e.get_attribute("name") for e in browser.find_elements(By.CSS_SELECTOR, "input[type=file]")]
+    assert uploads == ["image:a", "image:b"]  # one per modality; no plain image a bundle would repeat
+    assert "takes modalities a + b stacked" in browser.find_element(By.ID, "models").text
+
+    browser.find_element(By.ID, "image:a").send_keys(str(demo_files["image"]))
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "error")
+    error = browser.find_element(By.ID, "error").text
+    assert "'b' is missing" in error and "--image a=FILE --image b=FILE" in error
+
+    browser.find_element(By.ID, "image:b").send_keys(str(demo_files["image_b"]))
+    browser.find_element(By.ID, "run").click()
+    overlay = wait.until(ready.visibility_of_element_located((By.ID, "overlay")))
+    assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+    assert browser.find_element(By.ID, "status").get_attribute("data-state") == "done"
+    used = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".inputs-used")]
+    assert used and all(text == "inputs: image:a + image:b" for text in used), used
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#similar .case")) == 5
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "demo_two_modalities.png"))

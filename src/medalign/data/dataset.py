@@ -48,6 +48,9 @@ class DatasetConfig:
     mask: str | None = "mask"
     label: str | None = "label"
     channels: int | None = None  # force 1 (mean of RGB) or 3 (repeat gray) channels per modality
+    # False: an image must already have `channels` channels (a bundle that does not record how its
+    # images were converted; repeating grey could feed it the wrong thing)
+    convert_channels: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig | None = None  # None = no augmentation (val/test)
     cache: str | None = None  # None, "memory" or a folder for a persistent on-disk cache
@@ -205,6 +208,11 @@ class ManifestDataset(Dataset):
                     f"case {row['case_id']!r} (row {index + 1}), column '{key}': {err}"
                 ) from err
             if key in self.image_keys and self.config.channels:
+                if not self.config.convert_channels and array.shape[0] != self.config.channels:
+                    raise SampleError(
+                        f"case {row['case_id']!r} (row {index + 1}), column '{key}': {array.shape[0]} channel(s), "
+                        f"the model takes exactly {self.config.channels} (its bundle does not record a conversion)"
+                    )
                 array = match_channels(array, self.config.channels)
             arrays[key] = array
         if not any(k in arrays for k in self.image_keys) and self.image_keys:
@@ -227,12 +235,21 @@ def dataset_for_model(
 
     ``data`` (a recipe's ``data:`` section) can override size and channels and supplies the
     normalisation, cache and augmentation settings, so training and evaluation of a run
-    preprocess alike; without it the model's own input description is used.
+    preprocess alike; without it the model's own input description is used. A model loaded
+    from a bundle brings its input record (:mod:`medalign.inputs`): its columns are the default
+    ``image_keys`` and its channels per modality and normalisation are used.
     """
     from medalign.config import DataConfig
 
-    data = data or DataConfig()
+    recorded = getattr(model, "bundle_inputs", None)
+    if data is None:
+        data = DataConfig(normalisation=recorded.normalisation) if recorded is not None else DataConfig()
+    if image_keys is None:
+        image_keys = recorded.columns_for(manifest.image_columns) if recorded is not None else None
     modalities = tuple(image_keys or manifest.image_columns[:1])
+    per_modality = model.config.in_channels // len(modalities)
+    if recorded is not None and recorded.layout != "unrecorded":
+        per_modality = recorded.channels
     size = data.image_size or model.config.image_size
     augmentation = (
         AugmentConfig(
@@ -251,7 +268,8 @@ def dataset_for_model(
             modalities=modalities,
             mask=mask,
             label=label,
-            channels=data.channels or model.config.in_channels // len(modalities),
+            channels=data.channels or per_modality,
+            convert_channels=recorded is None or recorded.convert_channels,
             preprocess=PreprocessConfig(size=(size, size), normalisation=data.normalisation),
             augment=augmentation,
             cache=data.cache,

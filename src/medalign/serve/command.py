@@ -29,9 +29,9 @@ def serve_command(
     host: Annotated[
         str, typer.Option(help="Address to bind. The default accepts only this machine; 0.0.0.0 exposes the demo.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8000,
+    port: Annotated[int, typer.Option(envvar="MEDALIGN_PORT", help="TCP port (0 picks a free one).")] = 8000,
     labels: Annotated[
-        list[str] | None, typer.Option("--labels", "-l", help="Zero-shot class names (repeat, or comma-separated).")
+        list[str] | None, typer.Option("--label", "-l", help="Zero-shot class names (repeat, or comma-separated).")
     ] = None,
     templates: Annotated[
         str | None, typer.Option(help="Zero-shot template file (shipped name such as phantom_diagnosis, or a path).")
@@ -39,7 +39,10 @@ def serve_command(
     cases: Annotated[
         Path | None, typer.Option(help="Manifest of known cases for similar-case search (embedded at start-up).")
     ] = None,
-    cases_column: Annotated[str | None, typer.Option(help="Image column of --cases (default: the first).")] = None,
+    cases_column: Annotated[
+        str | None,
+        typer.Option(help="Image column of --cases for a one-image bundle (default: the columns the bundle records)."),
+    ] = None,
     cases_split: Annotated[str, typer.Option(help="Split of --cases to index ('' for all rows).")] = "test",
     max_cases: Annotated[int, typer.Option(help="Index at most this many cases.")] = 1000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted file, MiB.")] = 16.0,
@@ -52,13 +55,14 @@ def serve_command(
 
     One page shows, per served bundle, what its kind can do: zero-shot or trained diagnosis with
     probabilities, a segmentation overlay (text-guided models use the prompt), similar cases from
-    --cases, a generated report and a risk score. Uploads are typed by their content, capped in
+    --cases, a generated report and a risk score. The page asks for one upload per modality the
+    bundles record (a bundle trained on a and b needs both) and every answer names the uploads it used. Uploads are typed by their content, capped in
     bytes and pixels, written only to the server's own temporary folder and deleted after each
     request. Needs the demo extra: pip install -c constraints-cpu.txt -e ".\\[demo]".
 
     Examples:
 
-        medalign serve --model runs/align_phantom/bundle --model runs/segment_phantom_text/bundle \\
+        medalign serve --model quickstart_out/align/bundle --model quickstart_out/segment_text/bundle \\
             --templates phantom_diagnosis --cases quickstart_out/phantom/manifest.csv
 
         medalign serve -m runs/segment_kvasir/bundle --port 8080
@@ -99,4 +103,5 @@ def serve_command(
             err=True,
         )
     typer.echo(f"medalign demo: {', '.join(f'{m.name} ({m.kind})' for m in service.models)}")
+    typer.echo(f"uploads: {', '.join(u['field'] for u in service.upload_fields())}; serving http://{host}:{port}/")
     uvicorn.run(create_app(service, limits), host=host, port=port, log_level="warning")

@@ -7,6 +7,12 @@ model's text side by side. Each capability goes to the first bundle (in ``--mode
 has it; a capability no bundle has is simply absent from the answer, and one that fails for
 this input (a text-guided segmenter with no prompt, a fusion model missing its modalities) is
 listed in ``notes`` with the reason instead of failing the whole request.
+
+Each bundle records the images it takes (:mod:`medalign.inputs`): the page asks for one upload
+per modality the served bundles name (``image:<modality>``) and one plain ``image`` only when a
+bundle takes a single unnamed image. A bundle trained on *a* and *b* stacked never sees one
+upload repeated into both channels: without *b* it answers nothing and the note says what it
+needs. Every answer lists the uploads it used (``inputs``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from medalign.inputs import InputSpec, modality_name
 from medalign.predict import Predictor, PredictorError, prepare
 
 # Per capability, the bundle kinds that have it (the Predictor's CAPABILITIES, seen from the demo).
@@ -51,6 +58,20 @@ def _unit_grey(pixels: Any) -> np.ndarray:
     return pixels[0, 0].clamp(0, 1).float().cpu().numpy()
 
 
+def upload_field(modality: str) -> str:
+    """The form field of an upload: ``image`` (plain) or ``image:<modality>``."""
+    return modality if modality == "image" else f"image:{modality}"
+
+
+def _fields_used(answer: Any) -> list[str]:
+    """The upload fields an answer records (similar cases: every hit records the same)."""
+    if isinstance(answer, dict):
+        return list(answer.get("inputs", []))
+    if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+        return list(answer[0].get("inputs", []))
+    return []
+
+
 @dataclass
 class ServedModel:
     """One loaded bundle with the name the page shows for it."""
@@ -63,8 +84,38 @@ class ServedModel:
         return self.predictor.kind
 
     @property
+    def inputs(self) -> InputSpec:
+        return self.predictor.inputs
+
+    @property
     def modalities(self) -> list[str]:
-        return list(getattr(self.predictor.model.config, "modalities", []) or [])
+        """The named uploads this bundle takes (none: one plain ``image``)."""
+        return [] if self.takes_plain_image else list(self.inputs.modalities)
+
+    @property
+    def takes_plain_image(self) -> bool:
+        """One image per case, whatever the modality column was called (``single``, ``any``, ``unrecorded``)."""
+        spec = self.inputs
+        return spec.layout in ("single", "any", "unrecorded") or (len(spec.modalities) == 1 and spec.layout != "stacked")
+
+    def case(self, images: Mapping[str, str]) -> tuple[Any, list[str]]:
+        """The uploads this bundle uses, as the Predictor takes them, and their field names.
+
+        A plain-image bundle takes the ``image`` upload, else the one upload named by one of its
+        modalities; a several-modality bundle takes ``{modality: upload}`` of its own modalities
+        (the Predictor refuses a missing one, naming what it needs).
+        """
+        spec = self.inputs
+        if self.takes_plain_image:
+            if "image" in images:
+                return images["image"], ["image"]
+            own = [m for m in spec.modalities if m in images]
+            if len(own) == 1:
+                return images[own[0]], [upload_field(own[0])]
+            raise PredictorError(f"{self.name} takes {spec.describe()}: upload it as 'image'")
+        present = {m: images[m] for m in spec.modalities if m in images}
+        self.predictor.arrange(present)  # a missing modality: the bundle's one-line error
+        return present, [upload_field(m) for m in present]
 
     def can(self, capability: str) -> bool:
         p, config = self.predictor, self.predictor.model.config
@@ -77,7 +128,7 @@ class ServedModel:
                 or (p.kind == "fusion" and config.task_head == "classify")
             )
         if capability == "embed":
-            return p.kind in _EMBEDDERS and not self.modalities
+            return p.kind in _EMBEDDERS
         if capability == "report":
             return p.kind == "report"
         if capability == "risk":
@@ -120,13 +171,17 @@ class CaseGallery:
             if "split" not in manifest.table.columns or not (manifest.table["split"] == split).any():
                 raise ValueError(f"'{manifest_path}': no rows in split {split!r} for the similar-case gallery")
             manifest = manifest.split(split)
-        columns = manifest.image_columns
-        column = column or (columns[0] if columns else None)
-        if column not in columns:
-            raise ValueError(f"'{manifest_path}': image column {column!r} not found; it has {columns}")
+        spec = model.inputs
+        try:  # the bundle's own columns (each of its modalities), or the one --cases-column names
+            keys = spec.columns_for(manifest.image_columns, [column] if column else None)
+        except ValueError as err:
+            raise ValueError(f"'{manifest_path}' for the similar-case gallery: {err}") from err
+        if model.takes_plain_image:
+            keys = keys[:1]
         table = manifest.table.head(max_cases)
-        paths = [manifest.resolve(ref) for ref in table[column]]
-        embeddings = unit_rows(model.predictor.embed_image(paths))
+        images = {modality_name(k): [manifest.resolve(ref) for ref in table[k]] for k in keys}
+        paths = next(iter(images.values()))  # thumbnails: the first modality
+        embeddings = unit_rows(model.predictor.embed_image(paths if model.takes_plain_image else images))
         captions = []
         for _, row in table.iterrows():
             label = next((f"{c}: {row[c]}" for c in manifest.label_columns if str(row[c])), "")
@@ -194,7 +249,7 @@ class DemoService:
         if cases is not None:
             service.gallery_model = service.first("embed")
             if service.gallery_model is None:
-                raise ValueError("--cases needs a bundle that embeds single images (alignment, MAE or report)")
+                raise ValueError("--cases needs a bundle that embeds images (alignment, MAE, report or clinical)")
             service.gallery = CaseGallery.from_manifest(
                 cases, service.gallery_model, column=cases_column, split=cases_split, max_cases=max_cases
             )
@@ -204,21 +259,36 @@ class DemoService:
         return next((m for m in self.models if m.can(capability)), None)
 
     def modalities(self) -> list[str]:
-        """Modality inputs the page offers: every multi-modality bundle's, in first-seen order."""
+        """Named uploads the page asks for: every several-modality bundle's, in first-seen order."""
         seen: list[str] = []
         for model in self.models:
             seen += [m for m in model.modalities if m not in seen]
         return seen
+
+    def upload_fields(self) -> list[dict[str, Any]]:
+        """One upload per input the served bundles take: ``image`` (plain) and ``image:<modality>``."""
+        fields = []
+        plain = [m.name for m in self.models if m.takes_plain_image]
+        if plain:
+            fields.append({"field": "image", "label": "Image", "models": plain, "required": True})
+        for name in self.modalities():
+            users = [m for m in self.models if name in m.modalities]
+            optional = all(m.inputs.missing_allowed for m in users)
+            fields.append({"field": f"image:{name}", "label": f"Modality {name}", "models": [m.name for m in users],
+                           "required": not optional})  # fmt: skip
+        return fields
 
     def info(self) -> dict[str, Any]:
         """What the page needs to draw its form: the bundles, their abilities, the inputs."""
         capabilities = ("classify", "segment", "embed", "report", "risk", "chat")
         return {
             "models": [
-                {"name": m.name, "kind": m.kind, "can": [c for c in capabilities if m.can(c)], "modalities": m.modalities}
+                {"name": m.name, "kind": m.kind, "can": [c for c in capabilities if m.can(c)], "modalities": m.modalities,
+                 "takes": m.inputs.describe()}
                 for m in self.models
             ],
             "modalities": self.modalities(),
+            "uploads": self.upload_fields(),
             "labels": self.labels or [],
             "templates": self.templates,
             "needs_prompt": any(m.needs_text for m in self.models if m.can("segment")),
@@ -248,20 +318,19 @@ class DemoService:
         prompt = (prompt or "").strip() or None
         request = (request or "").strip() or None
         labels = [s.strip() for s in (labels or self.labels or []) if s.strip()] or None
-        single = images.get("image") or next(iter(images.values()))
-        modal = {k: v for k, v in images.items() if k != "image"}
+        uploads = dict(images)
         result: dict[str, Any] = {"notes": [], "timings_ms": {}}
         steps = [
-            ("classify", lambda: self._classify(single, modal, labels)),
-            ("segment", lambda: self._segment(single, modal, prompt or request)),
-            ("similar", lambda: self._similar(single)),
-            ("report", lambda: self._report(single)),
-            ("risk", lambda: self._risk(single, modal)),
+            ("classify", lambda: self._classify(uploads, labels)),
+            ("segment", lambda: self._segment(uploads, prompt or request)),
+            ("similar", lambda: self._similar(uploads)),
+            ("report", lambda: self._report(uploads)),
+            ("risk", lambda: self._risk(uploads)),
         ]
         if request is not None:
-            steps = self._routed(steps, request, result, lambda: self._chat(single, request))
+            steps = self._routed(steps, request, result, lambda: self._chat(uploads, request))
         with self._lock:
-            result["input"] = self._input_preview(single)
+            result["input"] = self._input_preview(next(iter(uploads.values())))
             for name, step in steps:
                 start = time.perf_counter()
                 try:
@@ -272,8 +341,13 @@ class DemoService:
                 if answer is not None:
                     result[name] = answer
                     result["timings_ms"][name] = round(1000 * (time.perf_counter() - start), 1)
-        if not any(k in result for k in ("classify", "segment", "similar", "report", "risk", "chat")):
+        answered = [k for k in ("classify", "segment", "similar", "report", "risk", "chat") if k in result]
+        if not answered:
             raise PredictorError("no served model could use this input: " + "; ".join(result["notes"]))
+        used = {field for k in answered for field in _fields_used(result[k])}
+        unused = [field for field in map(upload_field, uploads) if field not in used]
+        if unused:
+            result["notes"].append(f"uploads not used by any answer: {', '.join(unused)}")
         return result
 
     def _routed(self, steps: list[Any], request: str, result: dict[str, Any], chat: Any) -> list[Any]:
@@ -309,29 +383,21 @@ class DemoService:
             "image": png_base64(_display_image(shown, OVERLAY_SIDE)),
         }
 
-    def _case_input(self, model: ServedModel, single: str, modal: Mapping[str, str]) -> Any:
-        if not model.modalities:
-            return single
-        present = {k: v for k, v in modal.items() if k in model.modalities}
-        if not present:
-            if len(model.modalities) == 1:
-                return {model.modalities[0]: single}
-            raise PredictorError(f"{model.name} needs images for its modalities {model.modalities}")
-        return present
-
-    def _classify(self, single: str, modal: Mapping[str, str], labels: Sequence[str] | None) -> dict[str, Any] | None:
+    def _classify(self, uploads: Mapping[str, str], labels: Sequence[str] | None) -> dict[str, Any] | None:
         model = self.first("classify")
         if model is None:
             return None
+        case, used = model.case(uploads)
         if model.kind == "DualEncoder":
             if not labels and not self.templates:
-                raise PredictorError("zero-shot diagnosis needs class labels (type them, or start with --labels)")
-            probs = model.predictor.classify(single, labels=labels, templates=self._templates_for(labels))[0]
+                raise PredictorError("zero-shot diagnosis needs class labels (type them, or start with --label)")
+            probs = model.predictor.classify(case, labels=labels, templates=self._templates_for(labels))[0]
         else:
-            probs = model.predictor.classify(self._case_input(model, single, modal), labels=labels)[0]
+            probs = model.predictor.classify(case, labels=labels)[0]
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
         return {
             "model": model.name,
+            "inputs": used,
             "zero_shot": model.kind == "DualEncoder",
             "probabilities": {k: round(v, 4) for k, v in ranked},
             "prediction": ranked[0][0],
@@ -346,7 +412,7 @@ class DemoService:
         known = load_templates(self.templates).get("classes") or {}
         return self.templates if set(labels) <= set(known) else None
 
-    def _segment(self, single: str, modal: Mapping[str, str], prompt: str | None) -> dict[str, Any] | None:
+    def _segment(self, uploads: Mapping[str, str], prompt: str | None) -> dict[str, Any] | None:
         from medalign.inference import overlay
 
         model = self.first("segment")
@@ -354,7 +420,7 @@ class DemoService:
             return None
         if model.needs_text and not prompt:
             raise PredictorError(f"{model.name} is text-guided: type what to segment")
-        case = self._case_input(model, single, modal)
+        case, used = model.case(uploads)
         probabilities = model.predictor.segment(case, text=prompt if model.needs_text else None)
         mask = probabilities >= 0.5
         shown = case if isinstance(case, str) else next(iter(case.values()))
@@ -362,27 +428,36 @@ class DemoService:
         image.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))
         return {
             "model": model.name,
+            "inputs": used,
             "prompt": prompt if model.needs_text else None,
             "foreground_fraction": round(float(mask.mean()), 4),
             "overlay": png_base64(image),
         }
 
-    def _similar(self, single: str) -> list[dict[str, Any]] | None:
+    def _similar(self, uploads: Mapping[str, str]) -> list[dict[str, Any]] | None:
         if self.gallery is None or self.gallery_model is None:
             return None
-        return self.gallery.nearest(self.gallery_model.predictor.embed_image(single)[0], self.top_k)
+        case, used = self.gallery_model.case(uploads)
+        hits = self.gallery.nearest(self.gallery_model.predictor.embed_image(case)[0], self.top_k)
+        return [{**hit, "inputs": used} for hit in hits]
 
-    def _report(self, single: str) -> dict[str, Any] | None:
+    def _report(self, uploads: Mapping[str, str]) -> dict[str, Any] | None:
         model = self.first("report")
-        return None if model is None else {"model": model.name, "text": model.predictor.report(single)}
+        if model is None:
+            return None
+        case, used = model.case(uploads)
+        return {"model": model.name, "inputs": used, "text": model.predictor.report(case)}
 
-    def _chat(self, single: str, question: str) -> dict[str, Any] | None:
+    def _chat(self, uploads: Mapping[str, str], question: str) -> dict[str, Any] | None:
         model = self.first("chat")
-        return None if model is None else {"model": model.name, "question": question,
-                                           "answer": model.predictor.chat(single, question)}  # fmt: skip
+        if model is None:
+            return None
+        case, used = model.case(uploads)
+        return {"model": model.name, "inputs": used, "question": question, "answer": model.predictor.chat(case, question)}
 
-    def _risk(self, single: str, modal: Mapping[str, str]) -> dict[str, Any] | None:
+    def _risk(self, uploads: Mapping[str, str]) -> dict[str, Any] | None:
         model = self.first("risk")
         if model is None:
             return None
-        return {"model": model.name, **model.predictor.risk(self._case_input(model, single, modal))}
+        case, used = model.case(uploads)
+        return {"model": model.name, "inputs": used, **model.predictor.risk(case)}
