@@ -247,7 +247,8 @@ def test_cli_probes_the_tower_of_a_clinical_bundle(tmp_path: Path) -> None:
     manifest = generate_phantom(tmp_path / "ph", PhantomConfig(n=40, size=64))
     model = create_model("clinical_effnet", image_size=64, num_classes=3).eval()
     bundle = save_bundle(model, tmp_path / "clinical")
-    args = ["eval", "probe", "--model", str(bundle), "--manifest", str(manifest), "--features", "tower"]
+    args = ["eval", "probe", "--model", str(bundle), "--manifest", str(manifest), "--modality", "image:a"]
+    args += ["--features", "tower"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "probe.json")])
     assert result.exit_code == 0, result.output
     probe = json.loads((tmp_path / "probe.json").read_text())
