@@ -135,7 +135,7 @@ def bench_medpix(seeds: list[int], which: list[str]) -> dict[str, Any]:
             metrics = benchlib.train(
                 recipe,
                 run,
-                [f"data.manifest={manifest}", f"train.seed={seed}", *FAST, *EXTRA],
+                [f"data.manifest={manifest}", f"train.seed={seed}", "data.cache=memory", *FAST, *EXTRA],
                 folder="align",
                 echo=print,
             )
