@@ -185,15 +185,18 @@ def probe_scores(model: Any, manifest: Path, features: str) -> dict[str, Any]:
 
 
 def busi_probes(folds: dict[int, Path], medpix_seed: int) -> dict[str, Any]:
-    """Probe rows: ImageNet tower features, and the MedPix-aligned models' image embeddings."""
+    """Probe rows: ImageNet tower features, and the MedPix-aligned models' image embeddings (a
+    MedPix model not trained yet is reported and left for a later ``--rows probes`` run)."""
     from medalign.bundle import load_bundle
     from medalign.models import create_model
 
-    models = {
-        "imagenet_tower": (create_model("align_effnet_minilm", in_channels=1, image_size=224), "tower"),
-        "medpix_lit": (load_bundle(RUNS / f"pretrained_medpix_pretrained_s{medpix_seed}" / "bundle"), "embedding"),
-        "medpix_scratch": (load_bundle(RUNS / f"pretrained_medpix_scratch_s{medpix_seed}" / "bundle"), "embedding"),
-    }
+    models = {"imagenet_tower": (create_model("align_effnet_minilm", in_channels=1, image_size=224), "tower")}
+    for name, row in (("medpix_lit", "pretrained"), ("medpix_scratch", "scratch")):
+        bundle = RUNS / f"pretrained_medpix_{row}_s{medpix_seed}" / "bundle"
+        if bundle.is_dir():
+            models[name] = (load_bundle(bundle), "embedding")
+        else:
+            print(f"probe {name}: no MedPix bundle at {bundle} yet (run: bench_pretrained.py medpix --rows {row})")
     return {
         name: {str(k): probe_scores(model, path, features) for k, path in folds.items()}
         for name, (model, features) in models.items()
@@ -258,27 +261,42 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+NOT_RUN = "not run"  # a row of the protocol that has no saved runs yet (see the report's caption)
+
+
+def test_values(runs: dict[str, Any], path: tuple[str, ...]) -> list[float]:
+    """``path`` read from each seed's test metrics."""
+    values = []
+    for run in runs.values():
+        value = run["test"]
+        for key in path:
+            value = value[key]
+        values.append(value)
+    return values
+
+
+def medpix_cell(rows: dict[str, Any], row: str, path: tuple[str, ...]) -> str:
+    return mean_std(test_values(rows[row]["seeds"], path)) if row in rows else NOT_RUN
+
+
+def run_seconds(rows: dict[str, Any], row: str, runs_key: str) -> str:
+    if row not in rows:
+        return NOT_RUN
+    return f"{statistics.median(r['train_seconds'] for r in rows[row][runs_key].values()):.0f} s"
+
+
 def medpix_block(results: dict[str, Any]) -> str:
     rows, protocol = results["rows"], results["protocol"]
-    seeds = protocol["seeds"]
-
-    def cell(row: str, *path: str) -> str:
-        values = []
-        for run in rows[row]["seeds"].values():
-            value = run["test"]
-            for key in path:
-                value = value[key]
-            values.append(value)
-        return mean_std(values)
-
+    seeds = {row: ", ".join(rows[row]["seeds"]) for row in rows}
     lines = [
         f"MedPix 2.0, {protocol['split']}; {protocol['selection']}. Pretrained: "
-        f"{rows['pretrained']['recipe']} (locked ImageNet EfficientNet-Lite0 + MiniLM tuned at 0.1x, 224 px); "
-        f"from scratch: {rows['scratch']['recipe']} (random small ViT + locked MiniLM, 128 px). "
-        f"Mean ± std over seeds {', '.join(map(str, seeds))}; retrieval chance R@10 {protocol['chance_R@10']:.2f}, "
-        f"target R@10 ≥ 0.25. Training time per run (median): pretrained "
-        f"{statistics.median(r['train_seconds'] for r in rows['pretrained']['seeds'].values()):.0f} s, "
-        f"from scratch {statistics.median(r['train_seconds'] for r in rows['scratch']['seeds'].values()):.0f} s. "
+        f"configs/align/{MEDPIX_ROWS['pretrained']}.yaml (locked ImageNet EfficientNet-Lite0 + MiniLM "
+        f"tuned at 0.1x, 224 px, 10 epochs); from scratch: configs/align/{MEDPIX_ROWS['scratch']}.yaml "
+        f"(random small ViT + locked MiniLM, 128 px, 25 epochs). Seeds run: "
+        + "; ".join(f"{row} {seeds[row]}" for row in MEDPIX_ROWS if row in rows)
+        + " (a single value is one seed, mean ± std over seeds otherwise); retrieval chance R@10 "
+        f"{protocol['chance_R@10']:.2f}, target R@10 ≥ 0.25. Training time per run (median): pretrained "
+        f"{run_seconds(rows, 'pretrained', 'seeds')}, from scratch {run_seconds(rows, 'scratch', 'seeds')}. "
         f"Machine: {results['machine']}.",
         "",
         "| test metric | from scratch | pretrained (LiT) |",
@@ -287,84 +305,95 @@ def medpix_block(results: dict[str, Any]) -> str:
     for direction, name in (("image_to_text", "image→caption"), ("text_to_image", "caption→image")):
         for key in RETRIEVAL_KEYS:
             path = ("retrieval", direction, key)
-            lines.append(f"| {name} {key} | {cell('scratch', *path)} | {cell('pretrained', *path)} |")
+            lines.append(f"| {name} {key} | {medpix_cell(rows, 'scratch', path)} | {medpix_cell(rows, 'pretrained', path)} |")
     for task in MEDPIX_ZEROSHOT:
         for key in ("accuracy", "balanced_accuracy", "auc"):
             path = (f"zeroshot_{task}", key)
-            lines.append(f"| zero-shot {task} {key} | {cell('scratch', *path)} | {cell('pretrained', *path)} |")
+            lines.append(
+                f"| zero-shot {task} {key} | {medpix_cell(rows, 'scratch', path)} | "
+                f"{medpix_cell(rows, 'pretrained', path)} |"
+            )
     return "\n".join(lines)
 
 
+BUSI_MODELS = {  # table row -> (results key, where the runs live, description)
+    "scratch": ("rows", "fine-tuned from scratch (configs/clinical/busi_scratch.yaml, small ViT, 128 px)"),
+    "pretrained": (
+        "rows",
+        "fine-tuned pretrained (configs/clinical/busi.yaml, EfficientNet-Lite0 last 6 blocks, 224 px)",
+    ),
+    "medpix_scratch": ("probes", "linear probe, MedPix-aligned from-scratch ViT embedding"),
+    "medpix_lit": ("probes", "linear probe, MedPix-aligned LiT embedding"),
+    "imagenet_tower": ("probes", "linear probe, ImageNet EfficientNet-Lite0 pooled features"),
+}
+
+
+def busi_runs(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The per-run metrics of one table row, or None when it was not run."""
+    kind = BUSI_MODELS[name][0]
+    found = results.get(kind, {}).get(name)
+    if found is None:
+        return None
+    return found["runs"] if kind == "rows" else found
+
+
 def busi_block(results: dict[str, Any]) -> str:
-    rows, probes, protocol = results["rows"], results["probes"], results["protocol"]
-
-    def cells(values: dict[str, Any]) -> list[str]:
-        return [mean_std([run[key] for run in values.values()]) for key in BUSI_KEYS]
-
-    n_runs = len(rows["pretrained"]["runs"])
+    protocol = results["protocol"]
     lines = [
         f"BUSI 3-class (benign / malignant / normal), {protocol['folds']} (test images per fold: "
-        f"{', '.join(str(n) for n in protocol['n_test'].values())}); "
-        f"{protocol['selection']}. Fine-tuned rows: mean ± std over {n_runs} runs (3 folds x seeds "
-        f"{', '.join(map(str, protocol['seeds']))}); probe rows: over the 3 folds (deterministic). Target: "
+        f"{', '.join(str(n) for n in protocol['n_test'].values())}); {protocol['selection']}. "
+        f"Fine-tuned rows: mean ± std over their runs (folds x seeds, n = runs); probe rows: over the "
+        f"3 folds (deterministic; the MedPix models of seed {protocol['probe_medpix_seed']}). Target: "
         f"balanced accuracy ≥ 0.80 fine-tuned. Machine: {results['machine']}.",
         "",
-        "| model | balanced accuracy | AUC (macro OvR) | accuracy |",
-        "|---|---|---|---|",
-        f"| fine-tuned from scratch ({rows['scratch']['recipe']}, small ViT, 128 px) | "
-        + " | ".join(cells(rows["scratch"]["runs"]))
-        + " |",
-        f"| fine-tuned pretrained ({rows['pretrained']['recipe']}, EfficientNet-Lite0, 224 px) | "
-        + " | ".join(cells(rows["pretrained"]["runs"]))
-        + " |",
-        "| linear probe, MedPix-aligned from-scratch ViT embedding | " + " | ".join(cells(probes["medpix_scratch"])) + " |",
-        "| linear probe, MedPix-aligned LiT embedding | " + " | ".join(cells(probes["medpix_lit"])) + " |",
-        "| linear probe, ImageNet EfficientNet-Lite0 pooled features | "
-        + " | ".join(cells(probes["imagenet_tower"]))
-        + " |",
+        "| model | n | balanced accuracy | AUC (macro OvR) | accuracy |",
+        "|---|---|---|---|---|",
     ]
+    for name, (_, description) in BUSI_MODELS.items():
+        runs = busi_runs(results, name)
+        if runs is None:
+            cells = [NOT_RUN] * (len(BUSI_KEYS) + 1)
+        else:
+            cells = [str(len(runs)), *(mean_std([run[key] for run in runs.values()]) for key in BUSI_KEYS)]
+        lines.append(f"| {description} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def summary_block(medpix: dict[str, Any], busi: dict[str, Any]) -> str:
     """README: the headline of each pair, pointing at the full tables."""
 
-    def seeds(row: str, *path: str) -> str:
-        values = []
-        for run in medpix["rows"][row]["seeds"].values():
-            value = run["test"]
-            for key in path:
-                value = value[key]
-            values.append(value)
-        return mean_std(values)
+    def balanced(name: str) -> str:
+        runs = busi_runs(busi, name) if busi else None
+        return NOT_RUN if runs is None else mean_std([run["balanced_accuracy"] for run in runs.values()])
 
-    def runs(values: dict[str, Any]) -> str:
-        return mean_std([run["balanced_accuracy"] for run in values.values()])
-
+    rows = medpix.get("rows", {})
     r10 = ("retrieval", "image_to_text", "R@10")
     return "\n".join(
         [
             "| test metric (BENCHMARKS.md, *Pretrained towers*) | from scratch | pretrained | target |",
             "|---|---|---|---|",
-            f"| MedPix 2.0 image→caption R@10 | {seeds('scratch', *r10)} | {seeds('pretrained', *r10)} | ≥ 0.25 |",
-            f"| BUSI 3-class balanced accuracy, fine-tuned | {runs(busi['rows']['scratch']['runs'])} | "
-            f"{runs(busi['rows']['pretrained']['runs'])} | ≥ 0.80 |",
-            f"| BUSI 3-class balanced accuracy, linear probe | {runs(busi['probes']['medpix_scratch'])} | "
-            f"{runs(busi['probes']['imagenet_tower'])} | – |",
+            f"| MedPix 2.0 image→caption R@10 | {medpix_cell(rows, 'scratch', r10)} | "
+            f"{medpix_cell(rows, 'pretrained', r10)} | ≥ 0.25 |",
+            f"| BUSI 3-class balanced accuracy, fine-tuned | {balanced('scratch')} | {balanced('pretrained')} | ≥ 0.80 |",
+            f"| BUSI 3-class balanced accuracy, linear probe | {balanced('medpix_scratch')} | "
+            f"{balanced('imagenet_tower')} | – |",
         ]
     )
 
 
 def blocks() -> dict[str, str]:
-    """BENCHMARKS.md tables from benchmarks/results/bench_pretrained.json alone."""
+    """BENCHMARKS.md tables and the README summary from benchmarks/results/bench_pretrained.json
+    alone; rows without saved runs read "not run"."""
+    if not benchlib.results_path(RESULTS_NAME).is_file():
+        return {}
     results = benchlib.load_results(RESULTS_NAME)
-    out = {}
     medpix, busi = results.get("medpix", {}), results.get("busi", {})
-    if set(MEDPIX_ROWS) <= set(medpix.get("rows", {})):
+    out = {}
+    if medpix.get("rows"):
         out["bench_pretrained_medpix"] = medpix_block(medpix)
-    if set(BUSI_ROWS) <= set(busi.get("rows", {})) and busi.get("probes"):
+    if busi.get("rows") or busi.get("probes"):
         out["bench_pretrained_busi"] = busi_block(busi)
-    if len(out) == 2:
+    if out:
         out["bench_pretrained_summary"] = summary_block(medpix, busi)
     return out
 
