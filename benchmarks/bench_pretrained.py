@@ -203,8 +203,8 @@ def busi_probes(folds: dict[int, Path], medpix_seed: int) -> dict[str, Any]:
     }
 
 
-def bench_busi(seeds: list[int], which: list[str], medpix_seed: int) -> dict[str, Any]:
-    folds = {k: busi_fold_manifest(k) for k in (1, 2, 3)}
+def bench_busi(seeds: list[int], which: list[str], medpix_seed: int, fold_ids: list[int]) -> dict[str, Any]:
+    folds = {k: busi_fold_manifest(k) for k in fold_ids}
     rows: dict[str, Any] = {}
     for row in (r for r in which if r in BUSI_ROWS):
         recipe = BUSI_ROWS[row]
@@ -236,7 +236,7 @@ def bench_busi(seeds: list[int], which: list[str], medpix_seed: int) -> dict[str
             "selection": BUSI_SELECTION,
             "seeds": seeds,
             "probe_medpix_seed": medpix_seed,
-            "n_test": {str(k): int((read_split(path) == "test").sum()) for k, path in folds.items()},
+            "n_test": {str(k): int((read_split(busi_fold_manifest(k)) == "test").sum()) for k in (1, 2, 3)},
         },
         "machine": machine(),
     }
@@ -342,11 +342,11 @@ def busi_block(results: dict[str, Any]) -> str:
     lines = [
         f"BUSI 3-class (benign / malignant / normal), {protocol['folds']} (test images per fold: "
         f"{', '.join(str(n) for n in protocol['n_test'].values())}); {protocol['selection']}. "
-        f"Fine-tuned rows: mean ± std over their runs (folds x seeds, n = runs); probe rows: over the "
-        f"3 folds (deterministic; the MedPix models of seed {protocol['probe_medpix_seed']}). Target: "
+        f"Each row: mean ± std over the runs it names (fold k, seed s; a single value is one run); "
+        f"probes are deterministic per fold (the MedPix models of seed {protocol['probe_medpix_seed']}). Target: "
         f"balanced accuracy ≥ 0.80 fine-tuned. Machine: {results['machine']}.",
         "",
-        "| model | n | balanced accuracy | AUC (macro OvR) | accuracy |",
+        "| model | runs | balanced accuracy | AUC (macro OvR) | accuracy |",
         "|---|---|---|---|---|",
     ]
     for name, (_, description) in BUSI_MODELS.items():
@@ -354,7 +354,8 @@ def busi_block(results: dict[str, Any]) -> str:
         if runs is None:
             cells = [NOT_RUN] * (len(BUSI_KEYS) + 1)
         else:
-            cells = [str(len(runs)), *(mean_std([run[key] for run in runs.values()]) for key in BUSI_KEYS)]
+            which = sorted(runs) if BUSI_MODELS[name][0] == "rows" else [f"fold{k}" for k in sorted(runs)]
+            cells = [", ".join(which), *(mean_std([run[key] for run in runs.values()]) for key in BUSI_KEYS)]
         lines.append(f"| {description} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -399,11 +400,16 @@ def blocks() -> dict[str, str]:
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` over ``old``, row by row: one invocation may train only some rows."""
+    """``new`` over ``old`` run by run: one invocation may train only some rows, folds or seeds."""
     merged = {**old, **{k: v for k, v in new.items() if k not in ("rows", "probes")}}
-    for key in ("rows", "probes"):
-        if key in new or key in old:
-            merged[key] = {**old.get(key, {}), **new.get(key, {})}
+    rows = {**old.get("rows", {})}
+    for name, row in new.get("rows", {}).items():
+        runs_key = "seeds" if "seeds" in row else "runs"
+        rows[name] = {**row, runs_key: {**rows.get(name, {}).get(runs_key, {}), **row[runs_key]}}
+    probes = {**old.get("probes", {})}
+    for name, folds in new.get("probes", {}).items():
+        probes[name] = {**probes.get(name, {}), **folds}
+    merged["rows"], merged["probes"] = rows, probes
     return merged
 
 
@@ -417,6 +423,7 @@ def main() -> None:
         default=["pretrained", "scratch", "probes"],
         help="which rows to train now (probes: busi only); the others keep their saved results",
     )
+    parser.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3], help="busi folds to run now")
     parser.add_argument("--medpix-seed", type=int, default=0, help="the MedPix bundles the BUSI probes use")
     parser.add_argument("--write", action="store_true")
     parser.add_argument(
@@ -435,7 +442,7 @@ def main() -> None:
     if args.bench == "medpix":
         result = bench_medpix(args.seeds, [r for r in args.rows if r in MEDPIX_ROWS])
     else:
-        result = bench_busi(args.seeds, args.rows, args.medpix_seed)
+        result = bench_busi(args.seeds, args.rows, args.medpix_seed, args.folds)
     result["seconds_last_invocation"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2, default=float)[:4000])
     if args.write:
