@@ -180,3 +180,39 @@ def write_blocks(blocks: dict[str, str], docs: tuple[Path, ...] | None = None) -
         head, _, rest = text.partition(begin)
         _, _, tail = rest.partition(end)
         path.write_text(f"{head}{begin}\n{body.strip(chr(10))}\n{end}{tail}", encoding="utf-8")
+
+
+# Every real-data training run of a benchmark: one data worker (the machine's other core is busy),
+# one cache of decoded, resized images shared by all runs, few checkpoints.
+REAL_DATA_RUN = ["data.num_workers=1", f"data.cache={RUNS / 'cache'}", "train.checkpoint_every=1000"]
+
+
+def slug(text: str) -> str:
+    """A run-folder-safe form of a variant's name (``encoder lr x0.1`` -> ``encoder_lr_x0_1``)."""
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def carve_val(source: Path, name: str, fraction: float, *, seed: int = 0, rename: dict[str, str] | None = None) -> Path:
+    """A copy of a manifest whose ``val`` split is a seeded ``fraction`` of its train patients.
+
+    Benchmarks choose recipes on this val split and read their test split once. ``rename`` maps
+    the source's other split names first (BUSI: the fold's held-out ``val`` list becomes
+    ``test``), so an existing val split never mixes with the carved one. Stratified by ``label``
+    when the manifest has one. Written once next to ``source`` as ``<name>.csv``.
+    """
+    from medalign.data.manifest import Manifest, assign_splits, read_manifest, write_manifest
+
+    path = source.with_name(f"{name}.csv")
+    if path.is_file():
+        return path
+    manifest = read_manifest(source)
+    table = manifest.table.copy()
+    table["split"] = table["split"].replace(rename or {})
+    if (table["split"] == "val").any():
+        raise ValueError(f"{source} already has a val split; rename it (rename={{'val': ...}})")
+    train = table["split"] == "train"
+    stratify = "label" if "label" in table.columns else None
+    carved = assign_splits(table[train], {"train": 1 - fraction, "val": fraction}, seed=seed, stratify=stratify)
+    table.loc[train, "split"] = carved.values
+    write_manifest(Manifest(table, manifest.base_dir, manifest.meta), path)
+    return path

@@ -97,9 +97,15 @@ def test_import_reports_bad_format_and_option(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "import", "nope", str(tmp_path), "--out", str(tmp_path / "m.csv")])
     assert result.exit_code == 1 and "unknown import format 'nope'" in result.output
     result = runner.invoke(
-        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "--option", "x"]
+        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "-O", "sed=1"]
     )
-    assert result.exit_code != 0
+    assert result.exit_code == 1
+    assert "unknown option 'sed' for the 'folders' importer; did you mean seed?" in result.output
+    assert "valid options: seed, fractions, force, group_by, group_regex" in result.output
+    result = runner.invoke(
+        app, ["data", "import", "folders", str(tmp_path), "--out", str(tmp_path / "m.csv"), "--option", "force"]
+    )
+    assert result.exit_code == 1 and "is not name=value: write -O force=true" in result.output
 
 
 def test_quickstart_small(tiny_quickstart) -> None:

@@ -189,6 +189,18 @@ def test_clip_decoder_with_text_matches_pytorch(tmp_path: Path) -> None:
     assert _max_diff(OnnxPredictor(tmp_path / "onnx").segment(pixels, text=prompts), expected) < TOL
 
 
+def test_unet_on_an_efficientnet_tower_matches_pytorch_at_another_size(tmp_path: Path) -> None:
+    """A CNN tower has no position table: the graph exports at any multiple of 32, here 96 px."""
+    lite0 = {"kind": "efficientnet_lite", "source": None, "config": {"variant": "efficientnet-lite0"}}
+    bundle = _bundle(tmp_path, "bundle", "unet_pretrained", vision=lite0, image_size=64, in_channels=1)
+    export_onnx(bundle, tmp_path / "onnx", image_size=96)
+    model = load_bundle(bundle)
+    pixels = _rand(2, 1, 96, 96)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(pixels)["logits"])
+    assert _max_diff(OnnxPredictor(tmp_path / "onnx").segment(pixels), expected) < TOL
+
+
 @pytest.mark.parametrize(
     ("arch", "method"), [("mae_tiny", "encode"), ("report_tiny", "encode_image"), ("clinical_tiny", None)]
 )

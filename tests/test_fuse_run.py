@@ -176,6 +176,7 @@ def import_manifest(path: Path, shared: Path, tmp_path: Path) -> Path:
     ("name", "dataset", "subsets"),
     [
         ("lgg_sequences", "lgg_mri", 7),
+        ("lgg_pretrained", "lgg_mri", 7),
         ("mmendocl_wli_nbi", "wli-nbi-demo", 3),
     ],
 )
@@ -191,8 +192,10 @@ def test_recipe_trains_on_real_data(
         "train.max_steps=2",
     ]
     overrides += [*FAST, *TINY, "data.image_size=64"]
-    if name == "lgg_sequences":  # evaluate on the val split's few patients to keep the smoke test short
+    if name.startswith("lgg"):  # evaluate on the val split's few patients to keep the smoke test short
         overrides.append("eval.split=val")
+    if name == "lgg_pretrained":  # the pretrained encoder stays, the decoder shrinks
+        overrides.append("model.overrides.decoder_channels=[16, 8, 8, 8]")
     config = load_config(recipe(name), overrides)
     run = run_training(config, echo=lambda *_: None)
     metrics = json.loads((run / "metrics.json").read_text())

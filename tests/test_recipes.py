@@ -83,10 +83,10 @@ def test_recipe_builds_its_model(path: Path) -> None:
         assert model.eval()(**inputs)["logits"].shape == (1, 1, size, size)
 
 
-def test_clipseg_busi_starts_from_the_medpix_alignment_bundle() -> None:
-    """init_from is what configs/align/medpix_scratch.yaml writes, and its vision tower fits the recipe's data."""
-    clipseg = load_config(recipe("clipseg_busi"))
-    medpix = load_config(REPO / "configs" / "align" / "medpix_scratch.yaml")
+def test_clipseg_busi_aligned_starts_from_the_medpix_alignment_bundle() -> None:
+    """init_from is what configs/align/medpix.yaml writes, and its vision tower fits the recipe's data."""
+    clipseg = load_config(recipe("clipseg_busi_aligned"))
+    medpix = load_config(REPO / "configs" / "align" / "medpix.yaml")
     assert clipseg.model.init_from == f"{medpix.out}/bundle"
     encoder = create_model(medpix.model.name, **medpix.model.overrides)
     model = ClipDecoder.from_dual_encoder(encoder, **clipseg.model.overrides)
@@ -108,12 +108,17 @@ def test_c2fvl_vocabulary_is_the_phantoms() -> None:
 
 
 SMALL_UNET = ["model.overrides.channels=[4, 8, 16, 32, 64]"]
+# the pretrained encoder stays; 64 px (any multiple of 32 suits it) keeps evaluation short
+SMALL_DECODER = ["model.overrides.decoder_channels=[16, 8, 8, 8]", "model.overrides.image_size=64"]
 SMALL = {  # narrower models: two steps and one evaluation in seconds on a CPU
     "lvit_monuseg": ["model.overrides.base_width=8", "model.overrides.context_dim=32"],
     "unet_monuseg": SMALL_UNET,
-    "kvasir": SMALL_UNET,
-    "busi": SMALL_UNET,
-    "clipseg_busi": ["model.overrides.decoder_dim=16"],
+    "kvasir": SMALL_DECODER,
+    "kvasir_unet": SMALL_UNET,
+    "busi": SMALL_DECODER,
+    "busi_unet": SMALL_UNET,
+    "clipseg_busi": ["model.overrides.decoder_dim=16", "model.overrides.image_size=64"],
+    "clipseg_busi_aligned": ["model.overrides.decoder_dim=16"],
 }
 
 
@@ -136,8 +141,11 @@ def import_manifest(path: Path, shared: Path, tmp_path: Path) -> Path:
         ("lvit_monuseg", "monuseg-text"),
         ("unet_monuseg", "monuseg-text"),
         ("kvasir", "kvasir-seg"),
+        ("kvasir_unet", "kvasir-seg"),
         ("busi", "busi"),
+        ("busi_unet", "busi"),
         ("clipseg_busi", "busi"),
+        ("clipseg_busi_aligned", "busi"),
     ],
 )
 def test_recipe_trains_on_real_data(
@@ -155,7 +163,7 @@ def test_recipe_trains_on_real_data(
         "train.precision=32-true",  # bf16 autocast is slow on a CPU
         *SMALL[name],
     ]
-    if name == "clipseg_busi":  # a tiny aligned model stands in for the MedPix bundle
+    if name == "clipseg_busi_aligned":  # a tiny aligned model stands in for the MedPix bundle
         from medalign.bundle import save_bundle
 
         save_bundle(create_model("align_tiny", in_channels=1, image_size=64), tmp_path / "aligned")

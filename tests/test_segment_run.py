@@ -138,6 +138,34 @@ def test_clip_decoder_starts_from_an_alignment_bundle(prompts: Path, tmp_path: P
     assert 0 <= json.loads((run / "metrics.json").read_text())["dice"] <= 1
 
 
+def test_unet_pretrained_starts_from_an_alignment_bundle_with_an_efficientnet_tower(
+    prompts: Path, tmp_path: Path
+) -> None:
+    """A LiT-style bundle's CNN tower becomes the U-Net's encoder (weights, channels, statistics)."""
+    from medalign.bundle import save_bundle
+    from medalign.models import create_model
+
+    lite0 = {"kind": "efficientnet_lite", "source": None, "config": {"variant": "efficientnet-lite0"}}
+    torch.manual_seed(1)
+    encoder = create_model("align_tiny", vision=lite0, in_channels=2, image_size=64)
+    save_bundle(encoder, tmp_path / "aligned")
+    config = _phantom_config(
+        prompts,
+        tmp_path / "run",
+        "model.name=unet_pretrained",
+        f"model.init_from={tmp_path / 'aligned'}",
+        "model.overrides={decoder_channels: [32, 16, 8, 8]}",
+        "train.max_steps=1",
+        "optim.lr=1.0e-9",
+        "seg_loss.side_weight=0",
+    )
+    loaded = medalign.load(str(run_training(config) / "bundle"))
+    assert loaded.config.in_channels == 2 and loaded.config.image_mean == encoder.config.image_stats()[0]
+    expected = dict(encoder.vision.named_parameters())  # (BatchNorm statistics move in a training step)
+    for key, value in loaded.vision.named_parameters():  # lr 1e-9: one step leaves them in place
+        torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=0)
+
+
 def test_segmentation_init_from_loads_a_segmentation_bundle(prompts: Path, tmp_path: Path) -> None:
     from medalign.bundle import save_bundle
     from medalign.models import create_model

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from medalign.cli_grammar import fail
 
@@ -23,7 +22,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(
     help="Import, validate, split and inspect datasets (manifests).\n\nExample:\n\n"
-    "    medalign data import busi ~/data/busi --out data/busi.csv",
+    "    medalign data import busi ~/data/busi -o data/busi.csv",
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
@@ -45,18 +44,6 @@ index_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(index_app, name="index")
-
-
-
-def _parse_options(options: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values are parsed as YAML scalars/lists so ``fold=1`` is an int."""
-    parsed: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"option {option!r} is not key=value")
-        parsed[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return parsed
 
 
 @data_app.command("validate")
@@ -112,50 +99,89 @@ def data_validate(
         raise fail(f"'{manifest}' has {n_errors} error(s), listed above")
 
 
+# Sidecar lists that `data import` prints otherwise (warnings) or that are not findings.
+NOT_NOTES = frozenset({"near_duplicate_stems_across_splits", "label_columns", "split_source"})
+
+
 @data_app.command("import")
 def data_import(
     format: Annotated[str, typer.Argument(help="Source layout; see `medalign data formats`.")],
-    src: Annotated[Path, typer.Argument(help="Dataset folder (or file, for JSON formats).")],
+    src: Annotated[Path, typer.Argument(help="Dataset folder (or file, for formats that read one).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write (.csv, .jsonl or .parquet).")],
     option: Annotated[
-        list[str] | None, typer.Option("--option", "-O", help="Importer option key=value (repeatable).")
+        list[str] | None,
+        typer.Option("--option", "-O", help="Importer option name=value (repeatable); see `data formats FORMAT`."),
     ] = None,
 ) -> None:
-    """Import a dataset in its released layout into a manifest; the data is referenced, not copied.
+    """Import a dataset into a manifest; the data is referenced, not copied.
 
-    Example:
+    Importer options are given as -O name=value (repeatable); `medalign data formats FORMAT`
+    lists them with type, default and meaning. The import summary accounts for every file and table row: imported,
+    or listed with its reason (also in the manifest's sidecar). Examples:
 
-        medalign data import busi ~/data/busi --out data/busi.csv --option fold=1
+        medalign data import busi ~/data/busi -o data/busi.csv -O fold=1
+
+        medalign data import images ~/data/polyps -o data/polyps.csv -O images=Original -O "masks=Ground Truth"
     """
-    from medalign.data.importers import DatasetImportError, import_dataset
+    from medalign.data.importers import DatasetImportError, get_importer, import_dataset
+    from medalign.data.importers.ledger import REPORT_KEY, format_report
+    from medalign.data.importers.registry import import_warnings
     from medalign.data.manifest import format_summary, summarize
 
     try:
-        manifest = import_dataset(format, src, out, **_parse_options(option or []))
-    except (DatasetImportError, TypeError) as err:
+        spec = get_importer(format)
+        manifest = import_dataset(format, src, out, **spec.parse_pairs(option or []))
+    except DatasetImportError as err:
         raise fail(f"import {format} from '{src}' failed: {err}") from err
     typer.echo(f"wrote {out}")
     typer.echo(format_summary(summarize(manifest)))
-    for key, value in manifest.meta.extra.items():  # the sidecar's lists (unpaired, ignored files...) by name
-        if isinstance(value, list) and value:
+    extra = manifest.meta.extra
+    if REPORT_KEY in extra:
+        typer.echo("\n".join(format_report(extra[REPORT_KEY])))
+    for key, value in extra.items():  # other importers' lists (unpaired, ignored files...) by name
+        if isinstance(value, list) and value and key not in NOT_NOTES:
             more = f", ... ({len(value)} in all)" if len(value) > 5 else ""
             typer.echo(f"note: {key} ({len(value)}): {', '.join(map(str, value[:5]))}{more}")
     if manifest.meta.allow_outside_root:
-        typer.echo("note: some paths lie outside the dataset folder; the sidecar sets allow_outside_root")
+        typer.echo(
+            "note: some paths lie outside the dataset folder (an option or a symbolic link put them there); "
+            "the sidecar sets allow_outside_root"
+        )
+    for line in import_warnings(manifest.meta):
+        typer.secho(f"warning: {line}", fg=typer.colors.YELLOW)
 
 
 @data_app.command("formats")
-def data_formats() -> None:
-    """List the dataset layouts `medalign data import` understands, one per line with its description.
+def data_formats(
+    format: Annotated[
+        str | None, typer.Argument(help="Show this format's options (type, default, meaning).")
+    ] = None,
+) -> None:
+    """List the dataset layouts `medalign data import` understands, or one layout's options.
 
-    The first word of each line is the FORMAT argument of `medalign data import`. Example:
+    Without FORMAT: one line per layout, the first word being the FORMAT argument of `medalign
+    data import`. With FORMAT: its description and every option with type, default and meaning.
+    Examples:
 
         medalign data formats
-    """
-    from medalign.data.importers import IMPORTERS
 
-    for name in sorted(IMPORTERS):
-        typer.echo(f"{name:14s} {IMPORTERS[name].description}")
+        medalign data formats images
+    """
+    from medalign.data.importers import IMPORTERS, DatasetImportError, get_importer
+    from medalign.data.importers.options import describe_options
+
+    if format is None:
+        for name in sorted(IMPORTERS):
+            typer.echo(f"{name:14s} {IMPORTERS[name].description}")
+        return
+    try:
+        spec = get_importer(format)
+    except DatasetImportError as err:
+        raise fail(str(err)) from err
+    typer.echo(f"{spec.name}: {spec.description}")
+    typer.echo(f"usage: medalign data import {spec.name} SRC -o MANIFEST [-O name=value ...]")
+    typer.echo("options:")
+    typer.echo("\n".join(describe_options(spec.all_options)))
 
 
 @data_app.command("phantom")
@@ -186,26 +212,54 @@ def data_split(
     fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.1,0.2",
     seed: Annotated[int, typer.Option(help="Seed of the patient shuffle.")] = 0,
     stratify: Annotated[str | None, typer.Option(help="Column to stratify by (e.g. label).")] = None,
+    group_by: Annotated[
+        str | None, typer.Option(help="Column whose value is the patient/group (default: patient_id).")
+    ] = None,
+    group_regex: Annotated[
+        str | None,
+        typer.Option(help="Regex on the image file name; its group 'group' (or first group) is the patient."),
+    ] = None,
 ) -> None:
     """Assign patient-level train/val/test splits (deterministic for a seed).
 
-    Example:
+    Each patient (patient_id, or the group from --group-by / --group-regex) lands in one split;
+    near-duplicate file stems left in different splits are reported. Examples:
 
-        medalign data split cases.csv --out cases.split.csv --fractions 0.8,0.1,0.1 --stratify label
+        medalign data split cases.csv -o cases.split.csv --fractions 0.8,0.1,0.1 --stratify label
+
+        medalign data split frames.csv -o frames.split.csv --group-regex '^(?P<group>seq\\d+)_'
     """
-    from medalign.data.manifest import SPLITS, assign_splits, read_manifest, write_manifest
+    from medalign.data.groups import (
+        GroupingError,
+        format_near_duplicates,
+        format_ungrouped,
+        group_ids,
+        near_duplicate_stems,
+    )
+    from medalign.data.manifest import SPLITS, ManifestError, assign_splits, read_manifest, write_manifest
 
-    loaded = read_manifest(manifest)
     try:
+        loaded = read_manifest(manifest)
+        groups = None
+        if group_by is not None or group_regex is not None:
+            grouping = group_ids(loaded.table, group_by=group_by, group_regex=group_regex)
+            groups = grouping.groups
+            loaded.meta.extra["split_groups"] = grouping.source
         values = [float(v) for v in fractions.split(",")]
         loaded.table["split"] = assign_splits(
-            loaded.table, dict(zip(SPLITS, values, strict=True)), seed=seed, stratify=stratify
-        )
-    except ValueError as err:
+            loaded.table, dict(zip(SPLITS, values, strict=True)), seed=seed, stratify=stratify, groups=groups
+        ).to_numpy()
+    except (ManifestError, GroupingError, ValueError, KeyError) as err:
         raise fail(f"cannot split '{manifest}': {err}") from err
     write_manifest(loaded, out)
     counts = loaded.table["split"].value_counts()
-    typer.echo(f"wrote {out}: " + ", ".join(f"{s}={int(counts.get(s, 0))}" for s in SPLITS))
+    patients = f" ({groups.nunique()} groups by {grouping.source})" if groups is not None else ""
+    typer.echo(f"wrote {out}: " + ", ".join(f"{s}={int(counts.get(s, 0))}" for s in SPLITS) + patients)
+    if groups is not None and grouping.ungrouped:
+        typer.secho(f"warning: {format_ungrouped(grouping.source, grouping.ungrouped)}", fg=typer.colors.YELLOW)
+    near = near_duplicate_stems(loaded.table if groups is None else loaded.table.assign(patient_id=groups.to_numpy()))
+    if near:
+        typer.secho(f"warning: {format_near_duplicates(near)}", fg=typer.colors.YELLOW)
 
 
 @data_app.command("shard")

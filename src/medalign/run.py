@@ -76,8 +76,8 @@ def build_model(config: RunConfig) -> Any:
     segmentation -> segmentation, ...) gives the new model every weight whose name they share
     (a differing shape is an error). A bundle of another kind hands over its towers: this is
     how the curriculum chains Stage I (MAE) -> Stage II (alignment) -> Stage III (heads), and
-    how an aligned or pretrained encoder starts a ``clip_decoder`` (NextGen-UIA's path). The
-    new model takes the source's tower architectures and input description
+    how an aligned or pretrained encoder starts a ``clip_decoder`` or ``unet_pretrained``
+    (NextGen-UIA's path). The new model takes the source's tower architectures and input description
     (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
     trained in, and the preprocessing they were trained with), then loads the source's
     ``vision`` and, when both have one, ``text`` tower weights strictly; ``model.overrides``
@@ -113,7 +113,7 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
         raise ValueError(
             f"init_from '{init_from}' is a {source.bundle_kind} bundle, which cannot initialise {name!r} "
             f"({model.bundle_kind}): they share no vision tower. A bundle of another kind can start "
-            "any model with a ViT `vision` tower (alignment, clip_decoder, clinical, report, MAE)"
+            "any model with a `vision` tower (alignment, unet_pretrained, clip_decoder, clinical, report, MAE)"
         )
     portable = source.portable_config()
     target_fields = {f.name for f in dataclasses.fields(model.config)}

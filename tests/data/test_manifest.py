@@ -150,7 +150,11 @@ def test_split_and_summary() -> None:
     summary = summarize(manifest)
     assert summary["cases"] == 2 and summary["patients"] == 1
     assert summary["splits"] == {"train": 1, "val": 0, "test": 1}
-    assert summary["labels"] == {"label": {"NA": 1, "tumour": 1}}
+    # "NA" spells a missing label unless the sidecar declares it: counted apart, never a class
+    assert summary["labels"] == {"label": {"tumour": 1}} and summary["missing_labels"] == {"label": 1}
+    assert manifest.classes("label") == ["tumour"]
+    declared = summarize(Manifest(table, meta=ManifestMeta(classes={"label": ["NA", "tumour"]})))
+    assert declared["labels"] == {"label": {"NA": 1, "tumour": 1}} and declared["missing_labels"] == {"label": 0}
 
 
 def test_assign_splits_accepts_a_list_of_fractions() -> None:
@@ -228,3 +232,38 @@ def test_duplicate_column_names_are_named(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("case_id,label, label\na,x,y\n", encoding="utf-8")
     with pytest.raises(ManifestError, match=r"m\.csv'.*duplicate column name\(s\) \['label'\]"):
         read_manifest(tmp_path / "m.csv")
+
+
+def test_symbolic_links_out_of_the_root_are_outside_unless_allowed(tmp_path: Path) -> None:
+    """A link inside the dataset folder that points elsewhere leaves the root; links inside it do not."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "real").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "secret.png").write_bytes(b"x")
+    (root / "real" / "a.png").write_bytes(b"x")
+    (root / "leak.png").symlink_to(elsewhere / "secret.png")
+    (root / "leaky_dir").symlink_to(elsewhere, target_is_directory=True)
+    (root / "inner.png").symlink_to(root / "real" / "a.png")
+    table = new_table(
+        [{"case_id": str(i), "image": ref} for i, ref in enumerate(
+            ["real/a.png", "inner.png", "leak.png", "leaky_dir/secret.png", "leak.png#frame=0"]
+        )]
+    )  # fmt: skip
+    manifest = Manifest(table, base_dir=root)
+    assert [row for row, _, _ in manifest.rows_outside_root()] == [2, 3, 4]
+    with pytest.raises(ManifestError, match="outside the manifest root"):
+        manifest.resolve("leak.png")
+    linked_root = tmp_path / "link_to_root"  # the root itself behind a link (../shared/data is one)
+    linked_root.symlink_to(root, target_is_directory=True)
+    assert [row for row, _, _ in Manifest(table, base_dir=linked_root).rows_outside_root()] == [2, 3, 4]
+    allowed = Manifest(table, base_dir=root, meta=ManifestMeta(allow_outside_root=True))
+    assert not allowed.rows_outside_root() and allowed.resolve("leak.png") == str(root / "leak.png")
+
+
+def test_missing_label_words_are_missing_unless_declared() -> None:
+    table = new_table([{"case_id": str(i), "label": v} for i, v in enumerate(["a", "None", "", "nan", "b", "none"])])
+    manifest = Manifest(table)
+    assert manifest.missing_labels("label").tolist() == [False, True, True, True, False, False]
+    assert manifest.classes("label") == ["a", "b", "none"]  # lower-case "none" can be a finding
+    declared = Manifest(table, meta=ManifestMeta(classes={"label": ["a", "b", "None"]}))
+    assert declared.missing_labels("label").tolist() == [False, False, True, True, False, False]

@@ -23,6 +23,7 @@ from medalign.data.readers import (
     image_format,
     parse_image_ref,
     read_image,
+    read_image_bytes,
 )
 
 PATIENT_NAME = "Doe^Jane^Secret"
@@ -748,3 +749,15 @@ def test_read_image_bytes_gives_read_images_array(tmp_path: Path) -> None:
     assert as_jpeg.meta["format"] == "png" and as_jpeg.meta["format_mismatch"]
     with pytest.raises(ImageReadError, match=r"shard/x\.png.*not a valid PNG"):
         read_image_bytes(b"not an image at all", ".png", name="shard/x.png")
+
+
+def test_gif_reads_its_first_frame(tmp_path: Path) -> None:
+    """Masks are often released as GIF (palette, sometimes animated): the first frame, palette expanded."""
+    first = np.zeros((6, 8), np.uint8)
+    first[2:4, 3:6] = 255
+    frames = [Image.fromarray(first), Image.fromarray(255 - first)]
+    frames[0].save(tmp_path / "mask.gif", save_all=True, append_images=frames[1:])
+    image = read_image(tmp_path / "mask.gif")
+    assert image.array.shape == (6, 8) and np.array_equal(image.array, first)
+    assert image.meta["format"] == "gif" and image.meta["n_frames"] == 2
+    assert np.array_equal(read_image_bytes((tmp_path / "mask.gif").read_bytes(), ".gif").array, first)

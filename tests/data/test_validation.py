@@ -181,3 +181,51 @@ def test_shipped_importer_rows_stay_inside_their_root(tmp_path: Path) -> None:
     written = import_dataset("folders", tmp_path / "src", tmp_path / "out" / "m.csv")
     assert not written.meta.allow_outside_root and not written.rows_outside_root()
     assert not errors(validate_manifest(written))
+
+
+def _noise(path: Path, seed: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path.name
+
+
+def test_masks_imported_as_images_are_a_warning(tmp_path: Path) -> None:
+    """The trace of `folders` on images/ + masks/: binary images sharing stems with real ones."""
+    rows = []
+    (tmp_path / "masks").mkdir()
+    for n in range(3):
+        _noise(tmp_path / "images" / f"{n}.png", n)
+        square = np.zeros((16, 16), np.uint8)
+        square[4 : 8 + n, 5:9] = 255
+        Image.fromarray(square).save(tmp_path / "masks" / f"{n}.png")
+        rows += [
+            {"case_id": f"i{n}", "image": f"images/{n}.png", "label": "images"},
+            {"case_id": f"m{n}", "image": f"masks/{n}.png", "label": "masks"},
+        ]
+    _png(tmp_path / "masks" / "lonely.png", (16, 16), 255)  # binary, but no image shares its stem
+    rows.append({"case_id": "lonely", "image": "masks/lonely.png", "label": "masks"})
+    manifest = Manifest(new_table(rows), base_dir=tmp_path)
+    warnings = [p for p in validate_manifest(manifest) if "look like masks" in p.reason]
+    assert len(warnings) == 1 and warnings[0].severity == "warning" and warnings[0].column == "image"
+    assert warnings[0].reason.startswith("3 image(s) look like masks")
+    assert "'masks/0.png' ~ 'images/0.png'" in warnings[0].reason and "data import images" in warnings[0].reason
+    clean = manifest.subset(manifest.table["label"] == "images")
+    assert not [p for p in validate_manifest(clean) if "look like masks" in p.reason]
+
+
+def test_missing_labels_and_leaky_frames_are_warnings(tmp_path: Path) -> None:
+    rows = [
+        {"case_id": f"s{s}f{f}", "image": f"seq{s}_frame{f:02d}.png", "split": split, "label": label}
+        for s, (split, label) in enumerate([("train", "a"), ("test", "None"), ("train", "b")])
+        for f in range(2)
+    ]
+    rows[-1]["split"] = "val"  # seq2's frames in train and val
+    manifest = Manifest(new_table(rows), base_dir=tmp_path, meta=ManifestMeta(classes={"label": ["a", "b"]}))
+    problems = validate_manifest(manifest, check_images=False)
+    assert not [p for p in problems if p.severity == "error"]  # 'None' is a missing label, not a bad class
+    (labels,) = [p for p in problems if p.column == "label"]
+    assert labels.reason.startswith("2 of 6 rows have no label (case_id s1f0, s1f1); written as 'None'")
+    (leak,) = [p for p in problems if p.column == "split"]
+    assert "'seq2_frame#': train 1 (seq2_frame00), val 1 (seq2_frame01)" in leak.reason
+    grouped = manifest.table.assign(patient_id=[r["case_id"][:2] for r in rows], split=["train"] * 6)
+    assert not [p for p in validate_manifest(Manifest(grouped, tmp_path), check_images=False) if p.column == "split"]

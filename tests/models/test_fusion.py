@@ -41,17 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.
 def tiny(name: str, head: str = "segment", **overrides: Any) -> FusionModel:
     torch.manual_seed(0)
     classes = {"num_classes": 3} if head == "classify" else {}
-    model = create_model(
-        name,
-        modalities=MODALITIES,
-        in_channels=3,
-        image_size=16,
-        base_width=4,
-        depth=2,
-        task_head=head,
-        **classes,
-        **{**TINY[name], **overrides},
-    )
+    settings = {"in_channels": 3, "image_size": 16, "base_width": 4, "depth": 2, **TINY[name], **overrides}
+    model = create_model(name, modalities=MODALITIES, task_head=head, **classes, **settings)
     assert isinstance(model, FusionModel)
     return model.eval()
 
@@ -214,3 +205,81 @@ def test_bad_inputs_name_the_problem() -> None:
         model({"t1": torch.rand(2, 1, 16, 16)})
     with pytest.raises(ValueError, match="divisible by 4"):
         model({"pre": torch.rand(2, 1, 18, 18)})
+
+
+# -- image towers as encoders ------------------------------------------------------------------------
+
+TINY_VIT = {  # 4 layers at patch 8 -> a pyramid at strides 2, 4, 8, 16
+    "kind": "clip_vision",
+    "source": None,
+    "config": {"hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 32, "patch_size": 8},
+}
+
+
+@pytest.mark.parametrize("name", FUSION_MODELS)
+def test_an_image_tower_encodes_every_modality(name: str, tmp_path: Path) -> None:
+    model = tiny(name, vision=TINY_VIT, image_size=32, decoder_channels=[16, 8, 8])
+    assert model.widths == [4, 8, 16, 16] and model.size_multiple == 16
+    x, text = images(size=32), text_inputs(model)
+    present = torch.tensor([[True, False, True], [False, True, False]])
+    with torch.no_grad():
+        out = model(x, present, **text)["logits"]
+        scrambled = {m: v if present[:, i].all() else torch.randn_like(v) * 100 for i, (m, v) in enumerate(x.items())}
+        scrambled = {m: torch.where(present[:, i, None, None, None], x[m], scrambled[m]) for i, m in enumerate(x)}
+        again = model(scrambled, present, **text)["logits"]
+    assert out.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(again, out)  # absent pixels never reach the output
+    save_bundle(model, tmp_path / "bundle")
+    stored = read_bundle_config(tmp_path / "bundle")["model"]["vision"]
+    assert stored["source"] is None and stored["config"]["num_hidden_layers"] == 4
+    loaded = load_bundle(tmp_path / "bundle")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, present, **text)["logits"], out)
+
+
+def test_early_fusion_feeds_three_sequences_to_the_pretrained_rgb_stem() -> None:
+    from medalign.models.cnn_towers import load_efficientnet_state
+
+    model = tiny("fuse_early", vision={"source": "efficientnet-lite0"}, image_size=64, freeze_vision=True)
+    stem = model.encoder.tower.stem.weight
+    torch.testing.assert_close(stem, load_efficientnet_state("efficientnet-lite0")["_conv_stem.weight"])
+    assert not any(p.requires_grad for p in model.encoder.tower.parameters())
+    assert model.widths == [16, 24, 40, 112, 1280]
+    assert model(images(size=64))["logits"].shape == (2, 1, 64, 64)  # stride-2 logits upsampled
+    adf = tiny("fuse_adf", vision={"source": "efficientnet-lite0"}, image_size=64, shared_encoder=True)
+    assert sorted(adf.shared_heads) == ["3", "4"]  # the two deepest of the tower's five scales
+    with pytest.raises(ValueError, match="adf_scales"):
+        tiny("fuse_adf", vision={"source": "efficientnet-lite0"}, image_size=64, adf_scales=[5])
+
+
+def test_early_fusion_on_a_frozen_pretrained_tower_learns_a_toy_mask() -> None:
+    """The lesion shows in FLAIR only; the decoder on frozen ImageNet features finds it in 20 steps."""
+    from medalign.losses import SegmentationLoss
+
+    torch.manual_seed(0)
+    model = tiny("fuse_early", vision={"source": "efficientnet-lite0"}, image_size=64, freeze_vision=True)
+
+    def toy(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+        centres = torch.randint(16, 48, (8, 2), generator=g).tolist()
+        masks = torch.stack([(((yy - cy) ** 2 + (xx - cx) ** 2) <= 64).float() for cy, cx in centres])[:, None]
+        x = {m: 0.4 + 0.15 * torch.rand(8, 1, 64, 64, generator=g) for m in MODALITIES}
+        x["flair"] = x["flair"] + 0.3 * masks
+        return x, masks
+
+    criterion = SegmentationLoss(kind="dice_bce")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 3e-3)
+    x, masks = toy(0)
+    model.train()
+    for _ in range(20):
+        loss = criterion(model(x)["logits"], masks, [])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x, masks = toy(1)
+    with torch.no_grad():
+        predicted = (model(x)["logits"] > 0).float()
+    dice = 2 * (predicted * masks).sum() / (predicted.sum() + masks.sum())
+    assert float(dice) > 0.85

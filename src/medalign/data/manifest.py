@@ -4,8 +4,10 @@ A manifest is a CSV, JSONL or Parquet table (one row per case) plus an optional 
 ``<stem>.meta.json`` that records what a bare table cannot: the folder that relative paths
 resolve against, the class list of each label column, whether the manifest is text-only, and
 how masks are encoded. Cells are kept as strings in memory ("" = missing) so that nothing is
-silently coerced (a label "NA" stays a label, an id "007" keeps its zeros); typed values are
-parsed where they are used, with errors that name the row.
+silently coerced (an id "007" keeps its zeros); typed values are parsed where they are used,
+with errors that name the row. One exception is named, not silent: a label cell that spells a
+missing value (``None``, ``NA``, ``nan``, ... see :data:`MISSING_LABELS`) is a missing label,
+unless the sidecar declares it as a class.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from medalign.data.jsonio import read_jsonl, read_text
+from medalign.data.readers import parse_image_ref
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
@@ -32,6 +35,9 @@ MASK_PREFIX = "mask"
 LABEL_PREFIX = "label"
 ATTR_PREFIX = "attr:"
 PLAIN_COLUMNS: tuple[str, ...] = ("case_id", "patient_id", "split", "text", "time", "event")
+# Label cells that mean "no label" (what spreadsheets and pandas write for a missing value),
+# unless the sidecar declares one of them as a class of that column.
+MISSING_LABELS = frozenset({"", "None", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL"})
 
 
 class ManifestError(ValueError):
@@ -103,6 +109,7 @@ class Manifest:
     table: pd.DataFrame
     base_dir: Path = field(default_factory=Path.cwd)
     meta: ManifestMeta = field(default_factory=ManifestMeta)
+    _real_folders: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.table = normalise_table(self.table)
@@ -156,12 +163,33 @@ class Manifest:
         return str(path if path.is_absolute() else self.root / ref)
 
     def outside_root(self, ref: str) -> bool:
-        """Whether a path cell leaves the root (lexically, after ``..``), and that is not allowed."""
+        """Whether a path cell leaves the root, and that is not allowed.
+
+        A cell leaves it lexically (``..``, an absolute path elsewhere) or through a symbolic link:
+        links are followed (the root's own as well), so a link inside the dataset folder that
+        points at ``/etc`` is outside. ``allow_outside_root`` in the sidecar accepts both.
+        """
         if self.meta.allow_outside_root:
             return False
         root = self.root
-        target = Path(os.path.normpath(root / ref))  # an absolute ref replaces the root here
-        return target != root and root not in target.parents
+        target = Path(os.path.normpath(root / _ref_path(ref)))  # an absolute ref replaces the root
+        if target != root and root not in target.parents:
+            return True
+        try:
+            real_root, real = Path(self._realpath(str(root))), Path(self._real_file(target))
+        except (OSError, ValueError):  # a NUL byte, a link loop: unreadable, and reading says so by name
+            return False
+        return real != real_root and real_root not in real.parents
+
+    def _realpath(self, folder: str) -> str:
+        """``os.path.realpath`` of a folder, cached: most cells of a manifest share a few folders."""
+        if folder not in self._real_folders:
+            self._real_folders[folder] = os.path.realpath(folder)
+        return self._real_folders[folder]
+
+    def _real_file(self, path: Path) -> str:
+        real = os.path.join(self._realpath(str(path.parent)), path.name)
+        return os.path.realpath(real) if os.path.islink(real) else real
 
     def rows_outside_root(self, columns: Sequence[str] | None = None) -> list[tuple[int, str, str]]:
         """``(row, column, cell)`` of every path cell outside the root (image and mask columns by default)."""
@@ -199,11 +227,29 @@ class Manifest:
         return self.subset(self.table["split"] == name)
 
     def classes(self, column: str = "label") -> list[str]:
-        """Declared classes of a label column, or the sorted observed values when none are declared."""
+        """Declared classes of a label column, or the sorted observed values when none are declared.
+
+        Observed values that mean "no label" (:data:`MISSING_LABELS`) are never classes.
+        """
         if column in self.meta.classes:
             return list(self.meta.classes[column])
         values = self.table[column] if column in self.table.columns else pd.Series([], dtype=str)
-        return sorted(v for v in values.unique() if v != "")
+        return sorted(v for v in values.unique() if v not in MISSING_LABELS)
+
+    def missing_labels(self, column: str) -> pd.Series:
+        """Rows of a label column without a label: an empty cell, or a missing-value word such as
+        ``None`` or ``NA`` that the sidecar does not declare as a class of that column."""
+        declared = set(self.meta.classes.get(column, []))
+        missing = MISSING_LABELS - declared
+        return self.table[column].isin(missing)
+
+
+def _ref_path(ref: str) -> Path:
+    """The file part of a path cell (without a ``#slice=..`` selector)."""
+    try:
+        return parse_image_ref(ref)[0]
+    except ValueError:  # a malformed selector: reading reports it; the path check uses the cell as is
+        return Path(ref)
 
 
 def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -365,8 +411,12 @@ def assign_splits(
     seed: int = 0,
     patient_column: str = "patient_id",
     stratify: str | None = None,
+    groups: pd.Series | None = None,
 ) -> pd.Series:
     """Patient-level split: every case of a patient lands in the same split.
+
+    ``groups`` (one value per row) replaces the patient column: the groups that
+    :func:`medalign.data.groups.group_ids` makes from another column or from file names.
 
     Deterministic for a given seed and set of patients (row order does not matter: patients are
     sorted before the seeded shuffle). Counts per split are exact (largest remainder), so small
@@ -379,7 +429,10 @@ def assign_splits(
     fractions = dict(fractions or {"train": 0.7, "val": 0.1, "test": 0.2})
     if any(f < 0 for f in fractions.values()) or not np.isclose(sum(fractions.values()), 1.0):
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
-    patients = table[patient_column] if patient_column in table.columns else table["case_id"]
+    if groups is not None:
+        patients = pd.Series(groups.to_numpy(), index=table.index).astype(str)
+    else:
+        patients = table[patient_column] if patient_column in table.columns else table["case_id"]
     patients = patients.where(patients != "", table["case_id"])
     if stratify:
         strata = table.groupby(patients)[stratify].agg(_most_frequent)
@@ -446,10 +499,13 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
             "non_empty": len(texts),
             "mean_words": round(float(texts.str.split().str.len().mean()), 1) if len(texts) else 0.0,
         }
+    missing = {c: manifest.missing_labels(c) for c in manifest.label_columns}
     summary["labels"] = {
-        c: {k: int(v) for k, v in table[c][table[c] != ""].value_counts().sort_index().items()}
+        c: {k: int(v) for k, v in table[c][~missing[c]].value_counts().sort_index().items()}
         for c in manifest.label_columns
     }
+    if manifest.label_columns:  # counted apart, so a missing label never reads as a class
+        summary["missing_labels"] = {c: int(missing[c].sum()) for c in manifest.label_columns}
     summary["attributes"] = {c: int(table[c].nunique()) for c in manifest.attr_columns}
     if "time" in table.columns and "event" in table.columns:
         times = pd.to_numeric(table["time"], errors="coerce")

@@ -51,6 +51,7 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (
     ".tif",
     ".tiff",
     ".bmp",
+    ".gif",
     ".dcm",
     ".dicom",
     ".nii",
@@ -66,6 +67,7 @@ _SUFFIX_FORMATS: dict[str, str] = {
     ".tif": "tiff",
     ".tiff": "tiff",
     ".bmp": "bmp",
+    ".gif": "gif",
     ".dcm": "dicom",
     ".dicom": "dicom",
     ".nii": "nifti",
@@ -242,6 +244,8 @@ def sniff_formats(head: bytes) -> list[str]:
         found.append("tiff")
     if head.startswith(b"BM"):
         found.append("bmp")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        found.append("gif")
     if head.startswith(b"\x93NUMPY"):
         found.append("npy")
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -273,10 +277,18 @@ def _content_hint(path: Path, expected: str, data: bytes | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pillow: PNG, JPEG, BMP (and anything Pillow recognises when the suffix lies)
+# Pillow: PNG, JPEG, BMP, GIF (first frame; and anything Pillow recognises when the suffix lies)
 # ---------------------------------------------------------------------------------------------------
 
-_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "BMP": "bmp", "DIB": "bmp", "TIFF": "tiff"}
+_PIL_FORMATS = {
+    "PNG": "png",
+    "JPEG": "jpeg",
+    "MPO": "jpeg",
+    "BMP": "bmp",
+    "DIB": "bmp",
+    "GIF": "gif",
+    "TIFF": "tiff",
+}
 _PIL_NATIVE_MODES = {"L", "LA", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
@@ -335,7 +347,7 @@ def _read_pillow(path: Path, expected: str, data: bytes | None = None) -> _Decod
         raise ImageReadError.for_file(path, f"{kind} {label} data ({_describe(exc)})") from exc
     meta: dict[str, Any] = {"format": detected, "mode": mode, "dtype": array.dtype.name}
     if frames > 1:
-        meta["n_frames"] = frames  # animated PNG/GIF: only the first frame is read
+        meta["n_frames"] = frames  # animated PNG/GIF: only the first frame is read (masks often ship as GIF)
     return _Decoded(array, (1.0, 1.0), meta)
 
 
@@ -898,6 +910,7 @@ def _load(path: Path, fmt: str, apply_window: bool) -> _Decoded:
         "png": _read_pillow,
         "jpeg": _read_pillow,
         "bmp": _read_pillow,
+        "gif": _read_pillow,
         "tiff": _read_tiff,
         "nifti": _read_nifti,
         "npy": _read_npy,
@@ -969,7 +982,7 @@ def _finish(
     return ImageData(array=array, spacing=decoded.spacing, meta=meta)
 
 
-_PILLOW_FORMATS = ("png", "jpeg", "bmp")
+_PILLOW_FORMATS = ("png", "jpeg", "bmp", "gif")
 
 
 def read_image_bytes(data: bytes, suffix: str, *, name: str = "<bytes>") -> ImageData:

@@ -17,11 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medalign.data.groups import file_stem, format_near_duplicates, near_duplicate_stems
 from medalign.data.manifest import PLAIN_COLUMNS, SPLITS, Manifest, write_manifest
 from medalign.data.readers import ImageReadError, read_image
 from medalign.progress import progress
 
 BINARY_MASK_VALUES = frozenset({0, 1, 255})
+# A picture whose pixels sit at its two extremes (JPEG noise aside) is a mask, not a scan.
+MASK_LIKE_SHARE = 0.98
+MASK_LIKE_MARGIN = 0.1  # of the value range: "at an extreme" means within this of the min or max
+MASK_LIKE_CHANNEL_DIFF = 8.0  # colour files of masks are gray: channels differ by at most this (mean)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class _ImageInfo:
     error: str | None
     constant: float | None = None  # the single value of an image whose pixels are all equal
     orientation: str | None = None  # NIfTI axis codes (e.g. "RAS"); None for other formats
+    mask_like: bool = False  # an image (not a mask cell) that looks like a mask: see looks_like_mask
 
 
 def validate_manifest(
@@ -72,6 +78,7 @@ def validate_manifest(
     problems += _check_survival(table)
     problems += _check_required_cells(manifest, text_only)
     problems += _check_paths(manifest)
+    problems += _check_near_duplicates(table)
     if check_images and not text_only:
         problems += _check_files(manifest, workers)
     return sorted(problems, key=lambda p: (p.row, p.column, p.reason))
@@ -148,14 +155,15 @@ def _check_splits(table: pd.DataFrame) -> list[Problem]:
 
 
 def _check_labels(manifest: Manifest) -> list[Problem]:
-    problems = []
+    problems = _missing_label_warnings(manifest)
     table = manifest.table
     for column, classes in manifest.meta.classes.items():
         if column not in table.columns:
             continue
         allowed = set(classes)
-        for row, value in enumerate(table[column]):
-            if value != "" and value not in allowed:
+        missing = manifest.missing_labels(column)
+        for row, (value, absent) in enumerate(zip(table[column], missing, strict=True)):
+            if not absent and value not in allowed:
                 problems.append(
                     Problem(
                         row,
@@ -165,6 +173,36 @@ def _check_labels(manifest: Manifest) -> list[Problem]:
                     )
                 )
     return problems
+
+
+def _missing_label_warnings(manifest: Manifest) -> list[Problem]:
+    """One warning per label column where some (not all) rows have no label: losses and metrics skip them."""
+    problems = []
+    for column in manifest.label_columns:
+        missing = manifest.missing_labels(column)
+        count = int(missing.sum())
+        if 0 < count < len(missing):
+            ids = manifest.table.loc[missing, "case_id"].tolist()
+            words = sorted({v for v in manifest.table.loc[missing, column] if v})
+            spelled = f"; written as {', '.join(map(repr, words))}" if words else ""
+            shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+            problems.append(
+                Problem(
+                    -1,
+                    "",
+                    column,
+                    f"{count} of {len(missing)} rows have no label (case_id {shown}){spelled}; they are left "
+                    "out of this column's losses and metrics",
+                    "warning",
+                )
+            )
+    return problems
+
+
+def _check_near_duplicates(table: pd.DataFrame) -> list[Problem]:
+    """Frames or slices of one sequence in different splits: a split that leaks."""
+    found = near_duplicate_stems(table)
+    return [Problem(-1, "", "split", format_near_duplicates(found), "warning")] if found else []
 
 
 def _check_survival(table: pd.DataFrame) -> list[Problem]:
@@ -267,7 +305,7 @@ def _check_files(manifest: Manifest, workers: int | None) -> list[Problem]:
         if len(set(image_shapes.values())) > 1:
             sizes = ", ".join(f"{c}={'x'.join(map(str, s))}" for c, s in image_shapes.items())
             problems.append(Problem(row, case_id, "", f"modalities differ in size ({sizes})", "warning"))
-    return problems + _orientation_warnings(manifest, infos)
+    return problems + _orientation_warnings(manifest, infos) + _masks_among_images(manifest, infos)
 
 
 def _image_warnings(row: int, case_id: str, column: str, cell: str, info: _ImageInfo) -> list[Problem]:
@@ -282,6 +320,44 @@ def _image_warnings(row: int, case_id: str, column: str, cell: str, info: _Image
             f"image '{cell}' is blank: every pixel is {info.constant:g} (a failed export?)",
             "warning",
         )
+    ]
+
+
+def _masks_among_images(manifest: Manifest, infos: dict[str, _ImageInfo]) -> list[Problem]:
+    """Image cells that hold masks: mask-like files sharing their file stem with a real image.
+
+    The trace of a mask folder imported as a class (``folders`` on ``images/`` + ``masks/``) or
+    as a modality column; one warning per column, naming the first pairs.
+    """
+    table = manifest.table
+    cells = []
+    for column in manifest.image_columns:
+        for row, cell in enumerate(table[column]):
+            info = infos.get(manifest.resolve(cell)) if cell and not manifest.outside_root(cell) else None
+            if info is not None and info.error is None:
+                cells.append((row, column, cell, info.mask_like))
+    pictures: dict[str, str] = {}
+    for _, _, cell, mask_like in cells:
+        if not mask_like:
+            pictures.setdefault(file_stem(cell), cell)
+    flagged: dict[str, list[tuple[str, str]]] = {}
+    for _, column, cell, mask_like in cells:
+        partner = pictures.get(file_stem(cell))
+        if mask_like and partner is not None and partner != cell:
+            flagged.setdefault(column, []).append((cell, partner))
+    return [
+        Problem(
+            -1,
+            "",
+            column,
+            f"{len(pairs)} image(s) look like masks (gray, nearly every pixel black or white) and share their "
+            f"file stem with another image, e.g. "
+            + ", ".join(f"'{mask}' ~ '{image}'" for mask, image in pairs[:3])
+            + ": masks imported as images? Import an image folder with its mask folder with "
+            "`medalign data import images SRC -o MANIFEST -O images=DIR -O masks=DIR`",
+            "warning",
+        )
+        for column, pairs in flagged.items()
     ]
 
 
@@ -369,12 +445,37 @@ def _inspect(ref: str, is_mask: bool) -> _ImageInfo:
     orientation = image.meta.get("orientation")
     if not is_mask:
         constant = float(array.flat[0]) if array.size and array.min() == array.max() else None
-        return _ImageInfo(tuple(image.spatial_shape), None, None, constant, orientation)
+        mask_like = not image.is_3d and looks_like_mask(array)
+        return _ImageInfo(tuple(image.spatial_shape), None, None, constant, orientation, mask_like)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
         values: tuple[int, ...] = (-1,)
     else:
         values = tuple(int(v) for v in np.unique(array)[:64])
     return _ImageInfo(tuple(image.spatial_shape), values, None, orientation=orientation)
+
+
+def looks_like_mask(array: np.ndarray) -> bool:
+    """Whether an image is really a mask: gray, and nearly every pixel at its minimum or maximum.
+
+    Used to tell an image folder from its mask folder (``folders`` refuses to make classes of
+    them, ``validate`` warns when a column of images holds masks). A blank black image counts as
+    a mask (a normal case's empty mask); JPEG masks pass, their noise stays near the extremes.
+    """
+    pixels = np.asarray(array)
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        color = pixels[..., :3].astype(np.float32)
+        if float(np.abs(color - color.mean(axis=-1, keepdims=True)).mean()) > MASK_LIKE_CHANNEL_DIFF:
+            return False
+        pixels = color.mean(axis=-1)
+    if pixels.ndim != 2 or pixels.size == 0:
+        return False
+    pixels = pixels[:: max(1, pixels.shape[0] // 128), :: max(1, pixels.shape[1] // 128)].astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high == low:
+        return low == 0.0
+    margin = MASK_LIKE_MARGIN * (high - low)
+    extreme = (pixels <= low + margin) | (pixels >= high - margin)
+    return float(extreme.mean()) >= MASK_LIKE_SHARE
 
 
 def errors(problems: Iterable[Problem]) -> list[Problem]:

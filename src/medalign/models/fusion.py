@@ -24,6 +24,14 @@ inputs, presence, heads), the four architectures and the registered entries at t
 * ``fuse_early`` — the modalities stacked as channels into one U-Net (absent = zeros).
 * ``fuse_late`` — one U-Net per modality (or one shared), logits averaged over present modalities.
 
+Encoders: by default a small conv U-Net encoder per modality (``base_width``, ``depth``).
+With ``vision`` set (e.g. ``{"source": "efficientnet-lite0"}``: ImageNet weights, offline) every
+modality's encoder is that image tower instead (``TowerEncoder``: the tower's skips at every
+stride, pixels normalised the way its weights expect) and the decoder is the
+``medalign.models.pyramid.UNetDecoder`` of ``decoder_channels``; fusion itself is unchanged,
+scale by scale. ``fuse_early`` with a pretrained tower and three 1-channel modalities feeds them
+to the RGB stem as they are.
+
 Every fusion model has the same call, so one task, evaluation and bundle format serve them all:
 
     forward(pixel_values: dict[modality name, Tensor [B, C, H, W] in [0, 1]],
@@ -57,9 +65,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medalign.models.moe import MoECrossAttention
+from medalign.models.pyramid import (
+    DECODER_CHANNELS,
+    ConvBlock,
+    FeaturePyramid,
+    UNetDecoder,
+    tower_image_stats,
+    upsample_to,
+)
 from medalign.models.registry import register_model
-from medalign.models.segmentation import ConvBlock, SegmentationModel, _SegConfig
-from medalign.models.towers import MINILM_TEXT, TowerConfig, build_text_tower
+from medalign.models.segmentation import SegmentationModel, _SegConfig
+from medalign.models.towers import MINILM_TEXT, TowerConfig, build_text_tower, build_vision_tower
 
 FUSION_MODELS = ("fuse_adf", "fuse_moe", "fuse_early", "fuse_late")  # the registered names
 TASK_HEADS = ("segment", "classify")
@@ -80,9 +96,14 @@ class FusionConfig(_SegConfig):
     image_size: int = 128
     task_head: Literal["segment", "classify"] = "segment"
     shared_encoder: bool = False  # one encoder (same weights) for every modality
-    base_width: int = 16  # encoder widths base * (1, 2, 4, ..., 2**depth)
-    depth: int = 4  # number of 2x downsamplings
+    base_width: int = 16  # conv encoder widths base * (1, 2, 4, ..., 2**depth)
+    depth: int = 4  # number of 2x downsamplings of the conv encoder
     modality_dropout: float = 0.0  # training only; never drops every modality of a case
+    vision: TowerConfig | None = None  # set: each modality's encoder is this image tower
+    decoder_channels: list[int] = field(default_factory=lambda: list(DECODER_CHANNELS))  # with vision
+    freeze_vision: bool = False
+
+    _towers: ClassVar[tuple[str, ...]] = ("vision",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,8 +125,9 @@ class FusionConfig(_SegConfig):
             raise ValueError(f"depth and base_width must be >= 1, got {self.depth}, {self.base_width}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
-        if self.image_size % 2**self.depth:
+        if self.vision is None and self.image_size % 2**self.depth:
             raise ValueError(f"image_size must be divisible by 2**depth = {2**self.depth}")
+        self.decoder_channels = [int(c) for c in self.decoder_channels]
 
     @property
     def channels_per_modality(self) -> int:
@@ -113,6 +135,7 @@ class FusionConfig(_SegConfig):
 
     @property
     def widths(self) -> list[int]:
+        """The conv encoder's widths (a ``vision`` tower's come from the tower: ``model.widths``)."""
         return [self.base_width * 2**i for i in range(self.depth + 1)]
 
 
@@ -129,16 +152,15 @@ class AdfFusionConfig(FusionConfig):
         super().__post_init__()
         if self.adf_scales is not None:
             self.adf_scales = sorted({int(s) for s in self.adf_scales})
-        scales = self.split_scales
-        if not scales or any(not 0 <= s <= self.depth for s in scales):
-            raise ValueError(f"adf_scales must be non-empty and lie in [0, {self.depth}], got {scales}")
+        if self.vision is None:  # a tower's number of scales is known once it is built
+            self.split_scales(self.depth)
 
-    @property
-    def split_scales(self) -> list[int]:
-        """The scales split into shared/specific parts (``adf_scales`` resolved against ``depth``)."""
-        if self.adf_scales is None:
-            return sorted({max(self.depth - 1, 0), self.depth})
-        return list(self.adf_scales)
+    def split_scales(self, depth: int) -> list[int]:
+        """The scales split into shared/specific parts, for an encoder whose deepest scale is ``depth``."""
+        scales = sorted({max(depth - 1, 0), depth}) if self.adf_scales is None else list(self.adf_scales)
+        if not scales or any(not 0 <= s <= depth for s in scales):
+            raise ValueError(f"adf_scales must be non-empty and lie in [0, {depth}], got {scales}")
+        return scales
 
 
 @dataclass
@@ -159,7 +181,7 @@ class MoeFusionConfig(FusionConfig):
     moe_layers: int = 1
     text_dropout: float = 0.0  # training: hide the report of a case with this probability
 
-    _towers: ClassVar[tuple[str, ...]] = ("text",)
+    _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -210,6 +232,8 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int, widths: list[int]) -> None:
         super().__init__()
+        self.widths = list(widths)
+        self.size_multiple = 2 ** (len(widths) - 1)
         self.stem = ConvBlock(in_channels, widths[0])
         self.down = nn.ModuleList(ConvBlock(a, b) for a, b in itertools.pairwise(widths))
 
@@ -218,6 +242,28 @@ class Encoder(nn.Module):
         for down in self.down:
             features.append(down(F.max_pool2d(features[-1], 2)))
         return features
+
+
+class TowerEncoder(nn.Module):
+    """An image tower as a fusion encoder: [0, 1] pixels -> normalised -> maps finest first.
+
+    Same contract as ``Encoder`` (``widths``, ``size_multiple``, a list of maps, each scale
+    half the previous for a CNN tower), so every fusion works on it unchanged.
+    """
+
+    def __init__(self, vision: TowerConfig, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.tower = build_vision_tower(vision, in_channels, image_size)
+        self.pyramid = FeaturePyramid(self.tower, in_channels)
+        mean, std = tower_image_stats(vision, in_channels)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.widths = self.pyramid.widths
+        self.size_multiple = self.pyramid.size_multiple
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        mean, std = self.pixel_mean.to(x.dtype), self.pixel_std.to(x.dtype)
+        return self.pyramid((x - mean) / std)
 
 
 class Decoder(nn.Module):
@@ -300,11 +346,42 @@ class FusionModel(SegmentationModel):
     def task_head(self) -> str:
         return self.config.task_head
 
+    def _encoder(self, in_channels: int) -> Encoder | TowerEncoder:
+        """The conv encoder, or the ``vision`` tower (frozen when the config says so).
+
+        The first one built sets ``self.widths`` / ``self.depth`` (deepest scale index), which
+        the fusion layers and the decoder are sized from.
+        """
+        c = self.config
+        encoder: Encoder | TowerEncoder
+        if c.vision is None:
+            encoder = Encoder(in_channels, c.widths)
+        else:
+            encoder = TowerEncoder(c.vision, in_channels, c.image_size)
+            if c.freeze_vision:
+                self._freeze(encoder.tower)
+        self.widths, self.depth = list(encoder.widths), len(encoder.widths) - 1
+        self.size_multiple = encoder.size_multiple
+        return encoder
+
     def _encoders(self) -> nn.ModuleList:
         """One encoder per modality, or a single shared one."""
         c = self.config
         count = 1 if c.shared_encoder else len(c.modalities)
-        return nn.ModuleList(Encoder(c.channels_per_modality, c.widths) for _ in range(count))
+        return nn.ModuleList(self._encoder(c.channels_per_modality) for _ in range(count))
+
+    def _decoder(self) -> nn.Module:
+        c = self.config
+        if c.vision is None:
+            return Decoder(self.widths, c.num_classes)
+        return UNetDecoder(self.widths, c.decoder_channels, c.num_classes, foreground_prior=None)
+
+    def _tower_for(self, name: str) -> nn.Module | None:
+        """A tower's architecture for ``portable_config``: every modality's encoder has the same one."""
+        if name != "vision":
+            return super()._tower_for(name)
+        encoder = getattr(self, "encoder", None) or next(iter(getattr(self, "encoders", [])), None)
+        return getattr(encoder, "tower", None)
 
     def _encode_all(self, images: list[Tensor]) -> list[list[Tensor]]:
         """Features ``[modality][scale]``; a shared encoder runs once on the stacked batch."""
@@ -325,7 +402,7 @@ class FusionModel(SegmentationModel):
         if unknown or not pixel_values:
             raise ValueError(f"pixel_values keys {sorted(pixel_values)}: expected some of {self.modalities}")
         reference = next(iter(pixel_values.values()))
-        c, multiple = self.config.channels_per_modality, 2**self.config.depth
+        c, multiple = self.config.channels_per_modality, self.size_multiple
         for name, x in pixel_values.items():
             if (
                 x.ndim != 4
@@ -380,20 +457,21 @@ class FusionModel(SegmentationModel):
     ) -> tuple[Tensor, dict[str, Any], dict[str, Any]]:
         raise NotImplementedError
 
-    def _head(self, fused: list[Tensor]) -> Tensor:
-        """Segmentation: decode the fused pyramid; classification: pooled bottleneck -> classes."""
+    def _head(self, fused: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """Segmentation: decode the fused pyramid, logits at the input's ``size`` (a tower's finest
+        map is coarser than the input); classification: pooled bottleneck -> classes."""
         if self.task_head == "segment":
-            return self.decoder(fused)
+            return upsample_to(self.decoder(fused), size)
         return self.classifier(_pool(fused[-1]))
 
+    def _classifier(self) -> nn.Module:
+        return nn.Sequential(nn.LayerNorm(self.widths[-1]), nn.Linear(self.widths[-1], self.config.num_classes))
+
     def _build_head(self) -> None:
-        c = self.config
-        if c.task_head == "segment":
-            self.decoder = Decoder(c.widths, c.num_classes)
+        if self.config.task_head == "segment":
+            self.decoder = self._decoder()
         else:
-            self.classifier = nn.Sequential(
-                nn.LayerNorm(c.widths[-1]), nn.Linear(c.widths[-1], c.num_classes)
-            )
+            self.classifier = self._classifier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,16 +492,16 @@ class AdfFusion(FusionModel):
 
     def __init__(self, config: AdfFusionConfig) -> None:
         super().__init__(config)
-        c, m = config, len(config.modalities)
+        m = len(config.modalities)
         self.encoders = self._encoders()
-        scales = c.split_scales
-        half = {s: max(1, c.widths[s] // 2) for s in scales}  # width of each part
-        self.shared_heads = nn.ModuleDict({str(s): nn.Conv2d(c.widths[s], half[s], 1) for s in scales})
+        widths, scales = self.widths, config.split_scales(self.depth)
+        half = {s: max(1, widths[s] // 2) for s in scales}  # width of each part
+        self.shared_heads = nn.ModuleDict({str(s): nn.Conv2d(widths[s], half[s], 1) for s in scales})
         self.specific_heads = nn.ModuleDict(
-            {str(s): nn.ModuleList(nn.Conv2d(c.widths[s], half[s], 1) for _ in range(m)) for s in scales}
+            {str(s): nn.ModuleList(nn.Conv2d(widths[s], half[s], 1) for _ in range(m)) for s in scales}
         )
         self.fuse_convs = nn.ModuleDict(
-            {str(s): nn.Sequential(nn.Conv2d((1 + m) * half[s], c.widths[s], 1), nn.GELU()) for s in scales}
+            {str(s): nn.Sequential(nn.Conv2d((1 + m) * half[s], widths[s], 1), nn.GELU()) for s in scales}
         )
         self._build_head()
 
@@ -432,7 +510,7 @@ class AdfFusion(FusionModel):
         fused: list[Tensor] = []
         shared_vectors: list[list[Tensor]] = [[] for _ in images]
         specific_vectors: list[list[Tensor]] = [[] for _ in images]
-        for s in range(self.config.depth + 1):
+        for s in range(self.depth + 1):
             maps = [features[s] for features in per_modality]
             if str(s) not in self.shared_heads:
                 fused.append(masked_mean(torch.stack(maps), present))
@@ -451,7 +529,7 @@ class AdfFusion(FusionModel):
             "shared": [torch.cat(v, dim=1) for v in shared_vectors],
             "specific": [torch.cat(v, dim=1) for v in specific_vectors],
         }
-        return self._head(fused), features, {}
+        return self._head(fused, images[0].shape[-2:]), features, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,8 +550,8 @@ class MoeFusion(FusionModel):
         super().__init__(config)
         c, m = config, len(config.modalities)
         self.encoders = self._encoders()
-        grid = c.image_size // 2**c.depth
-        self.to_tokens = nn.Linear(c.widths[-1], c.token_dim)
+        grid = c.image_size // 2**self.depth if c.vision is None else c.image_size // self.size_multiple
+        self.to_tokens = nn.Linear(self.widths[-1], c.token_dim)
         self.position = nn.Parameter(torch.randn(1, c.token_dim, grid, grid) * 0.02)
         self.modality_embed = nn.Parameter(torch.randn(m, c.token_dim) * 0.02)
         self.null_token = nn.Parameter(torch.zeros(1, 1, c.token_dim))
@@ -488,7 +566,7 @@ class MoeFusion(FusionModel):
             )
             for _ in range(c.moe_layers)
         )
-        self.from_tokens = nn.Sequential(nn.LayerNorm(c.token_dim), nn.Linear(c.token_dim, c.widths[-1]))
+        self.from_tokens = nn.Sequential(nn.LayerNorm(c.token_dim), nn.Linear(c.token_dim, self.widths[-1]))
         self.text = build_text_tower(c.text) if c.text is not None else None
         self.text_proj = (
             nn.Sequential(nn.Linear(self.text.hidden_size, c.token_dim), nn.LayerNorm(c.token_dim))
@@ -573,13 +651,14 @@ class MoeFusion(FusionModel):
         fused_tokens = masked_mean(torch.stack(tokens), present)  # [B, L, D]
         bottleneck = self.from_tokens(fused_tokens).transpose(1, 2).reshape(b, -1, gh, gw)
         skips = [
-            masked_mean(torch.stack([f[s] for f in per_modality]), present) for s in range(self.config.depth)
+            masked_mean(torch.stack([f[s] for f in per_modality]), present) for s in range(self.depth)
         ]
         features = {
             "multiscale": [[_pool(f) for f in features] for features in per_modality],
             "tokens": torch.stack(tokens, dim=1),
         }
-        return self._head([*skips, bottleneck]), features, {"balance_loss": torch.stack(balance).mean()}
+        logits = self._head([*skips, bottleneck], images[0].shape[-2:])
+        return logits, features, {"balance_loss": torch.stack(balance).mean()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,11 +671,11 @@ class EarlyFusion(FusionModel):
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__(config)
-        self.encoder = Encoder(config.in_channels, config.widths)
+        self.encoder = self._encoder(config.in_channels)
         self._build_head()
 
     def _fuse(self, images, present, input_ids, attention_mask, text_present):  # type: ignore[override]
-        return self._head(self.encoder(torch.cat(images, dim=1))), {}, {}
+        return self._head(self.encoder(torch.cat(images, dim=1)), images[0].shape[-2:]), {}, {}
 
 
 class LateFusion(FusionModel):
@@ -604,16 +683,12 @@ class LateFusion(FusionModel):
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__(config)
-        c = config
         self.encoders = self._encoders()
         count = len(self.encoders)
-        if c.task_head == "segment":
-            self.decoders = nn.ModuleList(Decoder(c.widths, c.num_classes) for _ in range(count))
+        if config.task_head == "segment":
+            self.decoders = nn.ModuleList(self._decoder() for _ in range(count))
         else:
-            self.classifiers = nn.ModuleList(
-                nn.Sequential(nn.LayerNorm(c.widths[-1]), nn.Linear(c.widths[-1], c.num_classes))
-                for _ in range(count)
-            )
+            self.classifiers = nn.ModuleList(self._classifier() for _ in range(count))
 
     def _fuse(self, images, present, input_ids, attention_mask, text_present):  # type: ignore[override]
         per_modality = self._encode_all(images)
@@ -621,7 +696,11 @@ class LateFusion(FusionModel):
         logits = []
         for i, features in enumerate(per_modality):
             head = heads[i if len(heads) > 1 else 0]
-            logits.append(head(features) if self.task_head == "segment" else head(_pool(features[-1])))
+            if self.task_head == "segment":
+                size = images[i].shape[-2:]
+                logits.append(upsample_to(head(features), size))
+            else:
+                logits.append(head(_pool(features[-1])))
         features = {"multiscale": [[_pool(f) for f in features] for features in per_modality]}
         return masked_mean(torch.stack(logits), present), features, {}
 

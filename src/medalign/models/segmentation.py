@@ -1,8 +1,11 @@
-"""Segmentation models: MONAI U-Nets, a CLIP-feature decoder and a text-guided U-Net.
+"""Segmentation models: MONAI U-Nets, a U-Net on any image tower, a CLIP-feature decoder and a
+text-guided U-Net.
 
 Reading order: the configs (plain data, one per family), ``SegmentationModel`` (what every
-segmenter shares), the three families (``MonaiSegmenter``, ``ClipDecoder``, ``TextUNet``) and
-the registered architectures at the bottom.
+segmenter shares), the four families (``MonaiSegmenter``, ``TowerUNet``, ``ClipDecoder``,
+``TextUNet``) and the registered architectures at the bottom. ``TowerUNet`` and ``ClipDecoder``
+take any image tower (``vision``: pretrained EfficientNet-Lite offline, a hub model online, or a
+random ViT); their encoder/decoder pieces live in ``medalign.models.pyramid``.
 
 Every segmenter has the same call, so one segmentation task, loss and Predictor serve them all:
 
@@ -17,7 +20,6 @@ compare them with the mask (upsample the logits or pool the mask), not the model
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -26,11 +28,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medalign.models.pyramid import (
+    DECODER_CHANNELS,
+    ConvBlock,
+    FeaturePyramid,
+    UNetDecoder,
+    conv_norm_act,
+    prior_logits_head,
+    upsample_to,
+)
 from medalign.models.registry import register_model
+from medalign.models.tower_config import EFFICIENTNET_LITE
 from medalign.models.towers import (
     MINILM_TEXT,
     ConfigRecord,
     ImageInput,
+    ImageTower,
     TowerConfig,
     VisionTower,
     build_text_tower,
@@ -40,7 +53,10 @@ from medalign.models.towers import (
 )
 
 MONAI_ARCHS = ("unet", "attention_unet", "swin_unetr")
-SEGMENTATION_MODELS = (*MONAI_ARCHS, "clip_decoder", "text_unet")  # the registered names
+SEGMENTATION_MODELS = (*MONAI_ARCHS, "unet_pretrained", "clip_decoder", "text_unet")  # the registered names
+LITE0 = TowerConfig("efficientnet_lite", source=next(iter(EFFICIENTNET_LITE)))  # ImageNet weights, offline
+
+__all__ = ["ConvBlock"]  # re-exported: fusion and the text-guided U-Net build with it
 
 C = TypeVar("C", bound="_SegConfig")
 
@@ -106,18 +122,55 @@ class MonaiSegConfig(_SegConfig):
 
 
 @dataclass
+class TowerUNetConfig(ImageInput, _SegConfig):
+    """U-Net whose encoder is an image tower (pretrained EfficientNet-Lite0 by default).
+
+    Skips come from every stride of the tower (``FeaturePyramid``: a transformer's patch-grid
+    layers are resampled into a pyramid). ``stem_width`` 0 (default) predicts at the tower's
+    finest stride (2 for EfficientNet) and upsamples the logits; > 0 adds a full-resolution skip
+    from two convolutions on the image, which multiplies the CPU training step several times
+    (two GroupNorm convolutions at full resolution and a decoder stage there).
+    """
+
+    arch: str = "unet_pretrained"
+    vision: TowerConfig = field(default_factory=lambda: LITE0.replace())
+    decoder_channels: list[int] = field(default_factory=lambda: list(DECODER_CHANNELS))
+    stem_width: int = 0
+    foreground_prior: float | None = 0.1  # the head's initial sigmoid; None = zero bias
+    freeze_vision: bool = False
+    image_mean: list[float] | None = None  # None = what the tower's weights expect
+    image_std: list[float] | None = None
+
+    _towers: ClassVar[tuple[str, ...]] = ("vision",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.decoder_channels = [int(c) for c in self.decoder_channels]
+        if not self.decoder_channels or min(self.decoder_channels) < 1 or self.stem_width < 0:
+            raise ValueError(
+                f"decoder_channels must be positive widths and stem_width >= 0, got "
+                f"{self.decoder_channels}, {self.stem_width}"
+            )
+        self.check_image_stats()
+
+
+@dataclass
 class ClipDecoderConfig(ImageInput, _SegConfig):
-    """CLIPSeg-style decoder on the hidden states of a ViT (CLIP vision) tower."""
+    """CLIPSeg-style decoder on the deep features of any image tower (a CLIP ViT by default)."""
 
     arch: str = "clip_decoder"
     vision: TowerConfig = field(default_factory=lambda: TowerConfig("clip_vision"))
     text: TowerConfig | None = None  # set -> FiLM conditioning on the pooled text embedding
-    decoder_dim: int = 64  # width every tapped layer is projected to
-    extract_layers: list[int] | None = None  # 1-based transformer layers to tap; None = 3 evenly spaced
+    decoder_dim: int = 64  # width every tapped map is projected to
+    # 1-based transformer layers to tap (CLIP/ViT towers only); None = the tower's feature maps
+    # (four evenly spaced layers of a transformer, the stride >= 8 maps of a CNN)
+    extract_layers: list[int] | None = None
+    skip_dim: int = 32  # width of the high-resolution (stride 4) skip from the image
+    foreground_prior: float | None = 0.1  # the head's initial sigmoid; None = zero bias
     freeze_vision: bool = False
     freeze_text: bool = True
     max_text_length: int = 77
-    image_mean: list[float] | None = None  # None = CLIP statistics (averaged when in_channels != 3)
+    image_mean: list[float] | None = None  # None = the tower's statistics (CLIP's for ViTs)
     image_std: list[float] | None = None
 
     _towers: ClassVar[tuple[str, ...]] = ("vision", "text")
@@ -126,8 +179,9 @@ class ClipDecoderConfig(ImageInput, _SegConfig):
         super().__post_init__()
         if self.extract_layers is not None:
             self.extract_layers = sorted({int(i) for i in self.extract_layers})
+        if self.decoder_dim < 1 or self.skip_dim < 1:
+            raise ValueError(f"decoder_dim and skip_dim must be >= 1, got {self.decoder_dim}, {self.skip_dim}")
         self.check_image_stats()
-
 
 
 @dataclass
@@ -170,6 +224,7 @@ class TextUNetConfig(_SegConfig):
 
 CONFIG_CLASSES: dict[str, type[_SegConfig]] = {
     **dict.fromkeys(MONAI_ARCHS, MonaiSegConfig),
+    "unet_pretrained": TowerUNetConfig,
     "clip_decoder": ClipDecoderConfig,
     "text_unet": TextUNetConfig,
 }
@@ -189,6 +244,8 @@ def build_segmentation_model(config: _SegConfig | dict[str, Any]) -> Segmentatio
         config = segmentation_config_from_dict(config)
     if isinstance(config, MonaiSegConfig):
         return MonaiSegmenter(config)
+    if isinstance(config, TowerUNetConfig):
+        return TowerUNet(config)
     if isinstance(config, ClipDecoderConfig):
         return ClipDecoder(config)
     if isinstance(config, TextUNetConfig):
@@ -293,6 +350,10 @@ class SegmentationModel(nn.Module):
         pooled, tokens = self.text(input_ids, attention_mask)
         return pooled, tokens, attention_mask.bool()
 
+    def _tower_for(self, name: str) -> nn.Module | None:
+        """The module built for the config's tower field ``name`` (None when it has none)."""
+        return getattr(self, name, None)
+
     def portable_config(self) -> Any:
         """This config with every tower described by its full HF config (``source=None``).
 
@@ -301,7 +362,7 @@ class SegmentationModel(nn.Module):
         """
         overrides: dict[str, Any] = {}
         for name in self.config._towers:
-            tower, cfg = getattr(self, name, None), getattr(self.config, name)
+            tower, cfg = self._tower_for(name), getattr(self.config, name)
             if tower is None or cfg is None:
                 continue
             extra = {"tokenizer": tokenizer_source(cfg), "pooling": tower.pooling} if name == "text" else {}
@@ -377,70 +438,140 @@ class MonaiSegmenter(SegmentationModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLIP-feature decoder (CLIPSeg / NextGen-UIA)
+# Shared by the tower-based models: normalisation inside the model, the tower, frozen or not
 # ---------------------------------------------------------------------------------------------
 
 
-def _default_layers(num_layers: int, n: int = 3) -> list[int]:
-    """``n`` evenly spaced 1-based layers ending at the last (12 layers -> 4, 8, 12)."""
-    return sorted({max(1, round(num_layers * (i + 1) / n)) for i in range(n)})
+class _TowerSegmenter(SegmentationModel):
+    """A segmenter on ``config.vision``: builds the tower, normalises pixels the tower's way.
+
+    Pixel statistics live in the model (non-persistent buffers from ``config.image_stats()``),
+    so a bundle, the Predictor and the ONNX graph all normalise alike.
+    """
+
+    vision: ImageTower
+
+    def _build_tower(self, config: Any) -> None:
+        self.vision = build_vision_tower(config.vision, config.in_channels, config.image_size)
+        mean, std = config.image_stats()
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def _normalise(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        mean, std = self.pixel_mean.to(pixel_values.dtype), self.pixel_std.to(pixel_values.dtype)
+        return (pixel_values - mean) / std
+
+    @property
+    def fixed_input_size(self) -> bool:
+        """A CLIP/ViT tower's position table fits only its built size; CNN towers take any multiple."""
+        return isinstance(self.vision, VisionTower)
 
 
-class ClipDecoder(SegmentationModel):
-    """Patch tokens of several ViT layers -> progressive sum -> patch grid -> upsampling convs.
+# ---------------------------------------------------------------------------------------------
+# U-Net on an image tower
+# ---------------------------------------------------------------------------------------------
 
-    As in CLIPSeg, the deepest tapped layer enters first and each shallower layer is added to
-    the running activation after a residual mixing block, so the decoder sees semantics first
-    and finer, earlier features last. Text (when configured) scales and shifts the activation
-    once, right after the tokens are fused (FiLM), before the spatial decoder.
+
+class TowerUNet(_TowerSegmenter):
+    """Encoder = any image tower (skips at every stride), decoder = ``UNetDecoder``.
+
+    The smp-style U-Net with a pretrained encoder: EfficientNet-Lite0's ImageNet weights load
+    offline, so the encoder starts from features that already separate edges, textures and
+    objects, which the from-scratch MONAI ``unet`` has to learn from a few hundred images.
+    """
+
+    def __init__(self, config: TowerUNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.text = None
+        self._build_tower(config)
+        self.encoder = FeaturePyramid(self.vision, config.in_channels, config.stem_width)
+        self.decoder = UNetDecoder(
+            self.encoder.widths, config.decoder_channels, config.num_classes, config.foreground_prior
+        )
+        if config.freeze_vision:
+            self._freeze(self.vision)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        self._check_pixels(pixel_values, self.encoder.size_multiple)
+        logits = self.decoder(self.encoder(self._normalise(pixel_values)))
+        return {"logits": upsample_to(logits, pixel_values.shape[-2:]), "side_logits": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP-feature decoder (CLIPSeg / NextGen-UIA)
+# ---------------------------------------------------------------------------------------------
+
+MIN_TAP_STRIDE = 8  # CNN maps finer than this are edges and textures, not what the tokens carry
+SKIP_STRIDE = 4  # the high-resolution skip and the logits' resolution
+
+
+class ClipDecoder(_TowerSegmenter):
+    """Deep tower features as tokens -> progressive sum -> normalised conv decoder with a skip.
+
+    As in CLIPSeg, the deepest tapped map enters first and each shallower one is added to the
+    running activation after a residual mixing block (LayerNorm + MLP on each position's
+    token), so the decoder sees semantics first. Taps: a transformer's patch-grid layers, or a
+    CNN's maps at stride >= 8 resampled to the finest of them. Text (when configured) scales
+    and shifts the activation once (FiLM). The spatial decoder is normalised (GroupNorm after
+    every convolution), upsamples to stride 4, merges a high-resolution skip computed from the
+    image by two strided convolutions (so every tower has one), and predicts there; logits are
+    upsampled to the input. The head's bias starts at the logit of ``foreground_prior``.
+
+    An earlier version had no normalisation, no skip and a zero bias: on BUSI it collapsed to
+    empty masks (3% Dice). Bundles of that version do not load into this one.
     """
 
     def __init__(self, config: ClipDecoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision: VisionTower = build_vision_tower(config.vision, config.in_channels, config.image_size)
-        num_layers = self.vision.model.config.num_hidden_layers
-        self.layers = config.extract_layers or _default_layers(num_layers)
-        if not all(1 <= i <= num_layers for i in self.layers):
-            raise ValueError(f"extract_layers {self.layers} outside the tower's 1..{num_layers} layers")
+        self._build_tower(config)
+        if config.extract_layers is not None:
+            if not isinstance(self.vision, VisionTower):
+                raise ValueError("extract_layers taps transformer layers; this tower is not a CLIP/ViT (leave it None)")
+            num_layers = self.vision.model.config.num_hidden_layers
+            if not all(1 <= i <= num_layers for i in config.extract_layers):
+                raise ValueError(f"extract_layers {config.extract_layers} outside the tower's 1..{num_layers} layers")
+            channels = [self.vision.hidden_size] * len(config.extract_layers)
+            strides = [self.vision.size_multiple] * len(config.extract_layers)
+        else:
+            channels, strides = list(self.vision.feature_channels), list(self.vision.feature_strides)
+        self.taps = [i for i, s in enumerate(strides) if s >= MIN_TAP_STRIDE] or [len(strides) - 1]
+        self.grid_stride = min(strides[i] for i in self.taps)
 
-        hidden, dim = self.vision.hidden_size, config.decoder_dim
+        dim = config.decoder_dim
         self.reduce = nn.ModuleList(  # deepest first, in the order they are added
-            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim)) for _ in self.layers
+            nn.Sequential(nn.LayerNorm(channels[i]), nn.Linear(channels[i], dim)) for i in reversed(self.taps)
         )
         self.mix = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-            for _ in self.layers[1:]
+            for _ in self.taps[1:]
         )
-
         self.text = build_text_tower(config.text) if config.text is not None else None
         self.film = _film(self.text.hidden_size, dim) if self.text is not None else None
 
-        # Up from the patch grid: one x2 transposed conv per power of two in the patch size.
-        patch = self.vision.patch_size
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-        steps, widths = max(0, int(math.log2(patch))), [dim]
-        for _ in range(steps):
-            widths.append(max(16, widths[-1] // 2))
-        self.decoder = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1),
-            nn.GELU(),
-            *[
-                layer
-                for a, b in itertools.pairwise(widths)
-                for layer in (nn.ConvTranspose2d(a, b, 2, stride=2), nn.GELU())
-            ],
-            nn.Conv2d(widths[-1], config.num_classes, 1),
+        ups = max(0, round(math.log2(self.grid_stride / SKIP_STRIDE)))
+        self.decoder = nn.Sequential(conv_norm_act(dim, dim), *(conv_norm_act(dim, dim) for _ in range(ups)))
+        self.skip = nn.Sequential(
+            conv_norm_act(config.in_channels, config.skip_dim, stride=2),
+            conv_norm_act(config.skip_dim, config.skip_dim, stride=2),
         )
-        self.patch = patch
-
-        mean, std = config.image_stats()
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.fuse = conv_norm_act(dim + config.skip_dim, dim)
+        self.head = prior_logits_head(dim, config.num_classes, config.foreground_prior)
         if config.freeze_vision:
             self._freeze(self.vision)
         if self.text is not None and config.freeze_text:
             self._freeze(self.text)
+
+    @property
+    def size_multiple(self) -> int:
+        return math.lcm(int(self.vision.size_multiple), SKIP_STRIDE)
 
     @classmethod
     def from_dual_encoder(cls, encoder: nn.Module, **overrides: Any) -> ClipDecoder:
@@ -462,6 +593,16 @@ class ClipDecoder(SegmentationModel):
         model.vision.load_state_dict(encoder.vision.state_dict(), strict=True)
         return model
 
+    def _tapped_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped maps, shallowest first, each ``[B, C, h, w]``."""
+        if self.config.extract_layers is None:
+            maps = self.vision.feature_maps(x)
+            return [maps[i] for i in self.taps]
+        grid = (x.shape[-2] // self.vision.size_multiple, x.shape[-1] // self.vision.size_multiple)
+        self.vision.grid = grid  # adapters on the tower read the grid
+        hidden = self.vision.model(pixel_values=x, output_hidden_states=True).hidden_states
+        return [hidden[i][:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid) for i in self.config.extract_layers]
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -469,46 +610,37 @@ class ClipDecoder(SegmentationModel):
         attention_mask: torch.Tensor | None = None,
         attributes: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        self._check_pixels(pixel_values, self.patch)
-        x = (pixel_values - self.pixel_mean.to(pixel_values.dtype)) / self.pixel_std.to(pixel_values.dtype)
+        self._check_pixels(pixel_values, self.size_multiple)
+        x = self._normalise(pixel_values)
         h, w = x.shape[-2:]
-        self.vision.grid = (h // self.patch, w // self.patch)  # adapters on the tower read the grid
-        hidden = self.vision.model(pixel_values=x, output_hidden_states=True).hidden_states  # [B, 1 + N, H]
-
-        taps = [hidden[i][:, 1:] for i in reversed(self.layers)]  # patch tokens, deepest first
-        a = self.reduce[0](taps[0])
-        for reduce, mix, tokens in zip(self.reduce[1:], self.mix, taps[1:], strict=True):
+        grid = (math.ceil(h / self.grid_stride), math.ceil(w / self.grid_stride))
+        maps = [
+            m if tuple(m.shape[-2:]) == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            for m in reversed(self._tapped_maps(x))  # deepest first
+        ]
+        tokens = [m.flatten(2).transpose(1, 2) for m in maps]  # [B, h*w, C]
+        a = self.reduce[0](tokens[0])
+        for reduce, mix, t in zip(self.reduce[1:], self.mix, tokens[1:], strict=True):
             a = a + mix(a)
-            a = a + reduce(tokens)
-
-        a = a.transpose(1, 2).reshape(a.shape[0], -1, *self.vision.grid)  # [B, D, h/p, w/p]
+            a = a + reduce(t)
+        a = a.transpose(1, 2).reshape(a.shape[0], -1, *grid)  # [B, D, h/g, w/g]
         if self.film is not None:
             pooled, _, _ = self._encode_text(input_ids, attention_mask)
             a = _apply_film(a, self.film, pooled)
-        logits = self.decoder(a)
-        if logits.shape[-2:] != (h, w):  # patch sizes that are not powers of two
-            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return {"logits": logits, "side_logits": []}
+
+        skip = self.skip(x)
+        a = self.decoder[0](a)
+        for layer in self.decoder[1:]:  # x2 per layer, the last one exactly to the skip's size
+            size = (min(2 * a.shape[-2], skip.shape[-2]), min(2 * a.shape[-1], skip.shape[-1]))
+            a = layer(F.interpolate(a, size=size, mode="bilinear", align_corners=False))
+        a = upsample_to(a, skip.shape[-2:])
+        logits = self.head(self.fuse(torch.cat([a, skip], dim=1)))
+        return {"logits": upsample_to(logits, (h, w)), "side_logits": []}
 
 
 # ---------------------------------------------------------------------------------------------
 # Text-guided U-Net (LViT / C2FVL)
 # ---------------------------------------------------------------------------------------------
-
-
-class ConvBlock(nn.Sequential):
-    """Two 3x3 conv - GroupNorm - GELU layers (GroupNorm: batch-size independent, unlike BatchNorm)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        groups = math.gcd(8, cout)
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, cout),
-            nn.GELU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, cout),
-            nn.GELU(),
-        )
 
 
 class TextCrossAttention(nn.Module):
@@ -693,8 +825,15 @@ def swin_unetr(**overrides: Any) -> MonaiSegmenter:
 
 
 @register_model
+def unet_pretrained(**overrides: Any) -> TowerUNet:
+    """U-Net on an image tower: ImageNet EfficientNet-Lite0 (offline) by default, any ``vision`` tower."""
+    return TowerUNet(TowerUNetConfig().replace(**overrides))
+
+
+@register_model
 def clip_decoder(**overrides: Any) -> ClipDecoder:
-    """CLIPSeg-style decoder on a small random CLIP ViT; ``text=TowerConfig(...)`` adds FiLM prompting."""
+    """CLIPSeg-style decoder on a small random CLIP ViT (``vision={"source": "efficientnet-lite0"}``
+    for pretrained features offline); ``text=TowerConfig(...)`` adds FiLM prompting."""
     return ClipDecoder(ClipDecoderConfig(vision=_CLIP_SMALL).replace(**overrides))
 
 

@@ -76,6 +76,10 @@ class ConfigRecord:
         for name in self._towers:
             value = getattr(self, name)
             if isinstance(value, dict):
+                if "kind" not in value:  # a field whose default is no tower: only shipped weights imply one
+                    if efficientnet_variant(value.get("source")) is None:
+                        raise ValueError(f"tower {name!r} needs a kind (one of {VISION_KINDS + TEXT_KINDS}): {value}")
+                    value = {**value, "kind": "efficientnet_lite"}
                 value = TowerConfig.from_dict(value)
                 setattr(self, name, value)
             if value is None:
@@ -243,12 +247,13 @@ def merge_tower(tower: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     ``{"config": {"num_hidden_layers": 2}}`` without restating the rest. A new ``source``
     without a ``config`` clears the config (the checkpoint brings its own architecture), and so
     does switching a pretrained tower to ``source: None`` (its overrides mean nothing to a
-    random tower).
+    random tower) or to another ``kind`` (a CLIP config means nothing to an EfficientNet).
     """
     tower = {**tower, "config": dict(tower.get("config") or {})}
     new_source = override.get("source") not in (None, tower["source"]) and "config" not in override
     to_random = "source" in override and override["source"] is None and tower["source"] is not None
-    if new_source or to_random:
+    new_kind = override.get("kind", tower["kind"]) != tower["kind"]
+    if new_source or to_random or new_kind:
         tower["config"] = {}
     for key, value in override.items():
         tower[key] = {**tower["config"], **value} if key == "config" and isinstance(value, dict) else value

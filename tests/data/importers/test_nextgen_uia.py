@@ -66,7 +66,7 @@ def test_nextgen_release_classification_and_errors(tmp_path: Path) -> None:
     assert manifest.table["label"].tolist() == ["0", "1", "0", "1"]
     with pytest.raises(DatasetImportError, match=r"holds 2 datasets.*pass dataset"):
         load_dataset("nextgen-uia", tmp_path)
-    with pytest.raises(DatasetImportError, match="task 'detection'"):
+    with pytest.raises(DatasetImportError, match="option task must be one of segmentation, classification, got 'detection'"):
         load_dataset("nextgen-uia", tmp_path, task="detection")
     (tmp_path / "classification" / "BUSI" / "test.txt").write_text("m2.png\nt1.png\n")
     with pytest.raises(DatasetImportError, match=r"test\.txt' line 2: 't1\.png' has no row in .*labels\.csv"):
@@ -122,7 +122,7 @@ def test_nextgen_folds_errors(tmp_path: Path) -> None:
         DatasetImportError, match=r"x_val1\.txt' line 1: 'benign \(1\)\.png' names an image listed again"
     ):
         load_dataset("nextgen-uia", tmp_path, fold=1)
-    with pytest.raises(DatasetImportError, match="label_from 'x'"):
+    with pytest.raises(DatasetImportError, match="option label_from must be one of auto, csv, folder, stem, none"):
         load_dataset("nextgen-uia", tmp_path, label_from="x")
 
 
@@ -149,6 +149,10 @@ def test_nextgen_images_masks_folders_with_plain_lists(tmp_path: Path) -> None:
     )
     labelled = load_dataset("nextgen-uia", tmp_path, classes=["benign", "malignant"])
     assert labelled.table["label"].tolist() == ["benign", "benign", "malignant", "malignant"]
+    assert labelled.meta.extra["label_rows_without_image"] == []
+    with (tmp_path / "labels.csv").open("a") as table:
+        table.write("gone.png,1\n")  # a labels.csv row whose image is missing is named, not lost
+    assert load_dataset("nextgen-uia", tmp_path).meta.extra["label_rows_without_image"] == ["gone"]
     _png(tmp_path / "masks" / "ghost.png")
     with pytest.raises(DatasetImportError, match=r"masks without an image.*ghost\.png"):
         load_dataset("nextgen-uia", tmp_path)

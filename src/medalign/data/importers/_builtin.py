@@ -5,6 +5,7 @@ from importlib import import_module
 BUILTIN_MODULES = (
     "busi",
     "folders",
+    "images",
     "kvasir",
     "lgg",
     "llava",

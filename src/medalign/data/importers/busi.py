@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medalign.data.groups import SeededSplit
 from medalign.data.importers.common import (
     DEFAULT_FRACTIONS,
     check_unique_ids,
@@ -37,9 +38,10 @@ from medalign.data.importers.common import (
     split_suffix,
     strip_image_suffix,
 )
-from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.importers.options import seeded_split_help
+from medalign.data.importers.registry import SEEDED_SPLIT_KEY, DatasetImportError, register_importer
 from medalign.data.jsonio import read_text
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.data.manifest import ManifestMeta, new_table, relative_ref
 
 CLASSES: list[str] = ["benign", "malignant", "normal"]
 RELEASE_FOLDER = "Dataset_BUSI_with_GT"
@@ -94,7 +96,12 @@ def fold_splits(
 
 
 @register_importer(
-    "busi", "BUSI breast ultrasound release (Dataset_BUSI_with_GT/<class>/...), optional folds/"
+    "busi",
+    "BUSI breast ultrasound release (Dataset_BUSI_with_GT/<class>/...), optional folds/",
+    {
+        "fold": "use the release folds folds/busi_{train,val}<fold>.txt (cases in neither are test)",
+        **seeded_split_help(when="without fold"),
+    },
 )
 def import_busi(
     src: Path,
@@ -149,10 +156,10 @@ def import_busi(
         table["split"] = table["case_id"].map(split_of)
         extra |= {"split_source": files, "fold": fold}
     else:
-        table["split"] = assign_splits(
-            table, fractions or DEFAULT_FRACTIONS, seed=seed, stratify="label"
-        ).values
+        plan = SeededSplit(fractions or DEFAULT_FRACTIONS, seed, "label")
+        table["split"] = plan.apply(table).to_numpy()
         extra["split_source"] = f"assign_splits(seed={seed}, stratify=label)"
+        extra[SEEDED_SPLIT_KEY] = plan.record()
     if len(mask_columns) > 1:
         extra["lesion_mask_union"] = mask_columns
     meta = ManifestMeta(

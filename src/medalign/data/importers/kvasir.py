@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from medalign.data.groups import SeededSplit
 from medalign.data.importers.common import (
     check_unique_ids,
     list_files,
@@ -39,8 +40,9 @@ from medalign.data.importers.common import (
     sanitize_id,
     split_suffix,
 )
-from medalign.data.importers.registry import DatasetImportError, register_importer
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.data.importers.options import seeded_split_help
+from medalign.data.importers.registry import SEEDED_SPLIT_KEY, DatasetImportError, register_importer
+from medalign.data.manifest import ManifestMeta, new_table, relative_ref
 
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
 BBOX_FILE = "kavsir_bboxes.json"  # sic: the release's spelling
@@ -71,7 +73,11 @@ def _boxes(entry: Any, where: str) -> tuple[int, str]:
     return len(boxes), json.dumps([[round(v, 4) for v in box] for box in boxes])
 
 
-@register_importer("kvasir", "Kvasir-SEG polyps: images/*.jpg + masks/*.jpg (+ kavsir_bboxes.json)")
+@register_importer(
+    "kvasir",
+    "Kvasir-SEG polyps: images/*.jpg + masks/*.jpg (+ kavsir_bboxes.json)",
+    seeded_split_help(default="0.8,0.1,0.1"),
+)
 def import_kvasir(
     src: Path,
     *,
@@ -125,12 +131,14 @@ def import_kvasir(
         raise DatasetImportError(f"no images found in '{images_dir}'")
     check_unique_ids(rows)
     table = new_table(rows)
-    table["split"] = assign_splits(table, fractions or DEFAULT_FRACTIONS, seed=seed).values
+    plan = SeededSplit(fractions or DEFAULT_FRACTIONS, seed)
+    table["split"] = plan.apply(table).to_numpy()
     meta = ManifestMeta(
         mask_threshold=mask_threshold_for(masks.values()),
-        description="Kvasir-SEG colonoscopy polyp segmentation",
+        description=f"Kvasir-SEG layout (images/ + masks/): {len(images)} images, {len(masks)} masks",
         extra={
             "split_source": f"assign_splits(seed={seed})",
+            SEEDED_SPLIT_KEY: plan.record(),
             "images_missing": [s for s in ids if s not in images],
             "without_bbox": [s for s in ids if boxes is not None and s not in boxes],
             "ignored_files": sorted({relative_ref(p, src) for p in ignored + ignored_masks}, key=natural_key),

@@ -26,8 +26,11 @@ from typing import Any
 
 import pandas as pd
 
-from medalign.data.importers.registry import DatasetImportError, register_importer
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, read_csv_text, relative_ref
+from medalign.data.groups import SeededSplit
+from medalign.data.importers.common import DEFAULT_FRACTIONS
+from medalign.data.importers.options import seeded_split_help
+from medalign.data.importers.registry import SEEDED_SPLIT_KEY, DatasetImportError, register_importer
+from medalign.data.manifest import ManifestMeta, new_table, read_csv_text, relative_ref
 from medalign.progress import progress
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # lossless first
@@ -38,7 +41,9 @@ IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db"})
 
 
 @register_importer(
-    "lgg", "LGG brain MRI (Buda et al.): pre/FLAIR/post channels as modalities, FLAIR masks, data.csv labels"
+    "lgg",
+    "LGG brain MRI (Buda et al.): pre/FLAIR/post channels as modalities, FLAIR masks, data.csv labels",
+    {"clinical": 'per-patient clinical CSV in SRC ("" imports images and masks without labels)', **seeded_split_help()},
 )
 def import_lgg(
     src: Path,
@@ -86,7 +91,9 @@ def import_lgg(
         )
     rows.sort(key=lambda r: (r["patient_id"], r["case_id"].rsplit("_", 1)[0], r["attr:slice"]))
     table = new_table(rows)
-    table["split"] = assign_splits(table, fractions, seed=seed).tolist()
+    plan = SeededSplit(fractions or DEFAULT_FRACTIONS, seed)
+    table["split"] = plan.apply(table).tolist()
+    extra[SEEDED_SPLIT_KEY] = plan.record()
     table = new_table(table.to_dict("records"))  # contract column order, split after patient_id
 
     patients = set(table["patient_id"])

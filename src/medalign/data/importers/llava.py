@@ -20,9 +20,11 @@ from typing import Any
 
 import pandas as pd
 
-from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.groups import SeededSplit
+from medalign.data.importers.common import DEFAULT_FRACTIONS
+from medalign.data.importers.registry import SEEDED_SPLIT_KEY, DatasetImportError, register_importer
 from medalign.data.jsonio import read_json, read_jsonl
-from medalign.data.manifest import SPLITS, ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.data.manifest import SPLITS, ManifestMeta, new_table, relative_ref
 
 HUMAN_ROLES = frozenset({"human", "user"})
 ANSWER_ROLES = frozenset({"gpt", "assistant"})
@@ -30,7 +32,14 @@ IMAGE_TOKEN = "<image>"
 
 
 @register_importer(
-    "llava", "LLaVA / LLaVA-Med conversation JSON: image + first answer as text, full conversation kept"
+    "llava",
+    "LLaVA / LLaVA-Med conversation JSON: image + first answer as text, full conversation kept",
+    {
+        "annotation": "the conversation file (.json or .jsonl) in SRC (default: the only one there)",
+        "image_folder": "folder the records' image paths resolve under, relative to SRC (LLaVA's --image_folder)",
+        "split": "put every record in this split (train, val or test); default: a seeded 0.7/0.1/0.2 split",
+        "seed": "seed of the record-level split (without split)",
+    },
 )
 def import_llava(
     src: Path,
@@ -98,9 +107,13 @@ def import_llava(
         rows, columns=["case_id", "patient_id", *columns, "text", "attr:question", "attr:conversation"]
     )
     table.insert(2, "split", split or "")
+    seeded: dict[str, Any] = {}
     if not split:
-        table["split"] = assign_splits(table, seed=seed).tolist()
+        plan = SeededSplit(dict(DEFAULT_FRACTIONS), seed)
+        table["split"] = plan.apply(table).tolist()
+        seeded[SEEDED_SPLIT_KEY] = plan.record()
     extra: dict[str, Any] = {
+        **seeded,
         "annotation": relative_ref(path, src),
         "image_folder": image_folder,
         "split_source": f"all records in {split!r}"

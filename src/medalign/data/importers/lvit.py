@@ -91,7 +91,11 @@ def _read_text(path: Path, text_column: str) -> tuple[dict[str, dict[str, str]],
     return rows, attrs, ignored
 
 
-@register_importer("lvit", "LViT/C2FVL layout: {Train,Val,Test}_Folder/{img,labelcol}/ + <Split>_text.xlsx")
+@register_importer(
+    "lvit",
+    "LViT/C2FVL layout: {Train,Val,Test}_Folder/{img,labelcol}/ + <Split>_text.xlsx",
+    {"text_column": "the xlsx column that becomes text (LViT: Description)"},
+)
 def import_lvit(src: Path, *, text_column: str = "Description") -> tuple[pd.DataFrame, ManifestMeta]:
     """``text_column`` names the xlsx column that becomes ``text`` (LViT: Description)."""
     src = Path(src)

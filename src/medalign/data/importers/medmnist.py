@@ -1,16 +1,19 @@
 """MedMNIST v2 (Yang et al. 2023) ``.npz`` releases: pathmnist.npz, chestmnist_224.npz, organmnist3d.npz, ...
 
-Accepted layout: ``src`` is a folder holding the ``.npz`` (``npz=<file name>`` picks one when
-there are several). The archive holds ``{train,val,test}_images`` and ``{train,val,test}_labels``;
-the release split is kept. Other keys are listed in ``meta.extra["ignored_keys"]``.
+Accepted input: ``src`` is the ``.npz`` file itself, or a folder holding it (``npz=<file name>``
+picks one when there are several). The archive holds ``{train,val,test}_images`` and
+``{train,val,test}_labels``; the release split is kept. Other keys are listed in
+``meta.extra["ignored_keys"]``.
 
 Why images are extracted: a manifest cell references one image, and the ``#slice=N`` selector
 picks along axis 0 of a single array, but one ``.npz`` holds six arrays. So each image is written
-once as a file under ``extract_dir`` (default ``<src>/medalign_png/<npz stem>/``; a relative
-``extract_dir`` is taken relative to ``src``): 2D images (``N,H,W`` or ``N,H,W,3``) as PNG, 3D
-volumes (``N,D,H,W``) as ``.npy``. A file already there with the same bytes is not rewritten, so
-re-importing is cheap and keeps timestamps. Files are named ``<split>_<index>`` with zero-padded
-indices, and ``case_id`` is ``<npz stem>_<split>_<index>``.
+once as a file under ``extract_dir``: by default ``<npz stem>/`` next to the output manifest (the
+dataset folder is left as it is; a download folder is often read-only or shared), and the
+manifest's root is that folder. A relative ``extract_dir`` is taken relative to the folder of the
+``.npz``. 2D images (``N,H,W`` or ``N,H,W,3``) become PNG, 3D volumes (``N,D,H,W``) ``.npy``. A file
+already there with the same bytes is not rewritten, so re-importing is cheap and keeps timestamps.
+Files are named ``<split>_<index>`` with zero-padded indices, and ``case_id`` is
+``<npz stem>_<split>_<index>``.
 
 Labels: one column (``N`` or ``N,1``) -> ``label``, named ``classes[i]`` when ``classes`` is given
 (else the integer as text; the declared class list is then ``0..max``). Several columns
@@ -35,10 +38,12 @@ from medalign.progress import progress
 
 
 def _choose_npz(src: Path, npz: str | None) -> Path:
-    if not src.is_dir():
-        raise DatasetImportError(
-            f"'{src}' is not a folder; pass the folder that holds the .npz (and npz=<file name> if needed)"
-        )
+    if src.is_file():
+        if src.suffix.lower() != ".npz":
+            raise DatasetImportError(f"'{src}' is not a .npz file; pass the MedMNIST .npz or its folder")
+        if npz is not None:
+            raise DatasetImportError(f"npz={npz!r} picks a file in a folder, but '{src}' is already a file")
+        return src
     if npz is not None:
         path = src / npz
         if not path.is_file():
@@ -114,7 +119,13 @@ def _label_columns(labels: np.ndarray, classes: Sequence[str] | None, where: str
 
 
 @register_importer(
-    "medmnist", "MedMNIST .npz (train/val/test images and labels), images extracted once to files"
+    "medmnist",
+    "MedMNIST .npz (the file or its folder; train/val/test images and labels), images extracted once to files",
+    {
+        "npz": "the .npz in the SRC folder, when it holds several",
+        "extract_dir": "folder for the extracted images (default: <npz stem>/ next to the output manifest)",
+        "classes": "names of the label indices (single-label) or of the label columns (multi-label)",
+    },
 )
 def import_medmnist(
     src: Path,
@@ -122,13 +133,22 @@ def import_medmnist(
     npz: str | None = None,
     extract_dir: str | None = None,
     classes: list[str] | None = None,
+    manifest_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, ManifestMeta]:
-    """``classes`` names label indices (single-label) or label columns (multi-label)."""
+    """``manifest_dir`` (the output manifest's folder, from the registry) holds the default extract_dir."""
     src = Path(src)
     path = _choose_npz(src, npz)
     stem = path.stem
-    out = Path(extract_dir) if extract_dir is not None else Path("medalign_png") / stem
-    out = out if out.is_absolute() else src / out
+    if extract_dir is not None:
+        out = Path(extract_dir) if Path(extract_dir).is_absolute() else path.parent / extract_dir
+    elif manifest_dir is not None:
+        out = Path(manifest_dir) / stem
+    else:
+        raise DatasetImportError(
+            "medmnist writes the images out as files: give extract_dir, or an output manifest "
+            "(medalign data import / import_dataset extract next to it)"
+        )
+    out = out.resolve()
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as err:  # zipfile raises BadZipFile, NotImplementedError, EOFError ... on damage
@@ -177,7 +197,7 @@ def import_medmnist(
                     "case_id": case_id,
                     "patient_id": case_id,
                     "split": split,
-                    "image": relative_ref(file, src),
+                    "image": relative_ref(file, out),
                 }
                 row |= {c: values[index] for c, values in columns.items()}
                 rows.append(row)
@@ -187,11 +207,12 @@ def import_medmnist(
     else:
         declared = {c: ["0", "1"] for c in label_columns}
     meta = ManifestMeta(
+        root=str(out),  # the extracted files, wherever they were written
         classes=declared,
-        description=f"MedMNIST {stem} ({len(rows)} images)",
+        description=f"MedMNIST {path.name} ({len(rows)} images extracted to '{out}')",
         extra={
-            "npz": relative_ref(path, src),
-            "extract_dir": relative_ref(out, src),
+            "npz": str(path.resolve()),
+            "extract_dir": str(out),
             "split_source": "npz keys",
             "ignored_keys": ignored,
         },

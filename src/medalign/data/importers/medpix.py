@@ -27,9 +27,11 @@ from typing import Any
 
 import pandas as pd
 
-from medalign.data.importers.registry import DatasetImportError, register_importer
+from medalign.data.groups import SeededSplit
+from medalign.data.importers.common import DEFAULT_FRACTIONS
+from medalign.data.importers.registry import SEEDED_SPLIT_KEY, DatasetImportError, register_importer
 from medalign.data.jsonio import read_json, read_jsonl
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, relative_ref
+from medalign.data.manifest import ManifestMeta, new_table, relative_ref
 from medalign.progress import progress
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # release format first: it names missing files
@@ -56,6 +58,10 @@ CASE_FIELD_NAMES: dict[str, str] = {"Case Diagnosis": "diagnosis", "Title": "tit
 @register_importer(
     "medpix",
     "MedPix 2.0 (Descriptions.json + Case_topic.json + splitted_dataset/): CT/MR image-caption pairs",
+    {
+        "images_dir": "folder of the images, relative to SRC",
+        "seed": "seed of the 0.7/0.1/0.2 split, used only without splitted_dataset/",
+    },
 )
 def import_medpix(
     src: Path,
@@ -132,7 +138,9 @@ def import_medpix(
     rows.sort(key=lambda r: r["case_id"])
     table = new_table(rows, columns=_column_order(rows))
     if not split_dir.is_dir():
-        table["split"] = assign_splits(table, seed=seed).tolist()
+        plan = SeededSplit(dict(DEFAULT_FRACTIONS), seed)
+        table["split"] = plan.apply(table).tolist()
+        extra[SEEDED_SPLIT_KEY] = plan.record()
         extra["split_source"] = f"no splitted_dataset/ folder: cases split 0.7/0.1/0.2 with seed {seed}"
     else:
         extra["split_source"] = "splitted_dataset/descriptions_{train,dev,test}.jsonl (dev -> val)"

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from medalign.data.groups import SeededSplit
 from medalign.data.importers.common import (
     DEFAULT_FRACTIONS,
     SPLIT_ALIASES,
@@ -34,8 +35,9 @@ from medalign.data.importers.common import (
     natural_key,
     sanitize_id,
 )
-from medalign.data.importers.registry import DatasetImportError, register_importer
-from medalign.data.manifest import ManifestMeta, assign_splits, new_table, read_csv_text, relative_ref
+from medalign.data.importers.options import seeded_split_help
+from medalign.data.importers.registry import SEEDED_SPLIT_KEY, DatasetImportError, register_importer
+from medalign.data.manifest import ManifestMeta, new_table, read_csv_text, relative_ref
 
 REQUIRED = ("wli_path", "nbi_path", "label_path")
 COLUMNS = {"wli_path": "image:wli", "nbi_path": "image:nbi", "label_path": "mask"}
@@ -95,7 +97,12 @@ def _case_id(wli_ref: str) -> str:
 
 
 @register_importer(
-    "mmendocl", "MM-EndoCL paired WLI+NBI endoscopy: Training/Val/Test.csv (wli_path, nbi_path, label_path)"
+    "mmendocl",
+    "MM-EndoCL paired WLI+NBI endoscopy: Training/Val/Test.csv (wli_path, nbi_path, label_path)",
+    {
+        "csv": "read this one CSV (relative to SRC or absolute) instead of the split-named ones",
+        **seeded_split_help(when="when the CSV files cannot give the split"),
+    },
 )
 def import_mmendocl(
     src: Path,
@@ -144,9 +151,12 @@ def import_mmendocl(
     check_unique_ids(rows, "image:wli", source=", ".join(f"'{f}'" for f in files))
     table = new_table(rows)
     overlap = {ids[k]: v for k, v in listed_in.items() if len(v) > 1}
+    seeded: dict[str, object] = {}
     if overlap or any(r["split"] == "" for r in rows):
-        table["split"] = assign_splits(table, fractions or DEFAULT_FRACTIONS, seed=seed).values
+        plan = SeededSplit(fractions or DEFAULT_FRACTIONS, seed)
+        table["split"] = plan.apply(table).to_numpy()
         split_source = f"assign_splits(seed={seed})"
+        seeded[SEEDED_SPLIT_KEY] = plan.record()
     else:
         split_source = "csv file names"
     meta = ManifestMeta(
@@ -155,6 +165,7 @@ def import_mmendocl(
             "csv_files": [relative_ref(f, src) for f in files],
             "overlap_between_csvs": overlap,
             "split_source": split_source,
+            **seeded,
         },
     )
     return table, meta

@@ -44,6 +44,7 @@ import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
@@ -167,6 +168,9 @@ def _release(
         "dataset": dataset,
         "split_source": [relative_ref(p, src) for p in files.values()],
     }
+    if labels is not None:
+        listed = {strip_image_suffix(name) for name in split_of}
+        extra["label_rows_without_image"] = sorted((k for k in labels if k not in listed), key=natural_key)
     return rows, extra, masks
 
 
@@ -313,6 +317,8 @@ def _folders(
         "label_from": label_from,
         "ignored_files": sorted({relative_ref(p, src) for p in ignored}, key=natural_key),
     }
+    if labels is not None:  # a labels.csv row whose image is missing is named, not lost
+        extra["label_rows_without_image"] = sorted((k for k in labels if k not in by_key), key=natural_key)
     if chosen is not None:
         extra["fold"] = chosen
     masks_used = [m for _, masks in pairs for m in masks.values()]
@@ -320,17 +326,26 @@ def _folders(
 
 
 @register_importer(
-    "nextgen-uia", "NextGen-UIA split lists: all/images + <task>/<DATASET>/*.txt, or folds/*_train<k>.txt"
+    "nextgen-uia",
+    "NextGen-UIA split lists: all/images + <task>/<DATASET>/*.txt, or folds/*_train<k>.txt",
+    {
+        "task": "release layout: segmentation or classification lists",
+        "dataset": "release layout: the dataset folder under <task>/ (default: the only one)",
+        "fold": "folder layout: use the lists of this fold (folds/<name>_train<k>.txt ...)",
+        "classes": "names of integer labels in labels.csv (classes[i] for label i); also the class order",
+        "label_from": "folder layout: labels from csv (labels.csv), folder, stem, none or auto",
+        "unlisted": "folder layout: images in no split list become test, or drop them (listed either way)",
+    },
 )
 def import_nextgen_uia(
     src: Path,
     *,
-    task: str = "segmentation",
+    task: Literal["segmentation", "classification"] = "segmentation",
     dataset: str | None = None,
     fold: int | None = None,
     classes: list[str] | None = None,
-    label_from: str = "auto",
-    unlisted: str = "test",
+    label_from: Literal["auto", "csv", "folder", "stem", "none"] = "auto",
+    unlisted: Literal["test", "drop"] = "test",
 ) -> tuple[pd.DataFrame, ManifestMeta]:
     """``task``/``dataset`` apply to the release layout, ``fold``/``label_from``/``unlisted`` to the folder one."""
     src = Path(src)

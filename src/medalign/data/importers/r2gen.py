@@ -38,7 +38,13 @@ PATIENT_PATTERN = re.compile(r"(CXR\d+)")
 
 
 @register_importer(
-    "r2gen", "R2Gen annotation.json (IU X-ray / MIMIC-CXR reports): frontal + lateral views, report text"
+    "r2gen",
+    "R2Gen annotation.json (IU X-ray / MIMIC-CXR reports): frontal + lateral views, report text",
+    {
+        "annotation": "the annotation file in SRC",
+        "images_dir": "folder the image paths resolve under, relative to SRC (as in R2Gen)",
+        "text_only": "declare the manifest text-only (the images are not present)",
+    },
 )
 def import_r2gen(
     src: Path,
