@@ -19,15 +19,12 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import benchlib
-from benchlib import replace_section
 from medalign.engine import write_checkpoint
-
-SECTION_BEGIN, SECTION_END = "<!-- bench_checkpoint:begin -->", "<!-- bench_checkpoint:end -->"
-HEADING = "## Crash-safe checkpoint writes (`benchmarks/bench_checkpoint.py`)"
 
 
 def plain_save(path: Path, payload: dict) -> None:
@@ -52,17 +49,9 @@ def time_writers(mib: int, rounds: int, folder: Path) -> dict[str, list[float]]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="64,256", help="comma-separated payload sizes in MiB")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--folder", type=Path, default=benchlib.RUNS / "checkpoint")
-    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
-    args = parser.parse_args()
-    args.folder.mkdir(parents=True, exist_ok=True)
+def render(results: dict[str, Any]) -> str:
     rows = []
-    for mib in (int(s) for s in args.sizes.split(",")):
-        times = time_writers(mib, args.rounds, args.folder)
+    for mib, times in results["seconds"].items():
         medians = {name: statistics.median(t) for name, t in times.items()}
         reference = next(iter(medians.values()))
         for name, t in times.items():
@@ -70,19 +59,41 @@ def main() -> None:
                 f"| {mib} MiB | {name} | {medians[name]:.2f} | {min(t):.2f}–{max(t):.2f} "
                 f"| {medians[name] / reference:.2f} |"
             )
-    body = "\n".join(
+    return "\n".join(
         [
-            f"float32 payloads, {args.rounds} alternating rounds (median), written to {args.folder} "
-            f"(local disk). Machine: {benchlib.machine(' shared with other jobs')}.",
+            f"float32 payloads, {results['rounds']} alternating rounds (median), written to {results['folder']} "
+            f"(local disk). Machine: {results['machine']}.",
             "",
             "| payload | writer | seconds | range | ÷ before |",
             "|---|---|---|---|---|",
             *rows,
         ]
     )
-    print(body)
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_checkpoint": render})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64,256", help="comma-separated payload sizes in MiB")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--folder", type=Path, default=benchlib.RUNS / "checkpoint")
+    parser.add_argument("--write", action="store_true", help="save the results file and rewrite the block")
+    args = parser.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    results = {
+        "seconds": {str(mib): time_writers(mib, args.rounds, args.folder) for mib in (int(s) for s in args.sizes.split(","))},
+        "rounds": args.rounds,
+        "folder": str(args.folder),
+        "machine": benchlib.machine(" shared with other jobs"),
+    }
     if args.write:
-        replace_section(body, SECTION_BEGIN, SECTION_END, f"{HEADING}\n\n{__doc__.split(chr(10) * 2)[1]}")
+        heading = f"## Crash-safe checkpoint writes (`benchmarks/bench_checkpoint.py`)\n\n{__doc__.split(chr(10) * 2)[1]}"
+        print(benchlib.publish("bench_checkpoint", results, render, heading))
+    else:
+        print(render(results))
 
 
 if __name__ == "__main__":

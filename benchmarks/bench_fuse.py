@@ -17,6 +17,9 @@ averaged over present modalities) get the same data, schedule, dropout and segme
 the ADF terms of ``fuse_loss`` are switched off for them (``fuse_late`` exposes multiscale
 features, so the MMD term would otherwise apply to it as well).
 
+``--write`` saves ``benchmarks/results/bench_fuse_<bench>.json`` and rewrites its block of BENCHMARKS.md
+(``blocks()`` renders each block from its results file alone).
+
 Protocols (written into BENCHMARKS.md with the numbers):
 
 * phantom: configs/fuse/phantom.yaml (480 cases, 128 px, patient-level split), cysts show in both
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 
 import benchlib
-from benchlib import REAL_DATA_RUN, RUNS, imported, slug, write_section
+from benchlib import REAL_DATA_RUN, RUNS, imported, slug
 from medalign.config import load_config
 from medalign.data.manifest import Manifest, read_manifest, write_manifest
 
@@ -67,8 +70,7 @@ ARCHS = {
 def machine() -> str:
     threads = torch.get_num_threads()
     return benchlib.machine(
-        f" shared with another benchmark queue, {threads} torch thread{'s' if threads > 1 else ''} (with the "
-        f"other core busy, 2 threads measured 8x slower per step), bf16 autocast"
+        f" shared with other benchmark queues, {threads} torch thread{'s' if threads > 1 else ''}, bf16 autocast"
     )
 
 
@@ -89,12 +91,12 @@ def pct(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def parameters(run: str) -> str:
-    """Trainable parameters of a finished run's model, in millions."""
+def parameters(run: str) -> int:
+    """Trainable parameters of a finished run's model."""
     from medalign.bundle import load_bundle
 
     model = load_bundle(RUNS / run / "bundle")
-    return f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M"
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def subset_dice(metrics: dict[str, Any], key: str) -> float:
@@ -107,34 +109,49 @@ def subset_dice(metrics: dict[str, Any], key: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_phantom(epochs: int) -> str:
+SELECTION = "Selection: none: a fixed schedule, the model after the last epoch, no choice made on val or test."
+
+
+def bench_phantom(epochs: int) -> dict[str, Any]:
     common = [f"train.epochs={epochs}"]
-    rows, n = [], 0
-    for arch, label in ARCHS.items():
+    rows = {}
+    for arch in ARCHS:
         m = train("phantom", f"fuse_phantom_{arch}", [*common, *arch_overrides(arch)])
-        a, b, ab = (subset_dice(m, k) for k in ("a", "b", "a+b"))
-        n = m["subsets"]["a+b"]["n_images"]
-        rows.append(
-            f"| {label} | {100 * a:.1f} | {100 * b:.1f} | {100 * ab:.1f} | {100 * (ab - max(a, b)):+.1f} "
-            f"| {parameters(f'fuse_phantom_{arch}')} | {m['train']['seconds']:.0f} s |"
-        )
+        rows[arch] = {
+            **{k: subset_dice(m, k) for k in ("a", "b", "a+b")},
+            "n_test": m["subsets"]["a+b"]["n_images"],
+            "parameters": parameters(f"fuse_phantom_{arch}"),
+            "train_seconds": m["train"]["seconds"],
+        }
+    return {"epochs": epochs, "rows": rows, "machine": machine()}
+
+
+def render_phantom(results: dict[str, Any]) -> str:
+    epochs, rows = results["epochs"], results["rows"]
+    n = next(iter(rows.values()))["n_test"]
+    gains = [r["a+b"] - max(r["a"], r["b"]) for r in rows.values()]
+    lines = [
+        f"| {ARCHS[arch]} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['a+b']:.1f} "
+        f"| {100 * (r['a+b'] - max(r['a'], r['b'])):+.1f} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds']:.0f} s |"
+        for arch, r in rows.items()
+    ]
     return "\n".join(
         [
-            f"Phantom (configs/fuse/phantom.yaml: 480 cases, seed 0, patient-level split), "
-            f"segment every lesion of a case from two co-registered modalities; cysts show in both, solid "
-            f"lesions only in a, inflammatory ones only in b, so a single modality cannot find them all. "
+            "Phantom (configs/fuse/phantom.yaml: 480 cases, seed 0, patient-level split), "
+            "segment every lesion of a case from two co-registered modalities; cysts show in both, solid "
+            "lesions only in a, inflammatory ones only in b, so a single modality cannot find them all. "
             f"128 px, {epochs} epochs (batch 16, lr 2e-3), modality dropout 0.3, 1 seed; one model per row, "
-            f"evaluated with a only, b only and both (the others hidden through `present`); per-image "
-            f"Dice % on the {n} test cases. Baselines without the ADF loss terms. One seed and {epochs} "
-            f"of the recipe's 20 epochs: the table shows that every fuser's a+b beats each single modality "
-            f"by a wide margin, not a ranking of the fusers (late fusion trains one U-Net per modality, "
-            f"which modality dropout also trains alone, and averages their logits: on lesions visible in "
-            f"one modality only, an average of two detectors suits this phantom well). "
-            f"Machine: {machine()}.",
+            "evaluated with a only, b only and both (the others hidden through `present`); per-image "
+            f"Dice % on the {n} test cases. Baselines without the ADF loss terms. {SELECTION} "
+            f"Machine: {results['machine']}.",
             "",
             "| model | a alone | b alone | a+b | a+b minus best single | parameters | train time |",
             "|---|---|---|---|---|---|---|",
-            *rows,
+            *lines,
+            "",
+            f"a+b minus the better single modality: {100 * min(gains):+.1f} to {100 * max(gains):+.1f} Dice "
+            f"points across the three fusers. One seed and {epochs} of the recipe's 20 epochs: this is not a "
+            "ranking of the fusers.",
         ]
     )
 
@@ -156,7 +173,7 @@ def fold_manifests(source: Path, folds: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def bench_wli_nbi(epochs: int, size: int, folds: int) -> str:
+def bench_wli_nbi(epochs: int, size: int, folds: int) -> dict[str, Any]:
     source = imported("wli_nbi", "mmendocl", "wli-nbi-demo")
     common = [
         f"train.epochs={epochs}",
@@ -184,28 +201,44 @@ def bench_wli_nbi(epochs: int, size: int, folds: int) -> str:
         u = train("mmendocl_wli_nbi", f"fuse_wli_nbi_wli_only_fold{k}", [*base, *wli_only])
         unet.append(subset_dice(u, "wli"))
         seconds["unet"] += u["train"]["seconds"]
+    return {
+        "epochs": epochs,
+        "size": size,
+        "folds": folds,
+        "n_test": n_test,
+        "adf": adf,
+        "unet_wli": unet,
+        "train_seconds": seconds,
+        "machine": machine(),
+    }
+
+
+def render_wli_nbi(results: dict[str, Any]) -> str:
+    adf, unet, seconds = results["adf"], results["unet_wli"], results["train_seconds"]
     rows = [
         f"| ADF trained on WLI+NBI | {pct(adf['wli'])} | {pct(adf['nbi'])} | {pct(adf['wli+nbi'])} "
         f"| {seconds['adf']:.0f} s |",
         f"| U-Net trained on WLI only (`fuse_early` with one modality) | {pct(unet)} | – | – "
         f"| {seconds['unet']:.0f} s |",
     ]
+    better = "the WLI-only U-Net" if statistics.mean(unet) > statistics.mean(adf["wli"]) else "ADF"
     return "\n".join(
         [
-            f"**Smoke benchmark**: the MM-EndoCL demo release has 17 WLI/NBI pairs, far too few to compare "
-            f"with the paper or to separate methods; this only shows the pipeline runs end to end on real "
-            f"paired endoscopy. {folds} folds by case (seeded; test folds of {'/'.join(map(str, n_test))} "
-            f"pairs), train on the rest, no validation split; configs/fuse/mmendocl_wli_nbi.yaml at "
-            f"{size} px (recipe: 256), {epochs} epochs (batch 4), modality dropout 0.2. The ADF model is "
-            f"evaluated with WLI only, NBI only and both (one model); the WLI-only U-Net is a separate model "
-            f"(same decoder, no ADF losses). Per-image Dice %, mean ± std over the folds. With 13-14 "
-            f"training pairs the single-encoder U-Net fits better than ADF's two encoders and five "
-            f"auxiliary losses in this schedule; no conclusion about the method follows. "
-            f"Machine: {machine()}.",
+            "**Smoke benchmark**: the MM-EndoCL demo release has 17 WLI/NBI pairs, far too few to compare "
+            "with the paper or to separate methods; this only shows the pipeline runs end to end on real "
+            f"paired endoscopy. {results['folds']} folds by case (seeded; test folds of "
+            f"{'/'.join(map(str, results['n_test']))} pairs), train on the rest, no validation split; "
+            f"configs/fuse/mmendocl_wli_nbi.yaml at {results['size']} px (recipe: 256), {results['epochs']} "
+            "epochs (batch 4), modality dropout 0.2. The ADF model is evaluated with WLI only, NBI only and "
+            "both (one model); the WLI-only U-Net is a separate model (same decoder, no ADF losses). Per-image "
+            f"Dice %, mean ± std over the folds. {SELECTION} Machine: {results['machine']}.",
             "",
             "| model | WLI | NBI | WLI+NBI | train time (all folds) |",
             "|---|---|---|---|---|",
             *rows,
+            "",
+            f"On WLI alone {better} scores higher here; with 13-14 training pairs per fold no conclusion "
+            "about the method follows.",
         ]
     )
 
@@ -260,11 +293,15 @@ def per_patient(out: Path) -> dict[str, dict[str, float]]:
     return result
 
 
-def bench_lgg(epochs: int, size: int) -> str:
+LGG_ORDER = ["pre+flair+post", "flair", "pre", "post", "pre+flair", "flair+post", "pre+post"]
+LGG_HEADER = ["all three", "FLAIR", "pre", "post", "no post", "no pre", "no FLAIR"]
+
+
+def bench_lgg(epochs: int, size: int) -> dict[str, Any]:
     manifest = imported("lgg", "lgg", "lgg_mri")
     table = read_manifest(manifest).table
     split_sizes = {
-        s: (int((table["split"] == s).sum()), table.loc[table["split"] == s, "patient_id"].nunique())
+        s: [int((table["split"] == s).sum()), int(table.loc[table["split"] == s, "patient_id"].nunique())]
         for s in ("train", "val", "test")
     }
     common = [
@@ -273,53 +310,68 @@ def bench_lgg(epochs: int, size: int) -> str:
         f"model.overrides.image_size={size}",
         "train.checkpoint_every=1000",
     ]
-    order = ["pre+flair+post", "flair", "pre", "post", "pre+flair", "flair+post", "pre+post"]
-    header = ["all three", "FLAIR", "pre", "post", "no post", "no pre", "no FLAIR"]
-    rows, total, gap = [], 0.0, 0.0
-    for arch, label in ARCHS.items():
+    rows, gap = {}, 0.0
+    for arch in ARCHS:
         m = train("lgg_sequences", f"fuse_lgg_{arch}", [*common, *arch_overrides(arch)])
-        total += m["train"]["seconds"]
         pp = per_patient(RUNS / f"fuse_lgg_{arch}")
-        for key in order:  # the re-prediction must reproduce evaluate_fusion's per-slice Dice
+        for key in LGG_ORDER:  # the re-prediction must reproduce evaluate_fusion's per-slice Dice
             gap = max(gap, abs(pp[key]["slice_dice"] - subset_dice(m, key)))
             if gap > 1e-3:
-                raise RuntimeError(
-                    f"{arch} {key}: re-predicted {pp[key]['slice_dice']} vs {subset_dice(m, key)}"
-                )
-        rows.append(
-            f"| {label} ({parameters(f'fuse_lgg_{arch}')}) | per slice | "
-            + " | ".join(f"{100 * subset_dice(m, k):.1f}" for k in order)
+                raise RuntimeError(f"{arch} {key}: re-predicted {pp[key]['slice_dice']} vs {subset_dice(m, key)}")
+        rows[arch] = {
+            "slice": {k: subset_dice(m, k) for k in LGG_ORDER},
+            "patient": {k: pp[k]["patient_dice"] for k in LGG_ORDER},
+            "parameters": parameters(f"fuse_lgg_{arch}"),
+            "train_seconds": m["train"]["seconds"],
+        }
+    return {
+        "epochs": epochs,
+        "size": size,
+        "split_sizes": split_sizes,
+        "rows": rows,
+        "max_reprediction_gap": gap,
+        "published_buda_patient_dice": BUDA_PUBLISHED,
+        "machine": machine(),
+    }
+
+
+def render_lgg(results: dict[str, Any]) -> str:
+    epochs, size, gap = results["epochs"], results["size"], results["max_reprediction_gap"]
+    lines = []
+    for arch, r in results["rows"].items():
+        lines.append(
+            f"| {ARCHS[arch]} ({r['parameters'] / 1e6:.2f} M) | per slice | "
+            + " | ".join(f"{100 * r['slice'][k]:.1f}" for k in LGG_ORDER)
             + " |"
         )
-        rows.append(
-            "| | per patient | " + " | ".join(f"{100 * pp[k]['patient_dice']:.1f}" for k in order) + " |"
-        )
-    rows.append(
-        f"| U-Net, Buda et al. 2019 (published) | per patient, all slices | {100 * BUDA_PUBLISHED:.0f} |"
-        + " – |" * (len(order) - 1)
+        lines.append("| | per patient | " + " | ".join(f"{100 * r['patient'][k]:.1f}" for k in LGG_ORDER) + " |")
+    lines.append(
+        f"| U-Net, Buda et al. 2019 (*published*) | per patient, all slices | "
+        f"{100 * results['published_buda_patient_dice']:.0f} |" + " – |" * (len(LGG_ORDER) - 1)
     )
-    (n_train, p_train), (_, p_val), (n_test, p_test) = (split_sizes[s] for s in ("train", "val", "test"))
+    sizes = results["split_sizes"]
+    total = sum(r["train_seconds"] for r in results["rows"].values())
     return "\n".join(
         [
-            f"LGG brain MRI (Buda et al.; shared pack: 110 patients, 1,373 slices that contain lesion), the "
-            f"three sequences of each slice (pre-contrast, FLAIR, post-contrast) as three modalities, FLAIR "
-            f"abnormality masks; the importer's split by patient (seed 0): {n_train} train slices / "
-            f"{p_train} patients, {p_val} val patients (unused), {n_test} test slices / {p_test} patients. "
-            f"configs/fuse/lgg_sequences.yaml at a CPU schedule: {size} px (recipe: 256), {epochs} epochs "
-            f"(recipe: 50), batch 16, lr 1e-3, modality dropout 0.3, augmentation as the recipe, 1 seed; "
-            f"three models, {total / 60:.1f} min of training in all. Each model is evaluated on all 7 "
-            f'subsets of sequences ("no post" = pre+FLAIR, etc.). Dice % per slice (mean over test slices, '
-            f"metrics.json) and per patient (a test patient's slices pooled: 2 Σ|P∩G| / (Σ|P| + Σ|G|), "
-            f"then the mean over patients; re-predicted from the saved bundle, which reproduces the per-slice "
-            f"numbers of metrics.json {'exactly' if gap == 0 else f'to {gap:.1e}'}), at {size} px. The published 82% is per patient over *all* slices of a "
-            f"patient, most of them without lesion, at 256 px; this pack holds "
-            f"lesion slices only, so it is not the same protocol (no empty slices to keep empty) and a "
-            f"{epochs}-epoch CPU schedule is far from converged. Baselines without the ADF loss terms. "
-            f"Machine: {machine()}.",
+            "LGG brain MRI (Buda et al.; shared pack: 110 patients, 1,373 slices that contain lesion), the "
+            "three sequences of each slice (pre-contrast, FLAIR, post-contrast) as three modalities, FLAIR "
+            f"abnormality masks; the importer's split by patient (seed 0): {sizes['train'][0]} train slices / "
+            f"{sizes['train'][1]} patients, {sizes['val'][1]} val patients (unused), {sizes['test'][0]} test "
+            f"slices / {sizes['test'][1]} patients. configs/fuse/lgg_sequences.yaml at a CPU schedule: {size} px "
+            f"(recipe: 256), {epochs} epochs (recipe: 50), batch 16, lr 1e-3, modality dropout 0.3, augmentation "
+            f"as the recipe, 1 seed; three models, {total / 60:.1f} min of training in all. Each model is "
+            'evaluated on all 7 subsets of sequences ("no post" = pre+FLAIR, etc.). Dice % per slice (mean '
+            "over test slices, metrics.json) and per patient (a test patient's slices pooled: 2 Σ|P∩G| / "
+            "(Σ|P| + Σ|G|), then the mean over patients; re-predicted from the saved bundle, which reproduces "
+            f"the per-slice numbers of metrics.json {'exactly' if gap == 0 else f'to {gap:.1e}'}), at {size} px. "
+            "The *published* 82% is per patient over *all* slices of a patient, most of them without lesion, "
+            "at 256 px; this pack holds lesion slices only, so it is not the same protocol (no empty slices "
+            f"to keep empty) and a {epochs}-epoch CPU schedule is far from converged. Baselines without the "
+            f"ADF loss terms. {SELECTION} Machine: {results['machine']}.",
             "",
-            "| model | Dice | " + " | ".join(header) + " |",
-            "|---|---|" + "---|" * len(header),
-            *rows,
+            "| model | Dice | " + " | ".join(LGG_HEADER) + " |",
+            "|---|---|" + "---|" * len(LGG_HEADER),
+            *lines,
         ]
     )
 
@@ -446,17 +498,25 @@ def lgg_pretrained_block() -> str:
     )
 
 
-def blocks() -> dict[str, str]:
-    """The blocks of BENCHMARKS.md this script renders from results files alone."""
-    return {"bench_fuse_lgg_pretrained": lgg_pretrained_block()}
-
-
 TITLES = {
     "phantom": "Fusion on the phantom: a, b and a+b",
     "wli_nbi": "Fusion on paired WLI/NBI endoscopy (MM-EndoCL demo, smoke)",
     "lgg": "Fusion of LGG MRI sequences, with missing sequences",
     "lgg_pretrained": "LGG MRI with an ImageNet-pretrained encoder",
 }
+RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
+    "phantom": render_phantom,
+    "wli_nbi": render_wli_nbi,
+    "lgg": render_lgg,
+}
+
+
+def blocks() -> dict[str, str]:
+    """The blocks of BENCHMARKS.md this script renders from results files alone."""
+    rendered = benchlib.rendered({f"bench_fuse_{name}": render for name, render in RENDER.items()})
+    if benchlib.results_path("bench_fuse_lgg_pretrained").is_file():
+        rendered["bench_fuse_lgg_pretrained"] = lgg_pretrained_block()
+    return rendered
 
 
 def main() -> None:
@@ -470,7 +530,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the other core is busy, see the protocol)"
     )
-    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--write", action="store_true", help="save benchmarks/results/bench_fuse_<bench>.json, rewrite its block")
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -485,15 +545,18 @@ def main() -> None:
         if args.write:
             benchlib.write_blocks({"bench_fuse_lgg_pretrained": body})
         return
-    benches: dict[str, Callable[[], str]] = {
+    benches: dict[str, Callable[[], dict[str, Any]]] = {
         "phantom": lambda: bench_phantom(args.epochs or 8),
         "wli_nbi": lambda: bench_wli_nbi(args.epochs or 25, args.size or 128, args.folds),
         "lgg": lambda: bench_lgg(args.epochs or 5, args.size or 128),
     }
-    body = benches[args.bench]()
-    print(body)
+    results = benches[args.bench]()
+    render = RENDER[args.bench]
     if args.write:
-        write_section(args.bench, body, script="bench_fuse", title=TITLES[args.bench])
+        heading = f"## {TITLES[args.bench]} (`benchmarks/bench_fuse.py {args.bench}`)"
+        print(benchlib.publish(f"bench_fuse_{args.bench}", results, render, heading))
+    else:
+        print(render(json.loads(json.dumps(results, default=float))))
 
 
 if __name__ == "__main__":

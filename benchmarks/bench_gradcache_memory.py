@@ -26,7 +26,8 @@ computations up to floating-point summation order. Both precisions run by defaul
 
     python benchmarks/bench_gradcache_memory.py [--precision 32-true bf16-mixed] [--write]
 
-``--write`` replaces the section between the bench_gradcache_memory markers in BENCHMARKS.md.
+``--write`` saves ``benchmarks/results/bench_gradcache_memory.json`` and rewrites its block of
+BENCHMARKS.md from it (``blocks()``).
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ from typing import Any
 
 import torch
 
-from benchlib import machine, replace_section
+import benchlib
+from benchlib import machine
 
-SECTION_BEGIN, SECTION_END = "<!-- bench_gradcache_memory:begin -->", "<!-- bench_gradcache_memory:end -->"
-HEADING = "## Embedding cache memory (`benchmarks/bench_gradcache_memory.py`)"
 PROTOCOL = """\
 Peak memory of one optimisation step with a contrastive batch of 1024 image-text pairs, through
 `Engine.fit` and `AlignTask` (CLIP loss): with the embedding cache (GradCache, `accumulate=16`,
@@ -238,18 +238,14 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def measure_precision(precision: str, tmp: Path) -> tuple[list[str], str, bool, int]:
-    """Four fresh processes (plain/cache x RSS/profiler): table rows, a summary, whether the steps
-    agree, and the number of parameters that received gradients."""
-    runs: dict[tuple[str, str], dict[str, Any]] = {}
+def measure_precision(precision: str, tmp: Path) -> dict[str, Any]:
+    """Four fresh processes (plain/cache x RSS/profiler): what each measured, and how far the two
+    steps' gradients and updates differ."""
+    runs: dict[str, dict[str, Any]] = {}
     for measure in ("rss", "torch"):
         for mode in ("plain", "cache"):
-            runs[mode, measure] = r = child(
-                mode, measure, precision, tmp / f"{precision}-{mode}-{measure}.pt"
-            )
-            print(
-                f"{precision} {mode} ({measure}): " + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True
-            )
+            runs[f"{mode}/{measure}"] = r = child(mode, measure, precision, tmp / f"{precision}-{mode}-{measure}.pt")
+            print(f"{precision} {mode} ({measure}): " + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True)
 
     def load(mode: str, measure: str) -> dict[str, torch.Tensor]:
         return torch.load(tmp / f"{precision}-{mode}-{measure}.pt", weights_only=True)
@@ -258,29 +254,60 @@ def measure_precision(precision: str, tmp: Path) -> tuple[list[str], str, bool, 
     grad_rel, grad_worst = relative_difference(load("cache", "torch"), load("plain", "torch"), skip)
     update_rel, update_worst = relative_difference(load("cache", "rss"), load("plain", "rss"), skip)
     tolerance = 1e-3 if precision == "32-true" else 5e-2
-    same = grad_rel < tolerance and update_rel < tolerance
+    return {
+        "runs": runs,
+        "gradient_difference": grad_rel,
+        "gradient_worst_tensor": grad_worst,
+        "update_difference": update_rel,
+        "update_worst_tensor": update_worst,
+        "skipped": sorted({".".join(k.split(".")[-2:]) for k in skip}),
+        "n_skipped": len(skip),
+        "same_step": grad_rel < tolerance and update_rel < tolerance,
+    }
 
-    increment = {m: runs[m, "rss"]["peak"] - runs[m, "rss"]["baseline"] for m in ("plain", "cache")}
-    ratio = increment["cache"] / increment["plain"]
-    torch_ratio = runs["cache", "torch"]["torch_peak"] / runs["plain", "torch"]["torch_peak"]
+
+def render(results: dict[str, Any]) -> str:
     labels = {
         "plain": f"plain backprop, 1 x {N_PAIRS}",
         "cache": f"embedding cache, {N_PAIRS // MICRO_BATCH} x {MICRO_BATCH}",
     }
-    rows = [
-        f"| {precision} | {labels[m]} | {mib(runs[m, 'rss']['baseline'])} | {mib(runs[m, 'rss']['peak'])} "
-        f"| {mib(increment[m])} | {mib(runs[m, 'torch']['torch_peak'])} | {runs[m, 'rss']['seconds']:.1f} "
-        f"| {runs[m, 'rss']['loss']:.4f} |"
-        for m in ("plain", "cache")
-    ]
-    skipped = ", ".join(sorted({".".join(k.split(".")[-2:]) for k in skip}))
-    summary = (
-        f"- {precision}: cache ÷ plain = **{ratio:.3f}** of the peak-RSS increment ({1 / ratio:.1f}x less) "
-        f"and {torch_ratio:.3f} of the torch peak. Gradients differ by {grad_rel:.1e}, weight updates by "
-        f"{update_rel:.1e} (relative L2 over all parameters; worst single tensor {grad_worst:.1e} and "
-        f"{update_worst:.1e}, leaving out the {len(skip)} gradients that are zero up to rounding: {skipped})."
+    rows, summaries, trained = [], [], 0
+    for precision, r in results["precisions"].items():
+        runs = r["runs"]
+        increment = {m: runs[f"{m}/rss"]["peak"] - runs[f"{m}/rss"]["baseline"] for m in labels}
+        ratio = increment["cache"] / increment["plain"]
+        torch_ratio = runs["cache/torch"]["torch_peak"] / runs["plain/torch"]["torch_peak"]
+        trained = runs["plain/torch"]["trained"]
+        rows += [
+            f"| {precision} | {labels[m]} | {mib(runs[f'{m}/rss']['baseline'])} | {mib(runs[f'{m}/rss']['peak'])} "
+            f"| {mib(increment[m])} | {mib(runs[f'{m}/torch']['torch_peak'])} | {runs[f'{m}/rss']['seconds']:.1f} "
+            f"| {runs[f'{m}/rss']['loss']:.4f} |"
+            for m in labels
+        ]
+        summaries.append(
+            f"- {precision}: cache ÷ plain = **{ratio:.3f}** of the peak-RSS increment ({1 / ratio:.1f}x less) "
+            f"and {torch_ratio:.3f} of the torch peak. Gradients differ by {r['gradient_difference']:.1e}, weight "
+            f"updates by {r['update_difference']:.1e} (relative L2 over all parameters; worst single tensor "
+            f"{r['gradient_worst_tensor']:.1e} and {r['update_worst_tensor']:.1e}, leaving out the {r['n_skipped']} "
+            f"gradients that are zero up to rounding: {', '.join(r['skipped'])})."
+        )
+    return "\n".join(
+        [
+            f"{N_PAIRS} pairs, one optimiser step; CLIP towers (vision 192 wide x 4 layers at {IMAGE_SIZE} px, "
+            f"text 128 wide x 4 layers, {TEXT_LENGTH} tokens), {trained / 1e6:.1f}M trained parameters. "
+            f"Memory in MiB; step s is the wall time of `fit` (shared machine). Machine: {results['machine']}.",
+            "",
+            "| precision | mode | RSS after setup | peak RSS | step increment | torch peak | step s | loss |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            *summaries,
+        ]
     )
-    return rows, summary, same, runs["plain", "torch"]["trained"]
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_gradcache_memory": render})
 
 
 def main() -> None:
@@ -291,39 +318,25 @@ def main() -> None:
     parser.add_argument("--mode", choices=["cache", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["rss", "torch"], default="rss", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="save the results file and rewrite the block")
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(run_mode(args.mode, args.measure, args.precision[0], args.out)), flush=True)
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="medalign-gradcache-"))
-    rows, summaries, agree, n_trained = [], [], [], 0
-    for precision in args.precision:
-        precision_rows, summary, same, n_trained = measure_precision(precision, tmp)
-        rows += precision_rows
-        summaries.append(summary)
-        agree.append(same)
+    results = {
+        "precisions": {precision: measure_precision(precision, tmp) for precision in args.precision},
+        "machine": machine(),
+    }
     shutil.rmtree(tmp, ignore_errors=True)
-    body = "\n".join(
-        [
-            f"{N_PAIRS} pairs, one optimiser step; CLIP towers (vision 192 wide x 4 layers at {IMAGE_SIZE} px, "
-            f"text 128 wide x 4 layers, {TEXT_LENGTH} tokens), {n_trained / 1e6:.1f}M trained parameters. "
-            f"Memory in MiB; step s is the wall time of `fit` (shared machine). Machine: {machine()}.",
-            "",
-            "| precision | mode | RSS after setup | peak RSS | step increment | torch peak | step s | loss |",
-            "|---|---|---|---|---|---|---|---|",
-            *rows,
-            "",
-            *summaries,
-        ]
-    )
-    print(body)
-    if not all(agree):
+    if not all(r["same_step"] for r in results["precisions"].values()):
         raise SystemExit("the cache and plain steps differ beyond tolerance")
     if args.write:
-        replace_section(body, SECTION_BEGIN, SECTION_END, f"{HEADING}\n\n{PROTOCOL}")
-
+        heading = f"## Embedding cache memory (`benchmarks/bench_gradcache_memory.py`)\n\n{PROTOCOL}"
+        print(benchlib.publish("bench_gradcache_memory", results, render, heading))
+    else:
+        print(render(json.loads(json.dumps(results))))
 
 if __name__ == "__main__":
     main()

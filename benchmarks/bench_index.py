@@ -13,11 +13,11 @@ method's top-10 is checked against the float64 answer for the first batch.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,24 +105,37 @@ def main() -> None:
     except ImportError:
         pass
     truth = float64_top_k(keys, unit_queries[0], K)
-    reference_ms = rows[0][1]
-    result = [
-        {"method": name, "ms_per_query": round(ms, 2), "ratio": round(reference_ms / ms, 2), "recall@10": recall(a, truth)}
-        for name, ms, a in rows
-    ]
-    print(json.dumps(result, indent=2))
+    results = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "batches": args.batches,
+        "methods": [{"method": name, "ms_per_query": ms, "recall@10": recall(a, truth)} for name, ms, a in rows],
+        "machine": benchlib.machine(),
+    }
     if args.write:
-        table = "\n".join(
-            f"| {r['method']} | {r['ms_per_query']:.2f} ms | {r['ratio']:.2f}x | {r['recall@10']:.3f} |" for r in result
-        )
-        body = (
-            f"Top-{K} over {args.rows:,} x {args.dim} unit float32 embeddings (16 clusters + noise), queries in "
-            f"batches of {BATCH} (perturbed index rows), median over {args.batches} batches after a warm-up; "
-            "time per query = batch time / 64. Recall@10 against float64 exact scores (float16 storage may swap "
-            f"near-ties). Torch uses its default threads. Machine: {benchlib.machine()}. Target: <= 50 ms per "
-            "query.\n\n| method | time per query | speed-up vs NumPy | recall@10 |\n|---|---|---|---|\n" + table
-        )
-        benchlib.write_section("million", body, script="bench_index", title="Similar-case search")
+        print(benchlib.publish("bench_index_million", results, render, "## Similar-case search (`benchmarks/bench_index.py million`)"))
+    else:
+        print(render(results))
+
+
+def render(results: dict[str, Any]) -> str:
+    methods = results["methods"]
+    reference_ms = methods[0]["ms_per_query"]
+    table = "\n".join(
+        f"| {r['method']} | {r['ms_per_query']:.2f} ms | {reference_ms / r['ms_per_query']:.2f}x | {r['recall@10']:.3f} |"
+        for r in methods
+    )
+    return (
+        f"Top-{K} over {results['rows']:,} x {results['dim']} unit float32 embeddings (16 clusters + noise), queries in "
+        f"batches of {BATCH} (perturbed index rows), median over {results['batches']} batches after a warm-up; "
+        "time per query = batch time / 64. Recall@10 against float64 exact scores (float16 storage may swap "
+        f"near-ties). Torch uses its default threads. Machine: {results['machine']}. Target: <= 50 ms per "
+        "query.\n\n| method | time per query | speed-up vs NumPy | recall@10 |\n|---|---|---|---|\n" + table
+    )
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_index_million": render})
 
 
 if __name__ == "__main__":

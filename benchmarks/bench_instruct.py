@@ -1,26 +1,33 @@
-"""Visual instruction tuning benchmarks; writes its sections of BENCHMARKS.md.
+"""Visual instruction tuning benchmarks: choices on the validation split, the test split read once.
 
-``phantom``: ``configs/instruct/phantom_tiny.yaml`` (stage A then stage B) trained here; test
-closed-question accuracy per attribute of the tuned tiny LM vs the untuned one (stage A's
-bundle), the retrieval baseline and the majority answer.
-``medpix``: ``configs/instruct/medpix.yaml`` at the report benchmark's MedPix protocol; test
-caption BLEU-1..4 / ROUGE-L of the tuned tiny LM vs retrieval and the most frequent caption,
-next to the report decoder's numbers from BENCHMARKS.md (same split, size, epochs, metrics).
+``phantom``: ``configs/instruct/phantom_tiny.yaml``. The recipe's choices (whether Stage 1 aligns
+the ViT first, and stage 3's length) are compared on the phantom's VAL split (closed-question
+accuracy of the first answer); the variant with the best val accuracy is then trained with seeds
+0, 1, 2 (``--seeds``) and each seed's final bundle is scored once on the TEST split, next to the retrieval
+baseline (the answer of the nearest training image) and the majority answer per question.
+``medpix``: ``configs/instruct/medpix.yaml`` at the report benchmark's MedPix protocol, trained
+once; the n-gram guard (``no_repeat_ngram_size``) is chosen on the release's DEV split (val) by
+ROUGE-L, and only the chosen decoding is scored on test, with the retrieval and most-frequent-
+caption baselines.
 ``speed``: tokens/s of greedy generation with and without the KV cache on this CPU, for the
 tiny Llama and a larger random one (512 wide, 8 layers), 16 and 128 new tokens after one image;
 cached and uncached runs interleaved, medians, and the greedy answers compared.
-``seeds``: the phantom recipe trained whole with seeds 0, 1, 2; mean and spread (not run by default).
 
-    python benchmarks/bench_instruct.py phantom medpix speed
-    python benchmarks/bench_instruct.py seeds
+    python benchmarks/bench_instruct.py phantom medpix speed [--write]
+
+``--write`` saves ``benchmarks/results/bench_instruct_<part>.json`` and rewrites its block of
+BENCHMARKS.md; ``blocks()`` renders every block from its results file alone. Runs live under
+``$MEDALIGN_BENCH_RUNS`` (default /tmp/medalign-bench); finished stages are reused.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,137 +38,240 @@ KINDS = ("count", "side", "zone", "diagnosis")
 SPEED_LENGTHS = (16, 128)
 SPEED_THREADS = (1,)
 PHANTOM_RECIPE = benchlib.REPO / "configs/instruct/phantom_tiny.yaml"
-
-
-def phantom() -> str:
-    """Trains the curriculum under ``MEDALIGN_BENCH_RUNS``, or reads the finished run folder that
-    ``MEDALIGN_INSTRUCT_PHANTOM_RUN`` names (``medalign train --config ...phantom_tiny.yaml``)."""
-    import json
-    import os
-
-    from medalign.curriculum import load_curriculum, run_curriculum
-
-    given = os.environ.get("MEDALIGN_INSTRUCT_PHANTOM_RUN")
-    curriculum = load_curriculum(PHANTOM_RECIPE, [
-        f"out={given or benchlib.RUNS / 'instruct_phantom_tiny'}", "train.progress=false"])  # fmt: skip
-    chain = list(curriculum.stages)
-    run = curriculum.run_dir(chain) if given else run_curriculum(curriculum, chain)[-1]
-    metrics = json.loads((run / "metrics.json").read_text())
-    rows = ["| answers from | " + " | ".join(KINDS) + " | all closed |", "|---|" + "---|" * (len(KINDS) + 1)]
-    for name, block in (("tuned tiny LM (stage B)", metrics), ("untuned (stage A bundle)", metrics["untuned"]),
-                        ("retrieval (nearest training image)", metrics["retrieval"]),
-                        ("majority answer per question", metrics["majority"])):  # fmt: skip
-        closed = block["closed"]
-        cells = [f"{closed['per_kind'][k]['accuracy']:.3f}" for k in KINDS]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | **{closed['accuracy']:.3f}** |")
-    train = metrics["train"]
-    return (
-        f"Machine: {benchlib.machine(' (shared by 4 agents), 1 thread', ', bf16-mixed')}. Test split: "
-        f"{metrics['closed']['n']} questions about {metrics['closed']['n'] // 6} cases; stage B {train['steps']} "
-        f"steps in {train['seconds']:.0f} s.\n\n" + "\n".join(rows)
-    )
-
-
-SEEDS = (0, 1, 2)
-
-
-def seeds() -> str:
-    """The phantom recipe trained again with ``train.seed`` 0, 1, 2 (every stage's weights, order
-    and augmentation; the phantom and its split stay fixed): how much of the table is one seed."""
-    from medalign.curriculum import load_curriculum, metric, run_curriculum
-
-    columns = [("tuned", "closed.accuracy"), ("retrieval", "retrieval.closed.accuracy"),
-               *((kind, f"closed.per_kind.{kind}.accuracy") for kind in KINDS)]  # fmt: skip
-    rows = ["| seed | tuned (all closed) | retrieval | majority | " + " | ".join(KINDS) + " | train s |",
-            "|---|---|---|---|" + "---|" * (len(KINDS) + 1)]  # fmt: skip
-    values: dict[str, list[float]] = {name: [] for name, _ in columns}
-    majority = None
-    for seed in SEEDS:
-        curriculum = load_curriculum(PHANTOM_RECIPE, [
-            f"out={benchlib.RUNS / f'instruct_phantom_seed{seed}'}", f"train.seed={seed}",
-            "train.progress=false"])  # fmt: skip
-        stage_metrics = [json.loads((folder / "metrics.json").read_text())
-                         for folder in run_curriculum(curriculum, list(curriculum.stages))]  # fmt: skip
-        found = stage_metrics[-1]
-        for name, key in columns:
-            values[name].append(metric(found, key))
-        majority = metric(found, "majority.closed.accuracy")  # the training answers': seed-free
-        seconds = sum(stage["train"]["seconds"] for stage in stage_metrics)
-        cells = " | ".join(f"{values[kind][-1]:.3f}" for kind in KINDS)
-        rows.append(f"| {seed} | **{values['tuned'][-1]:.3f}** | {values['retrieval'][-1]:.3f} | {majority:.3f} | "
-                    f"{cells} | {seconds:.0f} |")  # fmt: skip
-
-    def spread(name: str) -> str:
-        return f"{statistics.mean(values[name]):.3f} ± {statistics.stdev(values[name]):.3f}"
-
-    rows.append(
-        f"| mean ± sd | **{spread('tuned')}** | {spread('retrieval')} | {majority:.3f} | "
-        + " | ".join(spread(kind) for kind in KINDS)
-        + " | |"
-    )
-    return (
-        f"Machine: {benchlib.machine(', 1 thread', ', bf16-mixed')}. `configs/instruct/phantom_tiny.yaml` "
-        f"as written, whole curriculum (stages 1-3) per seed; test split, {len(SEEDS)} seeds.\n\n"
-        + "\n".join(rows)
-    )
-
-
-# the report-generation benchmark's MedPix protocol (benchmarks/bench_report.py): 64 px, 5 epochs,
-# captions cut at 64 tokens, at most 64 new tokens, greedy
-MEDPIX = ["data.num_workers=0", "train.epochs=5", "train.seed=0", "instruct.max_new_tokens=64",
-          "instruct.decoding=greedy", "model.overrides.max_length=96"]  # fmt: skip
-REPORT_ROWS = {  # BENCHMARKS.md "Report generation", MedPix 2.0, the same 200 test images
-    "report decoder (report_small_minilm), greedy": (0.125, 0.056, 0.023, 0.011, 0.151),
-    "report decoder, greedy, no-repeat 3": (0.180, 0.081, 0.035, 0.014, 0.157),
-    "report decoder, beam 3, no-repeat 3 (its recipe)": (0.161, 0.080, 0.034, 0.009, 0.174),
+SEEDS = 3  # the chosen variant is trained with seeds 0 .. SEEDS-1 (``--seeds`` for fewer)
+# variant -> (stages run, overrides): the recipe's choices, compared on val
+PHANTOM_VARIANTS: dict[str, tuple[list[int], list[str]]] = {
+    "Stage 1 alignment, stage 3 for 6 epochs (the recipe)": ([1, 2, 3], []),
+    "Stage 1 alignment, stage 3 for 3 epochs": ([1, 2, 3], ["stage3.train.epochs=3"]),
+    "no Stage 1: a random ViT trained in stage 3, 6 epochs": ([2, 3], ["stage3.instruct.train_vision=true"]),
 }
+GUARDS = (0, 2, 3, 4)  # MedPix: no_repeat_ngram_size candidates, chosen on dev
+MEDPIX_CRITERION, MEDPIX_CRITERION_NAME = "rouge_l", "ROUGE-L"
+TEXT_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l")
+# the report-generation benchmark's MedPix protocol (benchmarks/bench_report.py): 64 px, 5 epochs,
+# captions cut at 64 tokens, at most 64 new tokens, greedy; trained with val as its eval split
+MEDPIX = ["data.num_workers=0", "train.epochs=5", "train.seed=0", "instruct.max_new_tokens=64",
+          "instruct.decoding=greedy", "model.overrides.max_length=96", "eval.split=val"]  # fmt: skip
 
 
-def medpix() -> str:
-    """Train (or reuse) the MedPix run, then decode its bundle greedily with and without the
-    3-gram guard (the same model: rows differ only in decoding)."""
+def machine(threads: str, precision: str) -> str:
+    return benchlib.machine(threads, precision)
+
+
+def score_bundle(run: Path, split: str, **instruct: Any) -> dict[str, Any]:
+    """The finished run's bundle scored on ``split`` (its config, ``instruct`` fields replaced),
+    with the baselines and the number of distinct generated answers; the answers go to
+    ``<run>/scored/<split>_<fields>/answers.jsonl``, the run's own files stay as they are."""
     import dataclasses
 
     from medalign.bundle import load_bundle
     from medalign.config import load_config
     from medalign.data.conversations import conversation_rows
-    from medalign.data.manifest import read_manifest
-    from medalign.run import image_columns
-    from medalign.tasks.instruct import evaluate_instruct
+    from medalign.run import image_columns, load_run_manifest
+    from medalign.tasks.instruct import ANSWERS_FILE, evaluate_instruct
 
-    manifest = benchlib.imported("medpix", "medpix", "medpix-2")
-    overrides = [f"data.manifest={manifest}", *MEDPIX]
-    metrics = benchlib.train("medpix", "instruct_medpix", overrides, folder="instruct")
-    out = benchlib.RUNS / "instruct_medpix"
-    config = load_config(benchlib.REPO / "configs/instruct/medpix.yaml", [f"out={out}", *overrides])
-    model = load_bundle(out / "bundle").eval()
-    rows, _ = conversation_rows(read_manifest(manifest), "caption")
-    keys = image_columns(config, rows)
-    keys_ = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l")
-    table = ["| captions from | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | distinct captions |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    baselines: dict = {}
-    for guard in (0, 3):
-        variant = dataclasses.replace(
-            config, instruct=dataclasses.replace(config.instruct, no_repeat_ngram_size=guard)
-        )
-        scored = evaluate_instruct(model, rows, variant, keys, "test", baselines=not baselines)
-        baselines = baselines or {"retrieval": scored["retrieval"], "majority": scored["majority"]}
-        answers = [json.loads(line)["generated"] for line in (out / "answers.jsonl").read_text().splitlines()]
-        name = f"instruct_tiny, greedy{', no-repeat 3' if guard else ' (no guard)'}"
-        cells = " | ".join(f"{scored['open'][k]:.3f}" for k in keys_)
-        table.append(f"| {name} | {cells} | {len(set(answers))} |")
-    for name, key in (("retrieval (nearest training image, its ViT)", "retrieval"),
-                      ("majority (most frequent training caption)", "majority")):  # fmt: skip
-        table.append(f"| {name} | " + " | ".join(f"{baselines[key]['open'][k]:.3f}" for k in keys_) + " | |")
-    for name, values in REPORT_ROWS.items():
-        table.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " | |")
-    train = metrics["train"]
-    return (
-        f"Machine: {benchlib.machine(' (shared by 4 agents), 1 thread', ', bf16-mixed')}. "
-        f"`configs/instruct/medpix.yaml` with {' '.join(MEDPIX)}: {scored['open']['n']} test captions, "
-        f"{train['steps']} steps in {train['seconds']:.0f} s.\n\n" + "\n".join(table)
+    config = load_config(run / "config.yaml")
+    tag = "_".join(f"{k}{v}" for k, v in sorted(instruct.items())) or "recipe"
+    folder = run / "scored" / f"{split}_{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(
+        config, out=str(folder), instruct=dataclasses.replace(config.instruct, **instruct)
     )
+    rows, _ = conversation_rows(load_run_manifest(config, run), config.instruct.conversations)
+    model = load_bundle(run / "bundle").eval()
+    scored = evaluate_instruct(model, rows, config, image_columns(config, rows), split)
+    answers = [json.loads(line)["generated"] for line in (folder / ANSWERS_FILE).read_text().splitlines()]
+    return {**scored, "distinct_answers": len(set(answers))}
+
+
+def closed_summary(scored: dict[str, Any]) -> dict[str, Any]:
+    closed = scored["closed"]
+    return {"accuracy": closed["accuracy"], "n": closed["n"], **{k: closed["per_kind"][k]["accuracy"] for k in KINDS}}
+
+
+# ------------------------------------------------------------------------------------------- phantom
+
+
+def phantom_curriculum(out: Path, seed: int, extra: list[str]) -> Any:
+    from medalign.curriculum import load_curriculum
+
+    return load_curriculum(
+        PHANTOM_RECIPE, [f"out={out}", f"train.seed={seed}", "eval.split=val", "train.progress=false", *extra]
+    )
+
+
+def kept(run: Path, name: str) -> Path:
+    """A copy of a finished stage folder (bundle, config, metrics), safe from the next variant, which
+    may retrain the same chain's last stage in the same folder."""
+    import shutil
+
+    copy = benchlib.RUNS / "instruct_phantom_variants" / "".join(c if c.isalnum() else "_" for c in name)
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    return copy
+
+
+def phantom(seeds: int = SEEDS) -> dict[str, Any]:
+    """Variants on val (seed 0), then the best one over ``seeds`` seeds, each scored once on test."""
+    from medalign.curriculum import run_curriculum
+
+    val: dict[str, Any] = {}
+    finished: dict[str, Path] = {}
+    for name, (chain, extra) in PHANTOM_VARIANTS.items():
+        curriculum = phantom_curriculum(benchlib.RUNS / "instruct_phantom_seed0", 0, extra)
+        folders = run_curriculum(curriculum, chain)
+        stage_metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+        finished[name] = kept(folders[-1], name)
+        val[name] = {
+            **closed_summary(stage_metrics[-1]),
+            "train_seconds": sum(m["train"]["seconds"] for m in stage_metrics),
+        }
+    chosen = max(val, key=lambda name: val[name]["accuracy"])
+    chain, extra = PHANTOM_VARIANTS[chosen]
+    tests = []
+    for seed in range(seeds):
+        if seed == 0:
+            run, seconds = finished[chosen], val[chosen]["train_seconds"]
+        else:
+            curriculum = phantom_curriculum(benchlib.RUNS / f"instruct_phantom_seed{seed}", seed, extra)
+            folders = run_curriculum(curriculum, chain)
+            run = folders[-1]
+            seconds = sum(json.loads((f / "metrics.json").read_text())["train"]["seconds"] for f in folders)
+        scored = score_bundle(run, "test")
+        tests.append(
+            {
+                "seed": seed,
+                "tuned": closed_summary(scored),
+                "retrieval": closed_summary(scored["retrieval"]),
+                "majority": closed_summary(scored["majority"]),
+                "train_seconds": seconds,
+            }
+        )
+    return {"val": val, "chosen": chosen, "test": tests, "machine": machine(", 1 thread", ", bf16-mixed")}
+
+
+def render_phantom(results: dict[str, Any]) -> str:
+    val, tests, chosen = results["val"], results["test"], results["chosen"]
+    n_val = next(iter(val.values()))["n"]
+    lines = [
+        "`configs/instruct/phantom_tiny.yaml` (480 cases, the phantom's patient-level split). Selection on val: "
+        f"the recipe's choices below were compared on the val split ({n_val} questions, seed 0, closed-question "
+        "accuracy of the first answer, greedy; a tie goes to the variant listed first, the recipe as written); the best one was trained with seeds "
+        f"{', '.join(str(t['seed']) for t in tests)} and each seed's final model was scored once on the test split. "
+        f"Machine: {results['machine']}.",
+        "",
+        "| variant (val, seed 0) | " + " | ".join(KINDS) + " | all closed | train s |",
+        "|---|" + "---|" * (len(KINDS) + 2),
+    ]
+    for name, entry in val.items():
+        label = f"**{name}** (chosen)" if name == chosen else name
+        cells = " | ".join(f"{entry[k]:.3f}" for k in KINDS)
+        lines.append(f"| {label} | {cells} | {entry['accuracy']:.3f} | {entry['train_seconds']:.0f} |")
+    n_test = tests[0]["tuned"]["n"]
+    lines += [
+        "",
+        f"Test split ({n_test} questions about {n_test // 6} cases), the chosen variant:",
+        "",
+        "| seed | tuned (all closed) | retrieval | majority | " + " | ".join(KINDS) + " | train s |",
+        "|---|---|---|---|" + "---|" * (len(KINDS) + 1),
+    ]
+    for t in tests:
+        cells = " | ".join(f"{t['tuned'][k]:.3f}" for k in KINDS)
+        lines.append(
+            f"| {t['seed']} | **{t['tuned']['accuracy']:.3f}** | {t['retrieval']['accuracy']:.3f} "
+            f"| {t['majority']['accuracy']:.3f} | {cells} | {t['train_seconds']:.0f} |"
+        )
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+    tuned = [t["tuned"]["accuracy"] for t in tests]
+    retrieval = [t["retrieval"]["accuracy"] for t in tests]
+    majority = [t["majority"]["accuracy"] for t in tests]
+    lines.append(
+        f"| mean ± sd | **{spread(tuned)}** | {spread(retrieval)} | {spread(majority)} | "
+        + " | ".join(spread([t["tuned"][k] for t in tests]) for k in KINDS)
+        + " | |"
+    )
+    above = sum(t > r and t > m for t, r, m in zip(tuned, retrieval, majority, strict=True))
+    lines += [
+        "",
+        f"The tuned tiny LM answers {spread(tuned)} of the closed test questions, against {spread(retrieval)} for "
+        f"retrieval and {spread(majority)} for the majority answer; it is above both baselines in {above} of "
+        f"{len(tests)} seeds. Train s: all stages of the chain.",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- medpix
+
+
+def medpix() -> dict[str, Any]:
+    """Train (or reuse) the MedPix run; the guard on dev, then test once with the chosen guard."""
+    manifest = benchlib.imported("medpix", "medpix", "medpix-2")
+    metrics = benchlib.train("medpix", "instruct_medpix", [f"data.manifest={manifest}", *MEDPIX], folder="instruct")
+    run = benchlib.RUNS / "instruct_medpix"
+    val = {}
+    for guard in GUARDS:
+        scored = score_bundle(run, "val", no_repeat_ngram_size=guard)
+        val[str(guard)] = {**{k: scored["open"][k] for k in (*TEXT_KEYS, "n")}, "distinct": scored["distinct_answers"]}
+        print(f"val, no-repeat {guard}: {val[str(guard)]}", flush=True)
+    chosen = max(val, key=lambda guard: val[guard][MEDPIX_CRITERION])
+    scored = score_bundle(run, "test", no_repeat_ngram_size=int(chosen))
+    return {
+        "val": val,
+        "chosen_guard": int(chosen),
+        "test": {
+            "tuned": {**{k: scored["open"][k] for k in (*TEXT_KEYS, "n")}, "distinct": scored["distinct_answers"]},
+            "retrieval": {k: scored["retrieval"]["open"][k] for k in TEXT_KEYS},
+            "majority": {k: scored["majority"]["open"][k] for k in TEXT_KEYS},
+        },
+        "overrides": MEDPIX,
+        "train": metrics["train"],
+        "machine": machine(", 1 thread", ", bf16-mixed"),
+    }
+
+
+def guard_name(guard: int) -> str:
+    return "greedy (no guard)" if guard == 0 else f"greedy, no-repeat {guard}"
+
+
+def render_medpix(results: dict[str, Any]) -> str:
+    val, test, chosen = results["val"], results["test"], results["chosen_guard"]
+    train = results["train"]
+    header = "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | distinct captions |"
+    lines = [
+        f"`configs/instruct/medpix.yaml` with {' '.join(results['overrides'])}: the report benchmark's MedPix "
+        f"protocol (release split, 1 channel, 64 px, 5 epochs, batch 32, at most 64 new tokens, corpus BLEU and "
+        f"mean ROUGE-L from `medalign.textmetrics`); one trained model, {train['steps']} steps in "
+        f"{train['seconds']:.0f} s. Selection on val: the n-gram guard (`instruct.no_repeat_ngram_size`) with the "
+        f"best dev {MEDPIX_CRITERION_NAME}; test scored once, with it. Machine: {results['machine']}.",
+        "",
+        f"| decoding (dev, {next(iter(val.values()))['n']} captions) {header}",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for guard, m in val.items():
+        name = guard_name(int(guard))
+        label = f"**{name}** (chosen)" if int(guard) == chosen else name
+        lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in TEXT_KEYS) + f" | {m['distinct']} |")
+    tuned = test["tuned"]
+    lines += [
+        "",
+        f"| captions from (test, {tuned['n']} captions) {header}",
+        "|---|---|---|---|---|---|---|",
+        f"| instruct_tiny, {guard_name(chosen)} | " + " | ".join(f"{tuned[k]:.3f}" for k in TEXT_KEYS) + f" | {tuned['distinct']} |",
+        "| retrieval (nearest training image, its ViT) | "
+        + " | ".join(f"{test['retrieval'][k]:.3f}" for k in TEXT_KEYS)
+        + " | |",
+        "| majority (most frequent training caption) | "
+        + " | ".join(f"{test['majority'][k]:.3f}" for k in TEXT_KEYS)
+        + " | 1 |",
+    ]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- speed
 
 
 def generation_seconds(
@@ -180,11 +290,9 @@ def generation_seconds(
     return time.perf_counter() - start
 
 
-def speed_rows(
-    name: str, model: torch.nn.Module, lengths: tuple[int, ...], rounds: int, threads: int
-) -> list[str]:
+def speed_rows(name: str, model: torch.nn.Module, rounds: int, threads: int) -> list[dict[str, Any]]:
     """Cached and uncached runs interleaved round by round (the shared CPU's load hits both alike);
-    the median of the rounds; greedy answers checked equal with and without the cache."""
+    greedy answers checked equal with and without the cache."""
     turns = [{"from": "human", "value": "<image>\nDescribe this image."}]
     pixels = torch.rand(1, model.config.in_channels, model.config.image_size, model.config.image_size)
     ids, mask = model.prompt_batch([turns])
@@ -193,27 +301,31 @@ def speed_rows(
         same = model.generate([turns], pixels, max_new_tokens=32) == model.generate(
             [turns], pixels, max_new_tokens=32, use_cache=False)  # fmt: skip
     rows = []
-    for new in lengths:
+    for new in SPEED_LENGTHS:
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(rounds):
             for use_cache in (True, False):
                 times[use_cache].append(generation_seconds(model, embeds, mask, use_cache, new))
-        cached, plain = (new / statistics.median(times[c]) for c in (True, False))
-        rows.append(f"| {name} | {threads} | {embeds.shape[1]} | {new} | {cached:.0f} | {plain:.0f} | {cached / plain:.1f}x "
-                    f"| {'yes' if same else '**no**'} |")  # fmt: skip
+        rows.append(
+            {
+                "lm": name,
+                "threads": threads,
+                "prompt_tokens": int(embeds.shape[1]),
+                "new_tokens": new,
+                "seconds_cached": times[True],
+                "seconds_uncached": times[False],
+                "same_answer": bool(same),
+            }
+        )
     return rows
 
 
-def speed() -> str:
-    """Both LMs at 1 and at 2 torch threads: on this shared 2-core machine, 2 threads are
-    oversubscribed whenever another process runs, which hits the cached decode (many tiny
-    kernels per token, each ending at a thread barrier) far harder than the uncached one."""
+def speed() -> dict[str, Any]:
     from medalign.models import create_model
 
-    rows = ["| LM | threads | prompt tokens (64 image) | new tokens | tokens/s, KV cache | tokens/s, no cache "
-            "| speed-up | same greedy answer |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     larger = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 8}  # fmt: skip
+    rows: list[dict[str, Any]] = []
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
         for name, lm in (("tiny Llama (128 wide, 2 layers)", {}), ("Llama 512 wide, 8 layers", larger)):
@@ -221,21 +333,58 @@ def speed() -> str:
             model = create_model(
                 "instruct_tiny", lm=lm, in_channels=2, image_size=64, vision={"config": {"patch_size": 8}}
             )
-            rows += speed_rows(name, model.eval(), SPEED_LENGTHS, rounds=3, threads=threads)
-    return (
-        f"Machine: {benchlib.machine(' (shared by 4 agents)', ', fp32')}. Greedy, batch 1, exactly "
-        "the stated number of new tokens (prefill included in the time); cached and uncached runs interleaved, "
-        "median of 3 rounds.\n\n" + "\n".join(rows)
-    )
+            rows += speed_rows(name, model.eval(), rounds=3, threads=threads)
+    return {"rows": rows, "rounds": 3, "machine": machine("", ", fp32")}
+
+
+def render_speed(results: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {results['machine']}. Greedy, batch 1, exactly the stated number of new tokens (prefill "
+        f"included in the time); cached and uncached runs interleaved, median of {results['rounds']} rounds. "
+        "Reference: the same model decoding without a cache (`greedy_without_cache`: the LM over the whole "
+        "sequence at every step, same positions as `generate`).",
+        "",
+        "| LM | threads | prompt tokens | new tokens | tokens/s, KV cache | tokens/s, no cache | speed-up | same greedy answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        cached = r["new_tokens"] / statistics.median(r["seconds_cached"])
+        plain = r["new_tokens"] / statistics.median(r["seconds_uncached"])
+        lines.append(
+            f"| {r['lm']} | {r['threads']} | {r['prompt_tokens']} | {r['new_tokens']} | {cached:.0f} | {plain:.0f} "
+            f"| {cached / plain:.1f}x | {'yes' if r['same_answer'] else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
+PARTS: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "phantom": ("Visual instruction tuning: phantom closed questions", phantom, render_phantom),
+    "medpix": ("Visual instruction tuning: MedPix 2.0 captions", medpix, render_medpix),
+    "speed": ("Visual instruction tuning: generation speed with and without the KV cache", speed, render_speed),
+}
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({f"bench_instruct_{name}": render for name, (_, _, render) in PARTS.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="phantom: seeds of the chosen variant (at least 2)")
+    parser.add_argument("--write", action="store_true", help="save the results files and rewrite the blocks")
+    args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds: at least 2 (the table gives mean ± sd over the seeds)")
+    for part in args.parts:
+        title, run, render = PARTS[part]
+        results = phantom(args.seeds) if part == "phantom" else run()
+        if args.write:
+            heading = f"## {title} (`benchmarks/bench_instruct.py {part}`)"
+            print(benchlib.publish(f"bench_instruct_{part}", results, render, heading))
+        else:
+            print(render(json.loads(json.dumps(results, default=float))))
 
 
 if __name__ == "__main__":
-    chosen = sys.argv[1:] or ["phantom", "medpix", "speed"]
-    for part in chosen:
-        body = {"phantom": phantom, "seeds": seeds, "medpix": medpix, "speed": speed}[part]()
-        title = {"phantom": "Visual instruction tuning: phantom closed questions",
-                 "seeds": "Visual instruction tuning: phantom closed questions over seeds",
-                 "medpix": "Visual instruction tuning: MedPix 2.0 captions",
-                 "speed": "Visual instruction tuning: generation speed with and without the KV cache"}[part]  # fmt: skip
-        benchlib.write_section(part, body, script="bench_instruct", title=title)
-        print(body)
+    main()

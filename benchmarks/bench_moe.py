@@ -26,20 +26,19 @@ block's ``MoECrossAttention``):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import benchlib
-from benchlib import replace_section
 from medalign.models.moe import DenseFeedForward, MoEFeedForward
 
-SECTION_BEGIN, SECTION_END = "<!-- bench_moe:begin -->", "<!-- bench_moe:end -->"
-HEADING = "## MoE feed-forward layer (`benchmarks/bench_moe.py`)"
 PROTOCOL = """\
 MoE layer: tokens/s and expert load balance against a dense feed-forward layer of equal active
 parameters. `MoEFeedForward(256, 512, num_experts=8, k=2, capacity_factor=1.25)` vs
@@ -192,38 +191,16 @@ def machine() -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round and setup")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument(
-        "--threads",
-        default="1,2",
-        help="comma-separated torch thread counts to time; training uses the first",
-    )
-    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
-    args = parser.parse_args()
-    started = time.perf_counter()
-
-    thread_counts = [int(t) for t in args.threads.split(",")]
-    rates = {t: time_setups(args.rounds, args.steps, args.warmup, t) for t in thread_counts}
-    torch.set_num_threads(thread_counts[0])
-    balance = load_balance(args.train_steps)
-
-    moe, dense = build_moe(), build_dense()
-    total_moe = sum(p.numel() for p in moe.parameters())
+def render(results: dict[str, Any]) -> str:
     speed_rows = []
-    for threads, per_setup in rates.items():
+    for threads, per_setup in results["rates"].items():
         medians = {name: statistics.median(r) for name, r in per_setup.items()}
         for name, r in per_setup.items():
             ref = medians[f"dense, {name.split(', ')[1]}"]
             speed_rows.append(
-                f"| {name} | {threads} | {medians[name]:,.0f} | {min(r):,.0f}–{max(r):,.0f} "
-                f"| {medians[name] / ref:.2f} |"
+                f"| {name} | {threads} | {medians[name]:,.0f} | {min(r):,.0f}–{max(r):,.0f} | {medians[name] / ref:.2f} |"
             )
-    balance_rows = []
+    balance, balance_rows = results["balance"], []
     for name in ("MoE, balance loss 0.01", "MoE, no balance loss", "dense (reference)"):
         m = balance[name]
         if "load_min" in m:
@@ -235,29 +212,27 @@ def main() -> None:
             )
         else:
             balance_rows.append(f"| {name} | – | – | – | – | – | {m['mse_before']:.3f} → {m['mse']:.3f} |")
-    elapsed = time.perf_counter() - started
-    body = "\n".join(
+    first_threads = int(next(iter(results["rates"])))
+    return "\n".join(
         [
             f"{DIM}-d tokens, {EXPERTS} experts x {EXPERT_HIDDEN} hidden, top-{K}, capacity factor {CAPACITY}; "
-            f"active parameters per token: MoE {active_parameters(moe):,} (router included), dense "
-            f"{active_parameters(dense):,}; MoE total {total_moe:,}. Speed: {BATCH} x {LENGTH} tokens, "
-            f"forward + backward, {args.warmup} warm-up steps, {args.rounds} alternating rounds of "
-            f"{args.steps} steps (median). Machine: {machine()}. Whole run {elapsed:.0f} s.",
+            f"active parameters per token: MoE {results['active_moe']:,} (router included), dense "
+            f"{results['active_dense']:,}; MoE total {results['total_moe']:,}. Speed: {BATCH} x {LENGTH} tokens, "
+            f"forward + backward, {results['warmup']} warm-up steps, {results['rounds']} alternating rounds of "
+            f"{results['steps']} steps (median); each row against the dense layer at the same precision and "
+            f"threads. Machine: {results['machine']}. Whole run {results['seconds']:.0f} s.",
             "",
             "| layer, precision | torch threads | tokens/s | range | ÷ dense, same precision and threads |",
             "|---|---|---|---|---|",
             *speed_rows,
             "",
-            "The machine's cores are shared with other jobs, so the rows with as many torch threads as cores "
+            "When the machine's cores are shared with other jobs, the rows with as many torch threads as cores "
             "measure the neighbours too: every parallel op waits at an OpenMP barrier for a thread that may be "
-            "descheduled, a fixed cost per op that hits the MoE (router, dispatch and 8 small expert calls) far "
-            "more often than the dense layer's few large matmuls. With the other core fully busy, an earlier "
-            "run measured MoE / dense at 0.16 (fp32) and 0.14 (bf16) with 2 threads while 1 thread gave 0.92 "
-            "and 0.69. The 1-thread rows are the layer's own cost: the same arithmetic as the dense layer, "
-            "plus routing and gathering that matter most where the matmuls are fastest (bf16).",
+            "descheduled, a fixed cost per op that hits the MoE (router, dispatch and the small expert calls) far "
+            "more often than the dense layer's few large matmuls; the 1-thread rows are the layer's own cost.",
             "",
-            f"Load balance after {args.train_steps} Adam steps (lr 1e-3, {BATCH * LENGTH // 2} tokens each, "
-            f"{thread_counts[0]} torch thread{'s' if thread_counts[0] > 1 else ''}) "
+            f"Load balance after {results['train_steps']} Adam steps (lr 1e-3, {BATCH * LENGTH // 2} tokens each, "
+            f"{first_threads} torch thread{'s' if first_threads > 1 else ''}) "
             f"on the {CLUSTERS}-cluster task, measured on 4,096 held-out tokens. Load = fraction of routed "
             f"slots assigned to each expert (perfect: {1 / EXPERTS:.3f}); CV = std / mean over experts; "
             f"consistency = share of tokens whose first-choice expert is their cluster's most common one; "
@@ -268,9 +243,48 @@ def main() -> None:
             *balance_rows,
         ]
     )
-    print(body)
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_moe": render})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round and setup")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument(
+        "--threads",
+        default="1,2",
+        help="comma-separated torch thread counts to time; training uses the first",
+    )
+    parser.add_argument("--write", action="store_true", help="save the results file and rewrite the block")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    rates = {str(t): time_setups(args.rounds, args.steps, args.warmup, t) for t in thread_counts}
+    torch.set_num_threads(thread_counts[0])
+    balance = load_balance(args.train_steps)
+    moe, dense = build_moe(), build_dense()
+    results = {
+        "rates": rates,
+        "balance": balance,
+        "active_moe": active_parameters(moe),
+        "active_dense": active_parameters(dense),
+        "total_moe": sum(p.numel() for p in moe.parameters()),
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "train_steps": args.train_steps,
+        "seconds": time.perf_counter() - started,
+        "machine": machine(),
+    }
     if args.write:
-        replace_section(body, SECTION_BEGIN, SECTION_END, f"{HEADING}\n\n{PROTOCOL}")
+        print(benchlib.publish("bench_moe", results, render, f"## MoE feed-forward layer (`benchmarks/bench_moe.py`)\n\n{PROTOCOL}"))
+    else:
+        print(render(json.loads(json.dumps(results, default=float))))
 
 
 if __name__ == "__main__":

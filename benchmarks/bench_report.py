@@ -1,13 +1,19 @@
 """Report generation quality on this CPU: the decoder (greedy and beam) vs retrieval vs a constant.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_report.py [--only medpix|phantom] [--epochs-medpix N]
-        [--reuse-trained]
+        [--reuse-trained] [--write]
+
+Selection on val, test read once: each trained model is decoded every way of ``DECODINGS`` on the
+validation split (MedPix: the release's dev split), the decoding with the best val ROUGE-L is
+chosen, and only that decoding (with the baselines) is scored on the test split. ``--write`` saves
+``benchmarks/results/bench_report.json`` and rewrites the ``bench_report`` block of BENCHMARKS.md
+(``blocks()`` renders it from the results file alone).
 
 Protocols (printed with the tables and stored in benchmarks/results/bench_report.json):
 
 * **MedPix 2.0 caption generation**: imported with ``medalign data import medpix`` (the release's
-  case-disjoint train/dev/test split; dev = val, unused); one caption per image; the 200 test
-  images are the evaluation. Images grayscale at 64 px (the pack's JPEGs are 224 px); recipe
+  case-disjoint train/dev/test split; dev = val, where the decoding is chosen); one caption per
+  image; the 200 test images are the evaluation. Images grayscale at 64 px (the pack's JPEGs are 224 px); recipe
   ``configs/report/medpix.yaml`` shrunk to a CPU budget: ``report_small_minilm`` with
   ``decoder_dim=256`` (4 heads, 3 layers, random word embeddings: MiniLM's 384-wide table costs
   2x per step), captions cut at 64 tokens, AdamW lr 5e-4, batch 32, bf16 autocast, seed 0.
@@ -16,7 +22,7 @@ Protocols (printed with the tables and stored in benchmarks/results/bench_report
   on the test split, plus the accuracy of the findings parsed from each report against the true
   lesions (``medalign.tasks.report.finding_accuracy``).
 
-Every method is scored on the same test references with corpus BLEU-1..4 and mean ROUGE-L
+Every method is scored on the same references with corpus BLEU-1..4 and mean ROUGE-L
 (``medalign.textmetrics``: lowercased, punctuation split, no smoothing). Baselines: *retrieval*
 = caption of the nearest training image by cosine similarity of the trained model's CLS
 embedding; *constant* = the most frequent training caption for every image. Beam: 3 beams,
@@ -36,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -48,6 +52,7 @@ from typing import Any
 
 import torch
 
+import benchlib
 from medalign.bundle import load_bundle
 from medalign.config import RunConfig, load_config
 from medalign.data.manifest import read_manifest
@@ -55,10 +60,9 @@ from medalign.data.phantom import PhantomConfig, generate_phantom
 from medalign.run import image_columns
 from medalign.tasks.report import evaluate_report, run_report, with_text
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
-RUNS = Path(os.environ.get("MEDALIGN_BENCH_RUNS", "/tmp/medalign-bench/report"))
-RESULTS = REPO / "benchmarks" / "results" / "bench_report.json"
+REPO, DATA = benchlib.REPO, benchlib.DATA
+RUNS = benchlib.RUNS / "report"
+CRITERION, CRITERION_NAME = "rouge_l", "ROUGE-L"  # the val metric that chooses the decoding
 MODEL = [
     "model.name=report_small_minilm",
     "model.overrides.image_size=64",
@@ -78,6 +82,7 @@ COMMON = [
     "report.length_penalty=1.0",
     "report.no_repeat_ngram_size=0",  # run_report's own evaluation is the unguarded beam row
     "report.repetition_penalty=1.0",
+    "eval.split=val",  # run_report's own evaluation: the first decoding, on val
 ]
 # row label -> ReportConfig fields; the first is what run_report evaluates after training
 DECODINGS: dict[str, dict[str, Any]] = {
@@ -95,11 +100,12 @@ DECODINGS: dict[str, dict[str, Any]] = {
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {dt.date.today()}"
+    return benchlib.machine(f", {torch.get_num_threads()} torch thread(s)", ", bf16 autocast")
 
 
 def train_and_score(config: RunConfig, reuse: bool) -> dict[str, Any]:
-    """Train (or, with ``reuse``, load the last run's bundle), then decode the model every way."""
+    """Train (or, with ``reuse``, load the last run's bundle), decode the model every way on val,
+    choose by val ``CRITERION``, then score the chosen decoding once on test."""
     start = time.perf_counter()
     out = Path(config.out)
     trained = not (reuse and (out / "bundle").is_dir() and (out / "metrics.json").is_file())
@@ -109,22 +115,31 @@ def train_and_score(config: RunConfig, reuse: bool) -> dict[str, Any]:
     model = load_bundle(out / "bundle").eval()
     manifest, _ = with_text(read_manifest(config.data.manifest))
     keys = image_columns(config, manifest)
-    decodings: dict[str, Any] = {}
-    for i, (label, settings) in enumerate(DECODINGS.items()):
-        if i == 0 and trained:  # run_report just evaluated exactly this decoding
-            decodings[label] = {k: v for k, v in metrics.items() if k not in ("train", "n_without_text")}
-            continue
+
+    def decode(i: int, label: str, split: str) -> dict[str, Any]:
         variant = dataclasses.replace(
             config,
-            out=str(out / "decodings" / str(i)),
-            report=dataclasses.replace(config.report, **settings),
+            out=str(out / "decodings" / f"{split}{i}"),
+            report=dataclasses.replace(config.report, **DECODINGS[label]),
         )
         eval_start = time.perf_counter()
-        decodings[label] = evaluate_report(model, manifest, variant, keys, config.eval.split)
-        decodings[label]["eval_seconds"] = round(time.perf_counter() - eval_start, 1)
-        print(f"{label}: {decodings[label]['generated']} in {decodings[label]['eval_seconds']} s")
+        scored = evaluate_report(model, manifest, variant, keys, split)
+        scored["eval_seconds"] = round(time.perf_counter() - eval_start, 1)
+        print(f"{split} {label}: {scored['generated']} in {scored['eval_seconds']} s", flush=True)
+        return scored
+
+    val: dict[str, Any] = {}
+    for i, label in enumerate(DECODINGS):
+        if i == 0 and trained and metrics.get("split") == "val":  # run_report just scored this one
+            val[label] = {k: v for k, v in metrics.items() if k not in ("train", "n_without_text")}
+        else:
+            val[label] = decode(i, label, "val")
+    chosen = max(val, key=lambda label: val[label]["generated"][CRITERION])
     return {
-        "decodings": decodings,
+        "val": val,
+        "chosen": chosen,
+        "criterion": CRITERION,
+        "test": decode(list(DECODINGS).index(chosen), chosen, "test"),
         "train": metrics["train"],
         "trained_in_this_run": trained,
         "wall_seconds": round(time.perf_counter() - start, 1),
@@ -165,47 +180,94 @@ def _cells(m: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in keys)
 
 
-def text_table(name: str, result: dict[str, Any]) -> str:
-    """BLEU/ROUGE-L per decoding, then the two baselines (the same for every decoding)."""
-    decodings = result["decodings"]
-    first = next(iter(decodings.values()))
-    train = result["train"]
-    origin = "trained in this run" if result["trained_in_this_run"] else "bundle of the previous run"
-    metrics = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l")
+TEXT_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l")
+
+
+def _repeat(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def val_table(result: dict[str, Any]) -> list[str]:
+    """Every decoding on val: where the choice was made (bold: the chosen one)."""
     lines = [
-        f"**{name}** ({first['n_cases']} test cases; {train['steps']} steps, {train['seconds']:.0f} s "
-        f"training, {origin}; {result['wall_seconds']:.0f} s wall for this part)",
-        "",
-        "| method | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | words | repeat 3-gram |",
+        "| decoding (val) | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | words | repeat 3-gram |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label, m in decodings.items():
-        repeat = m.get("generated_repeating_3gram")
-        repeat_cell = "n/a" if repeat is None else f"{repeat:.2f}"
+    for label, m in result["val"].items():
+        name = f"**{label}** (chosen)" if label == result["chosen"] else label
         lines.append(
-            f"| decoder, {label} | {_cells(m['generated'], metrics)} | {m['mean_generated_words']:.1f} "
-            f"| {repeat_cell} |"
+            f"| {name} | {_cells(m['generated'], TEXT_METRICS)} | {m['mean_generated_words']:.1f} "
+            f"| {_repeat(m.get('generated_repeating_3gram'))} |"
         )
-    reference_repeat = first.get("reference_repeating_3gram")
-    tail = "n/a" if reference_repeat is None else f"{reference_repeat:.2f}"
-    lines.append(f"| retrieval (nearest train image) | {_cells(first['retrieval'], metrics)} | | |")
-    lines.append(f"| constant (most frequent train caption) | {_cells(first['constant'], metrics)} | | |")
-    lines.append(f"| (references) | | | | | | {first['mean_reference_words']:.1f} | {tail} |")
-    return "\n".join(lines)
+    return lines
 
 
-def findings_table(result: dict[str, Any]) -> str:
-    decodings = result["decodings"]
-    rows = [(f"decoder, {label}", m["findings"]["generated"]) for label, m in decodings.items()]
-    rows.append(("retrieval", next(iter(decodings.values()))["findings"]["retrieval"]))
-    keys = ("exact", "count", "location_precision", "location_recall", "type", "size", "diagnosis")
+def test_table(result: dict[str, Any]) -> list[str]:
+    """The chosen decoding and the two baselines on test, read once."""
+    m = result["test"]
     lines = [
-        "| method | " + " | ".join(keys) + " | no diagnosis |",
-        "|---" * (len(keys) + 2) + "|",
+        "| method (test) | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | words | repeat 3-gram |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| decoder, {result['chosen']} | {_cells(m['generated'], TEXT_METRICS)} | {m['mean_generated_words']:.1f} "
+        f"| {_repeat(m.get('generated_repeating_3gram'))} |",
     ]
+    if "retrieval" in m:
+        lines.append(f"| retrieval (nearest train image) | {_cells(m['retrieval'], TEXT_METRICS)} | | |")
+    lines.append(f"| constant (most frequent train report) | {_cells(m['constant'], TEXT_METRICS)} | | |")
+    lines.append(
+        f"| (references) | | | | | | {m['mean_reference_words']:.1f} | {_repeat(m.get('reference_repeating_3gram'))} |"
+    )
+    return lines
+
+
+def findings_table(result: dict[str, Any]) -> list[str]:
+    findings = result["test"]["findings"]
+    rows = [(f"decoder, {result['chosen']}", findings["generated"])]
+    if "retrieval" in findings:
+        rows.append(("retrieval baseline", findings["retrieval"]))
+    keys = ("exact", "count", "location_precision", "location_recall", "type", "size", "diagnosis")
+    lines = ["| method (test) | " + " | ".join(keys) + " | no diagnosis |", "|---" * (len(keys) + 2) + "|"]
     for label, m in rows:
         lines.append(f"| {label} | {_cells(m, keys)} | {m['n_no_diagnosis']}/{m['n_cases']} |")
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "Protocol: `report_small_minilm` (CLIP-ViT 4 x 192, patch 16; decoder 3 layers, 256 wide, 4 heads, random "
+        "word embeddings, MiniLM WordPiece tokenizer), AdamW lr 5e-4, batch 32, bf16 autocast, seed 0, "
+        f"{results['threads']} thread(s); at most 64 new tokens; beam search with length penalty 1. One trained model "
+        "per dataset. Selection: every decoding is scored on the validation split (MedPix: the release's dev "
+        f"split) and the one with the best val {CRITERION_NAME} "
+        "is scored once on test, with the baselines: **retrieval** (the report of the nearest training image by the "
+        "trained image encoder's embedding) and **constant** (the most frequent training report). BLEU: corpus "
+        "level (pycocoevalcap rules, no smoothing); ROUGE-L: sentence F (β = 1.2) averaged; \"repeat\" = share "
+        "of reports containing a repeated word 3-gram.",
+    ]
+    for part, title in (("medpix", "MedPix 2.0"), ("phantom", "Phantom")):
+        if part not in results:
+            continue
+        result = results[part]
+        train, test = result["train"], result["test"]
+        val_n = next(iter(result["val"].values()))["n_cases"]
+        lines += [
+            "",
+            f"**{title}**: {result['epochs']} epochs ({train['steps']} steps, {train['seconds']:.0f} s), "
+            f"val {val_n} / test {test['n_cases']} cases.",
+            "",
+            *val_table(result),
+            "",
+            *test_table(result),
+        ]
+        if "findings" in test:
+            lines += ["", "Findings read back from the test reports by `parse_report` against the true lesions:", ""]
+            lines += findings_table(result)
+    lines += ["", f"Machine: {results['machine']}; {results['wall_seconds']:.0f} s wall."]
     return "\n".join(lines)
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_report": render})
 
 
 def main() -> None:
@@ -214,35 +276,26 @@ def main() -> None:
     parser.add_argument("--epochs-medpix", type=int, default=5)
     parser.add_argument("--epochs-phantom", type=int, default=30)
     parser.add_argument("--reuse-trained", action="store_true", help="decode the last run's bundles")
+    parser.add_argument("--write", action="store_true", help="save the results file and rewrite the block")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.perf_counter()
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    for part in ("medpix", "phantom"):  # a part stored before DECODINGS existed cannot be tabled
-        if "decodings" not in results.get(part, {"decodings": None}):
+    path = benchlib.results_path("bench_report")
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    for part in ("medpix", "phantom"):  # a part stored before val selection existed cannot be tabled
+        if "val" not in results.get(part, {"val": None}):
             del results[part]
     results["machine"] = machine()
     results["threads"] = torch.get_num_threads()
-    results["protocol"] = __doc__
     if args.only in (None, "medpix"):
         results["medpix"] = medpix(args.epochs_medpix, args.reuse_trained) | {"epochs": args.epochs_medpix}
     if args.only in (None, "phantom"):
-        results["phantom"] = phantom(args.epochs_phantom, args.reuse_trained) | {
-            "epochs": args.epochs_phantom
-        }
+        results["phantom"] = phantom(args.epochs_phantom, args.reuse_trained) | {"epochs": args.epochs_phantom}
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
-    print(f"\n{machine()}, {results['threads']} thread(s)\n")
-    if "medpix" in results:
-        print(
-            text_table(f"MedPix 2.0 test captions, {results['medpix']['epochs']} epochs", results["medpix"])
-        )
-    if "phantom" in results:
-        print()
-        print(text_table(f"Phantom test reports, {results['phantom']['epochs']} epochs", results["phantom"]))
-        print("\nPhantom findings named in the reports vs the true lesions (test split):\n")
-        print(findings_table(results["phantom"]))
+    if args.write:
+        print(benchlib.publish("bench_report", results, render, "## Report generation (`benchmarks/bench_report.py`)"))
+    else:
+        print(render(json.loads(json.dumps(results, default=float))))
 
 
 if __name__ == "__main__":

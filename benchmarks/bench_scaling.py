@@ -2,7 +2,8 @@
 
 * batch size and image size: one alignment training step with the towers of
   ``bench_align_step.py`` (CLIP ViT 384 x 6, text 256 x 4), medalign's DualEncoder as the Engine
-  trains it (bf16) vs ``transformers.CLIPModel`` fp32 (the reference);
+  trains it (bf16) vs ``transformers.CLIPModel`` under the same bf16 autocast with fused AdamW
+  and eager attention (the reference; see ``REFERENCE_ATTENTION``);
 * dataset size: top-10 search for a batch of 64 queries over N x 512 embeddings, medalign's
   memory-mapped exact index vs NumPy's full product + argpartition.
 
@@ -11,6 +12,8 @@ index is built beforehand; search points only load it); time is the median of th
 after a warm-up. Plots go to ``benchmarks/scaling_*.png``.
 
     python benchmarks/bench_scaling.py [--quick] [--write]
+
+``--write`` saves ``benchmarks/results/bench_scaling_curves.json`` and rewrites its block.
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import benchlib
 
 HERE = Path(__file__).resolve().parent
+# CLIPModel's attention in the reference: eager, the faster of its two implementations for a bf16
+# training step on a CPU in the alignment-step benchmark (bench_align_step.py times both)
+REFERENCE_ATTENTION = "eager"
+ATTENTION_NOTES = {
+    "sdpa": "its default SDPA attention",
+    "eager": "eager attention (the faster of its two in the alignment-step benchmark)",
+}
 BATCHES = (8, 16, 32, 64)
 SIZES = (64, 128, 192, 256)
 ROWS = (10_000, 100_000, 300_000, 1_000_000)
@@ -48,7 +59,7 @@ def align_point(side: str, batch: int, size: int, repeats: int) -> dict:
 
     bench_align_step.BATCH, bench_align_step.IMAGE_SIZE = batch, size
     torch.manual_seed(0)
-    reference = build_reference()
+    reference = build_reference(REFERENCE_ATTENTION)
     data = make_batch()
     trainer = ReferenceTrainer(reference, data) if side == "reference" else MedalignTrainer(build_ours(reference), data)
     if side != "reference":
@@ -136,58 +147,76 @@ def plot(name: str, xlabel: str, xs: tuple[int, ...], series: dict[str, list[dic
     return path
 
 
+SIDES = {"reference": "transformers CLIPModel bf16", "ours": "medalign DualEncoder bf16"}
+SEARCH_SIDES = {"reference": "NumPy matmul + argpartition", "ours": "medalign exact index (mmap)"}
+AXES = {  # curve -> (x label, time label, table unit)
+    "batch": ("batch size (pairs, 128 px)", "seconds per step", "s"),
+    "image": ("image size (px, batch 16)", "seconds per step", "s"),
+    "dataset": ("indexed embeddings (512-d)", "ms per query (batch of 64)", "ms"),
+}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    batches, sizes, rows = (BATCHES[:2], SIZES[:2], ROWS[:2]) if quick else (BATCHES, SIZES, ROWS)
+    for n in rows:
+        index_folder(n)
+    curves = {
+        "batch": {SIDES[s]: [measure("align", s, b, 128) for b in batches] for s in SIDES},
+        "image": {SIDES[s]: [measure("align", s, 16, z) for z in sizes] for s in SIDES},
+        "dataset": {SEARCH_SIDES[s]: [measure("search", s, n) for n in rows] for s in SEARCH_SIDES},
+    }
+    xs = {"batch": list(batches), "image": list(sizes), "dataset": list(rows)}
+    for name, (xlabel, time_label, _) in AXES.items():
+        plot(name, xlabel, tuple(xs[name]), curves[name], time_label)
+    return {"xs": xs, "curves": curves, "reference_attention": REFERENCE_ATTENTION, "machine": benchlib.machine()}
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = []
+    for name, (_, _, unit) in AXES.items():
+        curve, xs = results["curves"][name], results["xs"][name]
+        labels = list(curve)
+        lines.append(f"| {name} | " + " | ".join(f"{lab}: time, peak MB" for lab in labels) + " | ratio |")
+        lines.append("|---|" + "---|" * (len(labels) + 1))
+        for i, x in enumerate(xs):
+            cells = []
+            for lab in labels:
+                p = curve[lab][i]
+                cells.append(f"{p['seconds'] * (1000 if unit == 'ms' else 1):.2f} {unit}, {p['peak_mb']:.0f}")
+            ratio = curve[labels[0]][i]["seconds"] / curve[labels[1]][i]["seconds"]
+            lines.append(f"| {x:,} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+        lines.append("")
+    return (
+        "Each point in a fresh process (peak RSS = `VmHWM`, model and data included); time = median of "
+        "the timed repeats after a warm-up. Alignment step: towers of the alignment-step benchmark, batch "
+        "sweep at 128 px, image sweep at batch 16, both sides under bf16 autocast (the reference: "
+        f"`CLIPModel` with {ATTENTION_NOTES[results.get('reference_attention', 'sdpa')]} and fused AdamW). "
+        "Search: top-10 for 64 queries over "
+        f"N x 512 rows. Ratio = reference time / ours. Machine: {results['machine']}.\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + "\n".join(f"![scaling_{name}](benchmarks/scaling_{name}.png)" for name in AXES)
+    )
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_scaling_curves": render})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the two smallest points of each curve")
-    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--write", action="store_true", help="save the results file and rewrite the block")
     args = parser.parse_args()
     if args.point:
         child(args.point)
         return
-    batches, sizes, rows = (BATCHES[:2], SIZES[:2], ROWS[:2]) if args.quick else (BATCHES, SIZES, ROWS)
-    sides = {"reference": "transformers CLIPModel fp32", "ours": "medalign DualEncoder bf16"}
-    for n in rows:
-        index_folder(n)
-    curves = {
-        "batch": {sides[s]: [measure("align", s, b, 128) for b in batches] for s in sides},
-        "image": {sides[s]: [measure("align", s, 16, z) for z in sizes] for s in sides},
-        "dataset": {
-            label: [measure("search", s, n) for n in rows]
-            for s, label in (("reference", "NumPy matmul + argpartition"), ("ours", "medalign exact index (mmap)"))
-        },
-    }
-    plots = [
-        plot("batch", "batch size (pairs, 128 px)", batches, curves["batch"], "seconds per step"),
-        plot("image", "image size (px, batch 16)", sizes, curves["image"], "seconds per step"),
-        plot("dataset", "indexed embeddings (512-d)", rows, curves["dataset"], "ms per query (batch of 64)"),
-    ]
-    print(json.dumps(curves, indent=1))
+    results = run(args.quick)
     if args.write:
-        lines = []
-        for name, xs, unit in (("batch", batches, "s"), ("image", sizes, "s"), ("dataset", rows, "ms")):
-            labels = list(curves[name])
-            lines.append(f"| {name} | " + " | ".join(f"{lab}: time, peak MB" for lab in labels) + " | ratio |")
-            lines.append("|---|" + "---|" * (len(labels) + 1))
-            for i, x in enumerate(xs):
-                cells = []
-                for lab in labels:
-                    p = curves[name][lab][i]
-                    value = p["seconds"] * (1000 if unit == "ms" else 1)
-                    cells.append(f"{value:.2f} {unit}, {p['peak_mb']:.0f}")
-                ratio = curves[name][labels[0]][i]["seconds"] / curves[name][labels[1]][i]["seconds"]
-                lines.append(f"| {x:,} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
-            lines.append("")
-        body = (
-            "Each point in a fresh process (peak RSS = `VmHWM`, model and data included); time = median of "
-            "the timed repeats after a warm-up. Alignment step: towers of the alignment-step benchmark, batch "
-            "sweep at 128 px, image sweep at batch 16. Search: top-10 for 64 queries over N x 512 rows. Ratio = "
-            f"reference time / ours. Machine: {benchlib.machine()}.\n\n"
-            + "\n".join(lines)
-            + "\n"
-            + "\n".join(f"![{p.stem}](benchmarks/{p.name})" for p in plots)
-        )
-        benchlib.write_section("curves", body, script="bench_scaling", title="Scaling curves")
+        print(benchlib.publish("bench_scaling_curves", results, render, "## Scaling curves (`benchmarks/bench_scaling.py curves`)"))
+    else:
+        print(render(results))
 
 
 if __name__ == "__main__":

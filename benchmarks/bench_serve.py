@@ -12,7 +12,6 @@ The load is bounded in time and count and only targets 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
@@ -21,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--write", action="store_true", help="rewrite the BENCHMARKS.md section")
+    parser.add_argument("--write", action="store_true", help="save the results file and rewrite the block")
     args = parser.parse_args()
     root = benchlib.RUNS / "serve"
     files = build(root)
@@ -160,25 +160,35 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     reference = direct(files, paths, min(args.seconds, 20))
-    result = {"ours": ours, "reference": reference, "ratio": ours["rps"] / reference["rps"]}
-    print(json.dumps(result, indent=2))
+    results = {"ours": ours, "reference": reference, "seconds": args.seconds, "machine": benchlib.machine()}
     if args.write:
-        body = (
-            f"`POST /api/analyse` from {ours['clients']} concurrent clients (threads, one keep-alive connection "
-            f"each) for {args.seconds:.0f} s on loopback against `medalign serve` serving two bundles "
-            "(align_tiny 64 px with zero-shot `phantom_diagnosis` templates, U-Net 64 px; random weights: this "
-            "measures serving, not accuracy) and a 40-case similar-case gallery; uploads are 128 px phantom "
-            "PNGs; every answer is checked (HTTP 200, diagnosis, overlay, 5 similar cases). Reference: the same "
-            "`DemoService.analyse` called in-process back to back (no HTTP, no upload checks). Inference is "
-            f"serialised in the server (one model call at a time), 1 torch thread on both sides. Machine: {benchlib.machine()}; the load "
-            "generator runs on the same 2 cores.\n\n"
-            "| path | requests | errors | requests/s | p50 latency | p99 latency | ratio |\n|---|---|---|---|---|---|---|\n"
-            f"| HTTP, {ours['clients']} clients | {ours['requests']} | {ours['errors']} | {ours['rps']:.1f} | "
-            f"{ours['p50_ms']:.0f} ms | {ours['p99_ms']:.0f} ms | {result['ratio']:.2f}x |\n"
-            f"| in-process `analyse` (reference) | {reference['requests']} | 0 | {reference['rps']:.1f} | "
-            f"{reference['p50_ms']:.0f} ms | – | 1.00x |"
-        )
-        benchlib.write_section("load", body, script="bench_serve", title="Web demo under load")
+        print(benchlib.publish("bench_serve_load", results, render, "## Web demo under load (`benchmarks/bench_serve.py load`)"))
+    else:
+        print(render(results))
+
+
+def render(results: dict[str, Any]) -> str:
+    ours, reference = results["ours"], results["reference"]
+    ratio = ours["rps"] / reference["rps"]
+    return (
+        f"`POST /api/analyse` from {ours['clients']} concurrent clients (threads, one keep-alive connection "
+        f"each) for {results['seconds']:.0f} s on loopback against `medalign serve` serving two bundles "
+        "(align_tiny 64 px with zero-shot `phantom_diagnosis` templates, U-Net 64 px; random weights: this "
+        "measures serving, not accuracy) and a 40-case similar-case gallery; uploads are 128 px phantom "
+        "PNGs; every answer is checked (HTTP 200, diagnosis, overlay, 5 similar cases). Reference: the same "
+        "`DemoService.analyse` called in-process back to back (no HTTP, no upload checks). Inference is "
+        f"serialised in the server (one model call at a time), 1 torch thread on both sides. Machine: "
+        f"{results['machine']}; the load generator runs on the same 2 cores.\n\n"
+        "| path | requests | errors | requests/s | p50 latency | p99 latency | ratio |\n|---|---|---|---|---|---|---|\n"
+        f"| HTTP, {ours['clients']} clients | {ours['requests']} | {ours['errors']} | {ours['rps']:.1f} | "
+        f"{ours['p50_ms']:.0f} ms | {ours['p99_ms']:.0f} ms | {ratio:.2f}x |\n"
+        f"| in-process `analyse` (reference) | {reference['requests']} | 0 | {reference['rps']:.1f} | "
+        f"{reference['p50_ms']:.0f} ms | – | 1.00x |"
+    )
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"bench_serve_load": render})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ README = REPO / "README.md"
 DOCS = (README, BENCHMARKS)
 RESULTS = REPO / "benchmarks" / "results"
 STAMP = "bench_overrides.json"
+NO_RESULTS = "(no current results file)"  # said before a pending block; dropped when it is written
 
 
 def machine(cores: str = "", versions: str = "") -> str:
@@ -68,6 +69,15 @@ def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
     return path
 
 
+def finished(run: str, overrides: list[str]) -> dict[str, Any] | None:
+    """The metrics.json of ``RUNS/<run>`` if that run finished with exactly these overrides."""
+    out = RUNS / run
+    stamp, metrics_path = out / STAMP, out / "metrics.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == overrides and metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    return None
+
+
 def train(
     recipe: str,
     run: str,
@@ -87,9 +97,10 @@ def train(
 
     out = RUNS / run
     stamp, metrics_path = out / STAMP, out / "metrics.json"
+    done = finished(run, overrides)
+    if done is not None:
+        return done
     same = stamp.is_file() and json.loads(stamp.read_text()) == overrides
-    if same and metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
     config = load_config(REPO / "configs" / folder / f"{recipe}.yaml", [f"out={out}", *overrides])
     config.train.progress = False
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +156,34 @@ def load_results(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the benchmark that writes it")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def rendered(renderers: dict[str, Callable[[dict[str, Any]], str]]) -> dict[str, str]:
+    """``blocks()`` of a script: marker -> markdown for every results file of the script that
+    exists (results file and marker share the name). A doc block whose results file is missing
+    is not rendered by anyone, which ``render_docs --check`` reports."""
+    return {name: render(load_results(name)) for name, render in renderers.items() if results_path(name).is_file()}
+
+
+def publish(name: str, results: dict[str, Any], render: Callable[[dict[str, Any]], str], heading: str) -> str:
+    """Save ``results`` as ``benchmarks/results/<name>.json`` and write its block, rendered from the
+    saved file (so what is written is exactly what ``render_docs --check`` re-renders). A block
+    without markers takes the place of a ``<!-- NAME:pending -->`` line (a section whose numbers
+    were removed until the benchmark runs again), or else gets ``heading`` and markers appended to
+    BENCHMARKS.md. Returns the block."""
+    save_results(name, results)
+    body = render(load_results(name))
+    begin, end = _markers(name)
+    if name not in doc_blocks():
+        pending = f"<!-- {name}:pending -->"
+        holder = next((doc for doc in DOCS if pending in doc.read_text(encoding="utf-8")), None)
+        if holder is not None:
+            text = holder.read_text(encoding="utf-8").replace(f" {NO_RESULTS}.\n\n{pending}", f".\n\n{pending}", 1)
+            holder.write_text(text.replace(pending, f"{begin}\n{end}", 1), encoding="utf-8")
+        else:
+            replace_section(body, begin, end, heading)
+    write_blocks({name: body})
+    return body
 
 
 def _markers(name: str) -> tuple[str, str]:

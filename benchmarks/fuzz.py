@@ -34,8 +34,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from benchlib import RUNS, machine, replace_section
+import benchlib
+from benchlib import RUNS, machine
 from medalign.data.fuzzing import TARGETS, Target, mutate, run_case
 
 CORPUS_LIMIT = 64
@@ -115,18 +117,24 @@ def replay(file: Path, name: str, out: Path) -> None:
     print(outcome.status, outcome.signature, outcome.detail, sep="\n")
 
 
-def table(stats: dict[str, Stats], seconds: float) -> str:
-    total = sum(s.inputs for s in stats.values())
+def render(results: dict[str, Any]) -> str:
+    targets = results["targets"]
+    total = sum(t["inputs"] for t in targets.values())
     lines = [
-        f"{seconds:.0f} s on one core, {total} inputs over {len(stats)} targets. Machine: {machine()}.",
+        f"{results['seconds']:.0f} s on one core, seed {results['seed']}, {total} inputs over {len(targets)} targets. "
+        f"Machine: {results['machine']}.",
         "",
         "| target | inputs | result | expected error | crashes (distinct) |",
         "|---|---|---|---|---|",
     ]
-    for name, s in stats.items():
-        crashes = sum(s.crashes.values())
-        lines.append(f"| {name} | {s.inputs} | {s.ok} | {s.expected} | {crashes} ({len(s.crashes)}) |")
+    for name, t in targets.items():
+        crashes = sum(t["crashes"].values())
+        lines.append(f"| {name} | {t['inputs']} | {t['ok']} | {t['expected']} | {crashes} ({len(t['crashes'])}) |")
     return "\n".join(lines)
+
+
+def blocks() -> dict[str, str]:
+    return benchlib.rendered({"fuzz": render})
 
 
 def main() -> None:
@@ -140,7 +148,7 @@ def main() -> None:
     )
     parser.add_argument("--memory-gb", type=float, default=4.0)
     parser.add_argument("--replay", type=Path, help="run one saved input (with --targets <its target>)")
-    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="save benchmarks/results/fuzz.json and rewrite its block")
     args = parser.parse_args()
     names = args.targets.split(",")
     unknown = sorted(set(names) - set(TARGETS))
@@ -154,12 +162,13 @@ def main() -> None:
         replay(args.replay, names[0], args.out)
         return
     stats = fuzz(names, args.seconds, args.out, args.seed, args.timeout)
-    body = table(stats, args.seconds)
-    print(body)
     summary = {n: {**vars(s), "crashes": s.crashes} for n, s in stats.items()}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    results = {"seconds": args.seconds, "seed": args.seed, "targets": summary, "machine": machine()}
     if args.write:
-        replace_section(body, "<!-- fuzz:begin -->", "<!-- fuzz:end -->", "## Fuzzing (`benchmarks/fuzz.py`)")
+        print(benchlib.publish("fuzz", results, render, "## Fuzzing (`benchmarks/fuzz.py`)"))
+    else:
+        print(render(json.loads(json.dumps(results))))
 
 
 if __name__ == "__main__":

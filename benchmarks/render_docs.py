@@ -1,6 +1,6 @@
 """Rewrite (or ``--check``) every script-written block of README.md and BENCHMARKS.md.
 
-Each ``benchmarks/bench_*.py`` that defines ``blocks()`` renders its blocks from the committed
+Each ``benchmarks/bench_*.py`` (and ``fuzz.py``) that defines ``blocks()`` renders its blocks from the committed
 ``benchmarks/results/*.json`` files alone (see ``benchlib``); this script collects them all.
 
     python benchmarks/render_docs.py           # rewrite every block from the results files
@@ -16,11 +16,27 @@ from pathlib import Path
 
 import benchlib
 
+# Marker blocks that hold no measured numbers and so are written by no benchmark script.
+NOT_MEASURED = {
+    "install": "the install command CI reads from the README",
+    "quickstart": "the quickstart command the README gives (CI runs it tiny)",
+    "tests": "the test command CI reads from the README",
+    "browser": "the command that installs the browser for the demo test",
+}
+# Blocks whose script has not been converted to results files yet (owned by other work in
+# flight); listed so that they are not forgotten: remove an entry when its script defines blocks().
+AWAITING_CONVERSION = {
+    "bench_pretrain": "benchmarks/bench_pretrain.py (issue 20)",
+    "bench_curriculum_ablation": "benchmarks/bench_curriculum.py (issue 20)",
+    "bench_curriculum_label_efficiency": "benchmarks/bench_curriculum.py (issue 20)",
+}
+
 
 def all_blocks() -> dict[str, str]:
     """marker name -> rendered markdown, from every script that defines ``blocks()``."""
     blocks: dict[str, str] = {}
-    for script in sorted(Path(benchlib.REPO / "benchmarks").glob("bench_*.py")):
+    folder = Path(benchlib.REPO / "benchmarks")
+    for script in [*sorted(folder.glob("bench_*.py")), folder / "fuzz.py"]:
         module = importlib.import_module(script.stem)
         render = getattr(module, "blocks", None)
         if render is None:
@@ -33,10 +49,17 @@ def all_blocks() -> dict[str, str]:
 
 
 def differences() -> list[str]:
-    """One line per block whose committed text differs from its rendering (or has no markers)."""
+    """One line per block whose committed text differs from its rendering (or has no markers), and
+    per doc block that no script renders (its numbers would have no results file behind them)."""
     existing = benchlib.doc_blocks()
-    problems = []
-    for name, body in all_blocks().items():
+    rendered = all_blocks()
+    problems = [
+        f"{name} ({path.name}): no benchmark script renders it (no results file behind its numbers)"
+        for name, (path, _) in existing.items()
+        if name not in rendered and name not in NOT_MEASURED and name not in AWAITING_CONVERSION
+    ]
+    problems += [f"{name}: listed as awaiting conversion but its script renders it now" for name in AWAITING_CONVERSION if name in rendered]
+    for name, body in rendered.items():
         if name not in existing:
             problems.append(f"{name}: rendered but no markers in README.md or BENCHMARKS.md")
         elif existing[name][1] != body.strip("\n"):

@@ -1,7 +1,8 @@
 """Run the benchmark suite and rewrite BENCHMARKS.md: every benchmark that fits this machine.
 
-Each entry is one script invocation with ``--write``, so each rewrites its own section (ours vs
-the reference, measured in the same run, with the machine and date). ``speed`` benchmarks take
+Each entry is one script invocation with ``--write``, so each saves its results file under
+``benchmarks/results/`` and rewrites its own block from it (ours vs the reference, measured in the
+same run, with the machine and date). ``speed`` benchmarks take
 minutes and need no trained models; ``quality`` ones train models on the shared datasets and
 take hours on a CPU (run them on purpose: ``--group quality`` or ``--group all``). Benchmarks
 whose dataset is missing are skipped and listed as such. A summary (status, seconds) goes to
@@ -48,6 +49,8 @@ SUITE: tuple[Bench, ...] = (
     Bench("moe", ("bench_moe.py",), "speed"),
     Bench("pretrain_step", ("bench_pretrain.py",), "speed"),
     Bench("zeroshot", ("bench_zeroshot.py",), "speed"),
+    Bench("instruct_speed", ("bench_instruct.py", "speed"), "speed"),
+    Bench("fuzz", ("fuzz.py", "--seconds", "60"), "speed"),
     Bench("index", ("bench_index.py",), "speed"),
     Bench("serve", ("bench_serve.py",), "speed"),
     Bench("checkpoint", ("bench_checkpoint.py",), "speed"),
@@ -55,15 +58,19 @@ SUITE: tuple[Bench, ...] = (
     Bench("align_medpix", ("bench_align_quality.py", "medpix"), "quality", ("medpix-2",)),
     Bench("align_busi", ("bench_align_quality.py", "busi"), "quality", ("busi", "medpix-2")),
     Bench("align_phantom", ("bench_align_quality.py", "phantom"), "quality"),
-    Bench("segment_phantom", ("bench_segment.py", "phantom"), "quality"),
+    Bench("text_segment_design", ("bench_text_segment.py", "design"), "quality"),
+    Bench("text_segment_phantom", ("bench_text_segment.py", "phantom"), "quality"),
     Bench("segment_busi", ("bench_segment.py", "busi"), "quality", ("busi",)),
     Bench("segment_kvasir", ("bench_segment.py", "kvasir"), "quality", ("kvasir-seg",)),
-    Bench("segment_monuseg", ("bench_segment.py", "monuseg"), "quality", ("monuseg-text",)),
+    Bench("text_segment_monuseg", ("bench_text_segment.py", "monuseg"), "quality", ("monuseg-text",)),
+    Bench("text_segment_qata", ("bench_text_segment.py", "qata"), "quality", ("qata-cov19-text",)),
     Bench("fuse_phantom", ("bench_fuse.py", "phantom"), "quality"),
     Bench("fuse_lgg", ("bench_fuse.py", "lgg"), "quality", ("lgg_mri",)),
     Bench("fuse_wli_nbi", ("bench_fuse.py", "wli_nbi"), "quality", ("wli-nbi-demo",)),
     Bench("clinical", ("bench_clinical.py",), "quality", ("lgg_mri",)),
-    Bench("report", ("bench_report.py",), "quality", ("medpix-2",), writes=False),
+    Bench("report", ("bench_report.py",), "quality", ("medpix-2",)),
+    Bench("instruct_phantom", ("bench_instruct.py", "phantom"), "quality"),
+    Bench("instruct_medpix", ("bench_instruct.py", "medpix"), "quality", ("medpix-2",)),
     Bench("curriculum_ablation", ("bench_curriculum.py", "ablation"), "quality"),
     Bench("label_efficiency", ("bench_curriculum.py", "label_efficiency"), "quality", ("kvasir-seg", "busi")),
 )

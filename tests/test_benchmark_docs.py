@@ -39,3 +39,30 @@ def test_a_changed_number_is_caught(render_docs, tmp_path: Path, monkeypatch: py
     assert render_docs.differences() == ["demo (DOC.md): differs from its results file's rendering"]
     benchlib.write_blocks({"demo": "| a | 0.812 |"}, (doc,))
     assert doc.read_text() == "intro\n<!-- demo:begin -->\n| a | 0.812 |\n<!-- demo:end -->\nrest\n"
+
+
+def test_a_block_no_script_renders_is_caught(render_docs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers between markers with no results file behind them (typed by hand) fail too."""
+    import benchlib
+
+    doc = tmp_path / "DOC.md"
+    doc.write_text("<!-- typed:begin -->\n| a | 0.9 |\n<!-- typed:end -->\n<!-- quickstart:begin -->\nx\n<!-- quickstart:end -->\n")
+    monkeypatch.setattr(benchlib, "DOCS", (doc,))
+    monkeypatch.setattr(render_docs, "all_blocks", lambda: {})
+    assert render_docs.differences() == [
+        "typed (DOC.md): no benchmark script renders it (no results file behind its numbers)"
+    ]
+
+
+def test_publish_fills_a_pending_section(render_docs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section whose numbers were removed keeps a pending marker; the next run writes its block there."""
+    import benchlib
+
+    doc = tmp_path / "DOC.md"
+    doc.write_text("## X\n\nWritten by `x.py` (no current results file).\n\n<!-- demo:pending -->\n\n## Y\n")
+    monkeypatch.setattr(benchlib, "DOCS", (doc,))
+    monkeypatch.setattr(benchlib, "RESULTS", tmp_path / "results")
+    body = benchlib.publish("demo", {"value": 0.5}, lambda r: f"| v | {r['value']:.2f} |", "## unused")
+    assert body == "| v | 0.50 |"
+    assert doc.read_text() == "## X\n\nWritten by `x.py`.\n\n<!-- demo:begin -->\n| v | 0.50 |\n<!-- demo:end -->\n\n## Y\n"
+    assert benchlib.load_results("demo") == {"value": 0.5}

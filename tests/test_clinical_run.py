@@ -25,9 +25,11 @@ from medalign.tasks.clinical import (
     KM_PNG,
     RELIABILITY_PNG,
     ClinicalTask,
+    SurvivalReference,
     evaluate_clinical,
     patient_rows,
     run_clinical,
+    survival_metrics,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,11 +83,15 @@ def test_run_clinical_on_the_phantom(cases, tmp_path, overrides):
         assert key in diagnosis
     assert sum(diagnosis["reliability"]["count"]) == test_rows
     survival = metrics["survival"]
-    assert 0.0 <= survival["c_index"] <= 1.0
-    assert len(survival["td_auc"]["times"]) == 3
+    table = read_manifest(cases).table
+    train = table[(table["split"] == "train") & (table["event"].astype(float) == 1)]
+    # td-AUC horizons: the quartiles of the TRAIN split's event times, never the test split's
+    expected = np.quantile(train["time"].astype(float), [0.25, 0.5, 0.75])
+    assert survival["td_auc"]["times"] == pytest.approx(expected.tolist())
+    assert survival["cut_points_from"] == "train split"
     groups = survival["risk_groups"]
-    assert groups["n_low"] + groups["n_high"] == test_rows and groups["n_low"] >= groups["n_high"]
-    assert groups["logrank"] is None or 0.0 <= groups["logrank"]["p_value"] <= 1.0
+    assert groups["n_low"] + groups["n_high"] == test_rows
+    assert groups["rule"] == "high = risk > median predicted risk of the train split"
     assert set(metrics["subsets"]) == {"a", "b", "a+b"}
     assert metrics["subsets"]["a+b"]["row"]["c_index"] == survival["c_index"]
     assert "patient_level" not in metrics  # phantom: one row per patient
@@ -95,6 +101,28 @@ def test_run_clinical_on_the_phantom(cases, tmp_path, overrides):
     assert isinstance(model, ClinicalModel)
     assert model.needs_text == ("model.overrides.text=tiny" in overrides)
     assert (out / "bundle" / "tokenizer").is_dir() == model.needs_text
+
+
+def test_survival_cut_points_come_from_the_reference_not_the_evaluated_cases():
+    """Horizons, IPCW and the risk-group threshold are fixed by the training cases: changing the
+    evaluated cases' times and risks moves none of them."""
+    reference = SurvivalReference(
+        time=np.array([2.0, 4.0, 6.0, 8.0, 10.0, 12.0]),
+        event=np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]),
+        risk=np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+    )
+    time, event = np.array([1.0, 3.0, 5.0, 7.0, 20.0]), np.array([1.0, 1.0, 0.0, 1.0, 0.0])
+    risk = np.array([9.0, 8.0, 3.0, 2.0, 1.0])
+    result = survival_metrics(time, event, risk, reference)
+    assert result["td_auc"]["times"] == pytest.approx(np.quantile([2, 4, 6, 8, 10], [0.25, 0.5, 0.75]).tolist())
+    assert result["risk_groups"]["threshold"] == 2.5  # median of the reference's risks
+    assert (result["risk_groups"]["n_low"], result["risk_groups"]["n_high"]) == (2, 3)
+    assert result["cut_points_from"] == "train split"
+    shifted = survival_metrics(time * 3, event, risk + 100, reference)
+    assert shifted["td_auc"]["times"] == result["td_auc"]["times"]
+    assert shifted["risk_groups"]["threshold"] == 2.5 and shifted["risk_groups"]["n_high"] == 5
+    alone = survival_metrics(time, event, risk)  # no reference: the evaluated cases, and it says so
+    assert alone["risk_groups"]["threshold"] == 3.0 and alone["cut_points_from"].startswith("evaluated cases")
 
 
 def test_patient_rows_average_probabilities_and_risks():

@@ -198,6 +198,15 @@ def test_local_alignment_loss_by_hand() -> None:
     assert got_scaled.item() == pytest.approx(_local_expected(), abs=1e-10)
 
 
+def test_local_alignment_default_scale_is_gloria_temp3_times_temp2() -> None:
+    """GLoRIA scales log(sum exp(temp2 * cos)) by temp3 = 10; with the 1/gamma kept inside, that is
+    a logit scale of 10 * 5 = 50, not 10 (which would be 5x softer than the method it cites)."""
+    inputs = _local_inputs()
+    assert local_alignment_loss(*inputs).item() == pytest.approx(_local_expected(scale=50.0), abs=1e-10)
+    assert local_alignment_loss(*inputs).item() != pytest.approx(_local_expected(scale=10.0), abs=1e-3)
+    assert ContrastiveLoss("clip", local_weight=1.0).local_logit_scale is None  # follows gamma
+
+
 def test_local_alignment_padded_word_changes_nothing() -> None:
     image_tokens, text_tokens, text_mask = _local_inputs()
     base = local_alignment_loss(image_tokens, text_tokens, text_mask)
@@ -273,9 +282,10 @@ def test_wrapper_kinds_and_local_term() -> None:
         sum(math.log(1 + E(-z * x)) for z, x in [(1, 0.0), (-1, -0.4), (-1, -1.0), (1, -0.2)]) / 2
     )
     out = ContrastiveLoss("siglip", local_weight=0.5)(outputs)
+    local = _local_expected(scale=50.0)  # GLoRIA's default scale
     assert out["loss_siglip"].item() == pytest.approx(siglip_expected, abs=1e-12)
-    assert out["loss_local"].item() == pytest.approx(_local_expected(), abs=1e-10)
-    assert out["loss"].item() == pytest.approx(siglip_expected + 0.5 * _local_expected(), abs=1e-10)
+    assert out["loss_local"].item() == pytest.approx(local, abs=1e-10)
+    assert out["loss"].item() == pytest.approx(siglip_expected + 0.5 * local, abs=1e-10)
     assert not out["loss_local"].requires_grad
 
     dcl = ContrastiveLoss("dcl")(_outputs())

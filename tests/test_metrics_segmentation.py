@@ -10,7 +10,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medalign.metrics import SegmentationMetrics, dice_iou_per_image, hd95, nsd, pooled_dice
+from medalign.metrics import (
+    SegmentationMetrics,
+    dice_iou_per_image,
+    hd95,
+    nsd,
+    pooled_dice,
+    worst_surface_distance,
+)
 
 
 def square(top: int, left: int, size: int = 10, shape: tuple[int, int] = (20, 20)) -> np.ndarray:
@@ -132,11 +139,21 @@ def test_hd95_ignores_a_single_outlier_pixel() -> None:
     assert hd95(pred, gt) == 0.0
 
 
-def test_hd95_undefined_on_empty_masks() -> None:
+def test_hd95_scores_empty_masks_with_the_worst_value() -> None:
+    # 20 x 20 image: the diagonal of its extent is sqrt(20^2 + 20^2); with spacing (0.5, 2) mm
+    # the extent is 10 x 40 mm. Both empty: nothing to miss, 0.
     a, z = square(2, 2), np.zeros((20, 20), dtype=bool)
-    assert hd95(a, z) is None
-    assert hd95(z, a) is None
-    assert hd95(z, z) is None
+    assert hd95(a, z) == pytest.approx(np.hypot(20, 20))  # a prediction where there is no lesion
+    assert hd95(z, a) == pytest.approx(np.hypot(20, 20))  # a missed lesion
+    assert hd95(z, a, spacing=(0.5, 2.0)) == pytest.approx(np.hypot(10, 40))
+    assert hd95(z, z) == 0.0
+    assert worst_surface_distance((20, 30), (1.0, 1.0)) == pytest.approx(np.hypot(20, 30))
+    # worse than any defined HD95: opposite corner pixels of the image are closer than the diagonal
+    corner_a, corner_b = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    corner_a[0, 0], corner_b[19, 19] = True, True
+    assert hd95(corner_a, corner_b) < hd95(z, a)
+    with pytest.raises(ValueError, match="spacing"):
+        worst_surface_distance((20, 20), (1.0,))
 
 
 def test_hd95_and_nsd_match_monai() -> None:
@@ -185,7 +202,7 @@ def test_nsd_empty_conventions() -> None:
 # ----------------------------------------------------------------------------- accumulator
 
 
-def test_accumulator_aggregates_and_lists_undefined_hd95() -> None:
+def test_accumulator_averages_hd95_over_every_image_and_counts_the_worst() -> None:
     a, b = square(2, 2), square(2, 5)
     z = np.zeros((20, 20), dtype=bool)
     m = SegmentationMetrics(nsd_tolerance_px=2.0)
@@ -206,16 +223,19 @@ def test_accumulator_aggregates_and_lists_undefined_hd95() -> None:
     assert out["iou"] == pytest.approx(np.mean([1.0, 7 / 13, 1.0, 0.0, 0.0]))
     # pooled: intersections 100 + 70; sizes (100+100) + (100+100) + 0 + 100 + 100
     assert out["pooled_dice"] == pytest.approx(2 * 170 / 600)
-    # HD95 defined only on p1 (0) and p2 (3); the three cases with an empty mask are listed.
-    assert out["hd95"] == pytest.approx(1.5)
-    assert out["hd95_undefined"] == 3
-    assert out["hd95_undefined_case_ids"] == ["e1", "fp", "fn"]
+    # HD95 over all five: p1 0, p2 3, e1 (both empty) 0, fp and fn the 20 x 20 diagonal; those
+    # two are counted and listed (e1 is not: an empty prediction on an empty image is right).
+    diagonal = np.hypot(20, 20)
+    assert out["hd95"] == pytest.approx((0 + 3 + 0 + 2 * diagonal) / 5)
+    assert out["hd95_worst"] == 2
+    assert out["hd95_worst_case_ids"] == ["fp", "fn"]
     assert out["nsd"] == pytest.approx(np.mean([1.0, 11 / 18, 1.0, 0.0, 0.0]))
     per_case = {c["case_id"]: c for c in out["per_case"]}
     assert list(per_case) == ["p1", "p2", "e1", "fp", "fn"]
     assert per_case["p2"]["dice"] == pytest.approx(0.7)
     assert per_case["p2"]["hd95"] == pytest.approx(3.0)
-    assert per_case["fp"]["hd95"] is None and per_case["fp"]["empty_gt"] and not per_case["fp"]["empty_pred"]
+    assert per_case["fp"]["hd95"] == pytest.approx(diagonal)
+    assert per_case["fp"]["empty_gt"] and not per_case["fp"]["empty_pred"]
     assert per_case["fn"]["empty_pred"] and not per_case["fn"]["empty_gt"]
 
 
@@ -228,10 +248,19 @@ def test_accumulator_default_ids_reset_and_errors() -> None:
     m.update(z[:1], z[:1])
     out = m.aggregate()
     assert [c["case_id"] for c in out["per_case"]] == ["0", "1", "2"]
-    assert out["hd95"] is None and out["hd95_undefined"] == 3
+    assert out["hd95"] == 0.0 and out["hd95_worst"] == 0 and out["hd95_worst_case_ids"] == []
     assert out["dice"] == 1.0 and out["pooled_dice"] == 1.0 and out["nsd"] == 1.0
     assert not any(math.isnan(v) for v in (out["dice"], out["iou"], out["dice_std"]))
     with pytest.raises(ValueError, match="case_ids"):
         m.update(z, z, case_ids=["only-one"])
     m.reset()
     assert len(m) == 0
+
+
+def test_accumulator_worst_value_in_millimetres_when_the_spacing_is_known() -> None:
+    a, z = square(2, 2), np.zeros((20, 20), dtype=bool)
+    m = SegmentationMetrics(spacing=(0.5, 2.0))
+    m.update(np.stack([z, a]), np.stack([a, a]), case_ids=["missed", "exact"])
+    out = m.aggregate()
+    assert out["hd95"] == pytest.approx(np.hypot(10, 40) / 2)  # 10 x 40 mm extent; exact match 0
+    assert out["hd95_worst_case_ids"] == ["missed"] and out["nsd"] == pytest.approx(0.5)

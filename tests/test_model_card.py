@@ -76,13 +76,14 @@ def test_trained_bundle_card_has_data_and_metrics(tmp_path: Path) -> None:
 def test_failure_modes_from_metrics() -> None:
     metrics = {
         "per_class_recall": {"a": 0.25, "b": 1.0},
-        "hd95_undefined": 2,
+        "hd95_worst": 2,
         "auc": None,
         "subsets": {"x": {"auc": 0.5}, "y": {"auc": 0.9}, "x+y": {"auc": 0.8}},
     }
     assert failure_modes(metrics) == [
         "class `a` has recall 0.2500 (per_class_recall.a)",
-        "HD95 is undefined on 2 images (empty prediction or empty ground truth)",
+        "2 images have an empty prediction or an empty ground truth (not both): "
+        "HD95 scores them with the image diagonal and NSD with 0",
         "AUC undefined (auc): fewer than two classes among the evaluated cases",
         "with only `x`: auc 0.5000 vs 0.8000 with `x+y`",
     ]

@@ -67,8 +67,8 @@ def test_run_report_on_phantom_writes_bundle_metrics_and_reports(cases: Path, tm
         "beam_size": 3,
         "max_new_tokens": 6,
         "length_penalty": 1.0,
-        "no_repeat_ngram_size": 0,  # the phantom recipe turns the 3-gram ban off (templated reports)
-        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 3,  # the phantom recipe's guards, chosen on val by bench_report.py
+        "repetition_penalty": 1.2,
     }
     assert 0.0 <= metrics["generated_repeating_3gram"] <= 1.0
     findings = metrics["findings"]["generated"]

@@ -362,13 +362,22 @@ def ablate(
             "each earlier stage skipped, and the last stage alone).",
         ),
     ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds",
+            help="Run the whole ablation with N consecutive training seeds (from the recipe's train.seed), "
+            "each in <out>/seed_<s>, and report every metric as mean ± std.",
+        ),
+    ] = 1,
 ) -> None:
     """Run a curriculum with stages skipped and tabulate the last stage's headline metrics.
 
     Chains share their common prefixes (Stage I is trained once); results go to
-    <out>/ablation.md and <out>/ablation.json. Recipe overrides work as in `train`. Examples:
+    <out>/ablation.md, <out>/ablation.json and <out>/ablation.html (a bar chart with error bars
+    over the seeds). Recipe overrides work as in `train`. Examples:
 
-        medalign ablate --config configs/curriculum/phantom.yaml
+        medalign ablate --config configs/curriculum/phantom.yaml --seeds 3
         medalign ablate --config configs/curriculum/phantom.yaml --variants '1,2,3;3' --stage3.train.epochs 5
     """
     from medalign.config import ConfigError, parse_cli_overrides
@@ -379,7 +388,7 @@ def ablate(
             raise ConfigError(f"'{config}' is not a curriculum file (no top-level `curriculum:`)")
         curriculum = load_curriculum(config, parse_cli_overrides(list(ctx.args)))
         chains = [parse_stages(v, curriculum) for v in variants.split(";")] if variants else None
-        run_ablation(curriculum, chains, echo=typer.echo)
+        run_ablation(curriculum, chains, seeds=seeds, echo=typer.echo)
     except ValueError as err:  # ConfigError and the checks of a run (a bundle of the wrong kind, ...)
         raise fail(str(err)) from err
 
@@ -567,7 +576,11 @@ def eval_segment(
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 (undefined cases listed) and NSD.
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 and NSD over every image.
+
+    A prompt-guided (text or attribute) model is scored three times: with each row's true
+    prompt, with another image's (shuffled) and with the empty prompt; how much Dice it loses
+    without the true prompt is how much it uses it.
 
     Example:
 
@@ -587,6 +600,8 @@ def eval_segment(
     except (ValueError, KeyError) as err:
         raise fail(str(err)) from err
     _write_eval("segment", metrics, out, model, config, modality=keys, mask=mask)
+    for prompt, row in metrics.get("prompt_ablation", {}).items():  # a prompt-guided model
+        typer.echo(f"{prompt:>8} prompt: Dice {row['dice']:.4f}  IoU {row['iou']:.4f}  ({row['n_images']} images)")
 
 
 @eval_app.command("fuse")
@@ -704,7 +719,12 @@ def predict_segment(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Mask to write (.png, or .nii/.nii.gz).")],
     text: Annotated[
-        str | None, typer.Option(help="Prompt naming what to segment (text-guided models).")
+        str | None,
+        typer.Option(help="Prompt naming what to segment (text-guided models; '' = no prompt)."),
+    ] = None,
+    attribute: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VALUE finding of an attribute-guided model (C2FVL); repeat per attribute."),
     ] = None,
     overlay_path: Annotated[Path | None, typer.Option("--overlay", help="Also write an overlay PNG.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
@@ -713,7 +733,8 @@ def predict_segment(
         bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")
     ] = False,
 ) -> None:
-    """Segment one case of any size (sliding windows at the training size).
+    """Segment one case of any size (sliding windows at the training size; a prompt-guided
+    model sees the whole image at its training size, as ``medalign eval segment`` does).
 
     The bundle records which images it takes; a bundle trained on several modalities needs each
     one, named. Example:
@@ -735,7 +756,8 @@ def predict_segment(
             )
         case: Any = parsed if isinstance(parsed, dict) else parsed[0]
         used = [name for name in predictor.arrange(case) if name != "*"] or list(predictor.inputs.modalities[:1])
-        probabilities = predictor.segment(case, text=text, flip_tta=tta, bf16=bf16)
+        findings = _parse_attributes(attribute) if attribute else None
+        probabilities = predictor.segment(case, text=text, attributes=findings, flip_tta=tta, bf16=bf16)
     except ValueError as err:
         raise fail(str(err)) from err
     mask = probabilities > threshold
@@ -744,6 +766,17 @@ def predict_segment(
         first = next(iter(case.values())) if isinstance(case, dict) else case
         overlay(prepare(first, 1, None, predictor.normalisation)[None], mask).save(overlay_path)
     typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size} (inputs: {'+'.join(used)})")
+
+
+def _parse_attributes(pairs: list[str]) -> dict[str, str]:
+    """``["side=left", "zone=lower"]`` -> ``{"side": "left", "zone": "lower"}``."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--attribute {pair!r} is not NAME=VALUE")
+        found[name.strip()] = value.strip()
+    return found
 
 
 @index_app.command("build")

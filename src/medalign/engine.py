@@ -43,6 +43,7 @@ from torch import nn
 
 from medalign.config import OptimConfig, TrainConfig
 from medalign.param_groups import parameter_groups
+from medalign.rng import RngSnapshot, load_rng_state, rng_state
 
 KILL_AT_STEP_ENV = "MEDALIGN_KILL_AT_STEP"  # fault-injection hook used by the resume tests
 CHECKPOINT_NAME = "last.ckpt"
@@ -408,7 +409,7 @@ class Engine:
         rng_states, cached = [], []
         with torch.no_grad():
             for chunk in chunks:
-                rng_states.append(torch.get_rng_state())
+                rng_states.append(RngSnapshot.capture(fabric.device))
                 cached.append({k: v.detach().float() for k, v in task.embed(chunk).items() if v is not None})
         leaves = {
             k: (cached[0][k] if cached[0][k].ndim == 0 else torch.cat([c[k] for c in cached]))
@@ -423,8 +424,7 @@ class Engine:
         for i, (chunk, rng) in enumerate(zip(chunks, rng_states, strict=True)):
             last = i == len(chunks) - 1
             size = len(next(v for v in cached[i].values() if v.ndim > 0))
-            torch.set_rng_state(rng)
-            with fabric.no_backward_sync(task.model, enabled=not last):
+            with rng.replay(), fabric.no_backward_sync(task.model, enabled=not last):
                 embeddings = task.embed(chunk)
                 terms = []
                 for key, grad in grads.items():
@@ -463,7 +463,7 @@ class Engine:
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(self.fabric.device),
             "python_rng": _python_rng_state(),
             "numpy_rng": _numpy_rng_state(),
             "history": state.history,
@@ -483,7 +483,10 @@ class Engine:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["torch_rng"])
+        if "rng" in payload:
+            load_rng_state(payload["rng"], self.fabric.device)
+        else:  # a checkpoint written before accelerator states were saved: the CPU state only
+            torch.set_rng_state(payload["torch_rng"])
         _restore_python_rng(payload["python_rng"])
         _restore_numpy_rng(payload["numpy_rng"])
         return TrainState(

@@ -254,7 +254,7 @@ def _check_supported(model: nn.Module, kind: str, parts: Sequence[str]) -> None:
     if "segmentation" in parts and attributes:
         raise ExportError(
             f"{_model_name(model)} takes structured attributes {sorted(attributes)}: exporting attribute "
-            "inputs to ONNX is not supported (TextUNet.context validates attribute indices with "
+            "inputs to ONNX is not supported (the model validates attribute indices with "
             "data-dependent control flow that torch.export cannot trace)"
         )
 

@@ -278,14 +278,21 @@ def soft_targets_from_similarity(
 
 
 # --------------------------------------------------------------------------- local alignment
+# GLoRIA (Huang et al., 2021) temp1, temp2, temp3: word->region attention, word pooling, and the
+# scale of the pooled scores in the contrastive loss.
+GLORIA_TEMPERATURE_ATTENTION = 4.0
+GLORIA_TEMPERATURE_AGGREGATION = 5.0
+GLORIA_TEMPERATURE_SCORES = 10.0
+
+
 def local_alignment_loss(
     image_tokens: Tensor,
     text_tokens: Tensor,
     text_mask: Tensor,
-    logit_scale_local: Tensor | float = 10.0,
+    logit_scale_local: Tensor | float | None = None,
     *,
-    temperature_attention: float = 4.0,
-    temperature_aggregation: float = 5.0,
+    temperature_attention: float = GLORIA_TEMPERATURE_ATTENTION,
+    temperature_aggregation: float = GLORIA_TEMPERATURE_AGGREGATION,
 ) -> Tensor:
     """GLoRIA-style word-region alignment, turned into a symmetric InfoNCE over pair scores.
 
@@ -299,12 +306,14 @@ def local_alignment_loss(
     3. the valid words are pooled with a smooth maximum
        ``s_ij = log(sum_w exp(gamma * cos(w, c_w))) / gamma`` (``gamma`` =
        ``temperature_aggregation``; padded words are excluded, so they change nothing);
-    4. ``logit_scale_local * s`` is scored with symmetric InfoNCE, positives on the diagonal.
+    4. ``logit_scale_local * s`` is scored with symmetric InfoNCE, positives on the diagonal;
+       the default (None) is GLoRIA's: ``temp3 * gamma = 10 * 5 = 50``.
 
     Tokens are L2-normalised here (unlike the global losses) because the attention
     temperature is meant for cosines, and token features are not normalised by models.
     GLoRIA omits the ``1/gamma`` in step 3; with it, ``s`` stays in cosine units, and
-    GLoRIA's ``temp3 = 10`` corresponds to ``logit_scale_local = 10 * gamma``.
+    GLoRIA's ``temp3 = 10`` corresponds to ``logit_scale_local = 10 * gamma`` (GLoRIA's
+    temperatures: ``temp1 = 4`` attention, ``temp2 = 5`` aggregation, ``temp3 = 10`` scores).
 
     Not gathered across ranks: the per-pair work is ``[B, B, L, N]`` and the tokens are large,
     so each rank contrasts its own batch (DDP averages the per-rank losses). The context
@@ -337,6 +346,8 @@ def local_alignment_loss(
     word_cos = word_dot_context / context_sq.clamp_min(1e-12).sqrt()
 
     gamma = temperature_aggregation
+    if logit_scale_local is None:
+        logit_scale_local = GLORIA_TEMPERATURE_SCORES * gamma
     pooled = (gamma * word_cos).masked_fill(~mask[None, :, :], float("-inf"))
     scores = torch.logsumexp(pooled, dim=-1) / gamma  # [B_images, B_texts]
     logits = logit_scale_local * scores
@@ -367,9 +378,9 @@ class ContrastiveLoss(nn.Module):
         soft_target_mix: float = 0.5,
         soft_target_temperature: float = 0.1,
         gather: bool = True,
-        local_logit_scale: float = 10.0,
-        local_temperature_attention: float = 4.0,
-        local_temperature_aggregation: float = 5.0,
+        local_logit_scale: float | None = None,
+        local_temperature_attention: float = GLORIA_TEMPERATURE_ATTENTION,
+        local_temperature_aggregation: float = GLORIA_TEMPERATURE_AGGREGATION,
     ) -> None:
         super().__init__()
         if kind not in LOSS_KINDS:

@@ -388,11 +388,17 @@ def bidirectional_retrieval(
 # pixel ``spacing``. HD95 is MONAI's and the DeepMind surface-distance definition: the larger of
 # the two directed 95th percentiles (linear interpolation) of boundary-to-boundary distances,
 # max(P95 d(∂P→∂G), P95 d(∂G→∂P)), not the percentile of the pooled distances (medpy), which is
-# smaller when one boundary is much longer. It is None when either mask is empty: a number there
-# would be arbitrary, so the accumulator counts and lists those cases instead. NSD is the
-# fraction of both boundaries' points lying within ``tolerance_px`` (inclusive, in spacing units)
-# of the other boundary, the pixel-count form of MONAI's ``compute_surface_dice``; both empty -> 1,
-# one empty -> 0, the same convention as Dice, so it is defined on every image.
+# smaller when one boundary is much longer. Every image gets a value, so the mean over images
+# covers every image: both masks empty -> 0 (nothing to miss); exactly one empty (a missed lesion,
+# or a prediction on an image without one) -> the documented worst value, the diagonal of the
+# image's extent in spacing units (sqrt(sum((n_i * s_i)^2)): pixels by default, millimetres when
+# the caller passes the pixel spacing), which exceeds any distance between two pixels of the image,
+# so no defined HD95 can be worse. Averaging only the defined images would reward a model for
+# predicting nothing on its hard cases; the accumulator counts the worst-value images in their own
+# column (``hd95_worst``) so the mean can be read with them in view. NSD is the fraction of both
+# boundaries' points lying within ``tolerance_px`` (inclusive, in spacing units) of the other
+# boundary, the pixel-count form of MONAI's ``compute_surface_dice``; both empty -> 1, exactly one
+# empty -> 0 (its worst value, on the same images), the same convention as Dice.
 
 
 def _as_binary(x: ArrayLike, threshold: float, name: str) -> np.ndarray:
@@ -500,15 +506,30 @@ def _boundary_distances(
     return to_g[bp], to_p[bg]
 
 
-def hd95(pred_mask: ArrayLike, gt_mask: ArrayLike, spacing: Sequence[float] = (1.0, 1.0)) -> float | None:
+def worst_surface_distance(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """The HD95 an image gets when exactly one of its masks is empty: the diagonal of its extent.
+
+    ``sqrt(sum((n_i * s_i)^2))`` in ``spacing`` units; larger than the distance between any two
+    pixel centres of the image, so it is worse than every HD95 a prediction can actually reach.
+    """
+    if len(shape) != len(spacing):
+        raise ValueError(f"spacing has {len(spacing)} entries for a {len(shape)}-D mask")
+    return float(np.sqrt(sum((float(n) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
+
+
+def hd95(pred_mask: ArrayLike, gt_mask: ArrayLike, spacing: Sequence[float] = (1.0, 1.0)) -> float:
     """Symmetric 95th-percentile Hausdorff distance between the boundaries of one image.
 
-    In ``spacing`` units (pixels by default). None when either mask is empty (see the section
-    notes for why that is reported, not imputed). Probability maps are thresholded at 0.5.
+    In ``spacing`` units (pixels by default). Both masks empty -> 0; exactly one empty -> the
+    worst value :func:`worst_surface_distance` (the image diagonal), so every image has a score
+    (see the section notes). Probability maps are thresholded at 0.5.
     """
     dists = _boundary_distances(pred_mask, gt_mask, spacing)
     if dists is None:
-        return None
+        p = _single_mask(pred_mask, "pred_mask")
+        if not p.any() and not _single_mask(gt_mask, "gt_mask").any():
+            return 0.0
+        return worst_surface_distance(p.shape, spacing)
     d_pg, d_gp = dists
     return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
 
@@ -522,8 +543,8 @@ def nsd(
     """Normalised surface Dice: boundary points of both masks within ``tolerance_px`` of the other.
 
     Rewards boundaries that are "close enough" for clinical use, which Dice (area) and HD95
-    (worst-ish case) both miss. Both masks empty -> 1.0, exactly one empty -> 0.0, mirroring
-    Dice, so unlike HD95 it never needs to be left out. ``tolerance_px`` is in ``spacing`` units.
+    (worst-ish case) both miss. Both masks empty -> 1.0, exactly one empty -> 0.0 (its worst
+    value), mirroring Dice. ``tolerance_px`` is in ``spacing`` units.
     """
     if tolerance_px < 0:
         raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}")
@@ -542,15 +563,16 @@ class SegmentationMetrics:
 
     ``update`` may be called with batches of any size; ``aggregate`` summarises everything seen
     since construction or the last ``reset``. Per-image values are kept (not running sums) so the
-    report can list the best and worst cases and every image whose HD95 is undefined.
+    report can list the best and worst cases and every image scored with a worst value.
 
-    ``aggregate()`` returns ``{"dice", "iou", "dice_std", "pooled_dice", "hd95",
-    "hd95_undefined", "hd95_undefined_case_ids", "nsd", "n_images", "n_empty_gt", "per_case"}``:
-    ``dice``/``iou``/``nsd`` are means over all images, ``dice_std`` the population std (ddof 0)
-    of per-image Dice, ``hd95`` the mean over images where it is defined (None when it is defined
-    on none), ``hd95_undefined`` the number of images with an empty prediction or empty GT and
-    ``hd95_undefined_case_ids`` their ids, and ``per_case`` one dict ``{"case_id", "dice", "iou",
-    "hd95", "nsd", "empty_gt", "empty_pred"}`` per image in update order.
+    ``aggregate()`` returns ``{"dice", "iou", "dice_std", "pooled_dice", "hd95", "hd95_worst",
+    "hd95_worst_case_ids", "nsd", "n_images", "n_empty_gt", "per_case"}``: ``dice``/``iou``/
+    ``hd95``/``nsd`` are means over all images, ``dice_std`` the population std (ddof 0) of
+    per-image Dice, ``hd95_worst`` the number of images where exactly one of prediction and
+    target is empty (HD95 there is the image diagonal in ``spacing`` units and NSD 0, see the
+    section notes) and ``hd95_worst_case_ids`` their ids, and ``per_case`` one dict
+    ``{"case_id", "dice", "iou", "hd95", "nsd", "empty_gt", "empty_pred"}`` per image in update
+    order.
     """
 
     def __init__(
@@ -607,16 +629,15 @@ class SegmentationMetrics:
         if not self._cases:
             raise ValueError("no images to aggregate; call update() first")
         dice = np.array([c["dice"] for c in self._cases])
-        defined = [c["hd95"] for c in self._cases if c["hd95"] is not None]
-        undefined = [c["case_id"] for c in self._cases if c["hd95"] is None]
+        worst = [c["case_id"] for c in self._cases if c["empty_gt"] != c["empty_pred"]]
         return {
             "dice": float(dice.mean()),
             "iou": float(np.mean([c["iou"] for c in self._cases])),
             "dice_std": float(dice.std()),
             "pooled_dice": 1.0 if self._denom == 0 else 2.0 * self._inter / self._denom,
-            "hd95": float(np.mean(defined)) if defined else None,
-            "hd95_undefined": len(undefined),
-            "hd95_undefined_case_ids": undefined,
+            "hd95": float(np.mean([c["hd95"] for c in self._cases])),
+            "hd95_worst": len(worst),
+            "hd95_worst_case_ids": worst,
             "nsd": float(np.mean([c["nsd"] for c in self._cases])),
             "n_images": len(self._cases),
             "n_empty_gt": sum(c["empty_gt"] for c in self._cases),

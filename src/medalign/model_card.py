@@ -271,13 +271,16 @@ def _evaluation(metrics: Mapping[str, Any] | None) -> list[str]:
 
 
 def failure_modes(metrics: Mapping[str, Any]) -> list[str]:
-    """Weak spots the metrics show: classes rarely recalled, weak modality subsets, undefined scores."""
+    """Weak spots the metrics show: classes rarely recalled, weak modality subsets, worst-value images."""
     found = []
     for path, value in _flatten(metrics).items():
         if ".per_class_recall." in f".{path}" and isinstance(value, float) and value < 0.5:
             found.append(f"class `{path.rsplit('.', 1)[-1]}` has recall {value:.4f} ({path})")
-        if path.endswith("hd95_undefined") and isinstance(value, int) and value > 0:
-            found.append(f"HD95 is undefined on {value} images (empty prediction or empty ground truth)")
+        if path.endswith("hd95_worst") and isinstance(value, int) and value > 0:
+            found.append(
+                f"{value} images have an empty prediction or an empty ground truth (not both): "
+                "HD95 scores them with the image diagonal and NSD with 0"
+            )
         if path.split(".")[-1] == "auc" and value is None:
             found.append(f"AUC undefined ({path}): fewer than two classes among the evaluated cases")
     subsets = metrics.get("subsets")

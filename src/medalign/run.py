@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,38 @@ def texts_from_labels(manifest: Manifest, templates: str, label: str) -> Manifes
     return Manifest(table, manifest.base_dir, manifest.meta)
 
 
-TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
+TRANSFERRED_FIELDS = ("vision", "text", "image_size")
 
 
-def build_model(config: RunConfig) -> Any:
+def tower_input(config: Any) -> tuple[int, list[float], list[float]]:
+    """Channels and per-channel ``(mean, std)`` of ONE vision-tower input of a model config.
+
+    That is ``in_channels`` and its statistics, except for a late-fusion dual encoder
+    (``image_modalities`` M > 1), whose input stacks M tower inputs: one modality's share
+    (the first modality's statistics).
+    """
+    groups = getattr(config, "image_modalities", 1)
+    channels = config.in_channels // groups
+    mean, std = config.image_stats()
+    return channels, mean[:channels], std[:channels]
+
+
+def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
     """The recipe's model: ``model.name`` with its overrides, started from ``model.init_from`` if set.
 
     ``init_from`` names a bundle. A bundle of the same kind (alignment -> alignment,
-    segmentation -> segmentation, ...) gives the new model every weight whose name they share
-    (a differing shape is an error). A bundle of another kind hands over its towers: this is
-    how the curriculum chains Stage I (MAE) -> Stage II (alignment) -> Stage III (heads), and
-    how an aligned or pretrained encoder starts a ``clip_decoder`` or ``unet_pretrained``
-    (NextGen-UIA's path). The new model takes the source's tower architectures and input description
-    (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
-    trained in, and the preprocessing they were trained with), then loads the source's
+    segmentation -> segmentation, ...) loads into the new model by weight name: a differing
+    shape is an error, and so is a partial load (weights of the model the bundle lacks, or
+    weights of the bundle the model has no place for, both listed) unless the recipe says
+    ``model.init_from_partial: true``; a half-loaded model must not train silently. A bundle
+    of another kind hands over its towers: this is how the curriculum chains Stage I (MAE) ->
+    Stage II (alignment) -> Stage III (heads), and how an aligned or pretrained encoder starts a
+    ``clip_decoder`` or ``unet_pretrained`` (NextGen-UIA's path). The new model takes the source's
+    tower architectures and input description
+    (``TRANSFERRED_FIELDS`` its config has, and the channels and statistics of one tower input,
+    ``tower_input``, repeated for each modality a late-fusion dual encoder stacks: the weights
+    only fit the architecture they were trained in, and the preprocessing they were trained
+    with), then loads the source's
     ``vision`` and, when both have one, ``text`` tower weights strictly; ``model.overrides``
     set everything else. A pairing with no tower in common is a ValueError.
     """
@@ -92,7 +111,11 @@ def build_model(config: RunConfig) -> Any:
     model = create_model(name, **overrides)
     if source is not None:
         if source.bundle_kind == model.bundle_kind:
-            load_matching_weights(model, source.state_dict(), init_from, name)
+            loaded = load_matching_weights(
+                model, source.state_dict(), init_from, name, partial=config.model.init_from_partial
+            )
+            if loaded.missing or loaded.unexpected:
+                echo(loaded.describe())
         else:
             model = _from_towers(source, model, name, overrides, init_from)
     if config.model.adapters:
@@ -121,8 +144,12 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
     for key in TRANSFERRED_FIELDS:
         if key in target_fields and hasattr(portable, key) and (key not in ("vision", "text") or key in towers):
             inherited[key] = getattr(portable, key)
-    if hasattr(portable, "image_stats") and {"image_mean", "image_std"} <= target_fields:
-        inherited["image_mean"], inherited["image_std"] = portable.image_stats()
+    if hasattr(portable, "image_stats") and "in_channels" in target_fields:
+        channels, mean, std = tower_input(portable)
+        groups = getattr(model.config, "image_modalities", 1)  # the target's own, from its overrides
+        inherited["in_channels"] = channels * groups
+        if {"image_mean", "image_std"} <= target_fields:
+            inherited["image_mean"], inherited["image_std"] = mean * groups, std * groups
     model = create_model(name, **{**overrides, **inherited})
     for tower in towers:
         try:
@@ -139,14 +166,45 @@ def _tower(model: Any, name: str) -> Any:
     return tower if isinstance(tower, (ImageTower, TextTower)) else None
 
 
-def load_matching_weights(model: Any, weights: dict[str, Any], init_from: str, name: str) -> None:
-    """Load the weights whose names the model shares; an error when none do or a shape differs."""
+@dataclass(frozen=True)
+class PartialLoad:
+    """What an ``init_from`` load left out: model weights the bundle lacks, bundle weights unused."""
+
+    init_from: str
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+    def describe(self, shown: int = 8) -> str:
+        def names(keys: tuple[str, ...]) -> str:
+            more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+            return ", ".join(keys[:shown]) + more if keys else "none"
+
+        return (
+            f"init_from '{self.init_from}' loads partially: {len(self.missing)} weights of the model are "
+            f"not in the bundle (they keep their fresh initialisation: {names(self.missing)}); "
+            f"{len(self.unexpected)} weights of the bundle have no place in the model "
+            f"({names(self.unexpected)})"
+        )
+
+
+def load_matching_weights(
+    model: Any, weights: dict[str, Any], init_from: str, name: str, *, partial: bool = False
+) -> PartialLoad:
+    """Load a same-kind bundle's weights by name; a shape mismatch, no match at all, or (unless
+    ``partial``) any missing or unexpected key is a ValueError that lists them."""
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # same name, different shape
         raise ValueError(f"init_from '{init_from}': its weights do not fit model {name!r}: {err}") from err
     if len(result.unexpected_keys) == len(weights):
         raise ValueError(f"init_from '{init_from}': none of its weights fit model {name!r}")
+    loaded = PartialLoad(init_from, tuple(result.missing_keys), tuple(result.unexpected_keys))
+    if (loaded.missing or loaded.unexpected) and not partial:
+        raise ValueError(
+            f"{loaded.describe()}. Fix the recipe's model to match the bundle, or set "
+            "model.init_from_partial: true to accept the partial load"
+        )
+    return loaded
 
 
 def modality_rows(manifest: Manifest, columns: list[str]) -> Manifest:
@@ -284,10 +342,13 @@ def fit_and_save(
     resume: bool,
     echo: Any,
     collate: Callable[[list[Any]], dict[str, Any]] | None = None,
+    batch_size: int | None = None,
 ) -> Path:
     """Train through the engine, then (on rank 0) evaluate, write metrics.json and the bundle.
 
-    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model).
+    ``collate`` batches the samples (default: ``Collator`` tokenising ``text`` for the model);
+    ``batch_size`` counts the dataset's items per batch (default ``data.batch_size``; a dataset
+    whose items are groups of samples gives fewer).
     """
     from medalign.bundle import save_bundle
     from medalign.engine import Engine
@@ -304,7 +365,7 @@ def fit_and_save(
         task,
         training_source(config, dataset),
         collate or Collator(model.tokenizer, max_length=config.data.text_max_length),
-        batch_size=config.data.batch_size,
+        batch_size=batch_size or config.data.batch_size,
         num_workers=config.data.num_workers,
         drop_last=config.data.drop_last,
         resume=resume,
@@ -361,7 +422,7 @@ def run_alignment(config: RunConfig, *, resume: bool = False, echo: Any = print)
     out, manifest = prepare_run(config)
     if config.data.text_from_labels:
         manifest = texts_from_labels(manifest, config.data.text_from_labels, config.data.label or "label")
-    model = build_model(config)
+    model = build_model(config, echo)
     image_keys = image_columns(config, manifest)
     if model.config.in_channels % len(image_keys):
         raise ValueError(
@@ -421,49 +482,78 @@ def segmentation_dataset(
 
 
 def run_segmentation(config: RunConfig, *, resume: bool = False, echo: Any = print) -> Path:
-    from medalign.tasks.segment import SegmentTask
+    from medalign.tasks.segment import SegmentTask, is_prompt_guided, prompt_training_data
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     image_keys = image_columns(config, manifest)
     assert config.data.mask is not None  # validate_ranges checked it
     dataset = segmentation_dataset(config, manifest, model, image_keys, "train", augment=True)
     task = SegmentTask(model, config.seg_loss, image_keys, config.data.mask)
+    collate = Collator(model.tokenizer, max_length=config.data.text_max_length)
+    source, batch_size = dataset, config.data.batch_size
+    if is_prompt_guided(model):
+        if config.data.shards and config.data.prompts != type(config.data.prompts)():
+            raise ValueError("data.prompts (grouped prompts, negatives, dropout) cannot read data.shards")
+        source, collate, batch_size = prompt_training_data(
+            dataset, config.data.prompts, config.data.mask, collate, config.data.batch_size
+        )
     return fit_and_save(
         config,
         out,
         model,
         task,
-        dataset,
+        source,
         lambda m: evaluate_segmentation(m, manifest, config, image_keys, config.eval.split),
         resume=resume,
         echo=echo,
+        collate=collate,
+        batch_size=batch_size,
     )
 
 
 def evaluate_segmentation(
     model: Any, manifest: Manifest, config: RunConfig, image_keys: list[str], split: str
 ) -> dict[str, Any]:
-    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split."""
+    """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95, NSD on one split.
+
+    A prompt-guided model is also evaluated with every row's prompt replaced by another
+    image's (``shuffled``) and by the empty prompt (``empty``); ``prompt_ablation`` holds the
+    three side by side (``true`` repeats the top-level numbers, which are the true prompt's).
+    """
     import torch
 
-    from medalign.metrics import SegmentationMetrics
-    from medalign.tasks.segment import predict_probabilities
+    from medalign.metrics import SegmentationMetrics, without_rows
+    from medalign.tasks.segment import (
+        PROMPT_VARIANTS,
+        is_prompt_guided,
+        predict_probabilities,
+        prompt_variant,
+    )
 
     dataset = segmentation_dataset(config, manifest, model, image_keys, split, augment=False)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.data.eval_batch_size,
-        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
-    )
-    metrics = SegmentationMetrics()
-    for batch in progress(loader, desc=f"evaluate {split}"):
-        metrics.update(
-            predict_probabilities(model, batch, image_keys),
-            batch[config.data.mask][:, 0].numpy(),
-            batch["case_id"],
+    variants = PROMPT_VARIANTS if is_prompt_guided(model) else PROMPT_VARIANTS[:1]
+    results: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        loader = torch.utils.data.DataLoader(
+            prompt_variant(dataset, variant),
+            batch_size=config.data.eval_batch_size,
+            collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
         )
-    return {"split": split, **metrics.aggregate()}
+        metrics = SegmentationMetrics()
+        label = split if variant == "true" else f"{split}, {variant} prompts"
+        for batch in progress(loader, desc=f"evaluate {label}"):
+            metrics.update(
+                predict_probabilities(model, batch, image_keys),
+                batch[config.data.mask][:, 0].numpy(),
+                batch["case_id"],
+            )
+        results[variant] = metrics.aggregate()
+    out: dict[str, Any] = {"split": split, **results["true"]}
+    if len(results) > 1:
+        keep = ("dice", "iou", "pooled_dice", "n_images")
+        out["prompt_ablation"] = {v: {k: without_rows(r)[k] for k in keep} for v, r in results.items()}
+    return out
 
 
 def fusion_columns(config: RunConfig, manifest: Manifest, model: Any) -> list[str]:
@@ -527,7 +617,7 @@ def run_fusion(config: RunConfig, *, resume: bool = False, echo: Any = print) ->
     from medalign.tasks.fuse import FuseTask
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, FusionModel):
         raise ValueError(
             f"task fuse needs a fusion model (fuse_adf, fuse_moe, ...), not {config.model.name!r}"

@@ -11,9 +11,12 @@ Evaluation on one split (``evaluate_clinical``):
 * diagnosis: ACC, balanced ACC, macro-F1, AUC (``medalign.metrics.classification_metrics``),
   top-label ECE (15 bins) and a reliability diagram (``reliability.png``);
 * survival: Harrell's C-index, the cumulative/dynamic AUC (IPCW, censoring distribution from
-  the train split) at the 25/50/75% quantiles of the evaluated event times, and Kaplan-Meier
-  curves of two predicted risk groups split at the median predicted risk of the evaluated cases
-  (risk > median = "high"), compared by a log-rank test (``km_risk_groups.png``). The discrete-time
+  the train split) at the 25/50/75% quantiles of the train split's event times, and
+  Kaplan-Meier curves of two predicted risk groups split at the median predicted risk of the
+  train split's cases (risk > that median = "high"), compared by a log-rank test
+  (``km_risk_groups.png``). Every cut point comes from the training data, so the evaluated
+  split is read once, never used to choose where it is cut; a manifest without a train split
+  with survival data falls back to the evaluated cases and says so (``cut_points_from``). The discrete-time
   head's risk score is its cumulative hazard over all intervals, ``sum_k softplus(logit_k)``
   (= -log S at the horizon), which orders cases like the predicted survival at the horizon;
 * patient level: when several rows share a ``patient_id`` (LGG: one row per slice), every
@@ -26,6 +29,7 @@ Evaluation on one split (``evaluate_clinical``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +165,7 @@ def run_clinical(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     from medalign.run import build_model, check_num_classes, fit_and_save, fusion_columns, prepare_run
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, ClinicalModel):
         raise ValueError(
             f"task clinical needs a clinical model (clinical_tiny, ...), not {config.model.name!r}"
@@ -271,37 +275,53 @@ def diagnosis_metrics(
     return result
 
 
+@dataclass(frozen=True)
+class SurvivalReference:
+    """The training cases that fix an evaluation's cut points: td-AUC horizons (quantiles of
+    their event times), the censoring distribution of the IPCW weights, and the risk threshold
+    of the two risk groups (the median of their predicted risks)."""
+
+    time: np.ndarray
+    event: np.ndarray
+    risk: np.ndarray
+    source: str = "train split"
+
+
 def survival_metrics(
     time: np.ndarray,
     event: np.ndarray,
     risk: np.ndarray,
-    train: tuple[np.ndarray, np.ndarray] | None = None,
+    reference: SurvivalReference | None = None,
     figure: Path | None = None,
 ) -> dict[str, Any]:
-    """C-index, td-AUC at event-time quartiles, median-split risk groups with KM + log-rank."""
+    """C-index, td-AUC at the reference's event-time quartiles, risk groups split at the
+    reference's median risk with KM + log-rank; no reference: the evaluated cases (noted)."""
     from medalign.metrics import concordance_index, kaplan_meier, logrank_test, time_dependent_auc
 
-    result: dict[str, Any] = {"n": len(time), "n_events": int(event.sum())}
+    if reference is None:
+        reference = SurvivalReference(time, event, risk, "evaluated cases (no train split with survival data)")
+    result: dict[str, Any] = {"n": len(time), "n_events": int(event.sum()), "cut_points_from": reference.source}
     detail = concordance_index(time, event, risk)
     result["c_index"] = detail.pop("c_index")
     result["pairs"] = detail
-    event_times = time[event == 1]
+    event_times = reference.time[reference.event == 1]
     if event_times.size:
         horizons = [float(np.quantile(event_times, q)) for q in TD_AUC_QUANTILES]
-        train_kw = {"train_time": train[0], "train_event": train[1]} if train is not None else {}
         try:
-            result["td_auc"] = time_dependent_auc(time, event, risk, horizons, **train_kw)
+            result["td_auc"] = time_dependent_auc(
+                time, event, risk, horizons, train_time=reference.time, train_event=reference.event
+            )
         except ValueError as err:  # a case beyond the training follow-up: fall back to the split itself
             result["td_auc"] = {**time_dependent_auc(time, event, risk, horizons), "note": str(err)}
         result["td_auc"]["quantiles"] = list(TD_AUC_QUANTILES)
-    threshold = float(np.median(risk))
+    threshold = float(np.median(reference.risk))
     high = risk > threshold
     groups = {"low": kaplan_meier(time[~high], event[~high])} if (~high).any() else {}
     if high.any():
         groups["high"] = kaplan_meier(time[high], event[high])
     result["risk_groups"] = {
         "threshold": threshold,
-        "rule": "high = risk > median risk of the evaluated cases",
+        "rule": f"high = risk > median predicted risk of the {reference.source}",
         "n_low": int((~high).sum()),
         "n_high": int(high.sum()),
         "kaplan_meier": groups,
@@ -350,7 +370,7 @@ def patient_rows(predictions: dict[str, Any], patient_of: dict[str, str]) -> tup
 def _score(
     predictions: dict[str, Any],
     classes: Sequence[str],
-    train: tuple[np.ndarray, np.ndarray] | None,
+    reference: SurvivalReference | None,
     figures: tuple[Path, Path] | None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"n": len(predictions["case_id"])}
@@ -363,7 +383,7 @@ def _score(
             predictions["time"],
             predictions["event"],
             predictions["risk"],
-            train,
+            reference,
             figures[1] if figures else None,
         )
     return result
@@ -378,14 +398,14 @@ def _headline(scores: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _train_survival(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
-    table = manifest.table
-    if not {"time", "event"} <= set(table.columns):
+def survival_reference(predictions: dict[str, Any]) -> SurvivalReference | None:
+    """The train split's predictions as the cut-point reference (rows with a time only)."""
+    if not len(predictions["risk"]):
         return None
-    rows = table[(table["split"] == "train") & (table["time"] != "")]
-    if rows.empty:
+    known = np.isfinite(predictions["time"])
+    if not known.any():
         return None
-    return rows["time"].astype(float).to_numpy(), rows["event"].astype(float).to_numpy()
+    return SurvivalReference(predictions["time"][known], predictions["event"][known], predictions["risk"][known])
 
 
 def evaluate_clinical(
@@ -409,22 +429,24 @@ def evaluate_clinical(
         collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
     )
     names = list(model.config.modalities)
-    train = _train_survival(manifest)
     predictions = predict_clinical(model, loader, image_keys)
+    table = manifest.table
+    patient_of = dict(zip(table["case_id"], table["patient_id"], strict=True))
+    train_predictions = _train_predictions(model, manifest, config, image_keys, split, predictions)
+    train = survival_reference(train_predictions) if train_predictions else None
     figures = (out / RELIABILITY_PNG, out / KM_PNG) if out is not None else None
     results: dict[str, Any] = {"split": split, "modalities": names, "level": "row"}
     results.update(_score(predictions, dataset.classes, train, figures))
 
-    table = manifest.table
-    patient_of = dict(zip(table["case_id"], table["patient_id"], strict=True))
     per_patient, n_patients = patient_rows(predictions, patient_of)
+    train_patients = survival_reference(patient_rows(train_predictions, patient_of)[0]) if train else None
     if n_patients < len(predictions["case_id"]):
         patient_figures = (
             (out / f"patient_{RELIABILITY_PNG}", out / f"patient_{KM_PNG}") if out is not None else None
         )
         results["patient_level"] = {
             "aggregation": "mean probability / mean risk of each patient's rows",
-            **_score(per_patient, dataset.classes, train, patient_figures),
+            **_score(per_patient, dataset.classes, train_patients, patient_figures),
         }
     if subsets and len(names) > 1:
         results["subsets"] = {}
@@ -438,11 +460,37 @@ def evaluate_clinical(
             entry = {"row": _headline(_score(scored, dataset.classes, train, None))}
             if "patient_level" in results:
                 entry["patient"] = _headline(
-                    _score(patient_rows(scored, patient_of)[0], dataset.classes, train, None)
+                    _score(patient_rows(scored, patient_of)[0], dataset.classes, train_patients, None)
                 )
             results["subsets"][key] = entry
     results["per_case"] = _per_case(predictions, dataset.classes)
     return results
+
+
+def _train_predictions(
+    model: Any,
+    manifest: Manifest,
+    config: RunConfig,
+    image_keys: list[str],
+    split: str,
+    predictions: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The model's survival predictions on the train split (the cut-point reference), or None
+    when the model has no survival head or the manifest no train rows with a time."""
+    if not len(predictions["risk"]):
+        return None
+    if split == "train":
+        return predictions
+    table = manifest.table
+    if "time" not in table.columns or not ((table["split"] == "train") & (table["time"] != "")).any():
+        return None
+    dataset = clinical_dataset(config, manifest, model, image_keys, "train", augment=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.data.eval_batch_size,
+        collate_fn=Collator(model.tokenizer, max_length=config.data.text_max_length),
+    )
+    return predict_clinical(model, loader, image_keys)
 
 
 def _per_case(predictions: dict[str, Any], classes: Sequence[str]) -> list[dict[str, Any]]:

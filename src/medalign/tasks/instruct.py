@@ -123,7 +123,7 @@ def run_instruct(config: RunConfig, *, resume: bool = False, echo: Any = print) 
     from medalign.run import build_model, fit_and_save, image_columns, prepare_run
 
     out, manifest = prepare_run(config)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, InstructModel):
         raise ValueError(
             f"task instruct needs an instruct model (instruct_tiny, ...), not {config.model.name!r}"

@@ -77,7 +77,7 @@ def run_report(config: RunConfig, *, resume: bool = False, echo: Any = print) ->
 
     out, manifest = prepare_run(config)
     manifest, dropped = with_text(manifest)
-    model = build_model(config)
+    model = build_model(config, echo)
     if not isinstance(model, ReportGenerator):
         raise ValueError(f"task report needs a report model (report_tiny, ...), not {config.model.name!r}")
     image_keys = image_columns(config, manifest)
