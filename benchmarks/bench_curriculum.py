@@ -756,11 +756,11 @@ def bench_label_efficiency(pretrain_epochs: int, steps: int) -> str:
     }
     cls = [*common, f"train.max_steps={steps}", "train.epochs=1000", "data.batch_size=16", "eval.split=test"]
     keys = ["diagnosis.accuracy", "diagnosis.balanced_accuracy", "diagnosis.auc"]
-    rows = downstream("busi", "clinical/busi", starts, cls, keys)
+    rows = downstream("busi", "clinical/busi_scratch", starts, cls, keys)
     sections += [
         f"BUSI (class-stratified seeded split 0.7/0.1/0.2), 128 px grayscale, benign / malignant / normal. "
         f"Stage I: hybrid MAE for {pretrain_epochs} epochs on the train images ({pre['train']['steps']} steps, "
-        f"{pre['train']['seconds']:.0f} s). Downstream: the diagnosis head of configs/clinical/busi.yaml on the "
+        f"{pre['train']['seconds']:.0f} s). Downstream: the diagnosis head of configs/clinical/busi_scratch.yaml on the "
         f"tower, batch 16, {steps} steps for every row; test ACC, balanced ACC, macro one-vs-rest AUC.",
         "",
         *table(rows, keys),

@@ -419,7 +419,12 @@ def _bundle_columns(loaded_model: Any, loaded: Any, modality: list[str] | None) 
 
 
 def _eval_common(
-    model: Path, manifest: Path, split: str, label: str | None, modality: list[str] | None
+    model: Path,
+    manifest: Path,
+    split: str,
+    label: str | None,
+    modality: list[str] | None,
+    features: str = "embedding",
 ) -> tuple[Any, Any, Any, list[str]]:
     from medalign import evaluate as ev
     from medalign.bundle import load_bundle
@@ -432,7 +437,7 @@ def _eval_common(
         raise fail(f"manifest '{manifest}' has no column '{label}'")
     loaded, keys = _bundle_columns(loaded_model, loaded, modality)
     dataset = dataset_for_model(loaded, loaded_model, split, label, keys)
-    return loaded_model, loaded, ev.embed_split(loaded_model, dataset), keys
+    return loaded_model, loaded, ev.embed_split(loaded_model, dataset, features=features), keys
 
 
 def _eval_config(task: str, manifest: Path, split: str, model: Any = None) -> Any:
@@ -527,6 +532,13 @@ def eval_probe(
     manifest: Annotated[Path, typer.Option(help="Manifest with train/val/test splits and labels.")],
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
     split: Annotated[str, typer.Option(help="Split to report.")] = "test",
+    features: Annotated[
+        str,
+        typer.Option(
+            help="'embedding' (the model's image embedding) or 'tower' (the vision tower's pooled "
+            "features: any bundle with a vision tower, e.g. a clinical one)."
+        ),
+    ] = "embedding",
     modality: ModalityOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
@@ -535,18 +547,22 @@ def eval_probe(
     Example:
 
         medalign eval probe --model runs/busi/bundle --manifest busi.csv --label label
+        medalign eval probe --model runs/clinical_busi/bundle --manifest busi.csv --features tower
     """
     from medalign import evaluate as ev
     from medalign.data.dataset import dataset_for_model
 
-    loaded_model, loaded, test, keys = _eval_common(model, manifest, split, label, modality)
-    train_val = [
-        ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label, keys))
-        for s in ("train", "val")
-    ]
+    try:
+        loaded_model, loaded, test, keys = _eval_common(model, manifest, split, label, modality, features)
+        train_val = [
+            ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label, keys), features=features)
+            for s in ("train", "val")
+        ]
+    except ValueError as err:
+        raise fail(str(err)) from err
     config = _eval_config("align", manifest, split, loaded_model)
     config.eval.probe_label, config.data.label = label, label
-    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label, modality=keys)
+    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label, features=features, modality=keys)
 
 
 @eval_app.command("segment")

@@ -171,6 +171,9 @@ class ClinicalLossConfig:
     diagnosis_weight: float = 1.0
     survival_weight: float = 1.0
     label_smoothing: float = 0.0
+    # "balanced": cross-entropy weights n / (K * n_k) from the train split's labels, so a rare class
+    # counts as much as a common one (what balanced accuracy scores); "none": plain cross-entropy
+    class_weights: Literal["none", "balanced"] = "none"
 
 
 @dataclass

