@@ -9,8 +9,10 @@ Protocols (also written into BENCHMARKS.md with the numbers):
 * phantom: 480 cases (seed 0), patient-level 70/15/15 split; recipe configs/align/phantom.yaml;
   zero-shot diagnosis (prompt ensemble phantom_diagnosis) and report retrieval on the test split.
 * medpix: MedPix 2.0 with its case-disjoint train/dev/test split (dev = val); recipe
-  configs/align/medpix.yaml; image<->caption retrieval on the 200 test images (a caption shared
+  configs/align/medpix_scratch.yaml (random ViT); image<->caption retrieval on the 200 test images (a caption shared
   by several images counts every one of them as correct), zero-shot modality / plane / region.
+  The pretrained (LiT) recipe configs/align/medpix.yaml is compared with this one in
+  benchmarks/bench_pretrained.py.
 * busi: 780 images, stratified 3-fold cross-validation (seeded; each fold's training part split
   85/15 into train/val); recipe configs/align/nextgen_uia_busi.yaml, initialised from the MedPix
   bundle; zero-shot (busi prompts) and linear probe (C chosen on val) on each held-out fold,
@@ -75,6 +77,7 @@ def evaluate_model(
 def train_and_compare(
     recipe: str, overrides: list[str], zeroshot: dict[str, str], retrieval: bool
 ) -> dict[str, Any]:
+    """Train ``configs/align/<recipe>.yaml`` and evaluate it before and after."""
     config = load_config(REPO / "configs" / "align" / f"{recipe}.yaml", overrides)
     config.train.progress = False
     out = Path(config.out)
@@ -177,7 +180,7 @@ MEDPIX_ZEROSHOT = {
 
 def bench_medpix() -> dict[str, Any]:
     result = train_and_compare(
-        "medpix",
+        "medpix_scratch",
         [f"out={RUNS / 'align_medpix'}", f"data.manifest={medpix_manifest()}"],
         MEDPIX_ZEROSHOT,
         retrieval=True,
@@ -191,7 +194,7 @@ def render_medpix(results: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"MedPix 2.0, case-disjoint split (train 1653 / val 197 / test {n_test} images); "
-            f"{results['steps']} steps in {results['seconds']:.0f} s on this CPU (recipe configs/align/medpix.yaml: "
+            f"{results['steps']} steps in {results['seconds']:.0f} s on this CPU (recipe configs/align/medpix_scratch.yaml: "
             f"align_small_minilm, 128 px grayscale, batch 64 as 4 GradCache micro-batches of 16, "
             f"text-similarity soft targets). Retrieval chance: R@1 {1 / n_test:.3f}. The untrained text tower is "
             f"already the pretrained MiniLM, so \"untrained\" zero-shot is the image side at random. "

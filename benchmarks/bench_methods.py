@@ -30,16 +30,24 @@ def _missing(command: str) -> str:
     return f"no current results (run `python benchmarks/{command} --write`)"
 
 
+def _rows(r: dict[str, Any]) -> dict[str, list[float]]:
+    """bench_text_segment results: variant key -> test Dice % of each seed."""
+    return {row["key"]: [100 * x["dice"] for x in row["runs"]] for row in r["rows"]}
+
+
 def _lvit(r: dict[str, Any]) -> str:
-    runs = r["rows"]["lvit_monuseg"]
-    return f"MoNuSeg, 224 px, {r['epochs']} epochs: Dice {_stat([x['dice'] for x in runs], 100)} ({len(runs)} seeds)"
+    dice = _rows(r)
+    return (
+        f"MoNuSeg, 224 px, short CPU schedule: Dice {_stat(dice['text'])} with LViT's text, "
+        f"{_stat(dice['image_only'])} image-only ({len(dice['text'])} seed(s))"
+    )
 
 
 def _c2fvl(r: dict[str, Any]) -> str:
-    dice = {tag: _stat([x["dice"] for x in runs], 100) for tag, runs in r["rows"].items()}
+    dice = {key: _stat(values) for key, values in _rows(r).items()}
     return (
-        f"phantom prompts: Dice {dice['c2fvl_attributes']} (free text {dice['phantom_text']}, "
-        f"image only {dice['image_only']}); the attributes name type and size, the prompt does not"
+        f"phantom prompts: Dice {dice['attributes']} from side + zone attributes (free text {dice['text']}, "
+        f"image only {dice['image_only']})"
     )
 
 
@@ -83,11 +91,11 @@ def _stage3(r: dict[str, Any]) -> str:
 
 # method, what it does, recipes, (results file, its command, our result), published
 ROWS: list[tuple[str, str, str, tuple[str, str, Callable[[dict[str, Any]], str]], str]] = [
-    ("LViT (text-guided U-Net)", "segmentation guided by a sentence per image", "`configs/segment/lvit_monuseg.yaml`",
-     ("bench_segment_monuseg", "bench_segment.py monuseg", _lvit),
+    ("LViT (text-guided U-Net)", "segmentation guided by a sentence per image", "`configs/segment/lvit_monuseg.yaml`, `configs/segment/qata_text.yaml`",
+     ("bench_text_segment_monuseg", "bench_text_segment.py monuseg", _lvit),
      f"LViT-T {LVIT_PUBLISHED['LViT-T (published)'][0]:.2f} (full schedule)"),
     ("C2FVL (structured attributes)", "attributes instead of free text, coarse-to-fine side outputs",
-     "`configs/segment/c2fvl_attributes.yaml`", ("bench_segment_phantom", "bench_segment.py phantom", _c2fvl), "–"),
+     "`configs/segment/c2fvl_attributes.yaml`", ("bench_text_segment_phantom", "bench_text_segment.py phantom", _c2fvl), "–"),
     ("MM-EndoCL (align–disentangle–fuse)", "paired modalities, MMD + shared/specific + contrastive",
      "`configs/fuse/mmendocl_wli_nbi.yaml`, `configs/fuse/lgg_sequences.yaml`",
      ("bench_fuse_lgg", "bench_fuse.py lgg", _endocl),

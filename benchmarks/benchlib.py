@@ -69,6 +69,15 @@ def imported(name: str, fmt: str, src: str, **options: Any) -> Path:
     return path
 
 
+def finished(run: str, overrides: list[str]) -> dict[str, Any] | None:
+    """The metrics.json of ``RUNS/<run>`` if that run finished with exactly these overrides."""
+    out = RUNS / run
+    stamp, metrics_path = out / STAMP, out / "metrics.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == overrides and metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    return None
+
+
 def train(
     recipe: str,
     run: str,
@@ -88,9 +97,10 @@ def train(
 
     out = RUNS / run
     stamp, metrics_path = out / STAMP, out / "metrics.json"
+    done = finished(run, overrides)
+    if done is not None:
+        return done
     same = stamp.is_file() and json.loads(stamp.read_text()) == overrides
-    if same and metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
     config = load_config(REPO / "configs" / folder / f"{recipe}.yaml", [f"out={out}", *overrides])
     config.train.progress = False
     out.mkdir(parents=True, exist_ok=True)

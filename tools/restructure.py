@@ -38,7 +38,8 @@ MODULE_MOVES: dict[str, str] = {
     "inputs.py": "bundle/inputs.py",
     "model_card.py": "bundle/model_card.py",
     "engine.py": "training/engine.py",
-    "param_groups.py": "training/param_groups.py",
+    "param_groups.py": "models/param_groups.py",  # parameter names by block: adapters use it too
+    "training/param_groups.py": "models/param_groups.py",
     "zeroshot.py": "evaluation/zeroshot.py",
     "probe.py": "evaluation/probe.py",
     "textmetrics.py": "evaluation/textmetrics.py",
@@ -100,7 +101,8 @@ TEST_MOVES: dict[str, str] = {
     "tests/test_losses_fusion.py": "tests/losses/test_fusion.py",
     "tests/test_losses_segmentation.py": "tests/losses/test_segmentation.py",
     "tests/test_losses_survival.py": "tests/losses/test_survival.py",
-    "tests/test_param_groups.py": "tests/training/test_param_groups.py",
+    "tests/test_param_groups.py": "tests/models/test_param_groups.py",
+    "tests/training/test_param_groups.py": "tests/models/test_param_groups.py",
     "tests/engine/test_engine.py": "tests/training/test_engine.py",
     "tests/engine/test_faults.py": "tests/training/test_faults.py",
     "tests/engine/toy.py": "tests/training/toy.py",
@@ -280,7 +282,7 @@ def ensure_packages() -> None:
 
 
 PACKAGE_DOCS = {
-    "training": "The engine that trains any task, with its checkpoints and parameter groups.",
+    "training": "The engine that trains any task, with its checkpoints.",
     "evaluation": "Evaluation: metrics on plain arrays, zero-shot, probes, text metrics, alignment scores, plots.",
     "pipeline": "Recipe -> trained bundle: the generic run, the curriculum of stages, the quickstart.",
     "reporting": "Human-readable outputs of a run: the self-contained HTML report.",

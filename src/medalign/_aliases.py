@@ -22,7 +22,7 @@ MOVED_MODULES: dict[str, str] = {
     "medalign.inputs": "medalign.bundle.inputs",
     "medalign.model_card": "medalign.bundle.model_card",
     "medalign.engine": "medalign.training.engine",
-    "medalign.param_groups": "medalign.training.param_groups",
+    "medalign.param_groups": "medalign.models.param_groups",
     "medalign.zeroshot": "medalign.evaluation.zeroshot",
     "medalign.probe": "medalign.evaluation.probe",
     "medalign.textmetrics": "medalign.evaluation.textmetrics",

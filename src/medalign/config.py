@@ -36,6 +36,27 @@ class PhantomSource:
 
 
 @dataclass
+class PromptConfig:
+    """How a prompt-guided segmentation run shows its prompts in training (``data.prompts``).
+
+    Rows that share their image cells are one image with several prompts (the phantom's one
+    row per lesion). ``per_image`` rows of the same image go into a batch together, each with
+    its own target, so a batch holds the same pixels with different prompts and different
+    masks: the text is the only way to tell them apart. Slots an image cannot fill with its own
+    prompts take, when ``negatives_from`` names attribute columns, the prompt of another image
+    whose values in those columns match none of this image's rows, with an empty target (the
+    phantom: "the lesion in the right upper zone" of a case without one there); otherwise they
+    repeat its own rows. ``dropout`` replaces a row's prompt by the empty prompt with
+    probability p, its target then being the union of the image's targets (what an image with
+    no prompt asks for). The defaults change nothing: one row at a time, as any other task.
+    """
+
+    per_image: int = 1
+    negatives_from: list[str] = field(default_factory=list)  # e.g. ["attr:side", "attr:zone"]
+    dropout: float = 0.0
+
+
+@dataclass
 class DataConfig:
     manifest: str = ""  # path to a manifest; relative paths resolve against the working directory
     phantom: PhantomSource | None = None  # used when manifest is empty
@@ -61,6 +82,7 @@ class DataConfig:
     num_workers: int = 2
     cache: str | None = None
     text_max_length: int = 77
+    prompts: PromptConfig = field(default_factory=PromptConfig)  # prompt-guided segmentation only
     text_from_labels: str | None = None  # templates (file or shipped name) that write text from labels
     drop_last: bool = True
     # a folder of tar shards (`medalign data shard`) that training reads its train split from;
@@ -132,6 +154,10 @@ class PretrainLossConfig:
     contrastive_weight: float = 0.1
     temperature: float = 0.1
     views: Literal["augment", "modalities"] = "augment"
+    # which embeddings the contrastive term compares: those of the masked forward (no extra pass)
+    # or the encoder's on the whole, unmasked views (one more pass per view; CMAE-style), which
+    # trains the features a downstream model reads (medalign.tasks.pretrain)
+    contrast_on: Literal["masked", "full"] = "masked"
     # views: augment -- each view is a random resized crop keeping this fraction of the image area
     # or more (aspect 3/4..4/3), a random left-right flip and a contrast/brightness jitter of +-this.
     crop_min_scale: float = 0.35
@@ -145,6 +171,9 @@ class ClinicalLossConfig:
     diagnosis_weight: float = 1.0
     survival_weight: float = 1.0
     label_smoothing: float = 0.0
+    # "balanced": cross-entropy weights n / (K * n_k) from the train split's labels, so a rare class
+    # counts as much as a common one (what balanced accuracy scores); "none": plain cross-entropy
+    class_weights: Literal["none", "balanced"] = "none"
 
 
 @dataclass
@@ -196,7 +225,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
-    # learning rate per part of the model (medalign.training.param_groups): parameter-name prefix ->
+    # learning rate per part of the model (medalign.models.param_groups): parameter-name prefix ->
     # multiplier, e.g. {vision: 0.1}; and layer-wise decay inside a tower, e.g. {vision: 0.75}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     layer_decay: dict[str, float] = field(default_factory=dict)
@@ -431,6 +460,16 @@ def validate_ranges(config: RunConfig) -> None:
             "task segment needs data.mask (the mask column)",
         ),
         (config.data.shard_buffer >= 0, "data.shard_buffer must be >= 0"),
+        (config.data.prompts.per_image >= 1, "data.prompts.per_image must be >= 1"),
+        (0 <= config.data.prompts.dropout < 1, "data.prompts.dropout must be in [0, 1)"),
+        (
+            config.data.batch_size % config.data.prompts.per_image == 0,
+            "data.batch_size must be divisible by data.prompts.per_image (whole images per batch)",
+        ),
+        (
+            all(c.startswith("attr:") for c in config.data.prompts.negatives_from),
+            "data.prompts.negatives_from names attribute columns (attr:...)",
+        ),
         *_shard_checks(config),
         *_fuse_checks(config),
         *_pretrain_checks(config),

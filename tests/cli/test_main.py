@@ -115,7 +115,8 @@ def test_quickstart_small(tiny_quickstart) -> None:
     assert "example report" in output and "example segmentation prompt" in output
     assert "zero-shot diagnosis on test: accuracy" in output and "R@10" in output
     assert (out / "align" / "bundle" / "model.safetensors").is_file()
-    assert "Dice with text" in output and "without text" in output
+    assert "Dice with text" in output and "image-only" in output
+    assert "another case's prompt" in output
     for run in ("segment_text", "segment_image_only"):
         assert (out / run / "bundle" / "model.safetensors").is_file()
     assert "lesion segmentation from two modalities" in output

@@ -38,7 +38,8 @@ SMALL_TEXT_UNET = {
     "depth": 2,
     "context_dim": 16,
     "num_heads": 2,
-    "fuse_scales": [0, 1],
+    "encoder_fusion": [2, 4],
+    "decoder_fusion": [1, 2],
 }
 
 
@@ -250,7 +251,7 @@ def test_unusable_requests_raise_clear_errors(tmp_path: Path, unet_cli: tuple[Pa
         **{**SMALL_TEXT_UNET, "text": None, "attributes_vocab": {"side": ["left", "right"]}},
     )
     with pytest.raises(
-        ExportError, match=r"TextUNet \(text_unet\) takes structured attributes.*not supported"
+        ExportError, match=r"TextGuidedSegmenter \(text_guided\) takes structured attributes.*not supported"
     ):
         export_onnx(attrs, tmp_path / "out")
     vit = _bundle(tmp_path, "vit", "clip_decoder", image_size=32, in_channels=1)

@@ -210,7 +210,7 @@ def test_segment_returns_the_source_size(unet: Predictor, phantom) -> None:
 
 
 def test_text_guided_segmentation(tmp_path_factory: pytest.TempPathFactory, phantom) -> None:
-    overrides = dict(image_size=32, text=TINY_BERT, base_width=4, depth=2, fuse_scales=[0, 1], context_dim=16)
+    overrides = dict(image_size=32, text=TINY_BERT, base_width=4, depth=2, decoder_fusion=[1, 2], context_dim=16)
     model = medalign.load(bundle(tmp_path_factory, "text_unet", **overrides))
     path = paths(phantom)[0]
     cyst, none = model.segment(path, text="the cyst in the left upper zone"), model.segment(path, text="no")

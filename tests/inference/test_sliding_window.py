@@ -53,16 +53,28 @@ def test_flip_tta_is_the_mean_of_both_orientations(unet) -> None:
     )
 
 
-def test_text_models_need_a_prompt_and_refuse_flips() -> None:
+def test_text_models_see_the_whole_image_and_flip_their_prompt_with_it() -> None:
     model = create_model(
-        "text_unet", in_channels=1, image_size=32, base_width=4, depth=2, fuse_scales=[0, 1], text=TINY_TEXT
+        "text_unet", in_channels=1, image_size=32, base_width=4, depth=2, decoder_fusion=[1, 2], text=TINY_TEXT
     ).eval()
     image = torch.rand(1, 1, 40, 40)
     with pytest.raises(ValueError, match="text-guided"):
         predict_probabilities(model, image)
-    with pytest.raises(ValueError, match="swap left/right"):
-        predict_probabilities(model, image, text="the lesion in the left upper zone", flip_tta=True)
-    assert predict_probabilities(model, image, text="the lesion in the left upper zone").shape == (40, 40)
+    left, right = "the lesion in the left upper zone", "the lesion in the right upper zone"
+    plain = predict_probabilities(model, image, text=left)
+    assert plain.shape == (40, 40)
+    # the whole image at the training size, as evaluation sees it (no sliding windows)
+    resized = torch.nn.functional.interpolate(image, size=(32, 32), mode="bilinear")
+    with torch.no_grad():
+        logits = model(pixel_values=resized, **model.tokenize([left]))["logits"]
+    expected = torch.nn.functional.interpolate(torch.sigmoid(logits), size=(40, 40), mode="bilinear")
+    np.testing.assert_allclose(plain, expected[0, 0].numpy(), atol=1e-5)
+    # flip TTA: the flipped image is asked for the mirrored prompt
+    mirrored = predict_probabilities(model, image.flip(-1), text=right)[:, ::-1]
+    np.testing.assert_allclose(
+        predict_probabilities(model, image, text=left, flip_tta=True), (plain + mirrored) / 2, atol=1e-5
+    )
+    assert predict_probabilities(model, image, text="").shape == (40, 40)  # the empty prompt
 
 
 def test_outputs_png_nifti_and_overlay(tmp_path: Path) -> None:

@@ -258,3 +258,41 @@ def test_frozen_tower_stays_in_eval_mode_while_training() -> None:
     first = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
     second = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
     assert torch.equal(first, second)  # no dropout in the locked tower
+
+
+def test_late_fusion_reads_each_modality_with_the_shared_tower() -> None:
+    """image_modalities=2: one tower per modality image, pooled features averaged, tokens side by side."""
+    torch.manual_seed(0)
+    model = create_model("align_tiny", in_channels=2, image_modalities=2, image_size=32, image_mean=[0.3, 0.6])
+    assert model.tower_channels == 1 and model.vision.model.config.num_channels == 1
+    pixels = torch.rand(3, 2, 32, 32)
+    pooled, tokens = model.image_features(pixels)
+    first, first_tokens = model.vision((pixels[:, :1] - 0.3) / model.pixel_std[:, :1])
+    second, second_tokens = model.vision((pixels[:, 1:] - 0.6) / model.pixel_std[:, 1:])
+    torch.testing.assert_close(pooled, (first + second) / 2)
+    torch.testing.assert_close(tokens, torch.cat([first_tokens, second_tokens], dim=1))
+    swapped = model.encode_image(pixels.flip(1))  # modalities are read alike: order changes nothing
+    assert not torch.allclose(swapped, model.encode_image(pixels))  # (their statistics differ here)
+    with pytest.raises(ValueError, match="image_modalities=2 must be >= 1 and divide in_channels=3"):
+        create_model("align_tiny", in_channels=3, image_modalities=2)
+
+
+def test_a_frozen_text_tower_encodes_each_text_once() -> None:
+    torch.manual_seed(0)
+    frozen = create_model("align_tiny", freeze_text=True).train()
+    calls = []
+    frozen.text.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    ids = torch.randint(1000, 2000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # padding is not part of a text's identity
+    first = frozen.encode_text(ids, mask)
+    ids[0, 9] = 5  # a padded position: the same text
+    again = frozen.encode_text(ids, mask)
+    assert calls == [4] and torch.equal(first, again)
+    trainable = create_model("align_tiny").eval()
+    trainable.load_state_dict(frozen.state_dict())
+    torch.testing.assert_close(trainable.encode_text(ids, mask), first)
+    frozen.load_state_dict(trainable.state_dict())
+    assert not frozen._frozen_text_cache  # loading weights empties the cache
+    frozen.encode_text(ids[:2], mask[:2])
+    assert calls[-1] == 2

@@ -1,4 +1,4 @@
-"""Segmentation models: the shared call, configs that rebuild the model, text and attribute guidance."""
+"""Segmentation models: the shared call and configs that rebuild the model (text guidance: test_text_guided)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from medalign.models.segmentation import (
     SEGMENTATION_MODELS,
     ClipDecoder,
     SegmentationModel,
-    TextUNet,
     TowerUNet,
     build_segmentation_model,
 )
@@ -45,9 +44,9 @@ TINY: dict[str, dict[str, Any]] = {
     "attention_unet": {"channels": [8, 16, 32]},
     "swin_unetr": {"feature_size": 12, "depths": [1, 1, 1, 1]},
     "clip_decoder": {"vision": TINY_CLIP, "decoder_dim": 16, "image_size": 64},
+    "text_guided": {"text": TINY_TEXT, "base_width": 8, "context_dim": 32, "image_size": 64},
     "text_unet": {"text": TINY_TEXT, "base_width": 8, "context_dim": 32, "image_size": 64},
 }
-ATTRS = {"side": ["none", "left", "right", "bilateral"], "count": ["0", "1", "2", "3"]}
 HAS_EINOPS = importlib.util.find_spec("einops") is not None
 
 
@@ -110,76 +109,6 @@ def test_wrong_inputs_fail_with_a_hint() -> None:
     with pytest.raises(TypeError, match="unknown override"):
         create_model("unet", chanels=[8, 16])
     assert not model.needs_text and model.tokenizer is None
-
-
-# -- text_unet ------------------------------------------------------------------------------------
-
-
-def test_text_unet_default_uses_frozen_pretrained_minilm() -> None:
-    model = create_model("text_unet", base_width=8)
-    assert model.needs_text and model.config.text.source is not None
-    assert not any(p.requires_grad for p in model.text.parameters())
-    batch = model.tokenize(["left lower lobe opacity", "normal"])
-    out = model(torch.rand(2, 1, 64, 64), **batch)
-    assert out["logits"].shape == (2, 1, 64, 64)
-    model.train()
-    assert not model.text.training
-
-
-def test_text_unet_output_depends_on_text_but_not_on_padding() -> None:
-    model = tiny("text_unet").eval()
-    pixels = torch.rand(2, 1, 64, 64)
-    batch = text_inputs(2, 8)
-    batch["attention_mask"][:, 5:] = 0
-    base = model(pixels, **batch)["logits"]
-
-    other = {**batch, "input_ids": batch["input_ids"].clone()}
-    other["input_ids"][:, 2] += 7  # a real word changes
-    assert not torch.allclose(model(pixels, **other)["logits"], base)
-
-    padded = {**batch, "input_ids": batch["input_ids"].clone()}
-    padded["input_ids"][:, 6] = 4242  # a padded position changes
-    torch.testing.assert_close(model(pixels, **padded)["logits"], base, rtol=0, atol=1e-6)
-
-
-def test_text_unet_attributes_replace_text() -> None:
-    model = tiny("text_unet", text=None, attributes_vocab=ATTRS).eval()
-    assert not model.needs_text and model.tokenizer is None
-    pixels = torch.rand(1, 1, 64, 64).repeat(2, 1, 1, 1)
-    attributes = model.encode_attributes([{"side": "left", "count": "1"}, {"side": "right", "count": "1"}])
-    assert attributes.tolist() == [[1, 1], [2, 1]]
-    logits = model(pixels, attributes=attributes)["logits"]
-    assert not torch.allclose(logits[0], logits[1])  # same image, different side
-
-    unknown = model(pixels, attributes=torch.tensor([[-1, -1], [-1, 2]]))["logits"]
-    assert torch.isfinite(unknown).all()
-    with pytest.raises(ValueError, match="out of range"):
-        model(pixels, attributes=torch.tensor([[4, 0], [0, 0]]))
-    with pytest.raises(ValueError, match="input_ids"):
-        model(pixels)
-
-    logits.sum().backward()
-    assert model.attr_embed is not None and model.attr_embed.weight.grad is not None
-
-
-def test_text_unet_takes_text_and_attributes_together() -> None:
-    model = tiny("text_unet", attributes_vocab=ATTRS).eval()
-    pixels, batch = torch.rand(2, 1, 64, 64), text_inputs()
-    with_attrs = model(pixels, **batch, attributes=torch.tensor([[1, 0], [2, 3]]))["logits"]
-    assert not torch.allclose(with_attrs, model(pixels, **batch)["logits"])
-
-
-def test_text_unet_side_outputs_one_per_decoder_scale() -> None:
-    model = tiny("text_unet", side_outputs=True, num_classes=2)
-    assert isinstance(model, TextUNet)
-    out = model(torch.rand(2, 1, 64, 64), **text_inputs())
-    depth = model.config.depth
-    assert len(out["side_logits"]) == depth
-    # coarse to fine: the bottleneck (1/2**depth) up to half resolution
-    assert [s.shape[-1] for s in out["side_logits"]] == [64 // 2 ** (depth - i) for i in range(depth)]
-    assert all(s.shape[:2] == (2, 2) for s in out["side_logits"])
-    sum(s.mean() for s in out["side_logits"]).backward()
-    assert model.side_heads is not None and model.side_heads[0].weight.grad is not None
 
 
 # -- learning a toy: disks brighter than a noisy background ------------------------------------------

@@ -255,3 +255,24 @@ def test_a_head_with_the_wrong_class_count_is_refused_before_training(cases, tmp
     with pytest.raises(ValueError, match=r"column 'label' has 3 classes .* set model.overrides.num_classes to 3"):
         run_training(config, echo=lambda *_: None)
     assert not (tmp_path / "run" / "bundle").exists()
+
+
+def test_balanced_class_weights_weight_the_cross_entropy():
+    from medalign.tasks.clinical import balanced_class_weights
+
+    weights = balanced_class_weights([0, 0, 0, 1, -1, 2, 2, 0], 3)  # counts 4 / 1 / 2 of 7 labelled
+    assert torch.allclose(weights, torch.tensor([7 / 12, 7 / 3, 7 / 6]))
+    with pytest.raises(ValueError, match=r"classes \[1\] have no labelled row"):
+        balanced_class_weights([0, 2, 2], 3)
+    torch.manual_seed(0)
+    model = create_model("clinical_tiny", image_size=32, num_classes=3).eval()
+    batch = {"image": torch.rand(4, 1, 32, 32), "modalities_present": torch.ones(4, 1, dtype=torch.bool),
+             "label": torch.tensor([0, 0, 1, 2]), "text": [""] * 4}  # fmt: skip
+    config = load_config(None, ["task=clinical", "clinical_loss.class_weights=balanced"]).clinical_loss
+    loss = ClinicalTask(model, config, ["image"], class_weights=weights).training_step(batch)["loss"]
+    logits = model(batch["image"])["logits"]
+    per_row = F.cross_entropy(logits, batch["label"], reduction="none").detach()
+    w = weights[batch["label"]]
+    assert loss.item() == pytest.approx(float((w * per_row).sum() / w.sum()), rel=1e-5)
+    with pytest.raises(ConfigError, match=r"class_weights: 'inverse' is not one of \['none', 'balanced'\]"):
+        load_config(None, ["task=clinical", "clinical_loss.class_weights=inverse"])

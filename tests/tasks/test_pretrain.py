@@ -14,7 +14,7 @@ from medalign.losses import clip_loss
 from medalign.models import DualEncoder, create_model
 from medalign.models.mae import HybridMAE
 from medalign.pipeline.run import run_training
-from medalign.tasks.pretrain import PretrainTask, augment_views, paired_infonce
+from medalign.tasks.pretrain import PretrainTask, augment_views, paired_infonce, pooled_images
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,6 +75,27 @@ def test_modalities_views_pool_present_images_and_skip_unpaired_cases() -> None:
     logs = task.training_step(batch)
     expected = logs["reconstruction"] + 0.5 * paired_infonce(first, second, valid, 0.1)
     torch.testing.assert_close(logs["loss"].detach(), expected.detach())
+
+
+def test_full_views_contrast_the_unmasked_embeddings() -> None:
+    """contrast_on: full -- the InfoNCE compares model.embed of the whole views, not the masked ones."""
+    torch.manual_seed(0)
+    model = create_model("mae_tiny", in_channels=1).eval()  # no dropout: embed() is deterministic
+    batch = batch_of([[True, True], [True, False], [True, True]])
+    task = PretrainTask(
+        model, PretrainLossConfig(views="modalities", contrast_on="full"), ["image:a", "image:b"]
+    )
+    _, first, second, valid = task.views(batch)
+    assert valid.tolist() == [True, False, True]
+    torch.testing.assert_close(first[valid], model.embed(batch["image:a"][valid]))
+    torch.testing.assert_close(second[valid], model.embed(batch["image:b"][valid]))
+    augment = PretrainTask(model, PretrainLossConfig(views="augment", contrast_on="full"), ["image:a", "image:b"])
+    torch.manual_seed(4)
+    out, first, _, present = augment.views(batch)
+    torch.manual_seed(4)
+    views = torch.cat([augment_views(pooled_images(batch, ["image:a", "image:b"])[0]) for _ in range(2)])
+    torch.testing.assert_close(first[present], model.embed(views[:5]))  # the 5 present images' first views
+    assert out["mask"].shape[0] == 10  # both views are still reconstructed
 
 
 def test_augment_views_and_plain_mae() -> None:

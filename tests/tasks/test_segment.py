@@ -240,7 +240,7 @@ def test_segmentation_init_from_loads_a_segmentation_bundle(prompts: Path, tmp_p
         f"model.init_from={tmp_path / 'seg'}",
         "model.overrides={in_channels: 2, image_size: 64, base_width: 8}",
     )
-    with pytest.raises(ValueError, match="none of its weights fit model 'text_unet'"):
+    with pytest.raises(ValueError, match="none of its weights fit model 'text_guided'"):
         build_model(other)
 
 

@@ -181,7 +181,7 @@ def _towers(record: Mapping[str, Any]) -> list[str]:
         if not isinstance(tower, Mapping):
             continue
         arch = tower.get("config") or {}
-        details = [f"{k}={arch[k]}" for k in ("hidden_size", "num_hidden_layers", "patch_size") if k in arch]
+        details = [f"{k}={arch[k]}" for k in ("variant", "hidden_size", "num_hidden_layers", "patch_size") if k in arch]
         origin = f", initialised from `{tower['source']}`" if tower.get("source") else ""
         shape = f" ({', '.join(details)})" if details else ""
         lines.append(f"- {name} tower: {tower.get('kind')}{shape}{origin}")

@@ -30,7 +30,12 @@ def _bundle_columns(loaded_model: Any, loaded: Any, modality: list[str] | None) 
 
 
 def _eval_common(
-    model: Path, manifest: Path, split: str, label: str | None, modality: list[str] | None
+    model: Path,
+    manifest: Path,
+    split: str,
+    label: str | None,
+    modality: list[str] | None,
+    features: str = "embedding",
 ) -> tuple[Any, Any, Any, list[str]]:
     from medalign.bundle import load_bundle
     from medalign.data.dataset import dataset_for_model
@@ -43,7 +48,7 @@ def _eval_common(
         raise fail(f"manifest '{manifest}' has no column '{label}'")
     loaded, keys = _bundle_columns(loaded_model, loaded, modality)
     dataset = dataset_for_model(loaded, loaded_model, split, label, keys)
-    return loaded_model, loaded, ev.embed_split(loaded_model, dataset), keys
+    return loaded_model, loaded, ev.embed_split(loaded_model, dataset, features=features), keys
 
 
 def _eval_config(task: str, manifest: Path, split: str, model: Any = None) -> Any:
@@ -138,6 +143,13 @@ def eval_probe(
     manifest: Annotated[Path, typer.Option(help="Manifest with train/val/test splits and labels.")],
     label: Annotated[str, typer.Option(help="Label column.")] = "label",
     split: Annotated[str, typer.Option(help="Split to report.")] = "test",
+    features: Annotated[
+        str,
+        typer.Option(
+            help="'embedding' (the model's image embedding) or 'tower' (the vision tower's pooled "
+            "features: any bundle with a vision tower, e.g. a clinical one)."
+        ),
+    ] = "embedding",
     modality: ModalityOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
@@ -146,18 +158,22 @@ def eval_probe(
     Example:
 
         medalign eval probe --model runs/busi/bundle --manifest busi.csv --label label
+        medalign eval probe --model runs/clinical_busi/bundle --manifest busi.csv --features tower
     """
     from medalign.data.dataset import dataset_for_model
     from medalign.evaluation import alignment as ev
 
-    loaded_model, loaded, test, keys = _eval_common(model, manifest, split, label, modality)
-    train_val = [
-        ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label, keys))
-        for s in ("train", "val")
-    ]
+    try:
+        loaded_model, loaded, test, keys = _eval_common(model, manifest, split, label, modality, features)
+        train_val = [
+            ev.embed_split(loaded_model, dataset_for_model(loaded, loaded_model, s, label, keys), features=features)
+            for s in ("train", "val")
+        ]
+    except ValueError as err:
+        raise fail(str(err)) from err
     config = _eval_config("align", manifest, split, loaded_model)
     config.eval.probe_label, config.data.label = label, label
-    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label, modality=keys)
+    _write_eval("probe", ev.probe(*train_val, test), out, model, config, label=label, features=features, modality=keys)
 
 
 @eval_app.command("segment")
@@ -172,6 +188,10 @@ def eval_segment(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Per-image Dice/IoU (LViT/C2FVL protocol), pooled Dice, HD95 and NSD over every image.
+
+    A prompt-guided (text or attribute) model is scored three times: with each row's true
+    prompt, with another image's (shuffled) and with the empty prompt; how much Dice it loses
+    without the true prompt is how much it uses it.
 
     Example:
 
@@ -191,6 +211,8 @@ def eval_segment(
     except (ValueError, KeyError) as err:
         raise fail(str(err)) from err
     _write_eval("segment", metrics, out, model, config, modality=keys, mask=mask)
+    for prompt, row in metrics.get("prompt_ablation", {}).items():  # a prompt-guided model
+        typer.echo(f"{prompt:>8} prompt: Dice {row['dice']:.4f}  IoU {row['iou']:.4f}  ({row['n_images']} images)")
 
 
 @eval_app.command("fuse")

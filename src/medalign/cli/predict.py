@@ -24,7 +24,12 @@ def predict_segment(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Mask to write (.png, or .nii/.nii.gz).")],
     text: Annotated[
-        str | None, typer.Option(help="Prompt naming what to segment (text-guided models).")
+        str | None,
+        typer.Option(help="Prompt naming what to segment (text-guided models; '' = no prompt)."),
+    ] = None,
+    attribute: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VALUE finding of an attribute-guided model (C2FVL); repeat per attribute."),
     ] = None,
     overlay_path: Annotated[Path | None, typer.Option("--overlay", help="Also write an overlay PNG.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
@@ -33,7 +38,8 @@ def predict_segment(
         bool, typer.Option("--bf16", help="Run the model under bfloat16 autocast (faster).")
     ] = False,
 ) -> None:
-    """Segment one case of any size (sliding windows at the training size).
+    """Segment one case of any size (sliding windows at the training size; a prompt-guided
+    model sees the whole image at its training size, as ``medalign eval segment`` does).
 
     The bundle records which images it takes; a bundle trained on several modalities needs each
     one, named. Example:
@@ -55,7 +61,8 @@ def predict_segment(
             )
         case: Any = parsed if isinstance(parsed, dict) else parsed[0]
         used = [name for name in predictor.arrange(case) if name != "*"] or list(predictor.inputs.modalities[:1])
-        probabilities = predictor.segment(case, text=text, flip_tta=tta, bf16=bf16)
+        findings = _parse_attributes(attribute) if attribute else None
+        probabilities = predictor.segment(case, text=text, attributes=findings, flip_tta=tta, bf16=bf16)
     except ValueError as err:
         raise fail(str(err)) from err
     mask = probabilities > threshold
@@ -64,6 +71,17 @@ def predict_segment(
         first = next(iter(case.values())) if isinstance(case, dict) else case
         overlay(prepare(first, 1, None, predictor.normalisation)[None], mask).save(overlay_path)
     typer.echo(f"wrote {out}: {int(mask.sum())} foreground pixels of {mask.size} (inputs: {'+'.join(used)})")
+
+
+def _parse_attributes(pairs: list[str]) -> dict[str, str]:
+    """``["side=left", "zone=lower"]`` -> ``{"side": "left", "zone": "lower"}``."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--attribute {pair!r} is not NAME=VALUE")
+        found[name.strip()] = value.strip()
+    return found
 
 
 def _register_commands() -> None:

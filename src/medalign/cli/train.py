@@ -73,13 +73,22 @@ def ablate(
             "each earlier stage skipped, and the last stage alone).",
         ),
     ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds",
+            help="Run the whole ablation with N consecutive training seeds (from the recipe's train.seed), "
+            "each in <out>/seed_<s>, and report every metric as mean ± std.",
+        ),
+    ] = 1,
 ) -> None:
     """Run a curriculum with stages skipped and tabulate the last stage's headline metrics.
 
     Chains share their common prefixes (Stage I is trained once); results go to
-    <out>/ablation.md and <out>/ablation.json. Recipe overrides work as in `train`. Examples:
+    <out>/ablation.md, <out>/ablation.json and <out>/ablation.html (a bar chart with error bars
+    over the seeds). Recipe overrides work as in `train`. Examples:
 
-        medalign ablate --config configs/curriculum/phantom.yaml
+        medalign ablate --config configs/curriculum/phantom.yaml --seeds 3
         medalign ablate --config configs/curriculum/phantom.yaml --variants '1,2,3;3' --stage3.train.epochs 5
     """
     from medalign.config import ConfigError, parse_cli_overrides
@@ -90,7 +99,7 @@ def ablate(
             raise ConfigError(f"'{config}' is not a curriculum file (no top-level `curriculum:`)")
         curriculum = load_curriculum(config, parse_cli_overrides(list(ctx.args)))
         chains = [parse_stages(v, curriculum) for v in variants.split(";")] if variants else None
-        run_ablation(curriculum, chains, echo=typer.echo)
+        run_ablation(curriculum, chains, seeds=seeds, echo=typer.echo)
     except ValueError as err:  # ConfigError and the checks of a run (a bundle of the wrong kind, ...)
         raise fail(str(err)) from err
 

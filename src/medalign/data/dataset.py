@@ -27,6 +27,7 @@ from medalign.data.transforms import (
     build_augment,
     build_preprocess,
     eval_augment,
+    mirror_words,
     to_channel_first,
 )
 
@@ -104,6 +105,15 @@ class ManifestDataset(Dataset):
         sample's position in the run, so a resumed run sees exactly what the original saw.
         """
         index, seed = key if isinstance(key, tuple) else (key, None)
+        return self.sample(index, seed)
+
+    def sample(self, index: int, seed: int | None = None, cells: Mapping[str, Any] | None = None) -> Sample:
+        """``dataset[index, seed]``, with the row's non-image ``cells`` replaced when given.
+
+        The replaced cells (``text``, ``attr:*``) go through the same augmentation-aware
+        assembly as the row's own: a prompt borrowed from another row is mirrored with the
+        image like the row's own prompt would be.
+        """
         if seed is not None:
             self.set_random_state(seed)
         row = self.manifest.table.iloc[index]  # looked up once: pandas row access costs ~0.1 ms
@@ -115,16 +125,21 @@ class ManifestDataset(Dataset):
             raise SampleError(
                 f"{self._describe(index)}: {type(err).__name__}: {' '.join(str(err).split())}"
             ) from err
+        if cells:
+            row = row.copy()
+            for column, value in cells.items():
+                row[column] = value
         return self.assemble(arrays, row, index)
 
     def assemble(self, arrays: Sample, row: Mapping[str, Any], index: int) -> Sample:
         """The sample of a row from its preprocessed arrays: augmentation, absent modalities, row fields.
 
         Public so that a :class:`~medalign.data.shards.ShardDataset` builds its samples with
-        exactly this code from the same row read out of a shard.
+        exactly this code from the same row read out of a shard. A flip also flips the side
+        words of the row's text and attribute values (:func:`mirror_words`).
         """
         try:
-            sample = self.augment(dict(arrays))
+            sample, flips, dims = self.augment.apply(dict(arrays))
         except Exception as err:  # arrays that augmentation rejects: name the case
             raise SampleError(
                 f"case {row['case_id']!r} (row {index + 1}): {type(err).__name__}: {' '.join(str(err).split())}"
@@ -135,7 +150,14 @@ class ManifestDataset(Dataset):
             if key not in sample and reference is not None:
                 sample[key] = torch.zeros_like(reference)
         sample["modalities_present"] = torch.tensor(present, dtype=torch.bool)
-        sample.update(self._row_fields(row))
+        fields = self._row_fields(row)
+        if flips:
+            fields["text"] = mirror_words(fields["text"], flips, dims)
+            fields["attrs"] = {
+                k: mirror_words(v, flips, dims) if isinstance(v, str) else v
+                for k, v in fields["attrs"].items()
+            }
+        sample.update(fields)
         return sample
 
     def case_id(self, index: int) -> str:

@@ -27,7 +27,8 @@ Sample = dict[str, Any]
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random augmentation. Flips default off: they swap left/right, which reports name."""
+    """Random augmentation. Flips default off; when on, a flipped sample's text and attribute
+    values name the mirrored sides (:func:`mirror_words`), so a prompt stays true."""
 
     flip_axes: tuple[
         int, ...
@@ -192,13 +193,19 @@ class PairedAugment:
         self.R = np.random.RandomState(seed)
 
     def __call__(self, data: Sample) -> Sample:
+        return self.apply(data)[0]
+
+    def apply(self, data: Sample) -> tuple[Sample, tuple[int, ...], int]:
+        """The augmented sample, the spatial axes it was flipped along and its number of spatial
+        dims (what :func:`mirror_words` needs to keep the sample's text true)."""
         out = dict(data)
         keys = [k for k in [*self.image_keys, *self.mask_keys] if k in out]
         tensors = {k: torch.as_tensor(np.asarray(out[k], dtype=np.float32)) for k in keys}
         if self.config is None or not keys:
             out.update({k: t.clone() for k, t in tensors.items()})  # never hand out the cache's memory
-            return out
-        draw = self.randomize(tensors[keys[0]].ndim - 1)
+            return out, (), 0
+        dims = tensors[keys[0]].ndim - 1
+        draw = self.randomize(dims)
         grids: dict[tuple[int, ...], torch.Tensor] = {}
         for key, tensor in tensors.items():
             shape = tuple(tensor.shape[1:])
@@ -217,7 +224,7 @@ class PairedAugment:
                 noise = self.R.normal(0.0, draw.noise_std[key], tuple(tensor.shape))
                 tensor += torch.from_numpy(noise.astype(np.float32))
             out[key] = tensor
-        return out
+        return out, draw.flips, dims
 
     def randomize(self, dims: int) -> _Draw:
         """Draw in MONAI's order: flips, then the affine, then each modality's intensity."""
@@ -289,6 +296,39 @@ def _ramp(n: int, axis: int, dims: int) -> torch.Tensor:
     view = [1] * dims
     view[axis] = n
     return ((torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1).view(view)
+
+
+# Words a flip along a spatial axis turns into each other: the last axis (image columns) swaps
+# left and right, the one before it (rows) swaps upper and lower.
+_MIRRORED_WORDS: dict[int, dict[str, str]] = {
+    -1: {"left": "right", "right": "left"},
+    -2: {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"},
+}
+
+
+def mirror_words(text: str, flips: Sequence[int], dims: int = 2) -> str:
+    """``text`` as it reads on the flipped image: "left" <-> "right" for a flip of the last
+    spatial axis, "upper" <-> "lower" and "top" <-> "bottom" for the axis before it.
+
+    Whole words only, in any case ("Left" -> "Right", "left-sided" -> "right-sided"); other
+    axes (the depth of a volume) name no side and change nothing.
+    """
+    import re
+
+    swaps: dict[str, str] = {}
+    for axis in flips:
+        swaps |= _MIRRORED_WORDS.get(axis - dims, {})
+    if not swaps or not text:
+        return text
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(0)
+        new = swaps[word.lower()]
+        if word.isupper():
+            return new.upper()
+        return new.capitalize() if word[0].isupper() else new
+
+    return re.sub(r"\b(" + "|".join(swaps) + r")\b", swap, text, flags=re.IGNORECASE)
 
 
 def build_augment(

@@ -25,10 +25,16 @@ from medalign.evaluation.zeroshot import (
 )
 from medalign.progress import progress
 
+# What ``embed_split`` returns as image features: the model's embedding (``encode_image``: the
+# aligned, L2-normalised space of a dual encoder) or the image tower's pooled output on
+# normalised pixels (what a linear probe of a pretrained tower reads: CLS of a ViT, the
+# average-pooled head of a CNN; any model with a ``vision`` tower, clinical bundles included).
+FEATURES = ("embedding", "tower")
+
 
 @dataclass
 class SplitEmbeddings:
-    image: np.ndarray  # [N, D], L2-normalised
+    image: np.ndarray  # [N, D], L2-normalised ("embedding") or raw pooled tower features ("tower")
     text: np.ndarray | None  # [N, D]; None when the split has no text
     labels: np.ndarray  # [N], -1 where missing
     texts: list[str]
@@ -43,6 +49,14 @@ def autocast_for(model: nn.Module, precision: str = "bf16") -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def tower_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pooled output of ``model.vision`` on [0, 1] pixels normalised with the model's statistics."""
+    dtype = pixel_values.dtype
+    normalised = (pixel_values - model.pixel_mean.to(dtype)) / model.pixel_std.to(dtype)
+    pooled, _ = model.vision(normalised)
+    return pooled
+
+
 @torch.no_grad()
 def embed_split(
     model: Any,
@@ -51,10 +65,19 @@ def embed_split(
     batch_size: int = 64,
     num_workers: int = 0,
     precision: str = "bf16",
+    features: str = "embedding",
 ) -> SplitEmbeddings:
+    """Image (and text) features of every row of ``dataset``; ``features`` picks which (``FEATURES``).
+
+    Tower features come without text embeddings: they are for probes, not for the shared space.
+    """
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    if features == "tower" and getattr(model, "vision", None) is None:
+        raise ValueError(f"{type(model).__name__} has no vision tower to take features from")
     model.eval()
     device = next(model.parameters()).device
-    tokenizer = model.tokenizer
+    tokenizer = model.tokenizer if features == "embedding" else None
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -63,10 +86,11 @@ def embed_split(
     )
     keys = dataset.image_keys
     images, texts_emb, labels, texts, case_ids = [], [], [], [], []
-    has_text = any(t for t in dataset.manifest.table.get("text", []))
+    has_text = features == "embedding" and any(t for t in dataset.manifest.table.get("text", []))
+    encode = model.encode_image if features == "embedding" else lambda x: tower_features(model, x)
     with autocast_for(model, precision):
         for batch in progress(loader, desc="embed"):
-            images.append(model.encode_image(stack_modalities(batch, keys).to(device)).float().cpu())
+            images.append(encode(stack_modalities(batch, keys).to(device)).float().cpu())
             if has_text:
                 texts_emb.append(
                     model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))

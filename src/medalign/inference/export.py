@@ -11,7 +11,8 @@
   models) -> ``logits [B, K, H, W]``.
 
 Batch size and text length are dynamic axes; the image size is fixed at export (ViT position
-tables are; convolutional models can be exported at another multiple with ``image_size``).
+tables are; convolutional models, EfficientNet towers included, can be exported at another
+multiple of their largest stride with ``image_size``).
 Every file is checked before it is written: ONNX Runtime and PyTorch run the same random
 images (and sample prompts) at a batch size and text length other than the traced ones, and a
 part whose outputs differ by more than ``TOLERANCE`` is refused, so an export that exists is
@@ -58,7 +59,8 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
     "segmentation": ("segmentation",),
 }
 # Bundle kind -> (model method giving the image embedding, what it is). None: the vision tower's
-# pooled CLS on normalised pixels (the clinical model has no single-image embedding method).
+# pooled output (CLS of a ViT, average-pooled head features of a CNN) on normalised pixels (the
+# clinical model has no single-image embedding method).
 VISION_EMBEDDINGS: dict[str, tuple[str | None, str]] = {
     "DualEncoder": ("encode_image", "L2-normalised projected image embedding (DualEncoder.encode_image)"),
     "pretrain": ("encode", "pooled CLS features of the encoder, as probes use them (HybridMAE.encode)"),
@@ -66,7 +68,7 @@ VISION_EMBEDDINGS: dict[str, tuple[str | None, str]] = {
         "encode_image",
         "L2-normalised CLS embedding of the vision tower (ReportGenerator.encode_image)",
     ),
-    "clinical": (None, "pooled CLS features of the shared vision tower (before image_proj)"),
+    "clinical": (None, "pooled features of the shared vision tower (before image_proj)"),
 }
 # Traced with two prompts of different length (padding in the graph), checked with three others.
 TRACE_TEXTS = ("a lesion in the left upper zone", "normal")
@@ -164,21 +166,24 @@ def _axes(text: bool) -> dict[str, dict[int, Any]]:
 
 
 def _export_size(model: nn.Module, image_size: int | None) -> int:
-    """The exported image size; a ViT's position table only fits its trained size.
+    """The exported image size; a ViT's position table only fits its trained size, a convolutional
+    tower takes any multiple of its largest stride."""
+    from medalign.models.towers import VisionTower
 
-    Segmenters on a convolutional tower (``fixed_input_size`` False: EfficientNet) export at
-    any size their strides allow, like the MONAI U-Nets.
-    """
     size = int(model.config.image_size)
     if image_size is None or image_size == size:
         return size
-    if getattr(model, "fixed_input_size", getattr(model, "vision", None) is not None):
+    tower = getattr(model, "vision", None)
+    if isinstance(tower, VisionTower):
         raise ExportError(
             f"{_model_name(model)} has a ViT whose position embeddings fit {size} px; "
             f"it cannot be exported at image_size={image_size}"
         )
-    if image_size < 1:
-        raise ExportError(f"image_size must be >= 1, got {image_size}")
+    multiple = int(getattr(tower, "size_multiple", 1))
+    if image_size < 1 or image_size % multiple:
+        raise ExportError(
+            f"image_size must be a positive multiple of {multiple} for {_model_name(model)}, got {image_size}"
+        )
     return image_size
 
 
@@ -252,7 +257,7 @@ def _check_supported(model: nn.Module, kind: str, parts: Sequence[str]) -> None:
     if "segmentation" in parts and attributes:
         raise ExportError(
             f"{_model_name(model)} takes structured attributes {sorted(attributes)}: exporting attribute "
-            "inputs to ONNX is not supported (TextUNet.context validates attribute indices with "
+            "inputs to ONNX is not supported (the model validates attribute indices with "
             "data-dependent control flow that torch.export cannot trace)"
         )
 

@@ -6,7 +6,7 @@ and preprocesses them exactly as training did, with training's own functions: th
 by the mean, grey -> RGB by repetition), ``"dtype"`` intensity scaling (uint8 / 255, uint16 /
 65535, floats as given, so float inputs are expected in [0, 1]) and the bilinear resize to the
 model's ``config.image_size`` (``build_preprocess``). Segmentation skips the resize: it runs
-sliding windows at the model's training scale (:mod:`medalign.inference.sliding_window`) and answers at the
+sliding windows at the model's training scale (:mod:`medalign.inference`) and answers at the
 source size.
 
 Accepted images, alone or in a list (a list is a batch, processed ``batch_size`` at a time):
@@ -36,7 +36,7 @@ the model keeps working.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -415,26 +415,31 @@ class Predictor:
         image: Any,
         text: str | Sequence[str] | None = None,
         *,
+        attributes: dict[str, str] | Sequence[dict[str, str]] | None = None,
         overlap: float = 0.25,
         flip_tta: bool = False,
         bf16: bool = False,
     ) -> Any:
         """Foreground probability map ``[H, W]`` at the source image's size (a list: one per image).
 
-        Images of any size work: sliding windows of the training size (``medalign.inference.sliding_window``).
-        ``text`` is the prompt of a text-guided model (one per image for a list). Fusion bundles
-        take a dict ``{modality: image}``; modalities left out are treated as missing where the
-        bundle was trained for that. ``flip_tta`` averages with the flipped image (not for prompts);
-        ``bf16`` runs under bfloat16 autocast.
+        Images of any size work: sliding windows of the training size (``medalign.inference``).
+        ``text`` is the prompt of a text-guided model, ``attributes`` the findings of an
+        attribute-guided one (``{"side": "left", "zone": "lower"}``); each is one per image for
+        a list. A prompt-guided model sees the whole image at its training size, as ``medalign
+        eval segment`` does, and the empty prompt ``""`` asks it for what it predicts without
+        one. Fusion bundles take a dict ``{modality: image}``; modalities left out are treated
+        as missing where the bundle was trained for that. ``flip_tta`` averages with the
+        flipped image (a prompt's left/right words mirrored with it); ``bf16`` runs under
+        bfloat16 autocast.
         """
         self._require("segment", ("segmentation", "fusion"))
         if self.kind == "fusion" and self.model.config.task_head != "segment":
             raise PredictorError("this fusion bundle has a classification head; use classify()")
-        needs_text = bool(getattr(self.model, "needs_text", False))
-        if text is not None and not needs_text:
-            raise PredictorError(
-                f"this {self.model.config.arch} model is not text-guided; call it without text"
-            )
+        arch = self.model.config.arch
+        if text is not None and not getattr(self.model, "needs_text", False):
+            raise PredictorError(f"this {arch} model is not text-guided; call it without text")
+        if attributes is not None and not getattr(self.model, "takes_attributes", False):
+            raise PredictorError(f"this {arch} model takes no attributes; call it without them")
         arranged = self.arrange(image)
         lists = {name: image_list(value) for name, value in arranged.items()}
         if len({len(v) for v in lists.values()}) != 1:
@@ -444,8 +449,16 @@ class Predictor:
         texts = [text] * len(cases) if text is None or isinstance(text, str) else list(text)
         if len(texts) != len(cases):
             raise PredictorError(f"{len(texts)} prompts for {len(cases)} images")
+        findings = (
+            [attributes] * len(cases) if attributes is None or isinstance(attributes, Mapping) else list(attributes)
+        )
+        if len(findings) != len(cases):
+            raise PredictorError(f"{len(findings)} attribute sets for {len(cases)} images")
         options = {"overlap": overlap, "flip_tta": flip_tta, "bf16": bf16}
-        maps = [self._segment_one(case, prompt, **options) for case, prompt in zip(cases, texts, strict=True)]
+        maps = [
+            self._segment_one(case, prompt, attributes=found, **options)
+            for case, prompt, found in zip(cases, texts, findings, strict=True)
+        ]
         return maps[0] if single else maps
 
     def _segment_one(self, case: dict[str, Any], text: str | None, **options: Any) -> np.ndarray:

@@ -2,8 +2,14 @@
 
 Images larger than the model's training size are covered by overlapping windows of that size
 (MONAI's sliding-window inferer with Gaussian blending), so the model sees the scale it was
-trained at instead of a downscaled image. Flip test-time augmentation is refused for models
-conditioned on text or attributes: a flip turns "the left upper zone" into the right one.
+trained at instead of a downscaled image.
+
+Prompt-guided models (text or attributes) are the exception: a prompt names places in the
+whole image ("the right lower zone"), which a window does not show, and they were trained and
+evaluated on whole images resized to their training size. So the whole image is resized to
+that size, predicted once and the probabilities resized back, exactly as ``medalign eval
+segment`` sees it. Flip test-time augmentation mirrors the prompt with the image ("left" <->
+"right", :func:`medalign.data.transforms.mirror_words`).
 """
 
 from __future__ import annotations
@@ -42,22 +48,16 @@ def predict_probabilities(
     """
     model.eval()
     sw_batch_size = sw_batch_size or SW_BATCH_SIZE.get(pixel_values.device.type, 1)
-    conditioning: dict[str, torch.Tensor] = {}
-    if getattr(model, "needs_text", False):
-        if not text:
-            raise ValueError("this model is text-guided: give the prompt that names what to segment")
-        conditioning = dict(model.tokenize([text]))
-    if attributes is not None:
-        conditioning["attributes"] = model.encode_attributes([attributes])
-    if flip_tta and conditioning:
+    if getattr(model, "needs_text", False) and text is None:
         raise ValueError(
-            "flip test-time augmentation would swap left/right in the prompt; use it without text"
+            "this model is text-guided: give the prompt that names what to segment ('' for none)"
         )
+    if getattr(model, "takes_attributes", False) or getattr(model, "needs_text", False):
+        return _predict_whole_image(model, pixel_values, text, attributes, flip_tta, bf16)
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
-        inputs = {k: v.expand(len(windows), *v.shape[1:]) for k, v in conditioning.items()}
         with torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(pixel_values=windows, **inputs)["logits"][:, :1]
+            logits = model(pixel_values=windows)["logits"][:, :1]
         return torch.sigmoid(logits.float())
 
     size = model.config.image_size
@@ -78,6 +78,43 @@ def predict_probabilities(
     if flip_tta:
         probabilities = (probabilities + run(padded.flip(-1)).flip(-1)) / 2
     return probabilities[0, 0, :height, :width].numpy()
+
+
+def _predict_whole_image(
+    model: Any,
+    pixel_values: torch.Tensor,
+    text: str | None,
+    attributes: dict[str, str] | None,
+    flip_tta: bool,
+    bf16: bool,
+) -> np.ndarray:
+    """A prompt-guided model on the whole image at its training size (see the module docstring)."""
+    import torch.nn.functional as F
+
+    from medalign.data.transforms import mirror_words
+
+    height, width = pixel_values.shape[-2:]
+    size = model.config.image_size
+    whole = (height, width) == (size, size)
+    resized = pixel_values if whole else F.interpolate(pixel_values, size=(size, size), mode="bilinear")
+
+    def run(x: torch.Tensor, flips: tuple[int, ...]) -> torch.Tensor:
+        inputs: dict[str, torch.Tensor] = {}
+        if text is not None:
+            inputs |= model.tokenize([mirror_words(text, flips)])
+        if attributes is not None:
+            mirrored = {k: mirror_words(v, flips) for k, v in attributes.items()}
+            inputs["attributes"] = model.encode_attributes([mirrored])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(pixel_values=x, **inputs)["logits"][:, :1]
+        return torch.sigmoid(logits.float())
+
+    probabilities = run(resized, ())
+    if flip_tta:
+        probabilities = (probabilities + run(resized.flip(-1), (1,)).flip(-1)) / 2
+    if not whole:
+        probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear")
+    return probabilities[0, 0].cpu().numpy()
 
 
 def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:

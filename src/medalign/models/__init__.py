@@ -10,6 +10,7 @@ from medalign.models import instruct as _instruct  # noqa: F401  (registers mode
 from medalign.models import mae as _mae  # noqa: F401  (registers models)
 from medalign.models import report as _report  # noqa: F401  (registers models)
 from medalign.models import segmentation as _segmentation  # noqa: F401  (registers models)
+from medalign.models import text_guided as _text_guided  # noqa: F401  (registers models)
 from medalign.models.adapters import apply_adapters, freeze_tower, trainable_parameters
 from medalign.models.dual_encoder import DualEncoder, DualEncoderConfig
 from medalign.models.registry import create_model, list_models, model_entrypoint, register_model

@@ -9,6 +9,13 @@ the same adapter modules before its state dict is loaded::
 Every spec also takes ``freeze`` (default True): freeze the tower's own weights so that only the
 adapter (plus the projections and temperature, which live outside the towers) trains.
 
+Both adapters hook into transformer blocks: Mona needs a medalign ViT (``clip_vision``/``vit``)
+or text tower, LoRA any transformers model (its attention projections; ``target_modules`` for
+others). A convolutional tower (``efficientnet_lite``) takes neither; it is tuned partly with
+``freeze_tower(model, "vision", trainable_blocks=N)`` (the config's ``freeze_vision`` +
+``trainable_blocks``) or fully with per-part learning rates (``optim.lr_multipliers``,
+``optim.layer_decay``), and asking for an adapter on it is an error that says so.
+
 Both adapters start as the identity (LoRA's B and Mona's up-projection are zero), so attaching
 one to a pretrained model changes nothing until training moves it.
 
@@ -36,10 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medalign.models.param_groups import layer_depths
 from medalign.models.towers import TextTower, VisionTower
 
 if TYPE_CHECKING:
     from medalign.models.dual_encoder import DualEncoder
+
+CNN_TUNING = (
+    "tune it partly with freeze_vision: true + trainable_blocks: {vision: N} (its last N blocks), or "
+    "fully with optim.lr_multipliers / optim.layer_decay"
+)
 
 TOWERS = ("vision", "text")
 ADAPTER_TYPES = ("lora", "mona")
@@ -250,7 +263,7 @@ def _default_lora_targets(model: nn.Module) -> list[str]:
     raise ValueError(f"cannot guess LoRA target modules for {type(model).__name__}; set target_modules")
 
 
-def _attach_lora(tower: VisionTower | TextTower, spec: dict[str, Any]) -> None:
+def _attach_lora(tower: nn.Module, spec: dict[str, Any]) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = spec["target_modules"] or _default_lora_targets(tower.model)
@@ -292,6 +305,27 @@ def _normalise_spec(tower: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **spec}
 
 
+def check_adapter_tower(tower_name: str, tower: nn.Module, kind: str) -> None:
+    """An adapter of ``kind`` fits ``tower``, or a ValueError naming the tower and what to do instead.
+
+    Mona hooks the attention and MLP blocks of medalign's ViT and text towers and convolves on
+    their patch grid; LoRA injects into a transformers model's linear layers. Neither has a place
+    in a convolutional network, and a silent no-op would train nothing.
+    """
+    tower_kind = getattr(tower, "kind", type(tower).__name__)
+    if kind == "mona" and not isinstance(tower, (VisionTower, TextTower)):
+        raise ValueError(
+            f"Mona adapters need a transformer tower (clip_vision, vit or a text tower); the {tower_name} "
+            f"tower is {tower_kind!r}: "
+            + (CNN_TUNING if tower_name == "vision" else "use LoRA or trainable_blocks instead")
+        )
+    if kind == "lora" and not isinstance(getattr(tower, "model", None), nn.Module):
+        raise ValueError(
+            f"LoRA adapters go into a transformers model's layers; the {tower_name} tower is {tower_kind!r}, "
+            f"a convolutional network: {CNN_TUNING}"
+        )
+
+
 def attach_adapters(model: DualEncoder, spec: dict[str, Any]) -> None:
     """Build the adapter modules of ``spec`` into ``model`` without recording it in the config.
 
@@ -301,6 +335,7 @@ def attach_adapters(model: DualEncoder, spec: dict[str, Any]) -> None:
     for tower_name, raw in spec.items():
         tower_spec = _normalise_spec(tower_name, raw)
         tower = getattr(model, tower_name)
+        check_adapter_tower(tower_name, tower, tower_spec["type"])
         if getattr(tower, "adapter_type", None) is not None:
             raise ValueError(f"the {tower_name} tower already has a {tower.adapter_type} adapter")
         if tower_spec["type"] == "lora":
@@ -315,7 +350,8 @@ def attach_adapters(model: DualEncoder, spec: dict[str, Any]) -> None:
 def apply_adapters(model: DualEncoder, spec: dict[str, Any]) -> DualEncoder:
     """Attach adapters in place, record them in ``model.config.adapters``, and return the model."""
     for tower_name, raw in spec.items():
-        _normalise_spec(tower_name, raw)  # validate everything before changing anything
+        tower_spec = _normalise_spec(tower_name, raw)  # validate everything before changing anything
+        check_adapter_tower(tower_name, getattr(model, tower_name), tower_spec["type"])
         if tower_name in model.config.adapters:
             raise ValueError(f"the {tower_name} tower already has an adapter in its config")
     attach_adapters(model, spec)
@@ -323,21 +359,72 @@ def apply_adapters(model: DualEncoder, spec: dict[str, Any]) -> DualEncoder:
     return model
 
 
-def _freeze(tower: nn.Module) -> None:
+def last_blocks(tower: nn.Module, n: int) -> set[str]:
+    """Names of the parameters of ``tower``'s last ``n`` repeated blocks and of what follows them.
+
+    Blocks are found as ``optim.layer_decay`` finds them (``medalign.models.param_groups``): numbered
+    children of a ``layer``/``layers``/``blocks``/... list, so this is the same "depth" for
+    EfficientNet's MBConv blocks, a ViT's and a BERT's layers. What follows the last block (an
+    EfficientNet's head convolution and norm, CLIP's post-layernorm) belongs to the top.
+    """
+    names = [f"t.{name}" for name, _ in tower.named_parameters()]
+    depths = layer_depths(names, "t")
+    total = next(iter(depths.values()))[1] if depths else 0
+    if total == 0:
+        raise ValueError(f"{type(tower).__name__} has no numbered blocks to leave trainable")
+    if not 1 <= n <= total:
+        raise ValueError(f"trainable_blocks must be between 1 and the tower's {total} blocks, got {n}")
+    return {name[2:] for name, (depth, _) in depths.items() if depth > total - n}
+
+
+def _freeze(tower: nn.Module, trainable_blocks: int = 0) -> None:
+    keep = last_blocks(tower, trainable_blocks) if trainable_blocks else set()
     for name, param in tower.named_parameters():
-        param.requires_grad = _is_adapter_param(name)
+        param.requires_grad = _is_adapter_param(name) or name in keep
 
 
-def freeze_tower(model: DualEncoder, tower: str) -> DualEncoder:
-    """Stop training a tower's own weights; its adapters (if any) stay trainable.
+def freeze_tower(model: nn.Module, tower: str, trainable_blocks: int = 0) -> nn.Module:
+    """Stop training a tower's own weights, except its last ``trainable_blocks`` blocks (LiT's
+    "locked" tower when 0, a partly tuned one otherwise); its adapters (if any) stay trainable.
 
-    Also sets ``config.freeze_<tower>`` so a model rebuilt from its config freezes the same way.
+    Also sets ``config.freeze_<tower>`` (and ``config.trainable_blocks[tower]`` when the model's
+    config has that field) so a model rebuilt from its config freezes the same way.
     """
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-    _freeze(getattr(model, tower))
+    _freeze(getattr(model, tower), trainable_blocks)
     setattr(model.config, f"freeze_{tower}", True)
+    blocks = getattr(model.config, "trainable_blocks", None)
+    if isinstance(blocks, dict):
+        if trainable_blocks:
+            blocks[tower] = trainable_blocks
+        else:
+            blocks.pop(tower, None)
+    elif trainable_blocks:
+        raise ValueError(f"{type(model.config).__name__} has no trainable_blocks field to record the choice in")
     return model
+
+
+def check_trainable_blocks(config: Any) -> None:
+    """``trainable_blocks`` names frozen towers of the config with a positive block count."""
+    for tower, n in config.trainable_blocks.items():
+        if tower not in TOWERS:
+            raise ValueError(f"trainable_blocks key {tower!r} is not a tower; use {TOWERS}")
+        if not getattr(config, f"freeze_{tower}", False):
+            raise ValueError(
+                f"trainable_blocks.{tower} needs freeze_{tower}: true (it leaves the last blocks of a frozen "
+                "tower trainable; an unfrozen tower trains every block already)"
+            )
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"trainable_blocks.{tower} must be a positive number of blocks, got {n!r}")
+
+
+def freeze_configured_towers(model: nn.Module) -> None:
+    """Apply ``config.freeze_<tower>`` and ``config.trainable_blocks`` to a freshly built model."""
+    blocks = getattr(model.config, "trainable_blocks", {}) or {}
+    for tower in TOWERS:
+        if getattr(model.config, f"freeze_{tower}", False) and getattr(model, tower, None) is not None:
+            freeze_tower(model, tower, int(blocks.get(tower, 0)))
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -353,7 +440,11 @@ __all__ = [
     "MonaAdapter",
     "apply_adapters",
     "attach_adapters",
+    "check_adapter_tower",
+    "check_trainable_blocks",
+    "freeze_configured_towers",
     "freeze_tower",
+    "last_blocks",
     "trainable_parameters",
     "transformer_layers",
 ]

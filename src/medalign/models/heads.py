@@ -1,7 +1,7 @@
 """Clinical heads (Stage III): diagnosis and prognosis from image, fused or image+text features.
 
 Reading order: ``ClinicalConfig`` (plain data), ``ClinicalModel`` (encode every modality with
-one shared ViT, fuse the present ones with the report, then the heads) and the registered
+one shared image tower, fuse the present ones with the report, then the heads) and the registered
 architectures at the bottom.
 
     forward(images: dict[modality, Tensor [B, C, H, W] in [0, 1]] | Tensor (one modality),
@@ -14,8 +14,9 @@ architectures at the bottom.
             "hazard_logits": [B, K]           (survival "discrete": per-interval hazard logits)}
 
 Every modality goes through the *same* ``vision`` tower (one set of weights, so a tower
-pretrained on single images in Stage I/II serves any number of co-registered sequences); its
-pooled CLS embedding is projected to ``hidden_size`` and tagged with a learned modality
+pretrained on single images in Stage I/II serves any number of co-registered sequences; a ViT
+or a pretrained EfficientNet-Lite, ``clinical_effnet``); its pooled embedding (CLS, or the
+average-pooled head features of a CNN) is projected to ``hidden_size`` and tagged with a learned modality
 embedding. The report, when the model has a text tower and ``input_ids`` are given, adds one
 more token (projected pooled text embedding + a text-type embedding). Fusion sees only present
 tokens: absent modalities are zeroed before the tower and selected away (``where``) before the
@@ -37,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from medalign.models.adapters import freeze_tower
+from medalign.models.adapters import check_trainable_blocks, freeze_configured_towers
 from medalign.models.registry import register_model
 from medalign.models.towers import (
     MINILM_TEXT,
@@ -83,6 +84,8 @@ class ClinicalConfig(ImageInput, ConfigRecord):
     max_text_length: int = 128
     freeze_vision: bool = False
     freeze_text: bool = False
+    # {tower: N}: a frozen tower's last N blocks (and what follows them) still train
+    trainable_blocks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.check_towers()
@@ -113,6 +116,8 @@ class ClinicalConfig(ImageInput, ConfigRecord):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.check_image_stats()
+        self.trainable_blocks = dict(self.trainable_blocks)
+        check_trainable_blocks(self)
 
 
     @property
@@ -121,7 +126,7 @@ class ClinicalConfig(ImageInput, ConfigRecord):
 
 
 class ClinicalModel(nn.Module):
-    """Shared ViT over every modality, presence-masked fusion (+ report), diagnosis/survival heads."""
+    """Shared image tower over every modality, presence-masked fusion (+ report), diagnosis/survival heads."""
 
     bundle_kind = "clinical"
 
@@ -155,10 +160,7 @@ class ClinicalModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self._tokenizer: Any = None
-        if c.freeze_vision:
-            freeze_tower(self, "vision")
-        if c.freeze_text and self.text is not None:
-            freeze_tower(self, "text")
+        freeze_configured_towers(self)
 
     # -- description ----------------------------------------------------------------------------
 
@@ -313,6 +315,14 @@ _CLINICAL_SMALL_MINILM = ClinicalConfig(
     image_size=128,
     num_classes=2,
 )
+# ImageNet EfficientNet-Lite0 from its PyPI wheel (no download), gray scans through summed stem
+# kernels; fine-tuned whole by default (recipes give it a smaller learning rate than the heads).
+_CLINICAL_EFFNET = ClinicalConfig(
+    vision=TowerConfig("efficientnet_lite", source="efficientnet-lite0"),
+    hidden_size=256,
+    image_size=224,
+    num_classes=2,
+)
 _CLINICAL_VIT_B16 = ClinicalConfig(
     vision=VIT_B16,
     hidden_size=256,
@@ -341,6 +351,12 @@ def clinical_tiny(**overrides: Any) -> ClinicalModel:
 def clinical_small_minilm(**overrides: Any) -> ClinicalModel:
     """Small random ViT at 128 px + the offline pretrained MiniLM (frozen) for the report token."""
     return _create(_CLINICAL_SMALL_MINILM, overrides)
+
+
+@register_model
+def clinical_effnet(**overrides: Any) -> ClinicalModel:
+    """Pretrained EfficientNet-Lite0 (offline ImageNet weights) at 224 px, 1 channel per modality, no text."""
+    return _create(_CLINICAL_EFFNET, overrides)
 
 
 @register_model

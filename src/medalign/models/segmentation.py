@@ -1,11 +1,13 @@
-"""Segmentation models: MONAI U-Nets, a U-Net on any image tower, a CLIP-feature decoder and a
-text-guided U-Net.
+"""Segmentation models: MONAI U-Nets, a U-Net on any image tower and a CLIP-feature decoder; the
+shared segmenter base.
 
 Reading order: the configs (plain data, one per family), ``SegmentationModel`` (what every
-segmenter shares), the four families (``MonaiSegmenter``, ``TowerUNet``, ``ClipDecoder``,
-``TextUNet``) and the registered architectures at the bottom. ``TowerUNet`` and ``ClipDecoder``
-take any image tower (``vision``: pretrained EfficientNet-Lite offline, a hub model online, or a
-random ViT); their encoder/decoder pieces live in ``medalign.models.pyramid``.
+segmenter shares), the families (``MonaiSegmenter``, ``TowerUNet``, ``ClipDecoder``) and the
+registered architectures at the bottom. ``TowerUNet`` and ``ClipDecoder`` take any image tower
+(``vision``: pretrained EfficientNet-Lite offline, a hub model online, or a random ViT); their
+encoder/decoder pieces live in ``medalign.models.pyramid``. The text-guided family
+(``text_guided``, alias ``text_unet``) lives in :mod:`medalign.models.text_guided` and registers
+its archs here through ``register_segmentation_arch``.
 
 Every segmenter has the same call, so one segmentation task, loss and Predictor serve them all:
 
@@ -43,7 +45,6 @@ from medalign.models.pyramid import (
 from medalign.models.registry import register_model
 from medalign.models.tower_config import EFFICIENTNET_LITE
 from medalign.models.towers import (
-    MINILM_TEXT,
     ConfigRecord,
     ImageInput,
     ImageTower,
@@ -56,10 +57,17 @@ from medalign.models.towers import (
 )
 
 MONAI_ARCHS = ("unet", "attention_unet", "swin_unetr")
-SEGMENTATION_MODELS = (*MONAI_ARCHS, "unet_pretrained", "clip_decoder", "text_unet")  # the registered names
+SEGMENTATION_MODELS = (
+    *MONAI_ARCHS,
+    "unet_pretrained",
+    "clip_decoder",
+    "text_guided",
+    "text_unet",
+)  # registered
+# (text_guided and its alias text_unet live in medalign.models.text_guided)
 LITE0 = TowerConfig("efficientnet_lite", source=next(iter(EFFICIENTNET_LITE)))  # ImageNet weights, offline
 
-__all__ = ["ConvBlock"]  # re-exported: fusion and the text-guided U-Net build with it
+__all__ = ["ConvBlock"]  # re-exported: fusion and the text-guided model build with it
 
 C = TypeVar("C", bound="_SegConfig")
 
@@ -183,59 +191,31 @@ class ClipDecoderConfig(ImageInput, _SegConfig):
         if self.extract_layers is not None:
             self.extract_layers = sorted({int(i) for i in self.extract_layers})
         if self.decoder_dim < 1 or self.skip_dim < 1:
-            raise ValueError(f"decoder_dim and skip_dim must be >= 1, got {self.decoder_dim}, {self.skip_dim}")
+            raise ValueError(
+                f"decoder_dim and skip_dim must be >= 1, got {self.decoder_dim}, {self.skip_dim}"
+            )
         self.check_image_stats()
 
 
-@dataclass
-class TextUNetConfig(_SegConfig):
-    """LViT / C2FVL-style U-Net whose decoder attends to text tokens or structured attributes."""
-
-    arch: str = "text_unet"
-    text: TowerConfig | None = field(default_factory=lambda: MINILM_TEXT.replace())
-    # C2FVL's structured findings, e.g. {"side": ["none", "left", "right", "bilateral"], ...}:
-    # column i of ``attributes`` indexes the values of the i-th key (negative = unknown, ignored).
-    attributes_vocab: dict[str, list[str]] | None = None
-    base_width: int = 32  # widths base * (1, 2, 4, ..., 2**depth)
-    depth: int = 4  # number of 2x downsamplings (= decoder scales)
-    context_dim: int = 128  # width of the text/attribute tokens the decoder attends to
-    num_heads: int = 4
-    fuse_scales: list[int] = field(default_factory=lambda: [0, 1, 2])  # decoder stages, 0 = coarsest
-    side_outputs: bool = False
-    freeze_text: bool = True
-    max_text_length: int = 64
-
-    _towers: ClassVar[tuple[str, ...]] = ("text",)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.text is None and not self.attributes_vocab:
-            raise ValueError("text_unet needs a text tower, attributes_vocab, or both")
-        if self.attributes_vocab is not None:
-            self.attributes_vocab = {str(k): [str(v) for v in vs] for k, vs in self.attributes_vocab.items()}
-            empty = [k for k, vs in self.attributes_vocab.items() if not vs]
-            if empty:
-                raise ValueError(f"attributes without values: {empty}")
-        self.fuse_scales = sorted({int(s) for s in self.fuse_scales})
-        if any(not 0 <= s < self.depth for s in self.fuse_scales):
-            raise ValueError(f"fuse_scales must lie in [0, {self.depth}), got {self.fuse_scales}")
-        if self.context_dim % self.num_heads:
-            raise ValueError(f"context_dim {self.context_dim} is not divisible by num_heads {self.num_heads}")
-        if self.image_size % 2**self.depth:
-            raise ValueError(f"image_size must be divisible by 2**depth = {2**self.depth}")
+# arch -> (config class, model class). The text-guided family registers itself from its own
+# module (medalign.models.text_guided) through ``register_segmentation_arch``.
+ARCHITECTURES: dict[str, tuple[type[_SegConfig], type[SegmentationModel]]] = {}
+CONFIG_CLASSES: dict[str, type[_SegConfig]] = {}
 
 
-CONFIG_CLASSES: dict[str, type[_SegConfig]] = {
-    **dict.fromkeys(MONAI_ARCHS, MonaiSegConfig),
-    "unet_pretrained": TowerUNetConfig,
-    "clip_decoder": ClipDecoderConfig,
-    "text_unet": TextUNetConfig,
-}
+def register_segmentation_arch(arch: str, config_class: type[_SegConfig], model_class: type) -> None:
+    """Make ``arch`` (the value a config dict stores) rebuild ``model_class`` from ``config_class``."""
+    if arch in ARCHITECTURES:
+        raise ValueError(f"segmentation arch {arch!r} is already registered")
+    ARCHITECTURES[arch] = (config_class, model_class)
+    CONFIG_CLASSES[arch] = config_class
 
 
 def segmentation_config_from_dict(data: dict[str, Any]) -> _SegConfig:
     """The config class named by ``data["arch"]``, so a saved dict alone rebuilds its model."""
     arch = data.get("arch")
+    if arch not in CONFIG_CLASSES:
+        import medalign.models  # noqa: F401  (registers the archs that live in other modules)
     if arch not in CONFIG_CLASSES:
         raise ValueError(f"unknown segmentation arch {arch!r}; choose from {sorted(CONFIG_CLASSES)}")
     return CONFIG_CLASSES[arch].from_dict(data)
@@ -245,15 +225,10 @@ def build_segmentation_model(config: _SegConfig | dict[str, Any]) -> Segmentatio
     """Model of a config (or its dict): the inverse of ``model.config.to_dict()``."""
     if isinstance(config, dict):
         config = segmentation_config_from_dict(config)
-    if isinstance(config, MonaiSegConfig):
-        return MonaiSegmenter(config)
-    if isinstance(config, TowerUNetConfig):
-        return TowerUNet(config)
-    if isinstance(config, ClipDecoderConfig):
-        return ClipDecoder(config)
-    if isinstance(config, TextUNetConfig):
-        return TextUNet(config)
-    raise TypeError(f"not a segmentation config: {type(config).__name__}")
+    entry = ARCHITECTURES.get(getattr(config, "arch", None))  # type: ignore[arg-type]
+    if entry is None or not isinstance(config, entry[0]):
+        raise TypeError(f"not a segmentation config: {type(config).__name__}")
+    return entry[1](config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,10 +512,14 @@ class ClipDecoder(_TowerSegmenter):
         self._build_tower(config)
         if config.extract_layers is not None:
             if not isinstance(self.vision, VisionTower):
-                raise ValueError("extract_layers taps transformer layers; this tower is not a CLIP/ViT (leave it None)")
+                raise ValueError(
+                    "extract_layers taps transformer layers; this tower is not a CLIP/ViT (leave it None)"
+                )
             num_layers = self.vision.model.config.num_hidden_layers
             if not all(1 <= i <= num_layers for i in config.extract_layers):
-                raise ValueError(f"extract_layers {config.extract_layers} outside the tower's 1..{num_layers} layers")
+                raise ValueError(
+                    f"extract_layers {config.extract_layers} outside the tower's 1..{num_layers} layers"
+                )
             channels = [self.vision.hidden_size] * len(config.extract_layers)
             strides = [self.vision.size_multiple] * len(config.extract_layers)
         else:
@@ -604,7 +583,10 @@ class ClipDecoder(_TowerSegmenter):
         grid = (x.shape[-2] // self.vision.size_multiple, x.shape[-1] // self.vision.size_multiple)
         self.vision.grid = grid  # adapters on the tower read the grid
         hidden = self.vision.model(pixel_values=x, output_hidden_states=True).hidden_states
-        return [hidden[i][:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid) for i in self.config.extract_layers]
+        return [
+            hidden[i][:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+            for i in self.config.extract_layers
+        ]
 
     def forward(
         self,
@@ -618,7 +600,9 @@ class ClipDecoder(_TowerSegmenter):
         h, w = x.shape[-2:]
         grid = (math.ceil(h / self.grid_stride), math.ceil(w / self.grid_stride))
         maps = [
-            m if tuple(m.shape[-2:]) == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            m
+            if tuple(m.shape[-2:]) == grid
+            else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
             for m in reversed(self._tapped_maps(x))  # deepest first
         ]
         tokens = [m.flatten(2).transpose(1, 2) for m in maps]  # [B, h*w, C]
@@ -639,156 +623,6 @@ class ClipDecoder(_TowerSegmenter):
         a = upsample_to(a, skip.shape[-2:])
         logits = self.head(self.fuse(torch.cat([a, skip], dim=1)))
         return {"logits": upsample_to(logits, (h, w)), "side_logits": []}
-
-
-# ---------------------------------------------------------------------------------------------
-# Text-guided U-Net (LViT / C2FVL)
-# ---------------------------------------------------------------------------------------------
-
-
-class TextCrossAttention(nn.Module):
-    """Image positions attend to context tokens (words or attributes), then FiLM from their pool.
-
-    Padded tokens are excluded from the softmax (their score is -inf through SDPA's boolean mask)
-    and from the pooled context, so padding never changes the output. A sample with no valid
-    token (all attributes unknown) gets no update from attention instead of NaNs.
-    """
-
-    def __init__(self, channels: int, context_dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = nn.GroupNorm(1, channels)
-        self.q = nn.Linear(channels, context_dim)
-        self.kv = nn.Linear(context_dim, 2 * context_dim)
-        self.out = nn.Linear(context_dim, channels)
-        self.film = _film(context_dim, channels)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor
-    ) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q = self.q(self.norm(x).flatten(2).transpose(1, 2))  # [B, HW, D]
-        k, v = self.kv(context).chunk(2, dim=-1)  # [B, L, D]
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
-        any_valid = mask.any(dim=1)
-        attend = mask | ~any_valid[:, None]  # an all-padding row would softmax to NaN
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-        y = self.out(y.transpose(1, 2).flatten(2)) * any_valid[:, None, None].to(x.dtype)
-        x = x + y.transpose(1, 2).reshape(b, c, h, w)
-        return _apply_film(x, self.film, pooled)
-
-
-class TextUNet(SegmentationModel):
-    """A conv U-Net whose decoder is steered by a report/prompt or by structured attributes.
-
-    Context tokens: the text tower's word features and/or one learnable embedding per attribute
-    value, projected to ``context_dim`` and concatenated with their padding mask. At each fused
-    decoder scale image positions cross-attend to them (LViT's text-guided decoding) and the
-    masked mean of the tokens gates channels (FiLM). With ``side_outputs`` every scale coarser
-    than the output also predicts logits (C2FVL's coarse-to-fine deep supervision).
-    """
-
-    def __init__(self, config: TextUNetConfig) -> None:
-        super().__init__()
-        self.config = config
-        c = config
-        widths = [c.base_width * 2**i for i in range(c.depth + 1)]  # encoder; last = bottleneck
-
-        self.stem = ConvBlock(c.in_channels, widths[0])
-        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(c.depth))
-        # Decoder stage s (0 = coarsest) upsamples widths[depth - s] and merges the skip at that scale.
-        dec = [(widths[c.depth - s], widths[c.depth - s - 1]) for s in range(c.depth)]
-        self.up = nn.ModuleList(nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in dec)
-        self.merge = nn.ModuleList(ConvBlock(2 * cout, cout) for _, cout in dec)
-        self.fuse = nn.ModuleDict(
-            {str(s): TextCrossAttention(dec[s][1], c.context_dim, c.num_heads) for s in c.fuse_scales}
-        )
-        self.head = nn.Conv2d(widths[0], c.num_classes, 1)
-        # side outputs: bottleneck, then every decoder stage but the last (its logits are the output)
-        side_widths = [widths[c.depth]] + [cout for _, cout in dec[:-1]]
-        self.side_heads = (
-            nn.ModuleList(nn.Conv2d(w, c.num_classes, 1) for w in side_widths) if c.side_outputs else None
-        )
-
-        self.text = build_text_tower(c.text) if c.text is not None else None
-        self.text_proj = nn.Linear(self.text.hidden_size, c.context_dim) if self.text is not None else None
-        if c.text is not None and c.freeze_text:
-            self._freeze(self.text)
-        self.attr_names = list(c.attributes_vocab or {})
-        sizes = [len(v) for v in (c.attributes_vocab or {}).values()]
-        self.attr_embed = nn.Embedding(sum(sizes), c.context_dim) if sizes else None
-        # column i of ``attributes`` is offset into the shared table so each (attribute, value) is its own row
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.register_buffer("attr_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
-        self.register_buffer("attr_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
-        self.context_norm = nn.LayerNorm(c.context_dim)
-
-    def encode_attributes(self, rows: list[dict[str, str | None]]) -> torch.Tensor:
-        """``[{"side": "left", ...}, ...]`` -> ``attributes [B, n_attr]``; missing values become -1."""
-        vocab = self.config.attributes_vocab or {}
-        out = [
-            [vocab[name].index(row[name]) if row.get(name) is not None else -1 for name in vocab]
-            for row in rows
-        ]
-        return torch.tensor(out, dtype=torch.long, device=self.head.weight.device)
-
-    def context(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        attributes: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(tokens [B, L, D], valid mask [B, L], pooled [B, D])`` from whichever inputs were given."""
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if input_ids is not None:
-            _, tokens, mask = self._encode_text(input_ids, attention_mask)
-            assert self.text_proj is not None  # _encode_text raised if there is no text tower
-            parts.append((self.text_proj(tokens), mask))
-        if attributes is not None:
-            if self.attr_embed is None:
-                raise ValueError("this text_unet has no attributes_vocab; pass input_ids instead")
-            if attributes.shape[-1] != len(self.attr_names):
-                raise ValueError(f"attributes must have {len(self.attr_names)} columns {self.attr_names}")
-            if (attributes >= self.attr_sizes).any():
-                raise ValueError(
-                    f"attribute index out of range; sizes per attribute: {self.attr_sizes.tolist()}"
-                )
-            known = attributes >= 0
-            ids = (attributes.clamp(min=0) + self.attr_offsets).long()
-            parts.append((self.attr_embed(ids), known))
-        if not parts:
-            raise ValueError("text_unet needs input_ids (see model.tokenize) or attributes")
-        tokens = self.context_norm(torch.cat([t for t, _ in parts], dim=1))
-        mask = torch.cat([m for _, m in parts], dim=1)
-        weights = mask.unsqueeze(-1).to(tokens.dtype)
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return tokens, mask, pooled
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        attributes: torch.Tensor | None = None,
-    ) -> dict[str, Any]:
-        self._check_pixels(pixel_values, 2**self.config.depth)
-        tokens, mask, pooled = self.context(input_ids, attention_mask, attributes)
-
-        skips = [self.stem(pixel_values)]
-        for down in self.down:
-            skips.append(down(F.max_pool2d(skips[-1], 2)))
-        x = skips.pop()  # bottleneck
-        side = [x]
-        for s, (up, merge) in enumerate(zip(self.up, self.merge, strict=True)):
-            x = merge(torch.cat([up(x), skips.pop()], dim=1))
-            if str(s) in self.fuse:
-                x = self.fuse[str(s)](x, tokens, mask, pooled)
-            side.append(x)
-
-        side_logits = (
-            [head(f) for head, f in zip(self.side_heads, side[:-1], strict=True)] if self.side_heads else []
-        )
-        return {"logits": self.head(x), "side_logits": side_logits}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,7 +674,7 @@ def clip_decoder(**overrides: Any) -> ClipDecoder:
     return ClipDecoder(ClipDecoderConfig(vision=_CLIP_SMALL).replace(**overrides))
 
 
-@register_model
-def text_unet(**overrides: Any) -> TextUNet:
-    """LViT-style U-Net guided by frozen pretrained MiniLM text (or C2FVL attributes)."""
-    return TextUNet(TextUNetConfig().replace(**overrides))
+for _arch in MONAI_ARCHS:
+    register_segmentation_arch(_arch, MonaiSegConfig, MonaiSegmenter)
+register_segmentation_arch("unet_pretrained", TowerUNetConfig, TowerUNet)
+register_segmentation_arch("clip_decoder", ClipDecoderConfig, ClipDecoder)

@@ -224,43 +224,106 @@ def default_variants(stages: Sequence[int]) -> list[list[int]]:
     return variants
 
 
+def with_seed(curriculum: Curriculum, seed: int) -> Curriculum:
+    """The curriculum with ``train.seed = seed`` in every stage, in its own ``<out>/seed_<seed>``."""
+    stages = {number: copy.deepcopy(stage) for number, stage in curriculum.stages.items()}
+    for stage in stages.values():
+        set_path(stage, ["train", "seed"], seed)
+    return Curriculum(curriculum.path, curriculum.out / f"seed_{seed}", stages, list(curriculum.headline))
+
+
+def ablation_seeds(curriculum: Curriculum, seeds: int) -> list[int]:
+    """``seeds`` consecutive training seeds from the last stage's ``train.seed``."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    last = list(curriculum.stages)[-1]
+    base = stage_config(curriculum, [last]).train.seed
+    return [base + i for i in range(seeds)]
+
+
+def summarise(values: Sequence[Any]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1) of one metric over seeds; None when any is missing."""
+    import statistics
+
+    if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+        return {"mean": None, "std": None}
+    floats = [float(v) for v in values]
+    return {"mean": statistics.fmean(floats), "std": statistics.stdev(floats) if len(floats) > 1 else 0.0}
+
+
 def run_ablation(
-    curriculum: Curriculum, variants: Sequence[Sequence[int]] | None = None, *, echo: Echo = print
+    curriculum: Curriculum,
+    variants: Sequence[Sequence[int]] | None = None,
+    *,
+    seeds: int = 1,
+    echo: Echo = print,
 ) -> dict[str, Any]:
-    """Run every variant chain and tabulate the last stage's headline metrics side by side.
+    """Run every variant chain (for each seed) and tabulate the last stage's headline metrics.
 
     Variants share run folders for their common prefixes, so Stage I is trained once for
-    every chain that starts with it. Writes ``ablation.json`` and ``ablation.md`` under ``out``.
+    every chain that starts with it. With ``seeds`` N > 1 the whole ablation runs N times with
+    consecutive training seeds (``ablation_seeds``), each in ``<out>/seed_<s>``, and every
+    headline metric is reported as mean ± sample standard deviation over the seeds; with one
+    seed the folders are ``<out>/stages_*`` as for ``medalign train``. Each row keeps
+    ``<key>`` (the mean), ``std[<key>]`` and ``per_seed[<key>]``. Writes ``ablation.json``,
+    ``ablation.md`` and ``ablation.html`` (the chains side by side with error bars) under ``out``.
     """
+    from medalign.reporting.html_report import write_ablation_report
+
     variants = [list(v) for v in (variants or default_variants(list(curriculum.stages)))]
+    seed_list = ablation_seeds(curriculum, seeds)
+    runs = [curriculum] if seeds == 1 else [with_seed(curriculum, s) for s in seed_list]
     rows = []
     for chain in variants:
-        run_dir = run_curriculum(curriculum, chain, echo=echo)[-1]
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        folders, per_seed = [], {key: [] for key in curriculum.headline}
+        for seeded in runs:
+            run_dir = run_curriculum(seeded, chain, echo=echo)[-1]
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+            folders.append(str(run_dir))
+            for key in curriculum.headline:
+                per_seed[key].append(metric(metrics, key))
+        summary = {key: summarise(values) for key, values in per_seed.items()}
         rows.append(
             {
                 "stages": "-".join(map(str, chain)),
-                "run": str(run_dir),
-                **{key: metric(metrics, key) for key in curriculum.headline},
+                "runs": folders,
+                **{key: summary[key]["mean"] for key in curriculum.headline},
+                "std": {key: summary[key]["std"] for key in curriculum.headline},
+                "per_seed": per_seed,
             }
         )
-    table = ablation_markdown(rows, curriculum.headline)
-    result = {"curriculum": str(curriculum.path), "headline": curriculum.headline, "rows": rows}
+    table = ablation_markdown(rows, curriculum.headline, seeds=len(seed_list))
+    result = {
+        "curriculum": str(curriculum.path),
+        "headline": curriculum.headline,
+        "seeds": seed_list,
+        "rows": rows,
+    }
     curriculum.out.mkdir(parents=True, exist_ok=True)
     (curriculum.out / "ablation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (curriculum.out / "ablation.md").write_text(table + "\n", encoding="utf-8")
+    write_ablation_report(curriculum.out, result)
     echo(table)
     return result
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, std: Any = None) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
     return "—" if value is None else str(value)
 
 
-def ablation_markdown(rows: Sequence[dict[str, Any]], headline: Sequence[str]) -> str:
-    header = "| stages run | " + " | ".join(headline) + " |"
+def ablation_markdown(rows: Sequence[dict[str, Any]], headline: Sequence[str], *, seeds: int = 1) -> str:
+    """The chains side by side; over several seeds each cell is ``mean ± std``."""
+    title = "stages run" if seeds == 1 else f"stages run (mean ± std, {seeds} seeds)"
+    header = f"| {title} | " + " | ".join(headline) + " |"
     rule = "|---|" + "---|" * len(headline)
-    body = ["| " + " | ".join([row["stages"], *(_cell(row.get(k)) for k in headline)]) + " |" for row in rows]
+    body = [
+        "| "
+        + " | ".join(
+            [row["stages"], *(_cell(row.get(k), row.get("std", {}).get(k) if seeds > 1 else None) for k in headline)]
+        )
+        + " |"
+        for row in rows
+    ]
     return "\n".join([header, rule, *body])

@@ -29,7 +29,20 @@ from medalign.data.manifest import Manifest
 from medalign.data.run_manifest import load_run_manifest, modality_rows, subsample_train
 from medalign.tasks.base import TrainingPlan, get_task
 
-TRANSFERRED_FIELDS = ("vision", "text", "in_channels", "image_size", "image_mean", "image_std")
+TRANSFERRED_FIELDS = ("vision", "text", "image_size")
+
+
+def tower_input(config: Any) -> tuple[int, list[float], list[float]]:
+    """Channels and per-channel ``(mean, std)`` of ONE vision-tower input of a model config.
+
+    That is ``in_channels`` and its statistics, except for a late-fusion dual encoder
+    (``image_modalities`` M > 1), whose input stacks M tower inputs: one modality's share
+    (the first modality's statistics).
+    """
+    groups = getattr(config, "image_modalities", 1)
+    channels = config.in_channels // groups
+    mean, std = config.image_stats()
+    return channels, mean[:channels], std[:channels]
 
 
 def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
@@ -44,8 +57,10 @@ def build_model(config: RunConfig, echo: Callable[..., Any] = print) -> Any:
     Stage II (alignment) -> Stage III (heads), and how an aligned or pretrained encoder starts a
     ``clip_decoder`` or ``unet_pretrained`` (NextGen-UIA's path). The new model takes the source's
     tower architectures and input description
-    (``TRANSFERRED_FIELDS`` its config has: the weights only fit the architecture they were
-    trained in, and the preprocessing they were trained with), then loads the source's
+    (``TRANSFERRED_FIELDS`` its config has, and the channels and statistics of one tower input,
+    ``tower_input``, repeated for each modality a late-fusion dual encoder stacks: the weights
+    only fit the architecture they were trained in, and the preprocessing they were trained
+    with), then loads the source's
     ``vision`` and, when both have one, ``text`` tower weights strictly; ``model.overrides``
     set everything else. A pairing with no tower in common is a ValueError.
     """
@@ -91,8 +106,12 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
     for key in TRANSFERRED_FIELDS:
         if key in target_fields and hasattr(portable, key) and (key not in ("vision", "text") or key in towers):
             inherited[key] = getattr(portable, key)
-    if hasattr(portable, "image_stats") and {"image_mean", "image_std"} <= target_fields:
-        inherited["image_mean"], inherited["image_std"] = portable.image_stats()
+    if hasattr(portable, "image_stats") and "in_channels" in target_fields:
+        channels, mean, std = tower_input(portable)
+        groups = getattr(model.config, "image_modalities", 1)  # the target's own, from its overrides
+        inherited["in_channels"] = channels * groups
+        if {"image_mean", "image_std"} <= target_fields:
+            inherited["image_mean"], inherited["image_std"] = mean * groups, std * groups
     model = create_model(name, **{**overrides, **inherited})
     for tower in towers:
         try:
@@ -103,12 +122,10 @@ def _from_towers(source: Any, model: Any, name: str, overrides: dict[str, Any], 
 
 
 def _tower(model: Any, name: str) -> Any:
-    from medalign.models.cnn_towers import EfficientNetTower
-    from medalign.models.hf_vision import HFVisionTower
-    from medalign.models.towers import TextTower, VisionTower
+    from medalign.models.towers import ImageTower, TextTower
 
     tower = getattr(model, name, None)
-    return tower if isinstance(tower, (VisionTower, EfficientNetTower, HFVisionTower, TextTower)) else None
+    return tower if isinstance(tower, (ImageTower, TextTower)) else None
 
 
 @dataclass(frozen=True)

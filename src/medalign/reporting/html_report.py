@@ -573,7 +573,7 @@ def _segmentation_section(run: RunFiles) -> str:
     metrics = run.metrics
     if "dice" not in metrics or not isinstance(metrics.get("per_case"), list):
         return ""
-    out = "<h2>Segmentation</h2>" + _key_values(metrics, SEGMENTATION_KEYS)
+    out = "<h2>Segmentation</h2>" + _key_values(metrics, SEGMENTATION_KEYS) + _prompt_ablation(metrics)
     cases = [r for r in metrics["per_case"] if isinstance(r.get("dice"), (int, float))]
     ranked = sorted(cases, key=lambda r: r["dice"])
     groups = [("best", ranked[::-1][:OVERLAY_CASES]), ("worst", ranked[:OVERLAY_CASES])]
@@ -587,6 +587,23 @@ def _segmentation_section(run: RunFiles) -> str:
     return out + _note(
         "Overlays: green outline = ground truth, red fill = prediction (probability > 0.5), re-predicted with the bundle."
     )
+
+
+PROMPT_ABLATION_NOTE = (
+    "The same images and targets, with each prompt replaced: 'shuffled' = another image's "
+    "prompt (one that differs from the true one), 'empty' = no prompt. A model that reads "
+    "its prompt loses Dice without the true one; one that ignores it scores the same in all three rows."
+)
+
+
+def _prompt_ablation(metrics: Mapping[str, Any]) -> str:
+    """True / shuffled / empty prompt side by side (prompt-guided models only)."""
+    ablation = metrics.get("prompt_ablation")
+    if not isinstance(ablation, Mapping):
+        return ""
+    columns = ("dice", "iou", "pooled_dice", "n_images")
+    rows = [[variant, *(values.get(c) for c in columns)] for variant, values in ablation.items()]
+    return "<h3>Prompt ablation</h3>" + _table(["prompt", *columns], rows) + _note(PROMPT_ABLATION_NOTE)
 
 
 def segmentation_overlays(run: RunFiles, groups: list[tuple[str, list[dict[str, Any]]]]) -> list[bytes]:
@@ -772,6 +789,73 @@ def build_html(run: RunFiles) -> str:
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{CSS}</style></head><body>{body}</body></html>\n"
     )
+
+
+ABLATION_REPORT_NAME = "ablation.html"
+
+
+def _ablation_png(rows: list[dict[str, Any]], headline: list[str], seeds: int) -> bytes:
+    """One panel per headline metric: a bar per chain at the mean over seeds, the sample std as
+    error bar and every seed's value as a dot (so a spread of three is seen, not summarised away)."""
+    keys = [k for k in headline if any(isinstance(row.get(k), float) for row in rows)]
+    figure = _figure(max(3.0, 2.6 * len(keys)), 3.0)
+    for i, key in enumerate(keys):
+        axes = figure.add_subplot(1, len(keys), i + 1)
+        means = [row.get(key) if isinstance(row.get(key), float) else 0.0 for row in rows]
+        stds = [row.get("std", {}).get(key) or 0.0 for row in rows]
+        positions = list(range(len(rows)))
+        axes.bar(positions, means, yerr=stds if seeds > 1 else None, capsize=4, color="#9ecae1")
+        for x, row in zip(positions, rows, strict=True):
+            values = [v for v in row.get("per_seed", {}).get(key, []) if isinstance(v, (int, float))]
+            axes.plot([x] * len(values), values, "k.", markersize=4)
+        axes.set_xticks(positions, [row["stages"] for row in rows])
+        axes.set_title(key, fontsize=9)
+        low = min(means) - 2 * max(stds)
+        axes.set_ylim(max(0.0, low - 0.05), None)
+    return _png(figure)
+
+
+def ablation_html(result: dict[str, Any]) -> str:
+    """The page of a curriculum ablation (``medalign ablate``): each chain's headline metrics."""
+    rows, headline, seeds = result["rows"], list(result["headline"]), list(result.get("seeds") or [0])
+    spread = len(seeds) > 1
+    header = ["stages run", *headline]
+    table_rows = [
+        [
+            row["stages"],
+            *(
+                f"{fmt(row.get(k))} ± {fmt(row['std'].get(k))}" if spread and row.get(k) is not None else row.get(k)
+                for k in headline
+            ),
+        ]
+        for row in rows
+    ]
+    what = (
+        f"mean ± sample standard deviation over {len(seeds)} training seeds ({fmt(seeds)}); "
+        "dots: each seed's value"
+        if spread
+        else f"one training seed ({seeds[0]}): differences smaller than the seed spread are noise"
+    )
+    body = (
+        f"<h1>Curriculum ablation: {html.escape(Path(result['curriculum']).name)}</h1>"
+        + _note(f"The last stage's test metrics for each chain of stages; {what}.")
+        + "<h2>Chains side by side</h2>"
+        + _table(header, table_rows)
+        + _img(_ablation_png(rows, headline, len(seeds)), "chain comparison with error bars")
+        + "<h2>Run folders</h2>"
+        + _table(["stages run", "runs"], [[row["stages"], "; ".join(row.get("runs", []))] for row in rows], "meta")
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>medalign ablation</title>'
+        f"<style>{CSS}</style></head><body>{body}</body></html>\n"
+    )
+
+
+def write_ablation_report(out: str | Path, result: dict[str, Any]) -> Path:
+    """Write ``out/ablation.html`` (self-contained, like the run reports); returns its path."""
+    path = Path(out) / ABLATION_REPORT_NAME
+    path.write_text(ablation_html(result), encoding="utf-8")
+    return path
 
 
 def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

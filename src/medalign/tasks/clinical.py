@@ -1,7 +1,7 @@
 """Clinical heads (Stage III): diagnosis and prognosis training, and their evaluation.
 
 Loss: ``diagnosis_weight`` x cross-entropy over the rows with a label (label >= 0; label
-smoothing from ``clinical_loss``) + ``survival_weight`` x the survival loss over the rows with a
+smoothing and, with ``class_weights: balanced``, per-class weights from ``clinical_loss``) + ``survival_weight`` x the survival loss over the rows with a
 time: the Cox negative log partial likelihood (Breslow, risk sets within the batch) or the
 logistic-hazard (discrete-time) likelihood on ``model.config.time_bins``. A batch with no label
 or no event contributes a zero term with the graph kept.
@@ -70,16 +70,40 @@ def risk_score(outputs: dict[str, Tensor]) -> Tensor | None:
     return None
 
 
+def balanced_class_weights(labels: Sequence[int], num_classes: int) -> Tensor:
+    """``n / (K * n_k)`` per class over the labelled rows (label >= 0), as scikit-learn's "balanced".
+
+    A class with no labelled row has no weight that means anything: an error naming it.
+    """
+    known = np.asarray([int(y) for y in labels if int(y) >= 0], dtype=np.int64)
+    counts = np.bincount(known, minlength=num_classes)
+    if (counts == 0).any():
+        raise ValueError(
+            f"clinical_loss.class_weights: balanced needs every class in the train split; classes "
+            f"{np.flatnonzero(counts == 0).tolist()} have no labelled row"
+        )
+    return torch.tensor(len(known) / (num_classes * counts), dtype=torch.float32)
+
+
 class ClinicalTask:
-    """Diagnosis cross-entropy and/or survival loss of a :class:`~medalign.models.heads.ClinicalModel`."""
+    """Diagnosis cross-entropy and/or survival loss of a :class:`~medalign.models.heads.ClinicalModel`.
+
+    ``class_weights`` (one per class) weight the cross-entropy (see ``balanced_class_weights``).
+    """
 
     def __init__(
-        self, model: Any, config: ClinicalLossConfig, image_keys: Sequence[str], label_key: str = "label"
+        self,
+        model: Any,
+        config: ClinicalLossConfig,
+        image_keys: Sequence[str],
+        label_key: str = "label",
+        class_weights: Tensor | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.image_keys = list(image_keys)
         self.label_key = label_key
+        self.class_weights = class_weights
 
     def diagnosis_loss(self, logits: Tensor, batch: dict[str, Any]) -> Tensor:
         if self.label_key not in batch:
@@ -87,8 +111,9 @@ class ClinicalTask:
         labels = batch[self.label_key].long().to(logits.device)
         if not bool((labels >= 0).any()):  # cross-entropy of no rows would be NaN
             return logits.sum() * 0.0
+        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
         return F.cross_entropy(
-            logits.float(), labels, ignore_index=-1, label_smoothing=self.config.label_smoothing
+            logits.float(), labels, weight=weight, ignore_index=-1, label_smoothing=self.config.label_smoothing
         )
 
     def survival_loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
@@ -150,10 +175,15 @@ class Clinical(Task):
         image_keys = fusion_columns(config, manifest, model)
         check_clinical_data(model, manifest, config)
         dataset = clinical_dataset(config, manifest, model, image_keys, "train", augment=True)
+        weights = None
         if model.config.num_classes:
             check_num_classes(dataset, model.config.num_classes, config.data.label)
+            if config.clinical_loss.class_weights == "balanced":
+                index = {c: i for i, c in enumerate(dataset.classes)}
+                labels = [index.get(v, -1) for v in dataset.manifest.table[config.data.label]]
+                weights = balanced_class_weights(labels, model.config.num_classes)
         return TrainingPlan(
-            ClinicalTask(model, config.clinical_loss, image_keys),
+            ClinicalTask(model, config.clinical_loss, image_keys, class_weights=weights),
             dataset,
             lambda m: evaluate_clinical(m, manifest, config, image_keys, config.eval.split, out=out),
         )

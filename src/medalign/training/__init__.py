@@ -1,1 +1,1 @@
-"""The engine that trains any task, with its checkpoints and parameter groups."""
+"""The engine that trains any task, with its checkpoints."""

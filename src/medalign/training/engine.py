@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from medalign.config import OptimConfig, TrainConfig
+from medalign.models.param_groups import parameter_groups
 from medalign.rng import RngSnapshot, load_rng_state, rng_state
-from medalign.training.param_groups import parameter_groups
 
 CHECKPOINT_NAME = "last.ckpt"
 PARTIAL_SUFFIX = ".tmp"  # a checkpoint being written; renamed into place once complete
@@ -165,7 +165,7 @@ class TrainState:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over ``medalign.training.param_groups``: no decay on 1-D parameters, per-part learning rates."""
+    """AdamW over ``medalign.models.param_groups``: no decay on 1-D parameters, per-part learning rates."""
     groups = parameter_groups(model, config.lr, config.weight_decay, config.lr_multipliers, config.layer_decay)
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     try:

@@ -97,6 +97,22 @@ def test_lgg_fixture_columns_channels_and_labels(tmp_path: Path) -> None:
     ]
 
 
+def test_lgg_record_text_states_the_record_but_never_the_labels(tmp_path: Path) -> None:
+    """record_text: the patient's data.csv fields as a sentence for Stage II, labels left out."""
+    root = make_lgg(tmp_path)
+    table = load_dataset("lgg", root, record_text=True).table
+    assert table["text"].tolist() == [
+        "Glioma record: histological type 1, RNA-seq cluster 2.",
+        "Glioma record: histological type 1, RNA-seq cluster 2.",
+        "Glioma record: histological type 3.",  # an empty field is left out
+        "Glioma record: histological type 3.",
+        "",  # absent from data.csv: nothing to say
+    ]
+    assert "text" not in load_dataset("lgg", root).table.columns
+    with pytest.raises(DatasetImportError, match="record_text needs the clinical table"):
+        load_dataset("lgg", root, clinical="", record_text=True)
+
+
 def test_lgg_split_is_by_patient_and_seeded(tmp_path: Path) -> None:
     root = make_lgg(tmp_path)
     table = load_dataset("lgg", root).table

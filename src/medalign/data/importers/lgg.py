@@ -15,6 +15,12 @@ Layout::
 
 Patient folders carry the scan date (``TCGA_CS_4941_19960909``); the patient is the first
 three parts, which is what ``data.csv`` uses and what the split groups by.
+
+LGG has no radiology reports. ``record_text=True`` writes a ``text`` column for image-text
+alignment (the curriculum's Stage II, ``configs/curriculum/lgg.yaml``): the patient's data.csv
+record as a sentence (histological type, tumour site, location and laterality, the molecular
+cluster assignments; the release's numeric codes as they are), never the two label columns, so
+the same aligned encoder can be tuned for either target without having seen it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ from medalign.progress import progress
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # lossless first
 CHANNELS: dict[str, int] = {"pre": 0, "flair": 1, "post": 2}
 LABEL_SOURCES: dict[str, str] = {"label:death": "death01", "label:grade": "neoplasm_histologic_grade"}
+RECORD_PHRASES: tuple[tuple[str, str], ...] = (  # data.csv column -> its words in the record text
+    ("histological_type", "histological type"),
+    ("tumor_tissue_site", "tumour site"),
+    ("tumor_location", "location"),
+    ("laterality", "laterality"),
+    ("RNASeqCluster", "RNA-seq cluster"),
+    ("MethylationCluster", "methylation cluster"),
+    ("miRNACluster", "miRNA cluster"),
+    ("CNCluster", "copy-number cluster"),
+    ("RPPACluster", "RPPA cluster"),
+    ("OncosignCluster", "oncosign cluster"),
+    ("COCCluster", "cluster of clusters"),
+)
 PATIENT_COLUMN = "Patient"
 IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db"})
 
@@ -43,7 +62,11 @@ IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db"})
 @register_importer(
     "lgg",
     "LGG brain MRI (Buda et al.): pre/FLAIR/post channels as modalities, FLAIR masks, data.csv labels",
-    {"clinical": 'per-patient clinical CSV in SRC ("" imports images and masks without labels)', **seeded_split_help()},
+    {
+        "clinical": 'per-patient clinical CSV in SRC ("" imports images and masks without labels)',
+        "record_text": "true: a text column with the patient's data.csv record (never death or grade) for alignment",
+        **seeded_split_help(),
+    },
 )
 def import_lgg(
     src: Path,
@@ -51,13 +74,17 @@ def import_lgg(
     clinical: str = "data.csv",
     fractions: Mapping[str, float] | None = None,
     seed: int = 0,
+    record_text: bool = False,
 ) -> tuple[pd.DataFrame, ManifestMeta]:
     """Import the LGG release; ``clinical=""`` imports the images and masks without labels.
 
     The split is by patient (slices of one brain are strongly correlated, so a slice-level split
-    would leak); ``fractions`` defaults to train 0.7 / val 0.1 / test 0.2.
+    would leak); ``fractions`` defaults to train 0.7 / val 0.1 / test 0.2. ``record_text`` adds
+    the ``text`` column described in the module docstring.
     """
     src = Path(src)
+    if record_text and not clinical:
+        raise DatasetImportError("record_text needs the clinical table (data.csv): it is written from it")
     clinical_rows = _read_clinical(src / clinical) if clinical else {}
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
@@ -80,6 +107,8 @@ def import_lgg(
             row["attr:slice"] = number
             if clinical:
                 row.update(_patient_cells(clinical_rows.get(patient)))
+            if record_text:
+                row["text"] = record_sentence(clinical_rows.get(patient))
             rows.append(row)
         orphan_masks += [relative_ref(m, src) for _, m in sorted(masks.items())]
         unrecognised += [relative_ref(p, src) for p in sorted(other)]
@@ -177,6 +206,17 @@ def _patient_cells(record: dict[str, str] | None) -> dict[str, str]:
         {f"attr:{key.lower()}": value for key, value in record.items() if key not in LABEL_SOURCES.values()}
     )
     return cells
+
+
+def record_sentence(record: dict[str, str] | None) -> str:
+    """A patient's data.csv record as one sentence, fields in ``RECORD_PHRASES`` order, empty ones left out.
+
+    ``"Glioma record: histological type 1, tumour site 1, location 2, ..."``; a patient missing
+    from data.csv (or with every field empty) gets an empty text, which the alignment data
+    loading reports like any other empty text.
+    """
+    fields = [f"{words} {record[column]}" for column, words in RECORD_PHRASES if (record or {}).get(column)]
+    return f"Glioma record: {', '.join(fields)}." if fields else ""
 
 
 def _scan_folder(folder: Path) -> tuple[dict[int, Path], dict[int, Path], list[Path]]:

@@ -7,8 +7,8 @@ import torch
 
 from medalign.config import OptimConfig, load_config
 from medalign.models import create_model
+from medalign.models.param_groups import layer_depths, parameter_groups
 from medalign.training.engine import build_optimizer, build_scheduler
-from medalign.training.param_groups import layer_depths, parameter_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
