@@ -175,3 +175,11 @@ def test_unlimited_capacity_with_no_valid_tokens_routes_nothing() -> None:
     x = torch.randn(2, 3, 8)
     y, aux = layer(x, torch.zeros(2, 3, dtype=torch.bool))
     assert torch.equal(y, torch.zeros_like(y)) and float(aux["dropped"]) == 0.0
+
+
+def test_the_capacity_factor_follows_the_mode_and_nothing_is_rewritten_on_train_or_eval() -> None:
+    moe = MoEFeedForward(8, 16, num_experts=4, k=2, capacity_factor=1.0, eval_capacity_factor=2.0)
+    assert moe.capacity_factor == 1.0
+    moe.eval()
+    assert moe.capacity_factor == 2.0 and moe.train_capacity_factor == 1.0
+    assert MoEFeedForward(8, 16, capacity_factor=1.5).eval().capacity_factor == 1.5  # None: the same

@@ -566,6 +566,8 @@ class MoeFusion(FusionModel):
                 k=c.top_k,
                 capacity_factor=c.capacity_factor,
                 hidden_ratio=c.hidden_ratio,
+                # E / k slots per expert never drop a token (math.inf would too, but not with zero tokens)
+                eval_capacity_factor=c.eval_capacity_factor or c.num_experts / c.top_k,
             )
             for _ in range(c.moe_layers)
         )
@@ -579,23 +581,6 @@ class MoeFusion(FusionModel):
         if self.text is not None and c.freeze_text:
             self._freeze(self.text)
         self._build_head()
-        self._set_capacity()
-
-    def train(self, mode: bool = True) -> MoeFusion:
-        """Training routes with ``capacity_factor``; inference with ``eval_capacity_factor``."""
-        super().train(mode)
-        self._set_capacity()
-        return self
-
-    def _set_capacity(self) -> None:
-        if not hasattr(self, "blocks"):
-            return
-        c = self.config
-        # E / k slots per expert never drop a token (math.inf would too, but not with zero tokens)
-        never_drops = c.num_experts / c.top_k
-        factor = c.capacity_factor if self.training else (c.eval_capacity_factor or never_drops)
-        for block in self.blocks:
-            block.ffn.capacity_factor = float(factor)
 
     def _text_context(
         self,

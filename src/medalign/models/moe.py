@@ -79,18 +79,31 @@ class MoEFeedForward(nn.Module):
         k: int = 2,
         capacity_factor: float = 1.25,
         dropout: float = 0.0,
+        eval_capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.num_experts, self.k, self.capacity_factor = num_experts, k, float(capacity_factor)
+        if capacity_factor <= 0 or (eval_capacity_factor is not None and eval_capacity_factor <= 0):
+            raise ValueError(f"capacity factors must be > 0, got {capacity_factor} and {eval_capacity_factor}")
+        self.num_experts, self.k = num_experts, k
+        # training routes with capacity_factor, eval with eval_capacity_factor (None: the same);
+        # chosen by ``self.training`` at each call, so nothing is rewritten when the mode changes
+        self.train_capacity_factor = float(capacity_factor)
+        self.eval_capacity_factor = float(capacity_factor if eval_capacity_factor is None else eval_capacity_factor)
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(_Expert(dim, hidden_dim, dropout) for _ in range(num_experts))
 
+    @property
+    def capacity_factor(self) -> float:
+        """The capacity factor of the current mode (training or eval)."""
+        return self.train_capacity_factor if self.training else self.eval_capacity_factor
+
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}"
+        return (
+            f"num_experts={self.num_experts}, k={self.k}, capacity_factor={self.train_capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}"
+        )
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for ``num_tokens`` valid tokens; never more than the tokens themselves."""
@@ -187,6 +200,7 @@ class MoECrossAttention(nn.Module):
         capacity_factor: float = 1.25,
         hidden_ratio: float = 4.0,
         dropout: float = 0.0,
+        eval_capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -199,7 +213,9 @@ class MoECrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
         self.norm_ff = nn.LayerNorm(dim)
-        self.ffn = MoEFeedForward(dim, int(dim * hidden_ratio), num_experts, k, capacity_factor, dropout)
+        self.ffn = MoEFeedForward(
+            dim, int(dim * hidden_ratio), num_experts, k, capacity_factor, dropout, eval_capacity_factor
+        )
 
     def _attend(self, queries: Tensor, context: Tensor, context_valid: Tensor) -> Tensor:
         b, lq, dim = queries.shape
