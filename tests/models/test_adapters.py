@@ -205,3 +205,20 @@ def test_mona_runs_under_bfloat16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**_batch(model))
     assert torch.isfinite(out["image_embeds"].float()).all()
+
+
+def test_mona_reads_the_running_batch_and_the_towers_keep_no_batch_state() -> None:
+    """A tower writes nothing into itself during forward: the adapters get the grid and the mask of
+    the batch being run from a call context (re-entrant: nothing of one call outlives it)."""
+    from medalign.models.towers import call_context
+
+    torch.manual_seed(0)
+    model = apply_adapters(create_model("align_tiny", image_size=32), {"vision": MONA, "text": MONA}).eval()
+    before = {k: v for k, v in vars(model.vision).items() if not k.startswith("_")}
+    with torch.no_grad():
+        _, tokens = model.vision(torch.rand(2, model.config.in_channels, 32, 32))
+        model(**_batch(model))
+    assert tokens.shape[1] == (32 // model.vision.size_multiple) ** 2
+    assert {k: v for k, v in vars(model.vision).items() if not k.startswith("_")} == before
+    assert not hasattr(model.vision, "grid") and not hasattr(model.text, "attention_mask")
+    assert call_context(model.vision) == {} and call_context(model.text) == {}

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medalign.models.param_groups import layer_depths
-from medalign.models.towers import TextTower, VisionTower
+from medalign.models.towers import TextTower, VisionTower, call_context
 
 if TYPE_CHECKING:
     from medalign.models.dual_encoder import DualEncoder
@@ -184,10 +184,11 @@ class _MonaHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
+        context = call_context(self.tower)  # the batch the tower is running now
         if isinstance(self.tower, VisionTower):
-            hidden = self.adapter(hidden, grid=self.tower.grid)
+            hidden = self.adapter(hidden, grid=context.get("grid"))
         else:
-            hidden = self.adapter(hidden, mask=getattr(self.tower, "attention_mask", None))
+            hidden = self.adapter(hidden, mask=context.get("mask"))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 

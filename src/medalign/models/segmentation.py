@@ -54,6 +54,7 @@ from medalign.models.towers import (
     build_tokenizer,
     build_vision_tower,
     tokenizer_source,
+    tower_call,
 )
 
 MONAI_ARCHS = ("unet", "attention_unet", "swin_unetr")
@@ -581,8 +582,8 @@ class ClipDecoder(_TowerSegmenter):
             maps = self.vision.feature_maps(x)
             return [maps[i] for i in self.taps]
         grid = (x.shape[-2] // self.vision.size_multiple, x.shape[-1] // self.vision.size_multiple)
-        self.vision.grid = grid  # adapters on the tower read the grid
-        hidden = self.vision.model(pixel_values=x, output_hidden_states=True).hidden_states
+        with tower_call(self.vision, grid=grid):  # adapters on the tower read the grid
+            hidden = self.vision.model(pixel_values=x, output_hidden_states=True).hidden_states
         return [
             hidden[i][:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
             for i in self.config.extract_layers

@@ -28,8 +28,11 @@ bf16/fp16 on the CPU, where the plain matmul-softmax-matmul is several times fas
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -252,6 +255,30 @@ def _adapt_pretrained_vision(
     return model
 
 
+# What a tower's forward knows about the current batch (a ViT's patch grid, a text mask) and its
+# forward hooks (Mona adapters) need: held in a context variable for the duration of the call,
+# never written into the module, so a tower is re-entrant and the same module can run two
+# batches of different sizes (threads, nested calls) without one seeing the other's grid.
+_TOWER_CALLS: contextvars.ContextVar[dict[int, dict[str, Any]] | None] = contextvars.ContextVar(
+    "tower_calls", default=None
+)
+
+
+@contextlib.contextmanager
+def tower_call(tower: nn.Module, **values: Any) -> Iterator[None]:
+    """Make ``values`` (``grid=``, ``mask=``) what :func:`call_context` returns for ``tower`` inside."""
+    token = _TOWER_CALLS.set({**(_TOWER_CALLS.get() or {}), id(tower): values})
+    try:
+        yield
+    finally:
+        _TOWER_CALLS.reset(token)
+
+
+def call_context(tower: nn.Module) -> dict[str, Any]:
+    """The values of the innermost :func:`tower_call` of ``tower`` running now (empty outside one)."""
+    return (_TOWER_CALLS.get() or {}).get(id(tower), {})
+
+
 class VisionTower(nn.Module):
     """``pixel_values`` (already normalised) -> ``(pooled CLS [B, H], patch tokens [B, N, H])``."""
 
@@ -262,7 +289,6 @@ class VisionTower(nn.Module):
         self.hidden_size: int = model.config.hidden_size
         self.patch_size = model.config.patch_size
         self.num_prefix_tokens = 1  # CLS; adapters that work on the patch grid skip it
-        self.grid: tuple[int, int] | None = None  # patch grid of the current batch, read by adapters
         patch = self.patch_size[0] if isinstance(self.patch_size, (list, tuple)) else self.patch_size
         self.size_multiple = int(patch)
         layers = int(model.config.num_hidden_layers)
@@ -278,14 +304,14 @@ class VisionTower(nn.Module):
         simple feature pyramid, UNETR), the same way for every transformer tower.
         """
         grid = _grid(tuple(pixel_values.shape[-2:]), self.patch_size)
-        self.grid = grid
-        hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        with tower_call(self, grid=grid):  # adapters on the tower read the grid
+            hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         b = pixel_values.shape[0]
         return [hidden[i][:, 1:].transpose(1, 2).reshape(b, -1, *grid) for i in self._taps]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.grid = _grid(tuple(pixel_values.shape[-2:]), self.patch_size)
-        out = self.model(pixel_values=pixel_values)
+        with tower_call(self, grid=_grid(tuple(pixel_values.shape[-2:]), self.patch_size)):
+            out = self.model(pixel_values=pixel_values)
         if self.kind == "clip_vision":
             # CLIP applies post_layernorm to CLS only; applying it to the patch tokens too puts
             # them on the same scale as the pooled embedding the projection was trained on.
@@ -422,15 +448,14 @@ class TextTower(nn.Module):
         config = model.config
         self.hidden_size: int = getattr(config, "hidden_size", None) or config.d_model
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
-        self.attention_mask: torch.Tensor | None = None  # mask of the current batch, read by adapters
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self.attention_mask = attention_mask
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        with tower_call(self, mask=attention_mask):  # adapters on the tower read the mask
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         tokens = out.last_hidden_state
         if self.pooling == "pooler":
             if out.pooler_output is None:
