@@ -28,7 +28,7 @@ SMALL = [
     "--train.max_steps", "2",
     "--train.progress", "false",
     "--train.precision", "32-true",
-    "--model.overrides.channels", "[4, 8, 16, 32, 64]",
+    "--model.overrides.decoder_channels", "[16, 8, 8, 8, 8]",  # the pretrained encoder stays as shipped
     "--model.overrides.image_size", "64",
 ]  # fmt: skip
 

@@ -240,6 +240,9 @@ def resolve_source(source: str) -> str:
 
 
 
+VIT_SIZE_KINDS = frozenset({"clip_vision", "vit"})  # kinds whose configs share ViT size keys
+
+
 def merge_tower(tower: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """A tower config dict with a recipe's partial override merged in.
 
@@ -247,12 +250,14 @@ def merge_tower(tower: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     ``{"config": {"num_hidden_layers": 2}}`` without restating the rest. A new ``source``
     without a ``config`` clears the config (the checkpoint brings its own architecture), and so
     does switching a pretrained tower to ``source: None`` (its overrides mean nothing to a
-    random tower) or to another ``kind`` (a CLIP config means nothing to an EfficientNet).
+    random tower) or to another ``kind`` (a CLIP config means nothing to an EfficientNet); the
+    two ViT kinds share their size keys, so switching between them keeps the sizes.
     """
     tower = {**tower, "config": dict(tower.get("config") or {})}
     new_source = override.get("source") not in (None, tower["source"]) and "config" not in override
     to_random = "source" in override and override["source"] is None and tower["source"] is not None
-    new_kind = override.get("kind", tower["kind"]) != tower["kind"]
+    kinds = {override.get("kind", tower["kind"]), tower["kind"]}
+    new_kind = len(kinds) > 1 and not kinds <= VIT_SIZE_KINDS
     if new_source or to_random or new_kind:
         tower["config"] = {}
     for key, value in override.items():
