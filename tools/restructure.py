@@ -679,6 +679,11 @@ def resolve_merge() -> None:
       content wins, and the rewrite below runs on it again;
     * anything else (run.py's task code, the task modules, hand-edited files): left for a person.
     """
+    if not (ROOT / ".git").exists() or subprocess.run(
+        ["git", "rev-parse", "-q", "--verify", "MERGE_HEAD"], cwd=ROOT, capture_output=True
+    ).returncode:
+        print("no merge in progress: nothing to resolve")
+        return
     status = git("status", "--porcelain")
     split_sources = {plan.old for plan in SPLITS}
     moved_sources = {f"{PKG}/{old}": f"{PKG}/{new}" for old, new in MODULE_MOVES.items()}
