@@ -46,10 +46,9 @@ def test_texts_from_labels_with_a_template_file_without_classes(tmp_path: Path) 
 
 
 def test_modality_rows_and_nested_train_fractions(tmp_path: Path) -> None:
-    from medalign.data.run_manifest import modality_rows, subsample_train
-
     from medalign.data.manifest import read_manifest
     from medalign.data.phantom import PhantomConfig, generate_phantom
+    from medalign.data.run_manifest import modality_rows, subsample_train
 
     manifest = read_manifest(generate_phantom(tmp_path / "ph", PhantomConfig(n=30, size=64)))
     rows = modality_rows(manifest, ["image:a", "image:b"])
